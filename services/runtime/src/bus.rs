@@ -1,0 +1,281 @@
+//! Serving a request/reply subject, and calling one.
+//!
+//! [`serve`] subscribes in a queue group (replicas share the subject), and folds
+//! every request already waiting into one batch so a service can commit many
+//! requests in one transaction (group commit). Each request is decoded in the
+//! caller's encoding and authenticated before the handler sees it; bad ones get
+//! a typed error at once. Every request gets exactly one reply — a handler panic
+//! becomes an `internal` error, never silence. On shutdown the subscription is
+//! drained: what was received is finished and answered, nothing new is taken.
+
+use crate::auth::Authenticator;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::startup::{Connections, StartupError};
+use async_nats::HeaderMap;
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, Reply};
+use tanjiren_shared::model::Role;
+use tanjiren_shared::protocol::{AUTHORIZATION, Principal};
+use tanjiren_shared::{ErrorCode, WireError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// Which roles may call a subject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Operators and integrations: member, admin, owner.
+    Operators,
+    /// Workstation agents: worker, admin, owner.
+    Workers,
+}
+
+impl Access {
+    fn allows(&self, role: Role) -> bool {
+        match self {
+            Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
+            Access::Workers => matches!(role, Role::Worker | Role::Admin | Role::Owner),
+        }
+    }
+}
+
+/// One decoded, authenticated request.
+#[derive(Debug)]
+pub struct Incoming<T> {
+    pub principal: Principal,
+    pub body: T,
+}
+
+/// How to serve one subject.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub subject: String,
+    pub queue_group: String,
+    pub access: Access,
+    /// Most requests folded into one handler call.
+    pub batch_max: usize,
+    /// Handler calls running at once.
+    pub concurrent_batches: usize,
+}
+
+impl ServeOptions {
+    pub fn new(conns: &Connections, subject: String, queue_group: &str, access: Access) -> Self {
+        let batch_max = conns.config.batch_max;
+        Self {
+            subject,
+            queue_group: queue_group.to_string(),
+            access,
+            batch_max,
+            concurrent_batches: (conns.config.max_in_flight / batch_max).max(1),
+        }
+    }
+}
+
+struct Pending {
+    reply: Option<async_nats::Subject>,
+    encoding: Encoding,
+}
+
+/// Subscribes and serves until `shutdown`; returns once the subscription is live.
+/// The returned handle finishes after the drain.
+pub async fn serve<Req, Resp, H, Fut>(
+    conns: &Connections,
+    auth: Authenticator,
+    opts: ServeOptions,
+    handler: H,
+    shutdown: Shutdown,
+) -> Result<JoinHandle<()>, StartupError>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Fn(Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
+{
+    let nats = conns.nats.clone();
+    let metrics = conns.metrics.clone();
+    let mut sub = nats
+        .queue_subscribe(opts.subject.clone(), opts.queue_group.clone())
+        .await
+        .map_err(|e| StartupError::Nats { url: conns.config.nats_url.clone(), reason: e.to_string() })?;
+    // Make sure the server has the subscription before we report it live.
+    let _ = nats.flush().await;
+    let handler = Arc::new(handler);
+    let permits = Arc::new(Semaphore::new(opts.concurrent_batches));
+    let name: Arc<str> = Arc::from(short_name(&opts.subject));
+
+    Ok(tokio::spawn(async move {
+        let mut draining = false;
+        loop {
+            let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+            let first = if draining {
+                sub.next().await
+            } else {
+                tokio::select! {
+                    m = sub.next() => m,
+                    _ = shutdown.cancelled() => {
+                        draining = true;
+                        let _ = sub.drain().await;
+                        sub.next().await
+                    }
+                }
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < opts.batch_max {
+                match sub.next().now_or_never() {
+                    Some(Some(m)) => batch.push(m),
+                    _ => break,
+                }
+            }
+            let nats = nats.clone();
+            let auth = auth.clone();
+            let handler = handler.clone();
+            let metrics = metrics.clone();
+            let name = name.clone();
+            let access = opts.access;
+            tokio::spawn(async move {
+                process_batch(&nats, &auth, access, &*handler, &metrics, &name, batch).await;
+                drop(permit);
+            });
+        }
+        // Wait for in-flight batches before reporting drained.
+        let _ = permits.acquire_many(opts.concurrent_batches as u32).await;
+    }))
+}
+
+async fn process_batch<Req, Resp, H, Fut>(
+    nats: &async_nats::Client,
+    auth: &Authenticator,
+    access: Access,
+    handler: &H,
+    metrics: &Metrics,
+    name: &str,
+    batch: Vec<async_nats::Message>,
+) where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Vec<Incoming<Req>>) -> Fut,
+    Fut: Future<Output = Vec<Result<Resp, WireError>>>,
+{
+    let mut accepted = Vec::with_capacity(batch.len());
+    let mut pending = Vec::with_capacity(batch.len());
+    for msg in batch {
+        let encoding = Encoding::from_content_type(header(&msg, CONTENT_TYPE));
+        let reply_to = msg.reply.clone();
+        match admit::<Req>(auth, access, &msg, encoding).await {
+            Ok(incoming) => {
+                accepted.push(incoming);
+                pending.push(Pending { reply: reply_to, encoding });
+            }
+            Err(e) => respond::<Resp>(nats, metrics, name, reply_to, encoding, Err(e)).await,
+        }
+    }
+    metrics.inc("tanjiren_batches_total", "Handler calls (one database transaction each, at most).", &[("subject", name)], 1);
+    if accepted.is_empty() {
+        return;
+    }
+    let n = accepted.len();
+    let results = match AssertUnwindSafe(handler(accepted)).catch_unwind().await {
+        Ok(r) if r.len() == n => r,
+        Ok(r) => {
+            tracing::error!(subject = name, expected = n, got = r.len(), "handler returned the wrong number of results");
+            (0..n).map(|_| Err(WireError::internal("internal error"))).collect()
+        }
+        Err(_) => {
+            tracing::error!(subject = name, "handler panicked");
+            (0..n).map(|_| Err(WireError::internal("internal error"))).collect()
+        }
+    };
+    for (p, r) in pending.into_iter().zip(results) {
+        respond(nats, metrics, name, p.reply, p.encoding, r).await;
+    }
+}
+
+async fn admit<Req: DeserializeOwned>(
+    auth: &Authenticator,
+    access: Access,
+    msg: &async_nats::Message,
+    encoding: Encoding,
+) -> Result<Incoming<Req>, WireError> {
+    let principal = auth.authenticate(header(msg, AUTHORIZATION)).await?;
+    if !access.allows(principal.role) {
+        return Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!("a {} token may not use this subject", principal.role),
+        ));
+    }
+    let body = encoding.decode::<Req>(&msg.payload)?;
+    Ok(Incoming { principal, body })
+}
+
+async fn respond<Resp: Serialize>(
+    nats: &async_nats::Client,
+    metrics: &Metrics,
+    name: &str,
+    reply: Option<async_nats::Subject>,
+    encoding: Encoding,
+    result: Result<Resp, WireError>,
+) {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    metrics.inc("tanjiren_requests_total", "Requests answered, by subject and outcome.", &[("subject", name), ("outcome", outcome)], 1);
+    let Some(reply) = reply else { return };
+    let body = encoding.encode(&Reply::from(result));
+    let sent = match encoding {
+        Encoding::MsgPack => nats.publish(reply, body.into()).await,
+        Encoding::Json => {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, encoding.content_type());
+            nats.publish_with_headers(reply, h, body.into()).await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::warn!(subject = name, error = %e, "could not send reply");
+    }
+}
+
+fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    msg.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+/// `prefix.v1.tasks.create` → `tasks.create` (metric label).
+fn short_name(subject: &str) -> String {
+    match subject.find(".v1.") {
+        Some(i) => subject[i + 4..].to_string(),
+        None => subject.to_string(),
+    }
+}
+
+/// Sends a request in MessagePack with a bearer token and decodes the reply.
+/// Transport failures become `unavailable` errors that say what was not answering.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    nats: &async_nats::Client,
+    subject: &str,
+    token: &str,
+    request: &Req,
+    timeout: Duration,
+) -> Result<Resp, WireError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, format!("Bearer {token}").as_str());
+    let req = async_nats::Request::new()
+        .payload(Encoding::MsgPack.encode(request).into())
+        .headers(headers)
+        .timeout(Some(timeout));
+    let msg = nats.send_request(subject.to_string(), req).await.map_err(|e| {
+        use async_nats::client::RequestErrorKind as K;
+        match e.kind() {
+            K::NoResponders => WireError::unavailable(format!("no service is answering on {subject}; is it running?")),
+            K::TimedOut => WireError::unavailable(format!("no reply on {subject} within {timeout:?}")),
+            _ => WireError::unavailable(format!("request on {subject} failed: {e}")),
+        }
+    })?;
+    Encoding::MsgPack.decode::<Reply<Resp>>(&msg.payload)?.into_result()
+}

@@ -1,0 +1,58 @@
+//! Postgres: the pool (connections and prepared statements are reused), creating
+//! the database when it does not exist yet, and applying the migrations in
+//! `migrations/`. sqlx serialises concurrent migrators with an advisory lock, so
+//! several services may start at once.
+
+use crate::startup::StartupError;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+use tanjiren_shared::config::Config;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects (creating the database if needed) and migrates.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
+    let pool = connect(url, max_connections).await?;
+    MIGRATOR.run(&pool).await.map_err(|e| StartupError::Migrate(e.to_string()))?;
+    Ok(pool)
+}
+
+/// Connects without migrating (creating the database if it does not exist).
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
+    let err = |reason: String| StartupError::Postgres { url: Config::redact_url(url), reason };
+    let options = PgConnectOptions::from_str(url).map_err(|e| err(e.to_string()))?;
+    let pool_options = || {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+    };
+    match pool_options().connect_with(options.clone()).await {
+        Ok(pool) => Ok(pool),
+        Err(e) if is_missing_database(&e) => {
+            create_database(&options).await.map_err(|e| err(format!("cannot create the database: {e}")))?;
+            pool_options().connect_with(options).await.map_err(|e| err(e.to_string()))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the database named in `options` via the `postgres` maintenance database.
+/// A concurrent creator winning the race is fine.
+pub async fn create_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    let name = options.get_database().unwrap_or("tanjiren").to_string();
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    // The name comes from our own configuration and is quoted as an identifier.
+    match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(d)) if matches!(d.code().as_deref(), Some("42P04") | Some("23505")) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

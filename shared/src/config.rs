@@ -1,0 +1,254 @@
+//! Layered configuration: built-in defaults, then an optional TOML file
+//! (`TANJIREN_CONFIG` or `--config`), then `TANJIREN_<FIELD>` environment
+//! variables. Every knob is a field of [`Config`]; its env var is its name in
+//! upper case (`lease_ttl_ms` → `TANJIREN_LEASE_TTL_MS`). Secrets are never printed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+/// Every setting of every service. Defaults target one machine on localhost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Prefix of every NATS subject and JetStream stream (`{prefix}.v1.…`).
+    pub subject_prefix: String,
+    /// Prefix of every Redis key (`{prefix}:lease:{step}`).
+    pub redis_key_prefix: String,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoint; empty disables it.
+    pub http_addr: String,
+    /// `human` or `json`.
+    pub log_format: String,
+    /// A tracing filter, e.g. `info` or `tanjiren=debug,info`.
+    pub log_level: String,
+    /// Postgres connections per service process.
+    pub db_max_connections: u32,
+    /// Most requests one service folds into one database transaction.
+    pub batch_max: usize,
+    /// Requests one service processes concurrently (batches in flight × batch size bounds memory).
+    pub max_in_flight: usize,
+    /// Lease time-to-live.
+    pub lease_ttl_ms: u64,
+    /// How often workers renew their leases; must be ≤ lease_ttl_ms / 3.
+    pub heartbeat_interval_ms: u64,
+    /// How often the reconciler sweeps for stale leases.
+    pub reconcile_interval_ms: u64,
+    /// Claims younger than this are never treated as stale.
+    pub claim_grace_ms: u64,
+    /// Execution timeout of a step when the task sets none.
+    pub default_timeout_secs: u64,
+    /// A queued step not claimed within this long is dispatched again.
+    pub redispatch_after_ms: u64,
+    /// How often the scheduler looks for work (re-dispatch, timeouts).
+    pub scheduler_interval_ms: u64,
+    /// How often the approval service looks for planned tasks whose event was missed.
+    pub approval_sweep_interval_ms: u64,
+    /// Largest command, prompt or question list accepted, in bytes.
+    pub max_command_bytes: usize,
+    /// Worker: bearer token (worker, admin or owner role).
+    pub token: String,
+    /// Worker: the workstation name to register; defaults to the host name.
+    pub workstation_name: String,
+    /// Worker: steps run at the same time.
+    pub worker_concurrency: usize,
+    /// Worker: the shell commands run under (`$shell -c "$command"`).
+    pub worker_shell: String,
+    /// Worker: time between SIGTERM and SIGKILL when stopping a step.
+    pub kill_grace_ms: u64,
+    /// Worker: a log batch is sent when it reaches this many lines…
+    pub log_batch_max_lines: usize,
+    /// …or this many bytes…
+    pub log_batch_max_bytes: usize,
+    /// …or this long after its first line.
+    pub log_flush_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/tanjiren".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            subject_prefix: "tanjiren".into(),
+            redis_key_prefix: "tanjiren".into(),
+            http_addr: "127.0.0.1:9464".into(),
+            log_format: "human".into(),
+            log_level: "info".into(),
+            db_max_connections: 8,
+            batch_max: 256,
+            max_in_flight: 1024,
+            lease_ttl_ms: 90_000,
+            heartbeat_interval_ms: 30_000,
+            reconcile_interval_ms: 30_000,
+            claim_grace_ms: 10_000,
+            default_timeout_secs: 3600,
+            redispatch_after_ms: 10_000,
+            scheduler_interval_ms: 1_000,
+            approval_sweep_interval_ms: 5_000,
+            max_command_bytes: 64 * 1024,
+            token: String::new(),
+            workstation_name: String::new(),
+            worker_concurrency: 4,
+            worker_shell: "/bin/sh".into(),
+            kill_grace_ms: 10_000,
+            log_batch_max_lines: 500,
+            log_batch_max_bytes: 256 * 1024,
+            log_flush_ms: 100,
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message names the file, variable or field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults → `file` (if given) → `TANJIREN_*` from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("TANJIREN_CONFIG").map(Into::into));
+        let text = match &file {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
+            ),
+            None => None,
+        };
+        Self::layered(text.as_deref(), file.as_deref(), |k| std::env::var(k).ok())
+    }
+
+    /// The same layering with the file text and environment supplied (for tests).
+    pub fn layered(
+        file_text: Option<&str>,
+        file_path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value = serde_json::to_value(Config::default()).expect("config serialises");
+        let path = || file_path.map(|p| p.display().to_string()).unwrap_or_else(|| "<inline>".into());
+        if let Some(text) = file_text {
+            let from_file: Config =
+                toml::from_str(text).map_err(|e| ConfigError::File { path: path(), message: e.to_string() })?;
+            value = serde_json::to_value(from_file).expect("config serialises");
+        }
+        let Value::Object(map) = &mut value else { unreachable!("config is a struct") };
+        for (key, slot) in map.iter_mut() {
+            let var = format!("TANJIREN_{}", key.to_uppercase());
+            let Some(raw) = env(&var) else { continue };
+            *slot = match slot {
+                Value::String(_) => Value::String(raw),
+                Value::Number(_) => raw
+                    .trim()
+                    .parse::<u64>()
+                    .map(Value::from)
+                    .map_err(|_| ConfigError::Env { var: var.clone(), message: format!("`{raw}` is not a non-negative integer") })?,
+                Value::Bool(_) => raw
+                    .trim()
+                    .parse::<bool>()
+                    .map(Value::Bool)
+                    .map_err(|_| ConfigError::Env { var: var.clone(), message: format!("`{raw}` is not true or false") })?,
+                other => unreachable!("config field {key} has unsupported type {other:?}"),
+            };
+        }
+        let config: Config = serde_json::from_value(value).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Cross-field rules.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 3 > self.lease_ttl_ms {
+            return Err(ConfigError::Invalid(format!(
+                "heartbeat_interval_ms ({}) must be between 1 and lease_ttl_ms / 3 ({})",
+                self.heartbeat_interval_ms,
+                self.lease_ttl_ms / 3
+            )));
+        }
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return Err(ConfigError::Invalid(format!("log_format must be `human` or `json`, not `{}`", self.log_format)));
+        }
+        if self.subject_prefix.is_empty()
+            || !self.subject_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(ConfigError::Invalid("subject_prefix must be letters, digits, '_', '-' or '.'".into()));
+        }
+        if self.batch_max == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
+            return Err(ConfigError::Invalid("batch_max, max_in_flight and worker_concurrency must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The subject builder for this configuration.
+    pub fn subjects(&self) -> crate::subjects::Subjects {
+        crate::subjects::Subjects::new(&self.subject_prefix)
+    }
+
+    /// A URL with any password replaced by `***`, for logs and error messages.
+    pub fn redact_url(url: &str) -> String {
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                let creds = &url[scheme_end + 3..at];
+                match creds.find(':') {
+                    Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &creds[..colon], &url[at..]),
+                    None => url.to_string(),
+                }
+            }
+            _ => url.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_file_then_env() {
+        let c = Config::layered(None, None, env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.lease_ttl_ms, 90_000);
+
+        let file = "lease_ttl_ms = 9000\nheartbeat_interval_ms = 3000\nsubject_prefix = \"file\"\n";
+        let c = Config::layered(Some(file), None, env(&[])).unwrap();
+        assert_eq!((c.lease_ttl_ms, c.subject_prefix.as_str()), (9000, "file"));
+
+        let c = Config::layered(Some(file), None, env(&[("TANJIREN_SUBJECT_PREFIX", "env"), ("TANJIREN_LEASE_TTL_MS", "12000")]))
+            .unwrap();
+        assert_eq!((c.lease_ttl_ms, c.subject_prefix.as_str(), c.heartbeat_interval_ms), (12000, "env", 3000));
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let e = Config::layered(None, None, env(&[("TANJIREN_LEASE_TTL_MS", "soon")])).unwrap_err();
+        assert!(e.to_string().contains("TANJIREN_LEASE_TTL_MS"), "{e}");
+        let e = Config::layered(Some("no_such_knob = 1"), None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("no_such_knob"), "{e}");
+        let e = Config::layered(None, None, env(&[("TANJIREN_HEARTBEAT_INTERVAL_MS", "60000")])).unwrap_err();
+        assert!(e.to_string().contains("heartbeat_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(Config::redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(Config::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(Config::redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

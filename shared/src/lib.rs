@@ -1,0 +1,20 @@
+//! Pure domain code shared by every Tanjiren service: identifiers, the task model,
+//! the lifecycle state machine, NATS subject names, the wire codec and messages,
+//! typed wire errors, layered configuration and telemetry set-up.
+//!
+//! Nothing in this crate performs network or database IO; services do that at
+//! their edges and call in here for every decision.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod lifecycle;
+pub mod model;
+pub mod protocol;
+pub mod secret;
+pub mod subjects;
+pub mod telemetry;
+
+pub use error::{ErrorCode, WireError};
+pub use ids::{ExecutionId, OrgId, StepId, TaskId, WorkstationId};

@@ -1,0 +1,417 @@
+//! The task model: statuses, modes with their payloads, retry policy, roles and
+//! the validation that turns a create request into a task that can be stored.
+//! Statuses serialise and store (as Postgres text) in snake_case.
+
+use crate::error::WireError;
+use crate::ids::{TaskId, WorkstationId};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Generates `as_str`, `Display`, `FromStr` (with a typed error) for a snake_case enum.
+macro_rules! text_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $name {
+            type Err = UnknownVariant;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownVariant { kind: stringify!($name), value: other.to_string() }),
+                }
+            }
+        }
+    };
+}
+
+/// A string that names no variant of a status enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} `{value}`")]
+pub struct UnknownVariant {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+/// The six lifecycle states; the last three are terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Planned,
+    Queued,
+    Executing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+text_enum!(TaskStatus { Planned => "planned", Queued => "queued", Executing => "executing", Completed => "completed", Failed => "failed", Cancelled => "cancelled" });
+
+impl TaskStatus {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled)
+    }
+}
+
+/// Where a task stands with respect to doctrine approval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    /// Doctrine has not been evaluated yet (the task was just planned).
+    Unevaluated,
+    NotRequired,
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+}
+text_enum!(ApprovalStatus { Unevaluated => "unevaluated", NotRequired => "not_required", Pending => "pending", Approved => "approved", Rejected => "rejected", Expired => "expired" });
+
+/// A step's own state: one workstation's share of an execution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Queued,
+    Executing,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+text_enum!(StepStatus { Queued => "queued", Executing => "executing", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
+
+impl StepStatus {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, StepStatus::Succeeded | StepStatus::Failed | StepStatus::Cancelled)
+    }
+}
+
+/// Roles carried by an API token, per organisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A workstation agent: may register, claim, heartbeat and report; nothing else.
+    Worker,
+    Member,
+    Admin,
+    Owner,
+}
+text_enum!(Role { Worker => "worker", Member => "member", Admin => "admin", Owner => "owner" });
+
+/// Why a step or task ended unsuccessfully. Stored as text in `failure_reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The command exited non-zero.
+    NonZeroExit,
+    /// The command ran past its execution timeout and was killed.
+    Timeout,
+    /// The command could not be started at all.
+    CannotStart,
+    /// The worker's lease expired and the reconciler took the step back.
+    LeaseExpired,
+    /// The mode is not supported by the worker that claimed it.
+    Unsupported,
+    /// The task sat queued past its queue timeout.
+    QueueTimeout,
+    /// An approver rejected the task.
+    Rejected,
+    /// Nobody decided before the approval deadline.
+    ApprovalExpired,
+}
+text_enum!(FailureReason { NonZeroExit => "non_zero_exit", Timeout => "timeout", CannotStart => "cannot_start", LeaseExpired => "lease_expired", Unsupported => "unsupported", QueueTimeout => "queue_timeout", Rejected => "rejected", ApprovalExpired => "approval_expired" });
+
+/// How a task is carried out, with its payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    /// Run `command` through the workstation's shell; the exit code decides.
+    Command { command: String },
+    /// Send `prompt` to the AI agent on the workstation.
+    Prompt { prompt: String },
+    /// Answer each question; answers are kept as artifacts.
+    Investigate { questions: Vec<String> },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Command { .. } => "command",
+            Mode::Prompt { .. } => "prompt",
+            Mode::Investigate { .. } => "investigate",
+        }
+    }
+}
+
+/// When a failed task is tried again (the mechanism lands with schedules and retries).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Total attempts including the first (1 = never retry).
+    pub max_attempts: u32,
+    /// First backoff, doubled each attempt up to `max_backoff_secs`.
+    #[serde(default = "RetryPolicy::default_initial_backoff")]
+    pub initial_backoff_secs: u32,
+    #[serde(default = "RetryPolicy::default_max_backoff")]
+    pub max_backoff_secs: u32,
+    /// Exit codes that are never retried.
+    #[serde(default)]
+    pub non_retryable_exit_codes: Vec<i32>,
+}
+
+impl RetryPolicy {
+    fn default_initial_backoff() -> u32 {
+        1
+    }
+    fn default_max_backoff() -> u32 {
+        100
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff_secs: Self::default_initial_backoff(),
+            max_backoff_secs: Self::default_max_backoff(),
+            non_retryable_exit_codes: Vec::new(),
+        }
+    }
+}
+
+/// Limits applied when validating a create request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskLimits {
+    pub max_command_bytes: usize,
+    pub max_intent_bytes: usize,
+    pub max_targets: usize,
+    pub max_questions: usize,
+    pub max_timeout_secs: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            max_command_bytes: 64 * 1024,
+            max_intent_bytes: 4 * 1024,
+            max_targets: 1000,
+            max_questions: 100,
+            max_timeout_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// What an integration sends to create a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// What is wanted, in words.
+    pub intent: String,
+    #[serde(flatten)]
+    pub mode: Mode,
+    /// Target workstations (ids); one step each.
+    pub targets: Vec<WorkstationId>,
+    /// Execution timeout per step; the service default applies when absent.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub retry_policy: Option<RetryPolicy>,
+    /// Groups tasks (and artifacts) of one investigation.
+    #[serde(default)]
+    pub investigation_id: Option<uuid::Uuid>,
+    /// The same key in the same organisation returns the same task (kept ≥ 24 h).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Set when this task is a retry of another.
+    #[serde(default)]
+    pub retry_of_task_id: Option<TaskId>,
+}
+
+impl TaskSpec {
+    /// Checks every field against `limits`; the error names the offending field.
+    pub fn validate(&self, limits: &TaskLimits) -> Result<(), WireError> {
+        if self.intent.trim().is_empty() {
+            return Err(WireError::invalid("intent: must not be empty"));
+        }
+        if self.intent.len() > limits.max_intent_bytes {
+            return Err(too_large(format!("intent: {} bytes exceeds the limit of {}", self.intent.len(), limits.max_intent_bytes)));
+        }
+        match &self.mode {
+            Mode::Command { command } => {
+                if command.trim().is_empty() {
+                    return Err(WireError::invalid("command: must not be empty"));
+                }
+                if command.len() > limits.max_command_bytes {
+                    return Err(too_large(format!(
+                        "command: {} bytes exceeds the limit of {} bytes",
+                        command.len(),
+                        limits.max_command_bytes
+                    )));
+                }
+                if command.contains('\0') {
+                    return Err(WireError::invalid("command: must not contain NUL bytes"));
+                }
+            }
+            Mode::Prompt { prompt } => {
+                if prompt.trim().is_empty() {
+                    return Err(WireError::invalid("prompt: must not be empty"));
+                }
+                if prompt.len() > limits.max_command_bytes {
+                    return Err(too_large(format!("prompt: {} bytes exceeds the limit of {}", prompt.len(), limits.max_command_bytes)));
+                }
+            }
+            Mode::Investigate { questions } => {
+                if questions.is_empty() || questions.iter().any(|q| q.trim().is_empty()) {
+                    return Err(WireError::invalid("questions: must be a non-empty list of non-empty questions"));
+                }
+                if questions.len() > limits.max_questions {
+                    return Err(too_large(format!("questions: {} exceeds the limit of {}", questions.len(), limits.max_questions)));
+                }
+                let total: usize = questions.iter().map(String::len).sum();
+                if total > limits.max_command_bytes {
+                    return Err(too_large(format!("questions: {total} bytes exceeds the limit of {}", limits.max_command_bytes)));
+                }
+            }
+        }
+        if self.targets.is_empty() {
+            return Err(WireError::invalid("targets: at least one workstation is required"));
+        }
+        if self.targets.len() > limits.max_targets {
+            return Err(too_large(format!("targets: {} exceeds the limit of {}", self.targets.len(), limits.max_targets)));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.targets.len());
+        for t in &self.targets {
+            if !seen.insert(t) {
+                return Err(WireError::invalid(format!("targets: workstation {t} is listed more than once")));
+            }
+        }
+        if let Some(t) = self.timeout_secs
+            && (t == 0 || t > limits.max_timeout_secs)
+        {
+            return Err(WireError::invalid(format!("timeout_secs: must be between 1 and {}", limits.max_timeout_secs)));
+        }
+        if let Some(p) = &self.retry_policy {
+            if p.max_attempts == 0 || p.max_attempts > 100 {
+                return Err(WireError::invalid("retry_policy.max_attempts: must be between 1 and 100"));
+            }
+            if p.initial_backoff_secs == 0 || p.initial_backoff_secs > p.max_backoff_secs {
+                return Err(WireError::invalid("retry_policy.initial_backoff_secs: must be ≥ 1 and ≤ max_backoff_secs"));
+            }
+        }
+        if let Some(k) = &self.idempotency_key
+            && (k.is_empty() || k.len() > 200)
+        {
+            return Err(WireError::invalid("idempotency_key: must be 1 to 200 bytes"));
+        }
+        Ok(())
+    }
+}
+
+fn too_large(message: String) -> WireError {
+    WireError::new(crate::error::ErrorCode::TooLarge, message)
+}
+
+/// A workstation name: what the machine calls itself; 1–128 of `[A-Za-z0-9._-]`.
+pub fn validate_workstation_name(name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::invalid("name: must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn spec() -> TaskSpec {
+        TaskSpec {
+            intent: "build".into(),
+            mode: Mode::Command { command: "npm run build".into() },
+            targets: vec![WorkstationId::new()],
+            timeout_secs: None,
+            retry_policy: None,
+            investigation_id: None,
+            idempotency_key: None,
+            retry_of_task_id: None,
+        }
+    }
+
+    #[test]
+    fn statuses_round_trip_as_text() {
+        for s in TaskStatus::ALL {
+            assert_eq!(s.as_str().parse::<TaskStatus>().unwrap(), *s);
+            assert_eq!(serde_json::to_string(s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+        for s in ApprovalStatus::ALL {
+            assert_eq!(s.as_str().parse::<ApprovalStatus>().unwrap(), *s);
+        }
+        let e = "running".parse::<TaskStatus>().unwrap_err();
+        assert_eq!(e.to_string(), "unknown TaskStatus `running`");
+    }
+
+    #[test]
+    fn spec_wire_form_is_flat_with_mode_tag() {
+        let mut original = spec();
+        original.timeout_secs = Some(30);
+        original.retry_policy = Some(RetryPolicy::default());
+        let json = serde_json::to_value(&original).unwrap();
+        assert_eq!(json["mode"], "command");
+        assert_eq!(json["command"], "npm run build");
+        let back: TaskSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, original);
+        let packed = rmp_serde::to_vec_named(&original).unwrap();
+        assert_eq!(rmp_serde::from_slice::<TaskSpec>(&packed).unwrap(), original);
+        let bad = serde_json::from_str::<TaskSpec>(r#"{"intent":"x","mode":"dance","targets":[]}"#);
+        assert!(bad.unwrap_err().to_string().contains("dance"));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let l = TaskLimits::default();
+        assert!(spec().validate(&l).is_ok());
+
+        let mut s = spec();
+        s.targets.clear();
+        assert!(s.validate(&l).unwrap_err().message.starts_with("targets"));
+
+        let mut s = spec();
+        s.targets.push(s.targets[0]);
+        assert!(s.validate(&l).unwrap_err().message.contains("more than once"));
+
+        let mut s = spec();
+        s.mode = Mode::Command { command: "x".repeat(64 * 1024 + 1) };
+        let e = s.validate(&l).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert!(e.message.starts_with("command"));
+
+        let mut s = spec();
+        s.intent = " ".into();
+        assert!(s.validate(&l).unwrap_err().message.starts_with("intent"));
+
+        let mut s = spec();
+        s.mode = Mode::Investigate { questions: vec![] };
+        assert!(s.validate(&l).unwrap_err().message.starts_with("questions"));
+
+        let mut s = spec();
+        s.timeout_secs = Some(0);
+        assert!(s.validate(&l).unwrap_err().message.starts_with("timeout_secs"));
+    }
+
+    #[test]
+    fn workstation_names() {
+        assert!(validate_workstation_name("build-01.local").is_ok());
+        assert!(validate_workstation_name("").is_err());
+        assert!(validate_workstation_name("a b").is_err());
+        assert!(validate_workstation_name("a.>").is_err());
+    }
+}

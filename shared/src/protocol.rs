@@ -1,0 +1,410 @@
+//! Wire messages: the payload of every subject in DESIGN §5, as Rust types.
+//! Field names are the snake_case wire names documented in `docs/protocol.md`;
+//! every struct tolerates unknown fields so newer senders do not break older readers.
+
+use crate::ids::{ExecutionId, OrgId, StepId, TaskId, WorkstationId};
+use crate::model::{ApprovalStatus, FailureReason, Mode, Role, StepStatus, TaskSpec, TaskStatus};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The authorization header every request carries: `Authorization: Bearer <token>`.
+pub const AUTHORIZATION: &str = "Authorization";
+
+/// `tasks.create` request (and `tasks.submit` payload): a task spec.
+pub type CreateTaskRequest = TaskSpec;
+
+/// `tasks.create` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateTaskReply {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    pub approval_status: ApprovalStatus,
+    /// False when an earlier create with the same idempotency key made this task.
+    pub created: bool,
+}
+
+/// Published on `events.{org}.submit.outcome` for each durable submission.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubmitOutcome {
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub task_id: Option<TaskId>,
+    /// False when an earlier submission or create made this task.
+    #[serde(default)]
+    pub created: bool,
+    #[serde(default)]
+    pub error: Option<crate::WireError>,
+}
+
+/// `tasks.get` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GetTaskRequest {
+    pub task_id: TaskId,
+}
+
+/// A task as operators and integrations see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: TaskId,
+    pub org_id: OrgId,
+    pub intent: String,
+    #[serde(flatten)]
+    pub mode: Mode,
+    pub status: TaskStatus,
+    pub approval_status: ApprovalStatus,
+    pub targets: Vec<WorkstationId>,
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub investigation_id: Option<uuid::Uuid>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub retry_of_task_id: Option<TaskId>,
+    pub root_task_id: TaskId,
+    pub attempt: u32,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub queued_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub execution_id: Option<ExecutionId>,
+    #[serde(default)]
+    pub steps: Vec<StepView>,
+}
+
+/// One step: a workstation's share of the execution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub step_id: StepId,
+    pub workstation_id: WorkstationId,
+    #[serde(default)]
+    pub workstation_name: Option<String>,
+    pub status: StepStatus,
+    pub lease_generation: i64,
+    #[serde(default)]
+    pub lease_owner: Option<String>,
+    #[serde(default)]
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub duration_ms: Option<i64>,
+    /// The last few KiB of standard output.
+    #[serde(default)]
+    pub stdout_tail: String,
+    #[serde(default)]
+    pub stderr_tail: String,
+}
+
+/// `tasks.list` request: every filter optional; newest first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListTasksRequest {
+    #[serde(default)]
+    pub status: Option<TaskStatus>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub workstation_id: Option<WorkstationId>,
+    /// Only tasks created strictly before this one (keyset pagination).
+    #[serde(default)]
+    pub before: Option<TaskId>,
+    /// At most this many (default 50, max 500).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// `tasks.list` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListTasksReply {
+    pub tasks: Vec<TaskSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task_id: TaskId,
+    pub intent: String,
+    pub mode: String,
+    pub status: TaskStatus,
+    pub approval_status: ApprovalStatus,
+    pub targets: Vec<WorkstationId>,
+    pub attempt: u32,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Output stream of a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line of output with its per-step sequence number.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: i64,
+    pub stream: LogStream,
+    pub text: String,
+    pub at: DateTime<Utc>,
+}
+
+/// `tasks.logs` request: stored output, in order, page by page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskLogsRequest {
+    pub task_id: TaskId,
+    #[serde(default)]
+    pub step_id: Option<StepId>,
+    /// Only lines with `seq` greater than this (per step).
+    #[serde(default)]
+    pub after_seq: Option<i64>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskLogsReply {
+    pub lines: Vec<StepLogLine>,
+}
+
+/// A log line tagged with the step that produced it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepLogLine {
+    pub step_id: StepId,
+    #[serde(flatten)]
+    pub line: LogLine,
+}
+
+/// Published on `logs.{org}.{task_id}` for each stored batch (live tail).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LiveLogBatch {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub lines: Vec<LogLine>,
+}
+
+/// `workstations.register` request: the worker names its machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterWorkstationRequest {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterWorkstationReply {
+    pub workstation_id: WorkstationId,
+    pub org_id: OrgId,
+}
+
+/// Published on `dispatch.{org}.{workstation}`: a step ready to be claimed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub step_id: StepId,
+    pub task_id: TaskId,
+    /// The generation the step had when queued; the claim must present it.
+    pub lease_generation: i64,
+    #[serde(flatten)]
+    pub mode: Mode,
+    pub timeout_secs: u64,
+}
+
+/// `lease.claim` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub step_id: StepId,
+    /// The generation seen in the assignment (compare-and-swap).
+    pub lease_generation: i64,
+    /// Who will hold the lease: unique per worker process.
+    pub worker_id: String,
+}
+
+/// `lease.claim` reply: the lease is yours.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimGranted {
+    pub step_id: StepId,
+    pub task_id: TaskId,
+    /// The fencing token for every later write.
+    pub lease_generation: i64,
+    pub ttl_ms: u64,
+    /// Renew before this instant or stop the step.
+    pub renew_by: DateTime<Utc>,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A lease a worker holds and reports on heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    pub step_id: StepId,
+    pub lease_generation: i64,
+}
+
+/// `lease.heartbeat` request: one per worker, covering every lease it holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub worker_id: String,
+    pub workstation_id: WorkstationId,
+    #[serde(default)]
+    pub leases: Vec<HeldLease>,
+    /// How many more steps the worker can take now (0 = send no offers).
+    #[serde(default)]
+    pub capacity: u32,
+}
+
+/// The fate of one lease in a heartbeat reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRenewal {
+    pub step_id: StepId,
+    pub renewed: bool,
+    #[serde(default)]
+    pub renew_by: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub error: Option<crate::WireError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub leases: Vec<LeaseRenewal>,
+    /// Queued steps for this workstation (piggyback assignment).
+    pub offers: Vec<Assignment>,
+}
+
+/// `lease.release` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub step_id: StepId,
+    pub lease_generation: i64,
+    pub worker_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    /// The generation after the release (+1).
+    pub lease_generation: i64,
+}
+
+/// `ingest.logs` request: a batch of output lines under the lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub step_id: StepId,
+    pub lease_generation: i64,
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogBatchReply {
+    pub stored: u32,
+}
+
+/// How a step ended, reported by its worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub status: StepStatus,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub failure_reason: Option<FailureReason>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// `ingest.progress` request: output preview, and the result when the step is done.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub step_id: StepId,
+    pub lease_generation: i64,
+    #[serde(default)]
+    pub stdout_tail: Option<String>,
+    #[serde(default)]
+    pub stderr_tail: Option<String>,
+    #[serde(default)]
+    pub result: Option<StepResult>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReply {
+    /// The task's status after this report.
+    pub task_status: TaskStatus,
+}
+
+/// Published on `control.{org}.{workstation}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Stop the step now (SIGTERM, then SIGKILL after the grace period).
+    Cancel { task_id: TaskId, step_id: StepId },
+}
+
+/// Published on `events.{org}.task.{status}` for every lifecycle change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskEventMessage {
+    pub task_id: TaskId,
+    pub org_id: OrgId,
+    pub status: TaskStatus,
+    pub approval_status: ApprovalStatus,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Who a request comes from, as resolved from its token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub org_id: OrgId,
+    pub token_id: uuid::Uuid,
+    pub token_name: String,
+    pub role: Role,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Encoding;
+
+    #[test]
+    fn assignment_round_trips_in_both_encodings() {
+        let a = Assignment {
+            step_id: StepId::new(),
+            task_id: TaskId::new(),
+            lease_generation: 0,
+            mode: Mode::Command { command: "true".into() },
+            timeout_secs: 60,
+        };
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            assert_eq!(enc.decode::<Assignment>(&enc.encode(&a)).unwrap(), a);
+        }
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["mode"], "command");
+    }
+
+    #[test]
+    fn control_messages_are_tagged() {
+        let c = ControlMessage::Cancel { task_id: TaskId::new(), step_id: StepId::new() };
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["kind"], "cancel");
+    }
+}

@@ -1,0 +1,122 @@
+//! NATS subject names. Every subject is `{prefix}.v1.…`; the prefix is
+//! configurable (default `tanjiren`) so tests and tenants can isolate themselves.
+
+use crate::ids::{OrgId, TaskId, WorkstationId};
+use crate::model::TaskStatus;
+
+/// Builds every subject Tanjiren uses from one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    root: String,
+    prefix: String,
+}
+
+impl Subjects {
+    /// `prefix` must be a valid NATS token sequence without wildcards.
+    pub fn new(prefix: &str) -> Self {
+        Self { root: format!("{prefix}.v1"), prefix: prefix.to_string() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A stream- or consumer-safe name derived from the prefix (JetStream names may not contain dots).
+    pub fn stream_name(&self, what: &str) -> String {
+        let clean: String = self
+            .prefix
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+            .collect();
+        format!("{}_{}", clean.to_uppercase(), what.to_uppercase())
+    }
+
+    fn s(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.root)
+    }
+
+    pub fn tasks_create(&self) -> String {
+        self.s("tasks.create")
+    }
+    pub fn tasks_submit(&self) -> String {
+        self.s("tasks.submit")
+    }
+    pub fn tasks_get(&self) -> String {
+        self.s("tasks.get")
+    }
+    pub fn tasks_list(&self) -> String {
+        self.s("tasks.list")
+    }
+    pub fn tasks_logs(&self) -> String {
+        self.s("tasks.logs")
+    }
+    pub fn workstations_register(&self) -> String {
+        self.s("workstations.register")
+    }
+    pub fn dispatch(&self, org: OrgId, workstation: WorkstationId) -> String {
+        self.s(&format!("dispatch.{org}.{workstation}"))
+    }
+    pub fn control(&self, org: OrgId, workstation: WorkstationId) -> String {
+        self.s(&format!("control.{org}.{workstation}"))
+    }
+    pub fn lease_claim(&self) -> String {
+        self.s("lease.claim")
+    }
+    pub fn lease_heartbeat(&self) -> String {
+        self.s("lease.heartbeat")
+    }
+    pub fn lease_release(&self) -> String {
+        self.s("lease.release")
+    }
+    pub fn ingest_logs(&self) -> String {
+        self.s("ingest.logs")
+    }
+    pub fn ingest_progress(&self) -> String {
+        self.s("ingest.progress")
+    }
+    pub fn event(&self, org: OrgId, status: TaskStatus) -> String {
+        self.s(&format!("events.{org}.task.{status}"))
+    }
+    /// Every task event of every organisation (for the events stream).
+    pub fn all_events(&self) -> String {
+        self.s("events.>")
+    }
+    /// Planned-task events of every organisation (what the approval service consumes).
+    pub fn all_planned_events(&self) -> String {
+        self.s("events.*.task.planned")
+    }
+    /// Outcome events of durable submissions.
+    pub fn submit_outcome(&self, org: OrgId) -> String {
+        self.s(&format!("events.{org}.submit.outcome"))
+    }
+    pub fn logs(&self, org: OrgId, task: TaskId) -> String {
+        self.s(&format!("logs.{org}.{task}"))
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self::new("tanjiren")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_carry_prefix_and_version() {
+        let s = Subjects::new("t_abc");
+        assert_eq!(s.tasks_create(), "t_abc.v1.tasks.create");
+        let org = OrgId::new();
+        let ws = WorkstationId::new();
+        assert_eq!(s.dispatch(org, ws), format!("t_abc.v1.dispatch.{org}.{ws}"));
+        assert_eq!(s.event(org, TaskStatus::Queued), format!("t_abc.v1.events.{org}.task.queued"));
+        assert_eq!(Subjects::default().lease_claim(), "tanjiren.v1.lease.claim");
+    }
+
+    #[test]
+    fn stream_names_are_safe() {
+        assert_eq!(Subjects::new("t.a-b").stream_name("submit"), "T_A-B_SUBMIT");
+    }
+}
