@@ -3,7 +3,7 @@
 //! Statuses serialise and store (as Postgres text) in snake_case.
 
 use crate::error::WireError;
-use crate::ids::{TaskId, WorkstationId};
+use crate::ids::TaskId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -214,8 +214,8 @@ pub struct TaskSpec {
     pub intent: String,
     #[serde(flatten)]
     pub mode: Mode,
-    /// Target workstations (ids); one step each.
-    pub targets: Vec<WorkstationId>,
+    /// Target workstations, each by id or by name; one step each.
+    pub targets: Vec<String>,
     /// Execution timeout per step; the service default applies when absent.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
@@ -286,6 +286,9 @@ impl TaskSpec {
         }
         let mut seen = std::collections::HashSet::with_capacity(self.targets.len());
         for t in &self.targets {
+            if validate_workstation_name(t).is_err() {
+                return Err(WireError::invalid(format!("targets: `{t}` is neither a workstation id nor a valid name")));
+            }
             if !seen.insert(t) {
                 return Err(WireError::invalid(format!("targets: workstation {t} is listed more than once")));
             }
@@ -337,7 +340,7 @@ mod tests {
         TaskSpec {
             intent: "build".into(),
             mode: Mode::Command { command: "npm run build".into() },
-            targets: vec![WorkstationId::new()],
+            targets: vec![crate::ids::WorkstationId::new().to_string()],
             timeout_secs: None,
             retry_policy: None,
             investigation_id: None,
@@ -385,7 +388,7 @@ mod tests {
         assert!(s.validate(&l).unwrap_err().message.starts_with("targets"));
 
         let mut s = spec();
-        s.targets.push(s.targets[0]);
+        s.targets.push(s.targets[0].clone());
         assert!(s.validate(&l).unwrap_err().message.contains("more than once"));
 
         let mut s = spec();
