@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod bus;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod shutdown;

@@ -1,0 +1,319 @@
+//! Task creation: validate, resolve targets (by id or name) within the caller's
+//! organisation, and insert a whole batch of tasks `planned` in one statement.
+//! An idempotency key already used in the organisation returns the existing
+//! task (`created: false`) instead of making a second one.
+
+use sqlx::types::Json;
+use std::collections::HashMap;
+use tanjiren_runtime::events::publish_task_event;
+use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
+use tanjiren_shared::model::{ApprovalStatus, TaskLimits, TaskSpec, TaskStatus};
+use tanjiren_shared::protocol::{CreateTaskReply, Principal};
+use tanjiren_shared::{ErrorCode, WireError};
+use uuid::Uuid;
+
+pub(crate) async fn handle(conns: Connections, batch: Vec<Incoming<TaskSpec>>) -> Vec<Result<CreateTaskReply, WireError>> {
+    create_tasks(&conns, batch.into_iter().map(|i| (i.principal, i.body)).collect()).await
+}
+
+/// A validated task ready to insert.
+struct Row {
+    id: TaskId,
+    org_id: OrgId,
+    spec: TaskSpec,
+    targets: Vec<WorkstationId>,
+    timeout_secs: i64,
+    root_task_id: TaskId,
+    attempt: i32,
+    created_by: String,
+}
+
+/// Creates every task it can; one result per request, in order.
+pub async fn create_tasks(conns: &Connections, requests: Vec<(Principal, TaskSpec)>) -> Vec<Result<CreateTaskReply, WireError>> {
+    let limits = TaskLimits { max_command_bytes: conns.config.max_command_bytes, ..TaskLimits::default() };
+    let mut results: Vec<Option<Result<CreateTaskReply, WireError>>> = Vec::with_capacity(requests.len());
+    for (_, spec) in &requests {
+        results.push(spec.validate(&limits).err().map(Err));
+    }
+
+    let rows = match prepare_rows(conns, &requests, &mut results).await {
+        Ok(rows) => rows,
+        Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),
+    };
+    if rows.is_empty() {
+        return results.into_iter().map(|r| r.expect("every request answered")).collect();
+    }
+
+    match insert(conns, &rows).await {
+        Ok(replies) => {
+            for (index, reply) in replies {
+                results[index] = Some(Ok(reply));
+            }
+        }
+        Err(e) if rows.len() > 1 && !e.code.is_retryable() => {
+            // One bad row must not fail its neighbours: insert them one by one.
+            for (index, row) in rows {
+                let r = insert(conns, &[(index, row)]).await.map(|mut v| v.remove(0).1);
+                results[index] = Some(r);
+            }
+        }
+        Err(e) => {
+            for (index, _) in &rows {
+                results[*index] = Some(Err(e.clone()));
+            }
+        }
+    }
+    publish_planned(conns, &results, &requests).await;
+    results.into_iter().map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed")))).collect()
+}
+
+/// Resolves targets and retry links; fills `results` with errors for requests that cannot be created.
+async fn prepare_rows(
+    conns: &Connections,
+    requests: &[(Principal, TaskSpec)],
+    results: &mut [Option<Result<CreateTaskReply, WireError>>],
+) -> Result<Vec<(usize, Row)>, WireError> {
+    let mut orgs = Vec::new();
+    let mut names = Vec::new();
+    let mut ids = Vec::new();
+    let mut retry_of = Vec::new();
+    for (i, (p, spec)) in requests.iter().enumerate() {
+        if results[i].is_some() {
+            continue;
+        }
+        orgs.push(p.org_id.as_uuid());
+        for t in &spec.targets {
+            match t.parse::<Uuid>() {
+                Ok(u) => ids.push(u),
+                Err(_) => names.push(t.clone()),
+            }
+        }
+        if let Some(r) = spec.retry_of_task_id {
+            retry_of.push(r.as_uuid());
+        }
+    }
+    if orgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let known: Vec<(Uuid, Uuid, String)> =
+        sqlx::query_as("SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))")
+            .bind(&orgs)
+            .bind(&ids)
+            .bind(&names)
+            .fetch_all(&conns.db)
+            .await
+            .map_err(db_error)?;
+    let mut by_ref: HashMap<(Uuid, String), Uuid> = HashMap::with_capacity(known.len() * 2);
+    for (id, org, name) in known {
+        by_ref.insert((org, id.to_string()), id);
+        by_ref.insert((org, name), id);
+    }
+    let previous: HashMap<Uuid, (Uuid, Uuid, i32)> = if retry_of.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, Uuid, Uuid, i32)>("SELECT id, org_id, root_task_id, attempt FROM tasks WHERE id = ANY($1)")
+            .bind(&retry_of)
+            .fetch_all(&conns.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|(id, org, root, attempt)| (id, (org, root, attempt)))
+            .collect()
+    };
+
+    let mut rows = Vec::new();
+    for (i, (p, spec)) in requests.iter().enumerate() {
+        if results[i].is_some() {
+            continue;
+        }
+        match build_row(conns, p, spec, &by_ref, &previous) {
+            Ok(row) => rows.push((i, row)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    Ok(rows)
+}
+
+fn build_row(
+    conns: &Connections,
+    p: &Principal,
+    spec: &TaskSpec,
+    by_ref: &HashMap<(Uuid, String), Uuid>,
+    previous: &HashMap<Uuid, (Uuid, Uuid, i32)>,
+) -> Result<Row, WireError> {
+    let org = p.org_id.as_uuid();
+    let mut targets = Vec::with_capacity(spec.targets.len());
+    for t in &spec.targets {
+        let canonical = t.parse::<Uuid>().map(|u| u.to_string()).unwrap_or_else(|_| t.clone());
+        let id = by_ref
+            .get(&(org, canonical))
+            .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))?;
+        let id = WorkstationId::from(*id);
+        if targets.contains(&id) {
+            return Err(WireError::invalid(format!("targets: workstation `{t}` is listed more than once")));
+        }
+        targets.push(id);
+    }
+    let id = TaskId::new();
+    let (root_task_id, attempt) = match spec.retry_of_task_id {
+        None => (id, 1),
+        Some(prev) => match previous.get(&prev.as_uuid()) {
+            Some((prev_org, root, attempt)) if *prev_org == org => (TaskId::from(*root), attempt + 1),
+            _ => return Err(WireError::not_found(format!("retry_of_task_id: no task {prev} in this organisation"))),
+        },
+    };
+    Ok(Row {
+        id,
+        org_id: p.org_id,
+        spec: spec.clone(),
+        targets,
+        timeout_secs: spec.timeout_secs.unwrap_or(conns.config.default_timeout_secs) as i64,
+        root_task_id,
+        attempt,
+        created_by: p.token_name.clone(),
+    })
+}
+
+/// Inserts rows in one statement; returns one reply per row (request index, reply).
+async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize, CreateTaskReply)>, WireError> {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut orgs = Vec::with_capacity(n);
+    let mut intents = Vec::with_capacity(n);
+    let mut modes = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut policies = Vec::with_capacity(n);
+    let mut investigations = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut retry_ofs = Vec::with_capacity(n);
+    let mut roots = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut creators = Vec::with_capacity(n);
+    for (_, r) in rows {
+        ids.push(r.id.as_uuid());
+        orgs.push(r.org_id.as_uuid());
+        intents.push(r.spec.intent.clone());
+        modes.push(r.spec.mode.name().to_string());
+        payloads.push(Json(serde_json::to_value(&r.spec.mode).expect("mode serialises")));
+        targets.push(r.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+        timeouts.push(r.timeout_secs);
+        policies.push(r.spec.retry_policy.as_ref().map(|p| Json(serde_json::to_value(p).expect("policy serialises"))));
+        investigations.push(r.spec.investigation_id);
+        keys.push(r.spec.idempotency_key.clone());
+        retry_ofs.push(r.spec.retry_of_task_id.map(|t| t.as_uuid()));
+        roots.push(r.root_task_id.as_uuid());
+        attempts.push(r.attempt);
+        creators.push(r.created_by.clone());
+    }
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let inserted: Vec<(Uuid,)> = sqlx::query_as(
+        "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
+                            investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by)
+         SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
+                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
+                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[])
+              AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
+                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by)
+         ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&orgs)
+    .bind(&intents)
+    .bind(&modes)
+    .bind(&payloads)
+    .bind(&targets)
+    .bind(&timeouts)
+    .bind(&policies)
+    .bind(&investigations)
+    .bind(&keys)
+    .bind(&retry_ofs)
+    .bind(&roots)
+    .bind(&attempts)
+    .bind(&creators)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
+            WireError::invalid("a referenced task or workstation no longer exists")
+        }
+        _ => db_error(e),
+    })?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+
+    // Rows not inserted lost an idempotency-key conflict: answer with the task that holds the key.
+    let mut lookup_orgs = Vec::new();
+    let mut lookup_keys = Vec::new();
+    for (_, r) in rows {
+        if !inserted.contains(&r.id.as_uuid()) {
+            lookup_orgs.push(r.org_id.as_uuid());
+            lookup_keys.push(r.spec.idempotency_key.clone().expect("only keyed rows can conflict"));
+        }
+    }
+    let existing: HashMap<(Uuid, String), (Uuid, String, String)> = if lookup_keys.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, String, Uuid, String, String)>(
+            "SELECT t.org_id, t.idempotency_key, t.id, t.status, t.approval_status
+             FROM tasks t JOIN unnest($1::uuid[], $2::text[]) AS k(org_id, key)
+               ON t.org_id = k.org_id AND t.idempotency_key = k.key",
+        )
+        .bind(&lookup_orgs)
+        .bind(&lookup_keys)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|(org, key, id, status, approval)| ((org, key), (id, status, approval)))
+        .collect()
+    };
+    tx.commit().await.map_err(db_error)?;
+
+    let mut replies = Vec::with_capacity(n);
+    for (index, r) in rows {
+        let reply = if inserted.contains(&r.id.as_uuid()) {
+            CreateTaskReply { task_id: r.id, status: TaskStatus::Planned, approval_status: ApprovalStatus::Unevaluated, created: true }
+        } else {
+            let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
+            let (id, status, approval) = existing
+                .get(&key)
+                .ok_or_else(|| WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"))?;
+            CreateTaskReply {
+                task_id: TaskId::from(*id),
+                status: status.parse().map_err(|_| WireError::internal("bad stored status"))?,
+                approval_status: approval.parse().map_err(|_| WireError::internal("bad stored approval status"))?,
+                created: false,
+            }
+        };
+        replies.push((*index, reply));
+    }
+    Ok(replies)
+}
+
+/// Tells the approval service about every task this batch created.
+async fn publish_planned(
+    conns: &Connections,
+    results: &[Option<Result<CreateTaskReply, WireError>>],
+    requests: &[(Principal, TaskSpec)],
+) {
+    for (r, (p, _)) in results.iter().zip(requests) {
+        if let Some(Ok(reply)) = r
+            && reply.created
+        {
+            publish_task_event(
+                &conns.nats,
+                &conns.subjects,
+                p.org_id,
+                reply.task_id,
+                TaskStatus::Planned,
+                ApprovalStatus::Unevaluated,
+                None,
+            )
+            .await;
+        }
+    }
+}

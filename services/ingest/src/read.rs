@@ -1,0 +1,233 @@
+//! The read side: one task with its steps, filtered lists (newest first, keyset
+//! pages) and stored output. Every query is scoped to the caller's organisation:
+//! another organisation's task is `not_found`, never shown.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::WireError;
+use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
+use tanjiren_shared::model::Mode;
+use tanjiren_shared::protocol::{
+    GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogStream, StepLogLine, StepView, TaskLogsReply, TaskLogsRequest,
+    TaskSummary, TaskView,
+};
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: Uuid,
+    org_id: Uuid,
+    intent: String,
+    mode: String,
+    payload: Json<Mode>,
+    targets: Vec<Uuid>,
+    status: String,
+    approval_status: String,
+    failure_reason: Option<String>,
+    timeout_secs: i64,
+    investigation_id: Option<Uuid>,
+    idempotency_key: Option<String>,
+    retry_of_task_id: Option<Uuid>,
+    root_task_id: Uuid,
+    attempt: i32,
+    created_by: String,
+    created_at: DateTime<Utc>,
+    queued_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StepRow {
+    id: Uuid,
+    execution_id: Uuid,
+    workstation_id: Uuid,
+    workstation_name: Option<String>,
+    status: String,
+    lease_generation: i64,
+    lease_owner: Option<String>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    exit_code: Option<i32>,
+    failure_reason: Option<String>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    stdout_tail: String,
+    stderr_tail: String,
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
+    s.parse().map_err(|_| WireError::internal(format!("unexpected stored value `{s}`")))
+}
+
+const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
+    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, created_at, queued_at, started_at, finished_at";
+
+pub(crate) async fn get(conns: Connections, batch: Vec<Incoming<GetTaskRequest>>) -> Vec<Result<TaskView, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(get_task(&conns, req.principal.org_id, req.body.task_id).await);
+    }
+    out
+}
+
+/// One task with its steps, or `not_found` if it is not in `org`.
+pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Result<TaskView, WireError> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND org_id = $2");
+    let row: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(task_id.as_uuid())
+        .bind(org.as_uuid())
+        .fetch_optional(&conns.db)
+        .await
+        .map_err(db_error)?;
+    let row = row.ok_or_else(|| WireError::not_found(format!("no task {task_id}")))?;
+    let steps: Vec<StepRow> = sqlx::query_as(
+        "SELECT s.id, s.execution_id, s.workstation_id, w.name AS workstation_name, s.status, s.lease_generation, s.lease_owner,
+                s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.stdout_tail, s.stderr_tail
+         FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
+         WHERE s.task_id = $1 ORDER BY s.id",
+    )
+    .bind(task_id.as_uuid())
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    let execution_id = steps.first().map(|s| s.execution_id.into());
+    let steps = steps
+        .into_iter()
+        .map(|s| {
+            Ok(StepView {
+                step_id: s.id.into(),
+                workstation_id: s.workstation_id.into(),
+                workstation_name: s.workstation_name,
+                status: parse(&s.status)?,
+                lease_generation: s.lease_generation,
+                lease_owner: s.lease_owner,
+                lease_expires_at: s.lease_expires_at,
+                exit_code: s.exit_code,
+                failure_reason: s.failure_reason,
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                duration_ms: match (s.started_at, s.finished_at) {
+                    (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
+                    _ => None,
+                },
+                stdout_tail: s.stdout_tail,
+                stderr_tail: s.stderr_tail,
+            })
+        })
+        .collect::<Result<Vec<_>, WireError>>()?;
+    Ok(TaskView {
+        task_id: row.id.into(),
+        org_id: row.org_id.into(),
+        intent: row.intent,
+        mode: row.payload.0,
+        status: parse(&row.status)?,
+        approval_status: parse(&row.approval_status)?,
+        targets: row.targets.into_iter().map(WorkstationId::from).collect(),
+        timeout_secs: row.timeout_secs as u64,
+        failure_reason: row.failure_reason,
+        investigation_id: row.investigation_id,
+        idempotency_key: row.idempotency_key,
+        retry_of_task_id: row.retry_of_task_id.map(TaskId::from),
+        root_task_id: row.root_task_id.into(),
+        attempt: row.attempt as u32,
+        created_by: row.created_by,
+        created_at: row.created_at,
+        queued_at: row.queued_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+        execution_id,
+        steps,
+    })
+}
+
+pub(crate) async fn list(conns: Connections, batch: Vec<Incoming<ListTasksRequest>>) -> Vec<Result<ListTasksReply, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(list_tasks(&conns, req.principal.org_id, &req.body).await);
+    }
+    out
+}
+
+async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> Result<ListTasksReply, WireError> {
+    if let Some(m) = &req.mode
+        && !matches!(m.as_str(), "command" | "prompt" | "investigate")
+    {
+        return Err(WireError::invalid(format!("mode: unknown mode `{m}`")));
+    }
+    let limit = req.limit.unwrap_or(50).clamp(1, 500) as i64;
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = "));
+    q.push_bind(org.as_uuid());
+    if let Some(s) = req.status {
+        q.push(" AND status = ").push_bind(s.as_str());
+    }
+    if let Some(m) = &req.mode {
+        q.push(" AND mode = ").push_bind(m.clone());
+    }
+    if let Some(w) = req.workstation_id {
+        q.push(" AND targets @> ARRAY[").push_bind(w.as_uuid()).push("]::uuid[]");
+    }
+    if let Some(b) = req.before {
+        q.push(" AND id < ").push_bind(b.as_uuid());
+    }
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    let rows: Vec<TaskRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
+    let tasks = rows
+        .into_iter()
+        .map(|r| {
+            Ok(TaskSummary {
+                task_id: r.id.into(),
+                intent: r.intent,
+                mode: r.mode,
+                status: parse(&r.status)?,
+                approval_status: parse(&r.approval_status)?,
+                targets: r.targets.into_iter().map(WorkstationId::from).collect(),
+                attempt: r.attempt as u32,
+                created_at: r.created_at,
+                finished_at: r.finished_at,
+            })
+        })
+        .collect::<Result<Vec<_>, WireError>>()?;
+    Ok(ListTasksReply { tasks })
+}
+
+pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<TaskLogsRequest>>) -> Vec<Result<TaskLogsReply, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(task_logs(&conns, req.principal.org_id, &req.body).await);
+    }
+    out
+}
+
+async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Result<TaskLogsReply, WireError> {
+    let owned: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM tasks WHERE id = $1 AND org_id = $2")
+        .bind(req.task_id.as_uuid())
+        .bind(org.as_uuid())
+        .fetch_optional(&conns.db)
+        .await
+        .map_err(db_error)?;
+    if owned.is_none() {
+        return Err(WireError::not_found(format!("no task {}", req.task_id)));
+    }
+    let limit = req.limit.unwrap_or(1000).clamp(1, 10_000) as i64;
+    let rows: Vec<(Uuid, i64, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT step_id, seq, stream, line, at FROM task_logs
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND seq > $3
+         ORDER BY step_id, seq LIMIT $4",
+    )
+    .bind(req.task_id.as_uuid())
+    .bind(req.step_id.map(|s| s.as_uuid()))
+    .bind(req.after_seq.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    let lines = rows
+        .into_iter()
+        .map(|(step, seq, stream, text, at)| StepLogLine {
+            step_id: StepId::from(step),
+            line: LogLine { seq, stream: if stream == "stderr" { LogStream::Stderr } else { LogStream::Stdout }, text, at },
+        })
+        .collect();
+    Ok(TaskLogsReply { lines })
+}

@@ -1,0 +1,404 @@
+//! Writes that workers cause: workstation registration, output lines and step
+//! progress/results. Log and progress writes are fenced: each carries
+//! `(step_id, lease_generation)` and is applied only if that still matches the
+//! step row, checked under a row lock in the same transaction as the write.
+//! A mismatch is rejected with `stale_lease`, logged and counted, and nothing of
+//! it is stored. When a step's result leaves no step of its task running, the
+//! task's outcome is decided by the lifecycle function and stored by
+//! compare-and-swap in that same transaction.
+
+use chrono::Utc;
+use std::collections::{BTreeSet, HashMap};
+use tanjiren_runtime::events::publish_task_event;
+use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::codec::Encoding;
+use tanjiren_shared::ids::{OrgId, TaskId};
+use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
+use tanjiren_shared::model::{ApprovalStatus, StepStatus, TaskStatus, validate_workstation_name};
+use tanjiren_shared::protocol::{
+    LiveLogBatch, LogBatch, LogBatchReply, ProgressReply, ProgressReport, RegisterWorkstationReply, RegisterWorkstationRequest,
+};
+use tanjiren_shared::{ErrorCode, WireError};
+use uuid::Uuid;
+
+/// Largest log batch accepted, in lines and in bytes.
+const MAX_BATCH_LINES: usize = 10_000;
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Tails are kept to this many bytes (the worker sends the last 4 KiB).
+const MAX_TAIL_BYTES: usize = 8 * 1024;
+
+pub(crate) async fn register(
+    conns: Connections,
+    batch: Vec<Incoming<RegisterWorkstationRequest>>,
+) -> Vec<Result<RegisterWorkstationReply, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(register_one(&conns, req.principal.org_id, &req.body).await);
+    }
+    out
+}
+
+async fn register_one(conns: &Connections, org: OrgId, req: &RegisterWorkstationRequest) -> Result<RegisterWorkstationReply, WireError> {
+    validate_workstation_name(&req.name)?;
+    let labels = serde_json::to_value(&req.labels).expect("labels serialise");
+    let (id,): (Uuid,) = sqlx::query_as(
+        "INSERT INTO workstations (id, org_id, name, labels, last_seen_at) VALUES ($1, $2, $3, $4, now())
+         ON CONFLICT (org_id, name) DO UPDATE SET labels = EXCLUDED.labels, last_seen_at = now()
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(org.as_uuid())
+    .bind(&req.name)
+    .bind(labels)
+    .fetch_one(&conns.db)
+    .await
+    .map_err(db_error)?;
+    Ok(RegisterWorkstationReply { workstation_id: id.into(), org_id: org })
+}
+
+/// The fencing view of a step, read under a row lock.
+#[derive(sqlx::FromRow, Clone)]
+struct StepFence {
+    id: Uuid,
+    task_id: Uuid,
+    org_id: Uuid,
+    lease_generation: i64,
+    status: String,
+}
+
+impl StepFence {
+    /// Ok if the write under `(org, generation)` may be applied to this step.
+    fn admits(&self, org: OrgId, generation: i64) -> Result<(), WireError> {
+        if self.org_id != org.as_uuid() {
+            return Err(WireError::not_found(format!("no step {}", self.id)));
+        }
+        if self.lease_generation != generation || self.status != StepStatus::Executing.as_str() {
+            return Err(WireError::stale_lease(format!(
+                "step {} is at lease generation {} ({}); this write carried generation {generation}",
+                self.id, self.lease_generation, self.status
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
+    if e.code == ErrorCode::StaleLease {
+        tracing::warn!(%step, kind, message = %e.message, "rejected a stale worker write");
+        conns.metrics.inc("tanjiren_stale_lease_rejections_total", "Worker writes rejected for a stale lease generation.", &[("kind", kind)], 1);
+    }
+}
+
+pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<LogBatch>>) -> Vec<Result<LogBatchReply, WireError>> {
+    match store_logs(&conns, &batch).await {
+        Ok(results) => results,
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+async fn store_logs(conns: &Connections, batch: &[Incoming<LogBatch>]) -> Result<Vec<Result<LogBatchReply, WireError>>, WireError> {
+    let step_ids: Vec<Uuid> = batch.iter().map(|r| r.body.step_id.as_uuid()).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
+        "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR SHARE",
+    )
+    .bind(&step_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|f| (f.id, f))
+    .collect();
+
+    let mut results = Vec::with_capacity(batch.len());
+    let (mut steps, mut seqs, mut tasks, mut streams, mut lines, mut ats) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for req in batch {
+        let b = &req.body;
+        let check = fences
+            .get(&b.step_id.as_uuid())
+            .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
+            .and_then(|f| f.admits(req.principal.org_id, b.lease_generation).map(|_| f));
+        let fence = match check {
+            Ok(f) => f,
+            Err(e) => {
+                reject_stale(conns, "logs", b.step_id.as_uuid(), &e);
+                results.push(Err(e));
+                continue;
+            }
+        };
+        let bytes: usize = b.lines.iter().map(|l| l.text.len()).sum();
+        if b.lines.len() > MAX_BATCH_LINES || bytes > MAX_BATCH_BYTES {
+            results.push(Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!("lines: a batch may carry at most {MAX_BATCH_LINES} lines and {MAX_BATCH_BYTES} bytes"),
+            )));
+            continue;
+        }
+        for l in &b.lines {
+            steps.push(fence.id);
+            seqs.push(l.seq);
+            tasks.push(fence.task_id);
+            streams.push(l.stream.as_str());
+            // Postgres text cannot hold NUL.
+            lines.push(if l.text.contains('\0') { l.text.replace('\0', "\u{FFFD}") } else { l.text.clone() });
+            ats.push(l.at);
+        }
+        results.push(Ok(LogBatchReply { stored: b.lines.len() as u32 }));
+    }
+    if !steps.is_empty() {
+        sqlx::query(
+            "INSERT INTO task_logs (step_id, seq, task_id, stream, line, at)
+             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+             ON CONFLICT (step_id, seq) DO NOTHING",
+        )
+        .bind(&steps)
+        .bind(&seqs)
+        .bind(&tasks)
+        .bind(&streams)
+        .bind(&lines)
+        .bind(&ats)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+
+    for (req, r) in batch.iter().zip(&results) {
+        if r.is_ok() && !req.body.lines.is_empty() {
+            let fence = &fences[&req.body.step_id.as_uuid()];
+            let live = LiveLogBatch { task_id: fence.task_id.into(), step_id: req.body.step_id, lines: req.body.lines.clone() };
+            let subject = conns.subjects.logs(req.principal.org_id, live.task_id);
+            let _ = conns.nats.publish(subject, Encoding::MsgPack.encode(&live).into()).await;
+        }
+    }
+    Ok(results)
+}
+
+pub(crate) async fn progress(conns: Connections, batch: Vec<Incoming<ProgressReport>>) -> Vec<Result<ProgressReply, WireError>> {
+    match store_progress(&conns, &batch).await {
+        Ok(results) => results,
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TaskLock {
+    id: Uuid,
+    org_id: Uuid,
+    status: String,
+    approval_status: String,
+}
+
+/// The merged update for one step in this batch.
+#[derive(Default)]
+struct StepUpdate {
+    stdout_tail: Option<String>,
+    stderr_tail: Option<String>,
+    status: Option<String>,
+    exit_code: Option<i32>,
+    failure_reason: Option<String>,
+}
+
+fn tail(s: &str) -> String {
+    if s.len() <= MAX_TAIL_BYTES {
+        return s.to_string();
+    }
+    let mut start = s.len() - MAX_TAIL_BYTES;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].replace('\0', "\u{FFFD}")
+}
+
+async fn store_progress(conns: &Connections, batch: &[Incoming<ProgressReport>]) -> Result<Vec<Result<ProgressReply, WireError>>, WireError> {
+    let step_ids: Vec<Uuid> = batch.iter().map(|r| r.body.step_id.as_uuid()).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    // Lock order everywhere: task rows, then step rows, each by id. Locking the task
+    // serialises the "was that the last step?" decision between concurrent results.
+    let task_ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT task_id FROM steps WHERE id = ANY($1)")
+        .bind(&step_ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let tasks: HashMap<Uuid, TaskLock> =
+        sqlx::query_as::<_, TaskLock>("SELECT id, org_id, status, approval_status FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&task_ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+    let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
+        "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(&step_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|f| (f.id, f))
+    .collect();
+
+    let mut results: Vec<Result<Uuid, WireError>> = Vec::with_capacity(batch.len());
+    let mut updates: HashMap<Uuid, StepUpdate> = HashMap::new();
+    let mut finished_tasks = BTreeSet::new();
+    for req in batch {
+        let b = &req.body;
+        let check = fences
+            .get(&b.step_id.as_uuid())
+            .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
+            .and_then(|f| f.admits(req.principal.org_id, b.lease_generation).map(|_| f));
+        let fence = match check {
+            Ok(f) => f,
+            Err(e) => {
+                reject_stale(conns, "progress", b.step_id.as_uuid(), &e);
+                results.push(Err(e));
+                continue;
+            }
+        };
+        if let Some(r) = &b.result
+            && !r.status.is_terminal()
+        {
+            results.push(Err(WireError::invalid(format!("result.status: `{}` is not a final step status", r.status))));
+            continue;
+        }
+        let u = updates.entry(fence.id).or_default();
+        if let Some(t) = &b.stdout_tail {
+            u.stdout_tail = Some(tail(t));
+        }
+        if let Some(t) = &b.stderr_tail {
+            u.stderr_tail = Some(tail(t));
+        }
+        if let Some(r) = &b.result {
+            u.status = Some(r.status.as_str().to_string());
+            u.exit_code = r.exit_code;
+            u.failure_reason = match (r.failure_reason, r.status) {
+                (Some(f), _) => Some(f.as_str().to_string()),
+                (None, StepStatus::Failed) => Some("failed".into()),
+                (None, _) => None,
+            };
+            finished_tasks.insert(fence.task_id);
+        }
+        results.push(Ok(fence.task_id));
+    }
+
+    if !updates.is_empty() {
+        let mut ids = vec![];
+        let (mut outs, mut errs, mut statuses, mut codes, mut reasons) = (vec![], vec![], vec![], vec![], vec![]);
+        for (id, u) in updates {
+            ids.push(id);
+            outs.push(u.stdout_tail);
+            errs.push(u.stderr_tail);
+            statuses.push(u.status);
+            codes.push(u.exit_code);
+            reasons.push(u.failure_reason);
+        }
+        sqlx::query(
+            "UPDATE steps s SET
+                stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
+                stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
+                status = COALESCE(u.status, s.status),
+                exit_code = CASE WHEN u.status IS NULL THEN s.exit_code ELSE u.exit_code END,
+                failure_reason = CASE WHEN u.status IS NULL THEN s.failure_reason ELSE u.failure_reason END,
+                finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
+                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason)
+             WHERE s.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&outs)
+        .bind(&errs)
+        .bind(&statuses)
+        .bind(&codes)
+        .bind(&reasons)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+
+    let decided = finish_tasks(&mut tx, &tasks, &finished_tasks).await?;
+    tx.commit().await.map_err(db_error)?;
+
+    for (task_id, (status, approval, reason)) in &decided {
+        let org = tasks[task_id].org_id;
+        publish_task_event(&conns.nats, &conns.subjects, OrgId::from(org), TaskId::from(*task_id), *status, *approval, reason.clone()).await;
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| {
+            r.and_then(|task_id| {
+                let status = match decided.get(&task_id) {
+                    Some((s, _, _)) => *s,
+                    None => tasks.get(&task_id).and_then(|t| t.status.parse().ok()).unwrap_or(TaskStatus::Executing),
+                };
+                Ok(ProgressReply { task_status: status })
+            })
+        })
+        .collect())
+}
+
+type Decision = (TaskStatus, ApprovalStatus, Option<String>);
+
+/// For each task that just had a step finish: if no step is left running, apply
+/// `StepsFinished` through the lifecycle and store it (compare-and-swap on status).
+async fn finish_tasks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tasks: &HashMap<Uuid, TaskLock>,
+    finished: &BTreeSet<Uuid>,
+) -> Result<HashMap<Uuid, Decision>, WireError> {
+    let mut decided = HashMap::new();
+    if finished.is_empty() {
+        return Ok(decided);
+    }
+    let ids: Vec<Uuid> = finished.iter().copied().collect();
+    let tallies: Vec<(Uuid, i64, bool, Option<String>)> = sqlx::query_as(
+        "SELECT task_id,
+                count(*) FILTER (WHERE status IN ('queued', 'executing')),
+                bool_and(status = 'succeeded'),
+                (array_agg(failure_reason ORDER BY id) FILTER (WHERE status <> 'succeeded'))[1]
+         FROM steps WHERE task_id = ANY($1) GROUP BY task_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    let (mut upd_ids, mut upd_from, mut upd_to, mut upd_reason) = (vec![], vec![], vec![], vec![]);
+    for (task_id, live, all_ok, reason) in tallies {
+        if live > 0 {
+            continue;
+        }
+        let Some(t) = tasks.get(&task_id) else { continue };
+        let (Ok(status), Ok(approval)) = (t.status.parse::<TaskStatus>(), t.approval_status.parse::<ApprovalStatus>()) else {
+            continue;
+        };
+        let Ok(tr) = transition(TaskState::new(status, approval), TaskEvent::StepsFinished { all_succeeded: all_ok }) else {
+            // Already finished (e.g. cancelled while the step ran): the step result stays, the task does not change.
+            continue;
+        };
+        let reason = if tr.next.status == TaskStatus::Failed { reason.or(Some("step_failed".into())) } else { None };
+        upd_ids.push(task_id);
+        upd_from.push(t.status.clone());
+        upd_to.push(tr.next.status.as_str().to_string());
+        upd_reason.push(reason.clone());
+        decided.insert(task_id, (tr.next.status, tr.next.approval, reason));
+    }
+    if !upd_ids.is_empty() {
+        let changed: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = $5
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, expected, next, reason)
+             WHERE t.id = u.id AND t.status = u.expected
+             RETURNING t.id",
+        )
+        .bind(&upd_ids)
+        .bind(&upd_from)
+        .bind(&upd_to)
+        .bind(&upd_reason)
+        .bind(Utc::now())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)?;
+        decided.retain(|id, _| changed.contains(id));
+    }
+    Ok(decided)
+}
