@@ -3,6 +3,8 @@
 //! envelope `{ok: …}` or `{error: {code, message}}` in the caller's encoding.
 
 use crate::error::WireError;
+#[cfg(test)]
+use crate::ids::TaskId;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The header that selects the encoding, and the value that selects JSON.
@@ -38,15 +40,27 @@ impl Encoding {
     pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Vec<u8> {
         match self {
             // Named fields: positional arrays would break every reader when a field is added.
-            Encoding::MsgPack => rmp_serde::to_vec_named(value).expect("msgpack encoding of an in-memory value"),
+            // Human-readable: ids travel as strings, as in JSON, so any client can read and write them.
+            Encoding::MsgPack => {
+                let mut buf = Vec::with_capacity(128);
+                let mut ser = rmp_serde::Serializer::new(&mut buf)
+                    .with_struct_map()
+                    .with_human_readable();
+                value
+                    .serialize(&mut ser)
+                    .expect("msgpack encoding of an in-memory value");
+                buf
+            }
             Encoding::Json => serde_json::to_vec(value).expect("json encoding of an in-memory value"),
         }
     }
 
     pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, WireError> {
         match self {
-            Encoding::MsgPack => rmp_serde::from_slice(bytes)
-                .map_err(|e| WireError::malformed(format!("invalid MessagePack payload: {e}"))),
+            Encoding::MsgPack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+                T::deserialize(&mut de).map_err(|e| WireError::malformed(format!("invalid MessagePack payload: {e}")))
+            }
             Encoding::Json => {
                 serde_json::from_slice(bytes).map_err(|e| WireError::malformed(format!("invalid JSON payload: {e}")))
             }
@@ -99,7 +113,11 @@ mod tests {
 
     #[test]
     fn both_encodings_round_trip() {
-        let v = Sample { name: "x".into(), count: 3, added_later: None };
+        let v = Sample {
+            name: "x".into(),
+            count: 3,
+            added_later: None,
+        };
         for enc in [Encoding::MsgPack, Encoding::Json] {
             let bytes = enc.encode(&v);
             assert_eq!(enc.decode::<Sample>(&bytes).unwrap(), v);
@@ -113,16 +131,54 @@ mod tests {
             count: u32,
             name: String,
         }
-        let bytes = Encoding::MsgPack.encode(&Old { count: 7, name: "n".into() });
+        let bytes = Encoding::MsgPack.encode(&Old {
+            count: 7,
+            name: "n".into(),
+        });
         let v: Sample = Encoding::MsgPack.decode(&bytes).unwrap();
-        assert_eq!(v, Sample { name: "n".into(), count: 7, added_later: None });
+        assert_eq!(
+            v,
+            Sample {
+                name: "n".into(),
+                count: 7,
+                added_later: None
+            }
+        );
+    }
+
+    #[test]
+    fn ids_are_strings_in_msgpack_too() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct WithId {
+            task_id: TaskId,
+        }
+        let v = WithId { task_id: TaskId::new() };
+        let bytes = Encoding::MsgPack.encode(&v);
+        // A plain MessagePack reader sees a map with a string id.
+        let generic: rmpv_like::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(generic.0.get("task_id").unwrap(), &v.task_id.to_string());
+        // And a client that sends the id as a string is understood.
+        let from_client = rmp_serde::to_vec_named(&serde_json::json!({"task_id": v.task_id.to_string()})).unwrap();
+        assert_eq!(Encoding::MsgPack.decode::<WithId>(&from_client).unwrap(), v);
+    }
+
+    mod rmpv_like {
+        /// A map of string values, enough to look inside an encoded message.
+        #[derive(Debug, serde::Deserialize)]
+        pub struct Value(pub std::collections::HashMap<String, String>);
     }
 
     #[test]
     fn content_type_selects_json() {
         assert_eq!(Encoding::from_content_type(Some("application/json")), Encoding::Json);
-        assert_eq!(Encoding::from_content_type(Some("Application/JSON; charset=utf-8")), Encoding::Json);
-        assert_eq!(Encoding::from_content_type(Some("application/msgpack")), Encoding::MsgPack);
+        assert_eq!(
+            Encoding::from_content_type(Some("Application/JSON; charset=utf-8")),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::from_content_type(Some("application/msgpack")),
+            Encoding::MsgPack
+        );
         assert_eq!(Encoding::from_content_type(None), Encoding::MsgPack);
     }
 
@@ -132,8 +188,14 @@ mod tests {
         assert_eq!(e.code, ErrorCode::MalformedPayload);
         let e = Encoding::MsgPack.decode::<Sample>(&[0xc1, 0x00]).unwrap_err();
         assert_eq!(e.code, ErrorCode::MalformedPayload);
-        let e = Encoding::Json.decode::<Sample>(br#"{"name": 5, "count": 1}"#).unwrap_err();
-        assert!(e.message.contains("name") || e.message.contains("string"), "{}", e.message);
+        let e = Encoding::Json
+            .decode::<Sample>(br#"{"name": 5, "count": 1}"#)
+            .unwrap_err();
+        assert!(
+            e.message.contains("name") || e.message.contains("string"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

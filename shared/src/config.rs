@@ -51,8 +51,10 @@ pub struct Config {
     pub approval_sweep_interval_ms: u64,
     /// Largest command, prompt or question list accepted, in bytes.
     pub max_command_bytes: usize,
-    /// Worker: bearer token (worker, admin or owner role).
+    /// Bearer token for the CLI and the worker; when empty it is read from `token_file`.
     pub token: String,
+    /// File holding the token; empty means `$XDG_CONFIG_HOME/tanjiren/token` (or `~/.config/tanjiren/token`).
+    pub token_file: String,
     /// Worker: the workstation name to register; defaults to the host name.
     pub workstation_name: String,
     /// Worker: steps run at the same time.
@@ -93,6 +95,7 @@ impl Default for Config {
             approval_sweep_interval_ms: 5_000,
             max_command_bytes: 64 * 1024,
             token: String::new(),
+            token_file: String::new(),
             workstation_name: String::new(),
             worker_concurrency: 4,
             worker_shell: "/bin/sh".into(),
@@ -120,11 +123,14 @@ pub enum ConfigError {
 impl Config {
     /// Defaults → `file` (if given) → `TANJIREN_*` from the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os("TANJIREN_CONFIG").map(Into::into));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("TANJIREN_CONFIG").map(Into::into));
         let text = match &file {
-            Some(p) => Some(
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
-            ),
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?),
             None => None,
         };
         Self::layered(text.as_deref(), file.as_deref(), |k| std::env::var(k).ok())
@@ -137,13 +143,21 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let mut value = serde_json::to_value(Config::default()).expect("config serialises");
-        let path = || file_path.map(|p| p.display().to_string()).unwrap_or_else(|| "<inline>".into());
+        let path = || {
+            file_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "<inline>".into())
+        };
         if let Some(text) = file_text {
-            let from_file: Config =
-                toml::from_str(text).map_err(|e| ConfigError::File { path: path(), message: e.to_string() })?;
+            let from_file: Config = toml::from_str(text).map_err(|e| ConfigError::File {
+                path: path(),
+                message: e.to_string(),
+            })?;
             value = serde_json::to_value(from_file).expect("config serialises");
         }
-        let Value::Object(map) = &mut value else { unreachable!("config is a struct") };
+        let Value::Object(map) = &mut value else {
+            unreachable!("config is a struct")
+        };
         for (key, slot) in map.iter_mut() {
             let var = format!("TANJIREN_{}", key.to_uppercase());
             let Some(raw) = env(&var) else { continue };
@@ -153,12 +167,18 @@ impl Config {
                     .trim()
                     .parse::<u64>()
                     .map(Value::from)
-                    .map_err(|_| ConfigError::Env { var: var.clone(), message: format!("`{raw}` is not a non-negative integer") })?,
+                    .map_err(|_| ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("`{raw}` is not a non-negative integer"),
+                    })?,
                 Value::Bool(_) => raw
                     .trim()
                     .parse::<bool>()
                     .map(Value::Bool)
-                    .map_err(|_| ConfigError::Env { var: var.clone(), message: format!("`{raw}` is not true or false") })?,
+                    .map_err(|_| ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("`{raw}` is not true or false"),
+                    })?,
                 other => unreachable!("config field {key} has unsupported type {other:?}"),
             };
         }
@@ -177,15 +197,25 @@ impl Config {
             )));
         }
         if !matches!(self.log_format.as_str(), "human" | "json") {
-            return Err(ConfigError::Invalid(format!("log_format must be `human` or `json`, not `{}`", self.log_format)));
+            return Err(ConfigError::Invalid(format!(
+                "log_format must be `human` or `json`, not `{}`",
+                self.log_format
+            )));
         }
         if self.subject_prefix.is_empty()
-            || !self.subject_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            || !self
+                .subject_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         {
-            return Err(ConfigError::Invalid("subject_prefix must be letters, digits, '_', '-' or '.'".into()));
+            return Err(ConfigError::Invalid(
+                "subject_prefix must be letters, digits, '_', '-' or '.'".into(),
+            ));
         }
         if self.batch_max == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
-            return Err(ConfigError::Invalid("batch_max, max_in_flight and worker_concurrency must be ≥ 1".into()));
+            return Err(ConfigError::Invalid(
+                "batch_max, max_in_flight and worker_concurrency must be ≥ 1".into(),
+            ));
         }
         Ok(())
     }
@@ -193,6 +223,28 @@ impl Config {
     /// The subject builder for this configuration.
     pub fn subjects(&self) -> crate::subjects::Subjects {
         crate::subjects::Subjects::new(&self.subject_prefix)
+    }
+
+    /// Where the token lives when not given directly.
+    pub fn token_path(&self) -> std::path::PathBuf {
+        if !self.token_file.is_empty() {
+            return self.token_file.clone().into();
+        }
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| std::path::PathBuf::from("."));
+        base.join("tanjiren").join("token")
+    }
+
+    /// The token: `token` if set, else the trimmed contents of the token file.
+    pub fn resolve_token(&self) -> Option<String> {
+        if !self.token.is_empty() {
+            return Some(self.token.clone());
+        }
+        let t = std::fs::read_to_string(self.token_path()).ok()?;
+        let t = t.trim();
+        (!t.is_empty()).then(|| t.to_string())
     }
 
     /// A URL with any password replaced by `***`, for logs and error messages.
@@ -230,9 +282,16 @@ mod tests {
         let c = Config::layered(Some(file), None, env(&[])).unwrap();
         assert_eq!((c.lease_ttl_ms, c.subject_prefix.as_str()), (9000, "file"));
 
-        let c = Config::layered(Some(file), None, env(&[("TANJIREN_SUBJECT_PREFIX", "env"), ("TANJIREN_LEASE_TTL_MS", "12000")]))
-            .unwrap();
-        assert_eq!((c.lease_ttl_ms, c.subject_prefix.as_str(), c.heartbeat_interval_ms), (12000, "env", 3000));
+        let c = Config::layered(
+            Some(file),
+            None,
+            env(&[("TANJIREN_SUBJECT_PREFIX", "env"), ("TANJIREN_LEASE_TTL_MS", "12000")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.lease_ttl_ms, c.subject_prefix.as_str(), c.heartbeat_interval_ms),
+            (12000, "env", 3000)
+        );
     }
 
     #[test]
@@ -247,7 +306,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(Config::redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            Config::redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(Config::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(Config::redact_url("redis://h:6379"), "redis://h:6379");
     }

@@ -72,7 +72,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
     pub fn malformed(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::MalformedPayload, message)

@@ -28,7 +28,9 @@ impl TaskState {
 #[serde(rename_all = "snake_case")]
 pub enum TaskEvent {
     /// Doctrine was evaluated for a freshly planned task.
-    Evaluated { approval_required: bool },
+    Evaluated {
+        approval_required: bool,
+    },
     Approved,
     Rejected,
     /// Nobody decided before the approval deadline.
@@ -36,7 +38,9 @@ pub enum TaskEvent {
     /// A worker claimed one of the task's steps.
     StepClaimed,
     /// Every step reached a terminal state; `all_succeeded` says how.
-    StepsFinished { all_succeeded: bool },
+    StepsFinished {
+        all_succeeded: bool,
+    },
     /// An operator cancelled the task.
     Cancel,
     /// The task stayed queued past its queue timeout.
@@ -85,7 +89,11 @@ pub enum TransitionError {
     #[error("task is already {0}; a finished task cannot change")]
     AlreadyTerminal(TaskStatus),
     #[error("event {event:?} is not allowed while the task is {status} (approval {approval})")]
-    NotAllowed { status: TaskStatus, approval: ApprovalStatus, event: TaskEvent },
+    NotAllowed {
+        status: TaskStatus,
+        approval: ApprovalStatus,
+        event: TaskEvent,
+    },
 }
 
 /// The lifecycle rules. Pure: same input, same output.
@@ -105,29 +113,51 @@ pub fn transition(from: TaskState, event: TaskEvent) -> Result<Transition, Trans
         failure_reason: Some(reason),
         effects: effects.to_vec(),
     };
-    let not_allowed = || TransitionError::NotAllowed { status: from.status, approval: from.approval, event };
+    let not_allowed = || TransitionError::NotAllowed {
+        status: from.status,
+        approval: from.approval,
+        event,
+    };
 
     if from.status.is_terminal() {
         return Err(TransitionError::AlreadyTerminal(from.status));
     }
 
     let t = match (from.status, from.approval, event) {
-        (S::Planned, A::Unevaluated, E::Evaluated { approval_required: false }) => {
-            to(S::Queued, A::NotRequired, &[MaterializeSteps, PublishEvent, DispatchSteps])
+        (
+            S::Planned,
+            A::Unevaluated,
+            E::Evaluated {
+                approval_required: false,
+            },
+        ) => to(
+            S::Queued,
+            A::NotRequired,
+            &[MaterializeSteps, PublishEvent, DispatchSteps],
+        ),
+        (
+            S::Planned,
+            A::Unevaluated,
+            E::Evaluated {
+                approval_required: true,
+            },
+        ) => to(S::Planned, A::Pending, &[RequestApproval]),
+        (S::Planned, A::Pending, E::Approved) => {
+            to(S::Queued, A::Approved, &[MaterializeSteps, PublishEvent, DispatchSteps])
         }
-        (S::Planned, A::Unevaluated, E::Evaluated { approval_required: true }) => {
-            to(S::Planned, A::Pending, &[RequestApproval])
-        }
-        (S::Planned, A::Pending, E::Approved) => to(S::Queued, A::Approved, &[MaterializeSteps, PublishEvent, DispatchSteps]),
         (S::Planned, A::Pending, E::Rejected) => fail(A::Rejected, FailureReason::Rejected, &[PublishEvent]),
-        (S::Planned, A::Pending, E::ApprovalExpired) => fail(A::Expired, FailureReason::ApprovalExpired, &[PublishEvent]),
+        (S::Planned, A::Pending, E::ApprovalExpired) => {
+            fail(A::Expired, FailureReason::ApprovalExpired, &[PublishEvent])
+        }
         (S::Planned, approval, E::Cancel) => to(S::Cancelled, approval, &[PublishEvent]),
 
         (S::Queued, approval, E::StepClaimed) => to(S::Executing, approval, &[PublishEvent]),
         (S::Queued, approval, E::Cancel) => to(S::Cancelled, approval, &[CancelQueuedSteps, PublishEvent]),
-        (S::Queued, approval, E::QueueTimedOut) => {
-            fail(approval, FailureReason::QueueTimeout, &[CancelQueuedSteps, PublishEvent, ConsiderRetry])
-        }
+        (S::Queued, approval, E::QueueTimedOut) => fail(
+            approval,
+            FailureReason::QueueTimeout,
+            &[CancelQueuedSteps, PublishEvent, ConsiderRetry],
+        ),
         // Steps can all end while the task is still queued only if none was ever claimed
         // (e.g. every step failed to start); treat it like an execution that finished.
         (S::Queued | S::Executing, approval, E::StepsFinished { all_succeeded: true }) => {
@@ -140,9 +170,11 @@ pub fn transition(from: TaskState, event: TaskEvent) -> Result<Transition, Trans
         },
 
         (S::Executing, approval, E::StepClaimed) => to(S::Executing, approval, &[]),
-        (S::Executing, approval, E::Cancel) => {
-            to(S::Cancelled, approval, &[CancelQueuedSteps, StopRunningSteps, PublishEvent])
-        }
+        (S::Executing, approval, E::Cancel) => to(
+            S::Cancelled,
+            approval,
+            &[CancelQueuedSteps, StopRunningSteps, PublishEvent],
+        ),
         _ => return Err(not_allowed()),
     };
     Ok(t)
@@ -166,8 +198,12 @@ mod tests {
 
     fn all_events() -> Vec<TaskEvent> {
         vec![
-            TaskEvent::Evaluated { approval_required: false },
-            TaskEvent::Evaluated { approval_required: true },
+            TaskEvent::Evaluated {
+                approval_required: false,
+            },
+            TaskEvent::Evaluated {
+                approval_required: true,
+            },
             TaskEvent::Approved,
             TaskEvent::Rejected,
             TaskEvent::ApprovalExpired,
@@ -187,9 +223,11 @@ mod tests {
             return None;
         }
         match (from.status, from.approval, e) {
-            (S::Planned, A::Unevaluated, E::Evaluated { approval_required }) => {
-                Some(if approval_required { (S::Planned, A::Pending) } else { (S::Queued, A::NotRequired) })
-            }
+            (S::Planned, A::Unevaluated, E::Evaluated { approval_required }) => Some(if approval_required {
+                (S::Planned, A::Pending)
+            } else {
+                (S::Queued, A::NotRequired)
+            }),
             (S::Planned, A::Pending, E::Approved) => Some((S::Queued, A::Approved)),
             (S::Planned, A::Pending, E::Rejected) => Some((S::Failed, A::Rejected)),
             (S::Planned, A::Pending, E::ApprovalExpired) => Some((S::Failed, A::Expired)),
@@ -235,22 +273,40 @@ mod tests {
     fn terminal_states_accept_nothing() {
         for s in [S::Completed, S::Failed, S::Cancelled] {
             for e in all_events() {
-                assert_eq!(transition(TaskState::new(s, A::NotRequired), e), Err(TransitionError::AlreadyTerminal(s)));
+                assert_eq!(
+                    transition(TaskState::new(s, A::NotRequired), e),
+                    Err(TransitionError::AlreadyTerminal(s))
+                );
             }
         }
     }
 
     #[test]
     fn queueing_materialises_then_dispatches() {
-        let t = transition(TaskState::initial(), TaskEvent::Evaluated { approval_required: false }).unwrap();
-        assert_eq!(t.effects, vec![Effect::MaterializeSteps, Effect::PublishEvent, Effect::DispatchSteps]);
+        let t = transition(
+            TaskState::initial(),
+            TaskEvent::Evaluated {
+                approval_required: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            t.effects,
+            vec![Effect::MaterializeSteps, Effect::PublishEvent, Effect::DispatchSteps]
+        );
         let t = transition(TaskState::new(S::Planned, A::Pending), TaskEvent::Approved).unwrap();
         assert!(t.effects.contains(&Effect::MaterializeSteps));
     }
 
     #[test]
     fn approval_requests_and_failures_carry_reasons() {
-        let t = transition(TaskState::initial(), TaskEvent::Evaluated { approval_required: true }).unwrap();
+        let t = transition(
+            TaskState::initial(),
+            TaskEvent::Evaluated {
+                approval_required: true,
+            },
+        )
+        .unwrap();
         assert_eq!(t.effects, vec![Effect::RequestApproval]);
         let t = transition(TaskState::new(S::Planned, A::Pending), TaskEvent::Rejected).unwrap();
         assert_eq!(t.failure_reason, Some(FailureReason::Rejected));

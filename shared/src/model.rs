@@ -239,7 +239,11 @@ impl TaskSpec {
             return Err(WireError::invalid("intent: must not be empty"));
         }
         if self.intent.len() > limits.max_intent_bytes {
-            return Err(too_large(format!("intent: {} bytes exceeds the limit of {}", self.intent.len(), limits.max_intent_bytes)));
+            return Err(too_large(format!(
+                "intent: {} bytes exceeds the limit of {}",
+                self.intent.len(),
+                limits.max_intent_bytes
+            )));
         }
         match &self.mode {
             Mode::Command { command } => {
@@ -262,19 +266,32 @@ impl TaskSpec {
                     return Err(WireError::invalid("prompt: must not be empty"));
                 }
                 if prompt.len() > limits.max_command_bytes {
-                    return Err(too_large(format!("prompt: {} bytes exceeds the limit of {}", prompt.len(), limits.max_command_bytes)));
+                    return Err(too_large(format!(
+                        "prompt: {} bytes exceeds the limit of {}",
+                        prompt.len(),
+                        limits.max_command_bytes
+                    )));
                 }
             }
             Mode::Investigate { questions } => {
                 if questions.is_empty() || questions.iter().any(|q| q.trim().is_empty()) {
-                    return Err(WireError::invalid("questions: must be a non-empty list of non-empty questions"));
+                    return Err(WireError::invalid(
+                        "questions: must be a non-empty list of non-empty questions",
+                    ));
                 }
                 if questions.len() > limits.max_questions {
-                    return Err(too_large(format!("questions: {} exceeds the limit of {}", questions.len(), limits.max_questions)));
+                    return Err(too_large(format!(
+                        "questions: {} exceeds the limit of {}",
+                        questions.len(),
+                        limits.max_questions
+                    )));
                 }
                 let total: usize = questions.iter().map(String::len).sum();
                 if total > limits.max_command_bytes {
-                    return Err(too_large(format!("questions: {total} bytes exceeds the limit of {}", limits.max_command_bytes)));
+                    return Err(too_large(format!(
+                        "questions: {total} bytes exceeds the limit of {}",
+                        limits.max_command_bytes
+                    )));
                 }
             }
         }
@@ -282,28 +299,43 @@ impl TaskSpec {
             return Err(WireError::invalid("targets: at least one workstation is required"));
         }
         if self.targets.len() > limits.max_targets {
-            return Err(too_large(format!("targets: {} exceeds the limit of {}", self.targets.len(), limits.max_targets)));
+            return Err(too_large(format!(
+                "targets: {} exceeds the limit of {}",
+                self.targets.len(),
+                limits.max_targets
+            )));
         }
         let mut seen = std::collections::HashSet::with_capacity(self.targets.len());
         for t in &self.targets {
             if validate_workstation_name(t).is_err() {
-                return Err(WireError::invalid(format!("targets: `{t}` is neither a workstation id nor a valid name")));
+                return Err(WireError::invalid(format!(
+                    "targets: `{t}` is neither a workstation id nor a valid name"
+                )));
             }
             if !seen.insert(t) {
-                return Err(WireError::invalid(format!("targets: workstation {t} is listed more than once")));
+                return Err(WireError::invalid(format!(
+                    "targets: workstation {t} is listed more than once"
+                )));
             }
         }
         if let Some(t) = self.timeout_secs
             && (t == 0 || t > limits.max_timeout_secs)
         {
-            return Err(WireError::invalid(format!("timeout_secs: must be between 1 and {}", limits.max_timeout_secs)));
+            return Err(WireError::invalid(format!(
+                "timeout_secs: must be between 1 and {}",
+                limits.max_timeout_secs
+            )));
         }
         if let Some(p) = &self.retry_policy {
             if p.max_attempts == 0 || p.max_attempts > 100 {
-                return Err(WireError::invalid("retry_policy.max_attempts: must be between 1 and 100"));
+                return Err(WireError::invalid(
+                    "retry_policy.max_attempts: must be between 1 and 100",
+                ));
             }
             if p.initial_backoff_secs == 0 || p.initial_backoff_secs > p.max_backoff_secs {
-                return Err(WireError::invalid("retry_policy.initial_backoff_secs: must be ≥ 1 and ≤ max_backoff_secs"));
+                return Err(WireError::invalid(
+                    "retry_policy.initial_backoff_secs: must be ≥ 1 and ≤ max_backoff_secs",
+                ));
             }
         }
         if let Some(k) = &self.idempotency_key
@@ -323,11 +355,15 @@ fn too_large(message: String) -> WireError {
 pub fn validate_workstation_name(name: &str) -> Result<(), WireError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
-        Err(WireError::invalid("name: must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'"))
+        Err(WireError::invalid(
+            "name: must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+        ))
     }
 }
 
@@ -339,7 +375,9 @@ mod tests {
     fn spec() -> TaskSpec {
         TaskSpec {
             intent: "build".into(),
-            mode: Mode::Command { command: "npm run build".into() },
+            mode: Mode::Command {
+                command: "npm run build".into(),
+            },
             targets: vec![crate::ids::WorkstationId::new().to_string()],
             timeout_secs: None,
             retry_policy: None,
@@ -392,7 +430,9 @@ mod tests {
         assert!(s.validate(&l).unwrap_err().message.contains("more than once"));
 
         let mut s = spec();
-        s.mode = Mode::Command { command: "x".repeat(64 * 1024 + 1) };
+        s.mode = Mode::Command {
+            command: "x".repeat(64 * 1024 + 1),
+        };
         let e = s.validate(&l).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);
         assert!(e.message.starts_with("command"));

@@ -117,8 +117,9 @@ pub struct ListTasksRequest {
     pub status: Option<TaskStatus>,
     #[serde(default)]
     pub mode: Option<String>,
+    /// Only tasks targeting this workstation (id or name).
     #[serde(default)]
-    pub workstation_id: Option<WorkstationId>,
+    pub workstation: Option<String>,
     /// Only tasks created strictly before this one (keyset pagination).
     #[serde(default)]
     pub before: Option<TaskId>,
@@ -403,7 +404,10 @@ mod tests {
 
     #[test]
     fn control_messages_are_tagged() {
-        let c = ControlMessage::Cancel { task_id: TaskId::new(), step_id: StepId::new() };
+        let c = ControlMessage::Cancel {
+            task_id: TaskId::new(),
+            step_id: StepId::new(),
+        };
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["kind"], "cancel");
     }

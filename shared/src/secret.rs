@@ -33,7 +33,10 @@ impl ApiToken {
 
     /// Parses `Bearer <token>` from an Authorization header value.
     pub fn from_authorization(header: &str) -> Option<Self> {
-        let rest = header.trim().strip_prefix("Bearer ").or_else(|| header.trim().strip_prefix("bearer "))?;
+        let rest = header
+            .trim()
+            .strip_prefix("Bearer ")
+            .or_else(|| header.trim().strip_prefix("bearer "))?;
         let t = rest.trim();
         (!t.is_empty()).then(|| Self(t.to_string()))
     }

@@ -14,7 +14,10 @@ pub struct Subjects {
 impl Subjects {
     /// `prefix` must be a valid NATS token sequence without wildcards.
     pub fn new(prefix: &str) -> Self {
-        Self { root: format!("{prefix}.v1"), prefix: prefix.to_string() }
+        Self {
+            root: format!("{prefix}.v1"),
+            prefix: prefix.to_string(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -26,7 +29,13 @@ impl Subjects {
         let clean: String = self
             .prefix
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         format!("{}_{}", clean.to_uppercase(), what.to_uppercase())
     }
@@ -111,7 +120,10 @@ mod tests {
         let org = OrgId::new();
         let ws = WorkstationId::new();
         assert_eq!(s.dispatch(org, ws), format!("t_abc.v1.dispatch.{org}.{ws}"));
-        assert_eq!(s.event(org, TaskStatus::Queued), format!("t_abc.v1.events.{org}.task.queued"));
+        assert_eq!(
+            s.event(org, TaskStatus::Queued),
+            format!("t_abc.v1.events.{org}.task.queued")
+        );
         assert_eq!(Subjects::default().lease_claim(), "tanjiren.v1.lease.claim");
     }
 

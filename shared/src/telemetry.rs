@@ -6,8 +6,15 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// Installs the global subscriber. `format` is `human` or `json`.
 pub fn init(format: &str, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true);
-    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// For tests: quiet unless `TEST_LOG` is set.

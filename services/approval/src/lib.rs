@@ -30,7 +30,10 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .nats
         .queue_subscribe(conns.subjects.all_planned_events(), QUEUE_GROUP.to_string())
         .await
-        .map_err(|e| StartupError::Nats { url: conns.config.nats_url.clone(), reason: e.to_string() })?;
+        .map_err(|e| StartupError::Nats {
+            url: conns.config.nats_url.clone(),
+            reason: e.to_string(),
+        })?;
     let _ = conns.nats.flush().await;
 
     let c = conns.clone();

@@ -75,11 +75,17 @@ pub async fn evaluate_planned(conns: &Connections, which: Sweep<'_>) -> Result<u
 
     let mut queued = Vec::new();
     let (mut exec_ids, mut exec_tasks) = (vec![], vec![]);
-    let (mut step_ids, mut step_execs, mut step_tasks, mut step_orgs, mut step_ws) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut step_ids, mut step_execs, mut step_tasks, mut step_orgs, mut step_ws) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut dispatches = Vec::new();
     for row in &rows {
-        let t = transition(TaskState::initial(), TaskEvent::Evaluated { approval_required: approval_required(row) })
-            .map_err(|e| WireError::internal(e.to_string()))?;
+        let t = transition(
+            TaskState::initial(),
+            TaskEvent::Evaluated {
+                approval_required: approval_required(row),
+            },
+        )
+        .map_err(|e| WireError::internal(e.to_string()))?;
         if t.next.status != TaskStatus::Queued || !t.effects.contains(&Effect::MaterializeSteps) {
             // Approval gates arrive with doctrine; until then every task is queued.
             continue;
@@ -139,15 +145,32 @@ pub async fn evaluate_planned(conns: &Connections, which: Sweep<'_>) -> Result<u
     tx.commit().await.map_err(db_error)?;
 
     for (id, org, state) in &queued {
-        publish_task_event(&conns.nats, &conns.subjects, OrgId::from(*org), TaskId::from(*id), state.status, state.approval, None)
-            .await;
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            OrgId::from(*org),
+            TaskId::from(*id),
+            state.status,
+            state.approval,
+            None,
+        )
+        .await;
     }
     for (org, ws, assignment) in dispatches {
         let subject = conns.subjects.dispatch(org, ws);
-        if let Err(e) = conns.nats.publish(subject, Encoding::MsgPack.encode(&assignment).into()).await {
+        if let Err(e) = conns
+            .nats
+            .publish(subject, Encoding::MsgPack.encode(&assignment).into())
+            .await
+        {
             tracing::warn!(error = %e, step = %assignment.step_id, "dispatch failed; the scheduler will send it again");
         }
     }
-    conns.metrics.inc("tanjiren_tasks_queued_total", "Tasks moved from planned to queued.", &[], queued.len() as u64);
+    conns.metrics.inc(
+        "tanjiren_tasks_queued_total",
+        "Tasks moved from planned to queued.",
+        &[],
+        queued.len() as u64,
+    );
     Ok(queued.len())
 }

@@ -13,7 +13,10 @@ use tanjiren_shared::protocol::{CreateTaskReply, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
 
-pub(crate) async fn handle(conns: Connections, batch: Vec<Incoming<TaskSpec>>) -> Vec<Result<CreateTaskReply, WireError>> {
+pub(crate) async fn handle(
+    conns: Connections,
+    batch: Vec<Incoming<TaskSpec>>,
+) -> Vec<Result<CreateTaskReply, WireError>> {
     create_tasks(&conns, batch.into_iter().map(|i| (i.principal, i.body)).collect()).await
 }
 
@@ -30,8 +33,14 @@ struct Row {
 }
 
 /// Creates every task it can; one result per request, in order.
-pub async fn create_tasks(conns: &Connections, requests: Vec<(Principal, TaskSpec)>) -> Vec<Result<CreateTaskReply, WireError>> {
-    let limits = TaskLimits { max_command_bytes: conns.config.max_command_bytes, ..TaskLimits::default() };
+pub async fn create_tasks(
+    conns: &Connections,
+    requests: Vec<(Principal, TaskSpec)>,
+) -> Vec<Result<CreateTaskReply, WireError>> {
+    let limits = TaskLimits {
+        max_command_bytes: conns.config.max_command_bytes,
+        ..TaskLimits::default()
+    };
     let mut results: Vec<Option<Result<CreateTaskReply, WireError>>> = Vec::with_capacity(requests.len());
     for (_, spec) in &requests {
         results.push(spec.validate(&limits).err().map(Err));
@@ -42,7 +51,10 @@ pub async fn create_tasks(conns: &Connections, requests: Vec<(Principal, TaskSpe
         Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),
     };
     if rows.is_empty() {
-        return results.into_iter().map(|r| r.expect("every request answered")).collect();
+        return results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect();
     }
 
     match insert(conns, &rows).await {
@@ -65,7 +77,10 @@ pub async fn create_tasks(conns: &Connections, requests: Vec<(Principal, TaskSpe
         }
     }
     publish_planned(conns, &results, &requests).await;
-    results.into_iter().map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed")))).collect()
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed"))))
+        .collect()
 }
 
 /// Resolves targets and retry links; fills `results` with errors for requests that cannot be created.
@@ -96,14 +111,15 @@ async fn prepare_rows(
     if orgs.is_empty() {
         return Ok(Vec::new());
     }
-    let known: Vec<(Uuid, Uuid, String)> =
-        sqlx::query_as("SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))")
-            .bind(&orgs)
-            .bind(&ids)
-            .bind(&names)
-            .fetch_all(&conns.db)
-            .await
-            .map_err(db_error)?;
+    let known: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))",
+    )
+    .bind(&orgs)
+    .bind(&ids)
+    .bind(&names)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
     let mut by_ref: HashMap<(Uuid, String), Uuid> = HashMap::with_capacity(known.len() * 2);
     for (id, org, name) in known {
         by_ref.insert((org, id.to_string()), id);
@@ -112,14 +128,16 @@ async fn prepare_rows(
     let previous: HashMap<Uuid, (Uuid, Uuid, i32)> = if retry_of.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query_as::<_, (Uuid, Uuid, Uuid, i32)>("SELECT id, org_id, root_task_id, attempt FROM tasks WHERE id = ANY($1)")
-            .bind(&retry_of)
-            .fetch_all(&conns.db)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(|(id, org, root, attempt)| (id, (org, root, attempt)))
-            .collect()
+        sqlx::query_as::<_, (Uuid, Uuid, Uuid, i32)>(
+            "SELECT id, org_id, root_task_id, attempt FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&retry_of)
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|(id, org, root, attempt)| (id, (org, root, attempt)))
+        .collect()
     };
 
     let mut rows = Vec::new();
@@ -151,7 +169,9 @@ fn build_row(
             .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))?;
         let id = WorkstationId::from(*id);
         if targets.contains(&id) {
-            return Err(WireError::invalid(format!("targets: workstation `{t}` is listed more than once")));
+            return Err(WireError::invalid(format!(
+                "targets: workstation `{t}` is listed more than once"
+            )));
         }
         targets.push(id);
     }
@@ -160,7 +180,11 @@ fn build_row(
         None => (id, 1),
         Some(prev) => match previous.get(&prev.as_uuid()) {
             Some((prev_org, root, attempt)) if *prev_org == org => (TaskId::from(*root), attempt + 1),
-            _ => return Err(WireError::not_found(format!("retry_of_task_id: no task {prev} in this organisation"))),
+            _ => {
+                return Err(WireError::not_found(format!(
+                    "retry_of_task_id: no task {prev} in this organisation"
+                )));
+            }
         },
     };
     Ok(Row {
@@ -200,7 +224,12 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
         payloads.push(Json(serde_json::to_value(&r.spec.mode).expect("mode serialises")));
         targets.push(r.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
         timeouts.push(r.timeout_secs);
-        policies.push(r.spec.retry_policy.as_ref().map(|p| Json(serde_json::to_value(p).expect("policy serialises"))));
+        policies.push(
+            r.spec
+                .retry_policy
+                .as_ref()
+                .map(|p| Json(serde_json::to_value(p).expect("policy serialises"))),
+        );
         investigations.push(r.spec.investigation_id);
         keys.push(r.spec.idempotency_key.clone());
         retry_ofs.push(r.spec.retry_of_task_id.map(|t| t.as_uuid()));
@@ -276,7 +305,12 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     let mut replies = Vec::with_capacity(n);
     for (index, r) in rows {
         let reply = if inserted.contains(&r.id.as_uuid()) {
-            CreateTaskReply { task_id: r.id, status: TaskStatus::Planned, approval_status: ApprovalStatus::Unevaluated, created: true }
+            CreateTaskReply {
+                task_id: r.id,
+                status: TaskStatus::Planned,
+                approval_status: ApprovalStatus::Unevaluated,
+                created: true,
+            }
         } else {
             let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
             let (id, status, approval) = existing
@@ -285,7 +319,9 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
             CreateTaskReply {
                 task_id: TaskId::from(*id),
                 status: status.parse().map_err(|_| WireError::internal("bad stored status"))?,
-                approval_status: approval.parse().map_err(|_| WireError::internal("bad stored approval status"))?,
+                approval_status: approval
+                    .parse()
+                    .map_err(|_| WireError::internal("bad stored approval status"))?,
                 created: false,
             }
         };

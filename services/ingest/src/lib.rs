@@ -28,28 +28,80 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
 
     let c = conns.clone();
     handle.push(
-        serve(conns, auth.clone(), opts(s.tasks_create(), Access::Operators), move |batch| create::handle(c.clone(), batch), shutdown.clone())
-            .await?,
-    );
-    let c = conns.clone();
-    handle.push(serve(conns, auth.clone(), opts(s.tasks_get(), Access::Operators), move |b| read::get(c.clone(), b), shutdown.clone()).await?);
-    let c = conns.clone();
-    handle.push(serve(conns, auth.clone(), opts(s.tasks_list(), Access::Operators), move |b| read::list(c.clone(), b), shutdown.clone()).await?);
-    let c = conns.clone();
-    handle.push(serve(conns, auth.clone(), opts(s.tasks_logs(), Access::Operators), move |b| read::logs(c.clone(), b), shutdown.clone()).await?);
-    let c = conns.clone();
-    handle.push(
-        serve(conns, auth.clone(), opts(s.workstations_register(), Access::Workers), move |b| worker_writes::register(c.clone(), b), shutdown.clone())
-            .await?,
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.tasks_create(), Access::Operators),
+            move |batch| create::handle(c.clone(), batch),
+            shutdown.clone(),
+        )
+        .await?,
     );
     let c = conns.clone();
     handle.push(
-        serve(conns, auth.clone(), opts(s.ingest_logs(), Access::Workers), move |b| worker_writes::logs(c.clone(), b), shutdown.clone()).await?,
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.tasks_get(), Access::Operators),
+            move |b| read::get(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
     );
     let c = conns.clone();
     handle.push(
-        serve(conns, auth.clone(), opts(s.ingest_progress(), Access::Workers), move |b| worker_writes::progress(c.clone(), b), shutdown.clone())
-            .await?,
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.tasks_list(), Access::Operators),
+            move |b| read::list(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
+    );
+    let c = conns.clone();
+    handle.push(
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.tasks_logs(), Access::Operators),
+            move |b| read::logs(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
+    );
+    let c = conns.clone();
+    handle.push(
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.workstations_register(), Access::Workers),
+            move |b| worker_writes::register(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
+    );
+    let c = conns.clone();
+    handle.push(
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.ingest_logs(), Access::Workers),
+            move |b| worker_writes::logs(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
+    );
+    let c = conns.clone();
+    handle.push(
+        serve(
+            conns,
+            auth.clone(),
+            opts(s.ingest_progress(), Access::Workers),
+            move |b| worker_writes::progress(c.clone(), b),
+            shutdown.clone(),
+        )
+        .await?,
     );
     handle.push(submit::start(conns, auth, shutdown).await?);
     Ok(handle)

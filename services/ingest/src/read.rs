@@ -9,8 +9,8 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::{
-    GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogStream, StepLogLine, StepView, TaskLogsReply, TaskLogsRequest,
-    TaskSummary, TaskView,
+    GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogStream, StepLogLine, StepView, TaskLogsReply,
+    TaskLogsRequest, TaskSummary, TaskView,
 };
 use uuid::Uuid;
 
@@ -57,7 +57,8 @@ struct StepRow {
 }
 
 fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
-    s.parse().map_err(|_| WireError::internal(format!("unexpected stored value `{s}`")))
+    s.parse()
+        .map_err(|_| WireError::internal(format!("unexpected stored value `{s}`")))
 }
 
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
@@ -141,7 +142,10 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
     })
 }
 
-pub(crate) async fn list(conns: Connections, batch: Vec<Incoming<ListTasksRequest>>) -> Vec<Result<ListTasksReply, WireError>> {
+pub(crate) async fn list(
+    conns: Connections,
+    batch: Vec<Incoming<ListTasksRequest>>,
+) -> Vec<Result<ListTasksReply, WireError>> {
     let mut out = Vec::with_capacity(batch.len());
     for req in batch {
         out.push(list_tasks(&conns, req.principal.org_id, &req.body).await);
@@ -164,8 +168,20 @@ async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> 
     if let Some(m) = &req.mode {
         q.push(" AND mode = ").push_bind(m.clone());
     }
-    if let Some(w) = req.workstation_id {
-        q.push(" AND targets @> ARRAY[").push_bind(w.as_uuid()).push("]::uuid[]");
+    if let Some(w) = &req.workstation {
+        let id: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM workstations WHERE org_id = $1 AND (id::text = $2 OR name = $2)")
+                .bind(org.as_uuid())
+                .bind(w)
+                .fetch_optional(&conns.db)
+                .await
+                .map_err(db_error)?;
+        let Some((id,)) = id else {
+            return Err(WireError::not_found(format!(
+                "workstation: no workstation `{w}` in this organisation"
+            )));
+        };
+        q.push(" AND targets @> ARRAY[").push_bind(id).push("]::uuid[]");
     }
     if let Some(b) = req.before {
         q.push(" AND id < ").push_bind(b.as_uuid());
@@ -191,7 +207,10 @@ async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> 
     Ok(ListTasksReply { tasks })
 }
 
-pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<TaskLogsRequest>>) -> Vec<Result<TaskLogsReply, WireError>> {
+pub(crate) async fn logs(
+    conns: Connections,
+    batch: Vec<Incoming<TaskLogsRequest>>,
+) -> Vec<Result<TaskLogsReply, WireError>> {
     let mut out = Vec::with_capacity(batch.len());
     for req in batch {
         out.push(task_logs(&conns, req.principal.org_id, &req.body).await);
@@ -226,7 +245,16 @@ async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Re
         .into_iter()
         .map(|(step, seq, stream, text, at)| StepLogLine {
             step_id: StepId::from(step),
-            line: LogLine { seq, stream: if stream == "stderr" { LogStream::Stderr } else { LogStream::Stdout }, text, at },
+            line: LogLine {
+                seq,
+                stream: if stream == "stderr" {
+                    LogStream::Stderr
+                } else {
+                    LogStream::Stdout
+                },
+                text,
+                at,
+            },
         })
         .collect();
     Ok(TaskLogsReply { lines })

@@ -12,9 +12,10 @@ use tanjiren_runtime::auth::Authenticator;
 use tanjiren_runtime::streams::ensure_streams;
 use tanjiren_runtime::{Connections, Shutdown, StartupError};
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding};
+use tanjiren_shared::model::Role;
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal, SubmitOutcome};
-use tanjiren_shared::WireError;
+use tanjiren_shared::{ErrorCode, WireError};
 
 /// Durable consumer name shared by every ingest replica.
 pub const CONSUMER: &str = "ingest";
@@ -23,10 +24,17 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Delay before a message that hit a transient error is delivered again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 
-pub(crate) async fn start(conns: &Connections, auth: Authenticator, shutdown: Shutdown) -> Result<tokio::task::JoinHandle<()>, StartupError> {
+pub(crate) async fn start(
+    conns: &Connections,
+    auth: Authenticator,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, StartupError> {
     let js = ensure_streams(&conns.nats, &conns.subjects).await?;
     let js_err = |e: String| StartupError::JetStream(e);
-    let stream = js.get_stream(conns.subjects.stream_name("submit")).await.map_err(|e| js_err(e.to_string()))?;
+    let stream = js
+        .get_stream(conns.subjects.stream_name("submit"))
+        .await
+        .map_err(|e| js_err(e.to_string()))?;
     let consumer = stream
         .get_or_create_consumer(
             CONSUMER,
@@ -76,7 +84,12 @@ async fn process(conns: &Connections, auth: &Authenticator, batch: Vec<async_nat
     let mut accepted = Vec::with_capacity(batch.len());
     let mut requests: Vec<(Principal, TaskSpec)> = Vec::with_capacity(batch.len());
     for msg in batch {
-        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
         let principal = match auth.authenticate(header(AUTHORIZATION).as_deref()).await {
             Ok(p) => p,
             Err(e) if e.code.is_retryable() => {
@@ -91,6 +104,15 @@ async fn process(conns: &Connections, auth: &Authenticator, batch: Vec<async_nat
                 continue;
             }
         };
+        if !matches!(principal.role, Role::Member | Role::Admin | Role::Owner) {
+            let e = WireError::new(
+                ErrorCode::Forbidden,
+                format!("a {} token may not submit tasks", principal.role),
+            );
+            report(conns, &principal, None, Err(e)).await;
+            let _ = msg.ack_with(AckKind::Term).await;
+            continue;
+        }
         let encoding = Encoding::from_content_type(header(CONTENT_TYPE).as_deref());
         match encoding.decode::<TaskSpec>(&msg.payload) {
             Ok(spec) => {
@@ -133,17 +155,35 @@ async fn report(
     result: Result<tanjiren_shared::protocol::CreateTaskReply, WireError>,
 ) {
     let outcome = match result {
-        Ok(r) => SubmitOutcome { idempotency_key, task_id: Some(r.task_id), created: r.created, error: None },
-        Err(e) => SubmitOutcome { idempotency_key, task_id: None, created: false, error: Some(e) },
+        Ok(r) => SubmitOutcome {
+            idempotency_key,
+            task_id: Some(r.task_id),
+            created: r.created,
+            error: None,
+        },
+        Err(e) => SubmitOutcome {
+            idempotency_key,
+            task_id: None,
+            created: false,
+            error: Some(e),
+        },
     };
     count(conns, outcome.error.as_ref().map(|e| e.code.as_str()).unwrap_or("ok"));
     let subject = conns.subjects.submit_outcome(principal.org_id);
-    if let Err(e) = conns.nats.publish(subject, Encoding::MsgPack.encode(&outcome).into()).await {
+    if let Err(e) = conns
+        .nats
+        .publish(subject, Encoding::MsgPack.encode(&outcome).into())
+        .await
+    {
         tracing::warn!(error = %e, "could not publish submit outcome");
     }
 }
 
 fn count(conns: &Connections, outcome: &str) {
-    conns.metrics.inc("tanjiren_submissions_total", "Durable submissions processed, by outcome.", &[("outcome", outcome)], 1);
+    conns.metrics.inc(
+        "tanjiren_submissions_total",
+        "Durable submissions processed, by outcome.",
+        &[("outcome", outcome)],
+        1,
+    );
 }
-

@@ -16,14 +16,16 @@ use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
-    LiveLogBatch, LogBatch, LogBatchReply, ProgressReply, ProgressReport, RegisterWorkstationReply, RegisterWorkstationRequest,
+    LiveLogBatch, LogBatch, LogBatchReply, ProgressReply, ProgressReport, RegisterWorkstationReply,
+    RegisterWorkstationRequest,
 };
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
 
 /// Largest log batch accepted, in lines and in bytes.
 const MAX_BATCH_LINES: usize = 10_000;
-const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Below NATS's default 1 MiB payload limit, with room for the envelope.
+const MAX_BATCH_BYTES: usize = 960 * 1024;
 /// Tails are kept to this many bytes (the worker sends the last 4 KiB).
 const MAX_TAIL_BYTES: usize = 8 * 1024;
 
@@ -38,7 +40,11 @@ pub(crate) async fn register(
     out
 }
 
-async fn register_one(conns: &Connections, org: OrgId, req: &RegisterWorkstationRequest) -> Result<RegisterWorkstationReply, WireError> {
+async fn register_one(
+    conns: &Connections,
+    org: OrgId,
+    req: &RegisterWorkstationRequest,
+) -> Result<RegisterWorkstationReply, WireError> {
     validate_workstation_name(&req.name)?;
     let labels = serde_json::to_value(&req.labels).expect("labels serialise");
     let (id,): (Uuid,) = sqlx::query_as(
@@ -53,7 +59,10 @@ async fn register_one(conns: &Connections, org: OrgId, req: &RegisterWorkstation
     .fetch_one(&conns.db)
     .await
     .map_err(db_error)?;
-    Ok(RegisterWorkstationReply { workstation_id: id.into(), org_id: org })
+    Ok(RegisterWorkstationReply {
+        workstation_id: id.into(),
+        org_id: org,
+    })
 }
 
 /// The fencing view of a step, read under a row lock.
@@ -85,7 +94,12 @@ impl StepFence {
 fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
     if e.code == ErrorCode::StaleLease {
         tracing::warn!(%step, kind, message = %e.message, "rejected a stale worker write");
-        conns.metrics.inc("tanjiren_stale_lease_rejections_total", "Worker writes rejected for a stale lease generation.", &[("kind", kind)], 1);
+        conns.metrics.inc(
+            "tanjiren_stale_lease_rejections_total",
+            "Worker writes rejected for a stale lease generation.",
+            &[("kind", kind)],
+            1,
+        );
     }
 }
 
@@ -96,8 +110,16 @@ pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<LogBatch>>) -> 
     }
 }
 
-async fn store_logs(conns: &Connections, batch: &[Incoming<LogBatch>]) -> Result<Vec<Result<LogBatchReply, WireError>>, WireError> {
-    let step_ids: Vec<Uuid> = batch.iter().map(|r| r.body.step_id.as_uuid()).collect::<BTreeSet<_>>().into_iter().collect();
+async fn store_logs(
+    conns: &Connections,
+    batch: &[Incoming<LogBatch>],
+) -> Result<Vec<Result<LogBatchReply, WireError>>, WireError> {
+    let step_ids: Vec<Uuid> = batch
+        .iter()
+        .map(|r| r.body.step_id.as_uuid())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
         "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR SHARE",
@@ -111,7 +133,8 @@ async fn store_logs(conns: &Connections, batch: &[Incoming<LogBatch>]) -> Result
     .collect();
 
     let mut results = Vec::with_capacity(batch.len());
-    let (mut steps, mut seqs, mut tasks, mut streams, mut lines, mut ats) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut steps, mut seqs, mut tasks, mut streams, mut lines, mut ats) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for req in batch {
         let b = &req.body;
         let check = fences
@@ -140,10 +163,16 @@ async fn store_logs(conns: &Connections, batch: &[Incoming<LogBatch>]) -> Result
             tasks.push(fence.task_id);
             streams.push(l.stream.as_str());
             // Postgres text cannot hold NUL.
-            lines.push(if l.text.contains('\0') { l.text.replace('\0', "\u{FFFD}") } else { l.text.clone() });
+            lines.push(if l.text.contains('\0') {
+                l.text.replace('\0', "\u{FFFD}")
+            } else {
+                l.text.clone()
+            });
             ats.push(l.at);
         }
-        results.push(Ok(LogBatchReply { stored: b.lines.len() as u32 }));
+        results.push(Ok(LogBatchReply {
+            stored: b.lines.len() as u32,
+        }));
     }
     if !steps.is_empty() {
         sqlx::query(
@@ -166,15 +195,25 @@ async fn store_logs(conns: &Connections, batch: &[Incoming<LogBatch>]) -> Result
     for (req, r) in batch.iter().zip(&results) {
         if r.is_ok() && !req.body.lines.is_empty() {
             let fence = &fences[&req.body.step_id.as_uuid()];
-            let live = LiveLogBatch { task_id: fence.task_id.into(), step_id: req.body.step_id, lines: req.body.lines.clone() };
+            let live = LiveLogBatch {
+                task_id: fence.task_id.into(),
+                step_id: req.body.step_id,
+                lines: req.body.lines.clone(),
+            };
             let subject = conns.subjects.logs(req.principal.org_id, live.task_id);
-            let _ = conns.nats.publish(subject, Encoding::MsgPack.encode(&live).into()).await;
+            let _ = conns
+                .nats
+                .publish(subject, Encoding::MsgPack.encode(&live).into())
+                .await;
         }
     }
     Ok(results)
 }
 
-pub(crate) async fn progress(conns: Connections, batch: Vec<Incoming<ProgressReport>>) -> Vec<Result<ProgressReply, WireError>> {
+pub(crate) async fn progress(
+    conns: Connections,
+    batch: Vec<Incoming<ProgressReport>>,
+) -> Vec<Result<ProgressReply, WireError>> {
     match store_progress(&conns, &batch).await {
         Ok(results) => results,
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
@@ -210,8 +249,16 @@ fn tail(s: &str) -> String {
     s[start..].replace('\0', "\u{FFFD}")
 }
 
-async fn store_progress(conns: &Connections, batch: &[Incoming<ProgressReport>]) -> Result<Vec<Result<ProgressReply, WireError>>, WireError> {
-    let step_ids: Vec<Uuid> = batch.iter().map(|r| r.body.step_id.as_uuid()).collect::<BTreeSet<_>>().into_iter().collect();
+async fn store_progress(
+    conns: &Connections,
+    batch: &[Incoming<ProgressReport>],
+) -> Result<Vec<Result<ProgressReply, WireError>>, WireError> {
+    let step_ids: Vec<Uuid> = batch
+        .iter()
+        .map(|r| r.body.step_id.as_uuid())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     // Lock order everywhere: task rows, then step rows, each by id. Locking the task
     // serialises the "was that the last step?" decision between concurrent results.
@@ -220,15 +267,16 @@ async fn store_progress(conns: &Connections, batch: &[Incoming<ProgressReport>])
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-    let tasks: HashMap<Uuid, TaskLock> =
-        sqlx::query_as::<_, TaskLock>("SELECT id, org_id, status, approval_status FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&task_ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(|t| (t.id, t))
-            .collect();
+    let tasks: HashMap<Uuid, TaskLock> = sqlx::query_as::<_, TaskLock>(
+        "SELECT id, org_id, status, approval_status FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|t| (t.id, t))
+    .collect();
     let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
         "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
@@ -260,7 +308,10 @@ async fn store_progress(conns: &Connections, batch: &[Incoming<ProgressReport>])
         if let Some(r) = &b.result
             && !r.status.is_terminal()
         {
-            results.push(Err(WireError::invalid(format!("result.status: `{}` is not a final step status", r.status))));
+            results.push(Err(WireError::invalid(format!(
+                "result.status: `{}` is not a final step status",
+                r.status
+            ))));
             continue;
         }
         let u = updates.entry(fence.id).or_default();
@@ -322,17 +373,29 @@ async fn store_progress(conns: &Connections, batch: &[Incoming<ProgressReport>])
 
     for (task_id, (status, approval, reason)) in &decided {
         let org = tasks[task_id].org_id;
-        publish_task_event(&conns.nats, &conns.subjects, OrgId::from(org), TaskId::from(*task_id), *status, *approval, reason.clone()).await;
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            OrgId::from(org),
+            TaskId::from(*task_id),
+            *status,
+            *approval,
+            reason.clone(),
+        )
+        .await;
     }
     Ok(results
         .into_iter()
         .map(|r| {
-            r.and_then(|task_id| {
+            r.map(|task_id| {
                 let status = match decided.get(&task_id) {
                     Some((s, _, _)) => *s,
-                    None => tasks.get(&task_id).and_then(|t| t.status.parse().ok()).unwrap_or(TaskStatus::Executing),
+                    None => tasks
+                        .get(&task_id)
+                        .and_then(|t| t.status.parse().ok())
+                        .unwrap_or(TaskStatus::Executing),
                 };
-                Ok(ProgressReply { task_status: status })
+                ProgressReply { task_status: status }
             })
         })
         .collect())
@@ -369,14 +432,24 @@ async fn finish_tasks(
             continue;
         }
         let Some(t) = tasks.get(&task_id) else { continue };
-        let (Ok(status), Ok(approval)) = (t.status.parse::<TaskStatus>(), t.approval_status.parse::<ApprovalStatus>()) else {
+        let (Ok(status), Ok(approval)) = (
+            t.status.parse::<TaskStatus>(),
+            t.approval_status.parse::<ApprovalStatus>(),
+        ) else {
             continue;
         };
-        let Ok(tr) = transition(TaskState::new(status, approval), TaskEvent::StepsFinished { all_succeeded: all_ok }) else {
+        let Ok(tr) = transition(
+            TaskState::new(status, approval),
+            TaskEvent::StepsFinished { all_succeeded: all_ok },
+        ) else {
             // Already finished (e.g. cancelled while the step ran): the step result stays, the task does not change.
             continue;
         };
-        let reason = if tr.next.status == TaskStatus::Failed { reason.or(Some("step_failed".into())) } else { None };
+        let reason = if tr.next.status == TaskStatus::Failed {
+            reason.or(Some("step_failed".into()))
+        } else {
+            None
+        };
         upd_ids.push(task_id);
         upd_from.push(t.status.clone());
         upd_to.push(tr.next.status.as_str().to_string());

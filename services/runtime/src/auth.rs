@@ -15,22 +15,28 @@ use tanjiren_shared::secret::ApiToken;
 const CACHE_TTL: Duration = Duration::from_secs(10);
 const CACHE_MAX: usize = 10_000;
 
+/// token hash → (the principal, or None for an unknown token; when it was looked up)
+type Cache = HashMap<String, (Option<Principal>, Instant)>;
+
 #[derive(Clone)]
 pub struct Authenticator {
     db: PgPool,
-    cache: Arc<RwLock<HashMap<String, (Option<Principal>, Instant)>>>,
+    cache: Arc<RwLock<Cache>>,
 }
 
 impl Authenticator {
     pub fn new(db: PgPool) -> Self {
-        Self { db, cache: Arc::default() }
+        Self {
+            db,
+            cache: Arc::default(),
+        }
     }
 
     /// Resolves the Authorization header value (if any).
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, WireError> {
-        let token = authorization
-            .and_then(ApiToken::from_authorization)
-            .ok_or_else(|| WireError::unauthorized("missing bearer token: send the header `Authorization: Bearer <token>`"))?;
+        let token = authorization.and_then(ApiToken::from_authorization).ok_or_else(|| {
+            WireError::unauthorized("missing bearer token: send the header `Authorization: Bearer <token>`")
+        })?;
         let hash = token.hash();
         if let Some((p, at)) = self.cache.read().expect("auth cache").get(&hash)
             && at.elapsed() < CACHE_TTL
@@ -45,7 +51,12 @@ impl Authenticator {
         .await
         .map_err(crate::db_error)?;
         let principal = row.and_then(|(token_id, org_id, name, role)| {
-            Some(Principal { org_id: org_id.into(), token_id, token_name: name, role: role.parse::<Role>().ok()? })
+            Some(Principal {
+                org_id: org_id.into(),
+                token_id,
+                token_name: name,
+                role: role.parse::<Role>().ok()?,
+            })
         });
         let mut cache = self.cache.write().expect("auth cache");
         if cache.len() >= CACHE_MAX {

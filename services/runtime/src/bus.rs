@@ -102,7 +102,10 @@ where
     let mut sub = nats
         .queue_subscribe(opts.subject.clone(), opts.queue_group.clone())
         .await
-        .map_err(|e| StartupError::Nats { url: conns.config.nats_url.clone(), reason: e.to_string() })?;
+        .map_err(|e| StartupError::Nats {
+            url: conns.config.nats_url.clone(),
+            reason: e.to_string(),
+        })?;
     // Make sure the server has the subscription before we report it live.
     let _ = nats.flush().await;
     let handler = Arc::new(handler);
@@ -171,12 +174,20 @@ async fn process_batch<Req, Resp, H, Fut>(
         match admit::<Req>(auth, access, &msg, encoding).await {
             Ok(incoming) => {
                 accepted.push(incoming);
-                pending.push(Pending { reply: reply_to, encoding });
+                pending.push(Pending {
+                    reply: reply_to,
+                    encoding,
+                });
             }
             Err(e) => respond::<Resp>(nats, metrics, name, reply_to, encoding, Err(e)).await,
         }
     }
-    metrics.inc("tanjiren_batches_total", "Handler calls (one database transaction each, at most).", &[("subject", name)], 1);
+    metrics.inc(
+        "tanjiren_batches_total",
+        "Handler calls (one database transaction each, at most).",
+        &[("subject", name)],
+        1,
+    );
     if accepted.is_empty() {
         return;
     }
@@ -184,7 +195,12 @@ async fn process_batch<Req, Resp, H, Fut>(
     let results = match AssertUnwindSafe(handler(accepted)).catch_unwind().await {
         Ok(r) if r.len() == n => r,
         Ok(r) => {
-            tracing::error!(subject = name, expected = n, got = r.len(), "handler returned the wrong number of results");
+            tracing::error!(
+                subject = name,
+                expected = n,
+                got = r.len(),
+                "handler returned the wrong number of results"
+            );
             (0..n).map(|_| Err(WireError::internal("internal error"))).collect()
         }
         Err(_) => {
@@ -226,7 +242,12 @@ async fn respond<Resp: Serialize>(
         Ok(_) => "ok",
         Err(e) => e.code.as_str(),
     };
-    metrics.inc("tanjiren_requests_total", "Requests answered, by subject and outcome.", &[("subject", name), ("outcome", outcome)], 1);
+    metrics.inc(
+        "tanjiren_requests_total",
+        "Requests answered, by subject and outcome.",
+        &[("subject", name), ("outcome", outcome)],
+        1,
+    );
     let Some(reply) = reply else { return };
     let body = encoding.encode(&Reply::from(result));
     let sent = match encoding {

@@ -15,13 +15,19 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Connects (creating the database if needed) and migrates.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
     let pool = connect(url, max_connections).await?;
-    MIGRATOR.run(&pool).await.map_err(|e| StartupError::Migrate(e.to_string()))?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| StartupError::Migrate(e.to_string()))?;
     Ok(pool)
 }
 
 /// Connects without migrating (creating the database if it does not exist).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
-    let err = |reason: String| StartupError::Postgres { url: Config::redact_url(url), reason };
+    let err = |reason: String| StartupError::Postgres {
+        url: Config::redact_url(url),
+        reason,
+    };
     let options = PgConnectOptions::from_str(url).map_err(|e| err(e.to_string()))?;
     let pool_options = || {
         PgPoolOptions::new()
@@ -32,8 +38,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StartupE
     match pool_options().connect_with(options.clone()).await {
         Ok(pool) => Ok(pool),
         Err(e) if is_missing_database(&e) => {
-            create_database(&options).await.map_err(|e| err(format!("cannot create the database: {e}")))?;
-            pool_options().connect_with(options).await.map_err(|e| err(e.to_string()))
+            create_database(&options)
+                .await
+                .map_err(|e| err(format!("cannot create the database: {e}")))?;
+            pool_options()
+                .connect_with(options)
+                .await
+                .map_err(|e| err(e.to_string()))
         }
         Err(e) => Err(err(e.to_string())),
     }

@@ -19,8 +19,18 @@ pub async fn publish_task_event(
     approval_status: ApprovalStatus,
     failure_reason: Option<String>,
 ) {
-    let msg = TaskEventMessage { task_id, org_id, status, approval_status, failure_reason, at: Utc::now() };
-    if let Err(e) = nats.publish(subjects.event(org_id, status), Encoding::MsgPack.encode(&msg).into()).await {
+    let msg = TaskEventMessage {
+        task_id,
+        org_id,
+        status,
+        approval_status,
+        failure_reason,
+        at: Utc::now(),
+    };
+    if let Err(e) = nats
+        .publish(subjects.event(org_id, status), Encoding::MsgPack.encode(&msg).into())
+        .await
+    {
         tracing::warn!(%task_id, error = %e, "could not publish task event");
     }
 }

@@ -38,7 +38,14 @@ impl Metrics {
         reg.values.get(&(name, render_labels(labels))).copied().unwrap_or(0.0)
     }
 
-    fn update(&self, name: &'static str, help: &'static str, kind: &'static str, labels: &[(&str, &str)], f: impl FnOnce(&mut f64)) {
+    fn update(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        kind: &'static str,
+        labels: &[(&str, &str)],
+        f: impl FnOnce(&mut f64),
+    ) {
         let mut reg = self.inner.lock().expect("metrics lock");
         reg.meta.entry(name).or_insert((help, kind));
         f(reg.values.entry((name, render_labels(labels))).or_insert(0.0));
@@ -67,7 +74,12 @@ fn render_labels(labels: &[(&str, &str)]) -> String {
     }
     let inner: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+            )
+        })
         .collect();
     format!("{{{}}}", inner.join(","))
 }
@@ -79,13 +91,26 @@ mod tests {
     #[test]
     fn renders_counters_and_gauges() {
         let m = Metrics::new();
-        m.inc("tanjiren_requests_total", "Requests served.", &[("subject", "a"), ("outcome", "ok")], 2);
-        m.inc("tanjiren_requests_total", "Requests served.", &[("subject", "a"), ("outcome", "ok")], 1);
+        m.inc(
+            "tanjiren_requests_total",
+            "Requests served.",
+            &[("subject", "a"), ("outcome", "ok")],
+            2,
+        );
+        m.inc(
+            "tanjiren_requests_total",
+            "Requests served.",
+            &[("subject", "a"), ("outcome", "ok")],
+            1,
+        );
         m.set("tanjiren_ready", "1 when ready.", &[], 1.0);
         let text = m.render();
         assert!(text.contains("# TYPE tanjiren_requests_total counter"));
         assert!(text.contains("tanjiren_requests_total{subject=\"a\",outcome=\"ok\"} 3"));
         assert!(text.contains("tanjiren_ready 1"));
-        assert_eq!(m.get("tanjiren_requests_total", &[("subject", "a"), ("outcome", "ok")]), 3.0);
+        assert_eq!(
+            m.get("tanjiren_requests_total", &[("subject", "a"), ("outcome", "ok")]),
+            3.0
+        );
     }
 }

@@ -57,7 +57,14 @@ impl Connections {
     pub async fn connect(config: &Config, needs: Needs) -> Result<Self, StartupError> {
         let nats = connect_nats(config, "tanjiren").await?;
         let db = crate::db::connect_and_migrate(&config.database_url, config.db_max_connections).await?;
-        let redis = if needs.redis { Some(connect_redis(&config.redis_url).await?) } else { None };
+        let redis = if needs.redis {
+            Some(connect_redis(&config.redis_url).await?)
+        } else {
+            None
+        };
+        // Every service makes sure the streams exist, so a durable submission is
+        // captured even if ingest has never run yet.
+        crate::streams::ensure_streams(&nats, &config.subjects()).await?;
         Ok(Self {
             config: config.clone(),
             subjects: config.subjects(),
@@ -85,12 +92,18 @@ pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Cli
         .max_reconnects(None)
         .connect(url.as_str())
         .await
-        .map_err(|e| StartupError::Nats { url: Config::redact_url(&url), reason: e.to_string() })
+        .map_err(|e| StartupError::Nats {
+            url: Config::redact_url(&url),
+            reason: e.to_string(),
+        })
 }
 
 /// Connects to Redis with a connection manager (reconnects on failure).
 pub async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, StartupError> {
-    let err = |reason: String| StartupError::Redis { url: Config::redact_url(url), reason };
+    let err = |reason: String| StartupError::Redis {
+        url: Config::redact_url(url),
+        reason,
+    };
     let client = redis::Client::open(url).map_err(|e| err(e.to_string()))?;
     let cfg = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -99,6 +112,9 @@ pub async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, S
         .await
         .map_err(|_| err("timed out".into()))?
         .map_err(|e| err(e.to_string()))?;
-    let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| err(e.to_string()))?;
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     Ok(conn)
 }

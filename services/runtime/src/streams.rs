@@ -39,13 +39,18 @@ pub fn events_stream_config(subjects: &Subjects) -> stream::Config {
 }
 
 /// Creates both streams if they do not exist yet.
-pub async fn ensure_streams(nats: &async_nats::Client, subjects: &Subjects) -> Result<jetstream::Context, StartupError> {
+pub async fn ensure_streams(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+) -> Result<jetstream::Context, StartupError> {
     let js = jetstream::new(nats.clone());
     for config in [submit_stream_config(subjects), events_stream_config(subjects)] {
         let name = config.name.clone();
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|e| StartupError::JetStream(format!("stream {name}: {e} (is JetStream enabled? start nats-server with -js)")))?;
+        js.get_or_create_stream(config).await.map_err(|e| {
+            StartupError::JetStream(format!(
+                "stream {name}: {e} (is JetStream enabled? start nats-server with -js)"
+            ))
+        })?;
     }
     Ok(js)
 }

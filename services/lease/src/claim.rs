@@ -1,0 +1,231 @@
+//! Claim: the compare-and-swap that makes one worker the owner of a step.
+//! `UPDATE … SET lease_generation = lease_generation + 1 … WHERE lease_generation = $seen
+//! AND status = 'queued'` for the whole batch in one statement: of any number of
+//! concurrent claims for one step exactly one matches. The first claimed step of a
+//! task moves it queued → executing in the same transaction. The Redis liveness
+//! key is set after commit (Postgres is authoritative; the reconciler's grace
+//! period covers the gap).
+
+use crate::keys::{CLAIM, lease_key};
+use chrono::Utc;
+use std::collections::HashMap;
+use tanjiren_runtime::events::publish_task_event;
+use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
+use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest};
+use tanjiren_shared::{ErrorCode, WireError};
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+struct Won {
+    id: Uuid,
+    task_id: Uuid,
+    lease_generation: i64,
+    lease_owner: Option<String>,
+}
+
+pub(crate) async fn handle(
+    conns: Connections,
+    batch: Vec<Incoming<ClaimRequest>>,
+) -> Vec<Result<ClaimGranted, WireError>> {
+    match claim(&conns, &batch).await {
+        Ok(r) => r,
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+async fn claim(
+    conns: &Connections,
+    batch: &[Incoming<ClaimRequest>],
+) -> Result<Vec<Result<ClaimGranted, WireError>>, WireError> {
+    let ttl_ms = conns.config.lease_ttl_ms;
+    let (mut ids, mut gens, mut owners, mut orgs) = (vec![], vec![], vec![], vec![]);
+    for r in batch {
+        ids.push(r.body.step_id.as_uuid());
+        gens.push(r.body.lease_generation);
+        owners.push(r.body.worker_id.clone());
+        orgs.push(r.principal.org_id.as_uuid());
+    }
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let won: Vec<Won> = sqlx::query_as(
+        "UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = c.owner, status = 'executing',
+                claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
+                lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
+         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, org)
+         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status = 'queued' AND s.org_id = c.org
+         RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner",
+    )
+    .bind(&ids)
+    .bind(&gens)
+    .bind(&owners)
+    .bind(&orgs)
+    .bind(ttl_ms as f64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+
+    let task_ids: Vec<Uuid> = won.iter().map(|w| w.task_id).collect();
+    // queued → executing on the first claim (the lifecycle's StepClaimed), as a compare-and-swap.
+    let started: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "UPDATE tasks SET status = 'executing', started_at = now()
+         WHERE id = ANY($1) AND status = 'queued' RETURNING id, org_id, approval_status",
+    )
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+
+    let now = Utc::now();
+    let renew_by = now + chrono::Duration::milliseconds(ttl_ms as i64);
+    let redis = conns.redis();
+    let prefix = &conns.config.redis_key_prefix;
+    let sets = won.iter().map(|w| {
+        let mut r = redis.clone();
+        let key = lease_key(prefix, StepId::from(w.id));
+        let owner = w.lease_owner.clone().unwrap_or_default();
+        async move {
+            CLAIM
+                .key(key)
+                .arg(owner)
+                .arg(w.lease_generation)
+                .arg(ttl_ms)
+                .invoke_async::<i64>(&mut r)
+                .await
+        }
+    });
+    for (w, r) in won.iter().zip(futures::future::join_all(sets).await) {
+        if let Err(e) = r {
+            // Postgres granted the lease; the first heartbeat re-creates the key.
+            tracing::warn!(step = %w.id, error = %e, "could not set the lease key in Redis");
+        }
+    }
+
+    for (task_id, org_id, approval) in started {
+        let approval: ApprovalStatus = approval.parse().unwrap_or(ApprovalStatus::NotRequired);
+        let next =
+            transition(TaskState::new(TaskStatus::Queued, approval), TaskEvent::StepClaimed).map(|t| t.next.status);
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            OrgId::from(org_id),
+            TaskId::from(task_id),
+            next.unwrap_or(TaskStatus::Executing),
+            approval,
+            None,
+        )
+        .await;
+    }
+
+    let winners: HashMap<Uuid, &Won> = won.iter().map(|w| (w.id, w)).collect();
+    let lost: Vec<Uuid> = batch
+        .iter()
+        .filter(|r| {
+            winners
+                .get(&r.body.step_id.as_uuid())
+                .and_then(|w| w.lease_owner.as_deref())
+                != Some(r.body.worker_id.as_str())
+        })
+        .map(|r| r.body.step_id.as_uuid())
+        .collect();
+    let current: HashMap<Uuid, Current> = if lost.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, Current>(
+            "SELECT id, task_id, org_id, lease_generation, status, lease_owner FROM steps WHERE id = ANY($1)",
+        )
+        .bind(&lost)
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect()
+    };
+    conns.metrics.inc(
+        "tanjiren_lease_claims_total",
+        "Lease claims, by outcome.",
+        &[("outcome", "granted")],
+        won.len() as u64,
+    );
+    conns.metrics.inc(
+        "tanjiren_lease_claims_total",
+        "Lease claims, by outcome.",
+        &[("outcome", "refused")],
+        lost.len() as u64,
+    );
+
+    Ok(batch
+        .iter()
+        .map(|r| {
+            let step = r.body.step_id.as_uuid();
+            match winners.get(&step) {
+                Some(w) if w.lease_owner.as_deref() == Some(r.body.worker_id.as_str()) => Ok(ClaimGranted {
+                    step_id: r.body.step_id,
+                    task_id: TaskId::from(w.task_id),
+                    lease_generation: w.lease_generation,
+                    ttl_ms,
+                    renew_by,
+                    heartbeat_interval_ms: conns.config.heartbeat_interval_ms,
+                }),
+                Some(_) => Err(WireError::new(
+                    ErrorCode::LeaseHeld,
+                    format!("step {step} was claimed by another worker"),
+                )),
+                None => match current.get(&step) {
+                    // The same worker asking again for the lease it already won (its first reply
+                    // was lost): grant it again rather than strand the step until the TTL.
+                    Some(c) if c.is_repeat_of(r) => Ok(ClaimGranted {
+                        step_id: r.body.step_id,
+                        task_id: TaskId::from(c.task_id),
+                        lease_generation: c.lease_generation,
+                        ttl_ms,
+                        renew_by,
+                        heartbeat_interval_ms: conns.config.heartbeat_interval_ms,
+                    }),
+                    c => Err(refusal(step, r.principal.org_id, r.body.lease_generation, c)),
+                },
+            }
+        })
+        .collect())
+}
+
+/// A step's state when a claim for it did not match.
+#[derive(sqlx::FromRow)]
+struct Current {
+    id: Uuid,
+    task_id: Uuid,
+    org_id: Uuid,
+    lease_generation: i64,
+    status: String,
+    lease_owner: Option<String>,
+}
+
+impl Current {
+    /// The claim is a repeat of one this worker already won at this generation.
+    fn is_repeat_of(&self, r: &Incoming<ClaimRequest>) -> bool {
+        self.org_id == r.principal.org_id.as_uuid()
+            && self.status == "executing"
+            && self.lease_owner.as_deref() == Some(r.body.worker_id.as_str())
+            && self.lease_generation == r.body.lease_generation + 1
+    }
+}
+
+/// Why a claim did not match: the step is unknown, moved on, or held.
+fn refusal(step: Uuid, org: OrgId, seen: i64, current: Option<&Current>) -> WireError {
+    match current {
+        Some(c) if c.org_id != org.as_uuid() => WireError::not_found(format!("no step {step}")),
+        None => WireError::not_found(format!("no step {step}")),
+        Some(c) if c.status == "executing" => WireError::new(
+            ErrorCode::LeaseHeld,
+            format!("step {step} is already leased by another worker"),
+        ),
+        Some(c) if c.status == "queued" && c.lease_generation != seen => WireError::stale_lease(format!(
+            "step {step} is at lease generation {}, the claim saw {seen}; use the newest assignment",
+            c.lease_generation
+        )),
+        Some(c) => WireError::conflict(format!("step {step} is {}; it cannot be claimed", c.status)),
+    }
+}

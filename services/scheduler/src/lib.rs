@@ -1,0 +1,120 @@
+//! The scheduler: time-driven work. Today that is re-dispatch — a queued step no
+//! worker claimed within `redispatch_after_ms` (a dispatch lost in transit, or a
+//! worker that was busy or offline) is published again on its workstation's
+//! dispatch subject. Replicas share the work with `FOR UPDATE SKIP LOCKED`, and
+//! the loop exposes one step, [`Scheduler::tick`], that tests drive directly.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use std::time::Duration;
+use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
+use tanjiren_shared::WireError;
+use tanjiren_shared::codec::Encoding;
+use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
+use tanjiren_shared::model::Mode;
+use tanjiren_shared::protocol::Assignment;
+use uuid::Uuid;
+
+/// A queued step due for another dispatch, with what its worker needs.
+#[derive(sqlx::FromRow)]
+struct DueStep {
+    id: Uuid,
+    task_id: Uuid,
+    org_id: Uuid,
+    workstation_id: Uuid,
+    lease_generation: i64,
+    payload: Json<Mode>,
+    timeout_secs: i64,
+}
+
+/// One scheduler replica.
+#[derive(Clone)]
+pub struct Scheduler {
+    conns: Connections,
+}
+
+impl Scheduler {
+    pub fn new(conns: &Connections) -> Self {
+        Self { conns: conns.clone() }
+    }
+
+    /// Re-dispatches every queued step last dispatched before `now - redispatch_after`.
+    /// Returns how many were sent.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<usize, WireError> {
+        let cutoff = now - chrono::Duration::milliseconds(self.conns.config.redispatch_after_ms as i64);
+        let limit = self.conns.config.batch_max as i64;
+        let mut sent = 0;
+        loop {
+            let due: Vec<DueStep> = sqlx::query_as(
+                "WITH due AS (
+                     SELECT id FROM steps WHERE status = 'queued' AND dispatched_at < $1
+                     ORDER BY dispatched_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE steps s SET dispatched_at = $3
+                 FROM due, tasks t
+                 WHERE s.id = due.id AND t.id = s.task_id
+                 RETURNING s.id, s.task_id, s.org_id, s.workstation_id, s.lease_generation, t.payload, t.timeout_secs",
+            )
+            .bind(cutoff)
+            .bind(limit)
+            .bind(now)
+            .fetch_all(&self.conns.db)
+            .await
+            .map_err(db_error)?;
+            let n = due.len();
+            for d in due {
+                let step = d.id;
+                let a = Assignment {
+                    step_id: StepId::from(d.id),
+                    task_id: d.task_id.into(),
+                    lease_generation: d.lease_generation,
+                    mode: d.payload.0,
+                    timeout_secs: d.timeout_secs as u64,
+                };
+                let subject = self.conns.subjects.dispatch(OrgId::from(d.org_id), WorkstationId::from(d.workstation_id));
+                if let Err(e) = self
+                    .conns
+                    .nats
+                    .publish(subject, Encoding::MsgPack.encode(&a).into())
+                    .await
+                {
+                    tracing::warn!(%step, error = %e, "re-dispatch failed; next tick retries");
+                }
+            }
+            sent += n;
+            if n < limit as usize {
+                break;
+            }
+        }
+        if sent > 0 {
+            self.conns.metrics.inc(
+                "tanjiren_redispatches_total",
+                "Queued steps dispatched again.",
+                &[],
+                sent as u64,
+            );
+        }
+        Ok(sent)
+    }
+}
+
+/// Runs [`Scheduler::tick`] every `scheduler_interval_ms` until shutdown.
+pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
+    let scheduler = Scheduler::new(conns);
+    let interval = Duration::from_millis(conns.config.scheduler_interval_ms.max(1));
+    let mut handle = ServiceHandle::new();
+    handle.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = scheduler.tick(Utc::now()).await {
+                tracing::warn!(error = %e, "scheduler tick failed");
+            }
+        }
+    }));
+    Ok(handle)
+}

@@ -1,0 +1,153 @@
+//! Running services: `up` (everything plus a local worker, in one process, with a
+//! first-start bootstrap) and one service alone. Each runs until SIGTERM/Ctrl-C,
+//! then stops taking work, drains what it holds, and exits cleanly.
+
+use crate::admin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tanjiren_runtime::http::serve_ops;
+use tanjiren_runtime::shutdown::on_signals;
+use tanjiren_runtime::startup::Needs;
+use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError};
+use tanjiren_shared::config::Config;
+use tanjiren_worker::ShellExecutor;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Service {
+    Ingest,
+    Approval,
+    Lease,
+    Scheduler,
+}
+
+impl Service {
+    fn name(&self) -> &'static str {
+        match self {
+            Service::Ingest => "ingest",
+            Service::Approval => "approval",
+            Service::Lease => "lease",
+            Service::Scheduler => "scheduler",
+        }
+    }
+
+    async fn start(&self, conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
+        match self {
+            Service::Ingest => tanjiren_ingest::start(conns, shutdown).await,
+            Service::Approval => tanjiren_approval::start(conns, shutdown).await,
+            Service::Lease => tanjiren_lease::start(conns, shutdown).await,
+            Service::Scheduler => tanjiren_scheduler::start(conns, shutdown).await,
+        }
+    }
+}
+
+const ALL: [Service; 4] = [Service::Ingest, Service::Approval, Service::Lease, Service::Scheduler];
+
+async fn ops(config: &Config, conns: &Connections, shutdown: &Shutdown) -> Result<(), StartupError> {
+    serve_ops(
+        &config.http_addr,
+        conns.metrics.clone(),
+        conns.ready.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| StartupError::Http {
+        addr: config.http_addr.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs one service until stopped.
+pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> {
+    let shutdown = on_signals();
+    let conns = Connections::connect(
+        config,
+        Needs {
+            redis: matches!(service, Service::Lease),
+        },
+    )
+    .await?;
+    ops(config, &conns, &shutdown).await?;
+    let handle = service.start(&conns, shutdown.clone()).await?;
+    conns.ready.set(true);
+    tracing::info!(service = service.name(), prefix = %config.subject_prefix, "ready");
+    shutdown.cancelled().await;
+    conns.ready.set(false);
+    handle.join().await;
+    tracing::info!(service = service.name(), "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the worker agent until stopped.
+pub async fn worker(config: &Config) -> anyhow::Result<ExitCode> {
+    let shutdown = on_signals();
+    let mut config = config.clone();
+    if let Some(t) = config.resolve_token() {
+        config.token = t;
+    }
+    let executor = Arc::new(ShellExecutor::new(&config));
+    let worker = tanjiren_worker::start(&config, executor, shutdown.clone()).await?;
+    tracing::info!(workstation = %worker.workstation_id(), worker = worker.worker_id(), "worker ready");
+    worker.join().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs everything in one process.
+pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> {
+    let signal = on_signals();
+    // Services drain only after the local worker has reported what it was running.
+    let services_stop = Shutdown::new();
+    let conns = Connections::connect(config, Needs { redis: true }).await?;
+    let boot = admin::bootstrap(config, &conns.db).await?;
+    ops(config, &conns, &services_stop).await?;
+    let mut handle = ServiceHandle::new();
+    for s in ALL {
+        handle.extend(s.start(&conns, services_stop.clone()).await?);
+    }
+    conns.ready.set(true);
+
+    let worker = if with_worker {
+        let mut wc = config.clone();
+        wc.token = boot.token.clone();
+        let executor = Arc::new(ShellExecutor::new(&wc));
+        Some(tanjiren_worker::start(&wc, executor, signal.clone()).await?)
+    } else {
+        None
+    };
+
+    eprintln!(
+        "Tanjiren is up (NATS {}, Postgres {}, Redis {}).",
+        Config::redact_url(&config.nats_url),
+        Config::redact_url(&config.database_url),
+        Config::redact_url(&config.redis_url)
+    );
+    if let Some(path) = &boot.created_token_at {
+        eprintln!(
+            "First start: organisation `{}` and an owner token were created; the token is saved at {} (the CLI reads it from there).",
+            admin::DEFAULT_ORG,
+            path.display()
+        );
+    }
+    if let Some(w) = &worker {
+        eprintln!(
+            "This machine is registered as workstation `{}` ({}).",
+            w.workstation_name(),
+            w.workstation_id()
+        );
+        eprintln!("Try, in another terminal:  tanjiren task create --command 'echo hello from tanjiren' --wait");
+    }
+    if !config.http_addr.is_empty() {
+        eprintln!("Health and metrics: http://{}/metrics", config.http_addr);
+    }
+    eprintln!("Press Ctrl-C to stop.");
+
+    signal.cancelled().await;
+    conns.ready.set(false);
+    if let Some(w) = worker {
+        w.join().await;
+    }
+    services_stop.cancel();
+    handle.join().await;
+    eprintln!("Tanjiren stopped.");
+    Ok(ExitCode::SUCCESS)
+}

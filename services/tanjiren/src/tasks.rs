@@ -1,0 +1,405 @@
+//! The operator CLI for tasks: create (optionally waiting for the outcome), get,
+//! list and logs (with `-f` to follow live output). It talks to the services over
+//! NATS with the bearer token from `TANJIREN_TOKEN` or the token file.
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::Subcommand;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+use tanjiren_runtime::bus::call;
+use tanjiren_runtime::startup::connect_nats;
+use tanjiren_shared::codec::Encoding;
+use tanjiren_shared::config::Config;
+use tanjiren_shared::ids::{StepId, TaskId};
+use tanjiren_shared::model::{Mode, TaskSpec, TaskStatus};
+use tanjiren_shared::protocol::{
+    CreateTaskReply, GetTaskRequest, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine, LogStream, TaskLogsReply,
+    TaskLogsRequest, TaskView,
+};
+use tanjiren_shared::subjects::Subjects;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Create a task (a shell command by default) and print its id.
+    Create {
+        /// What is wanted, in words (defaults to the command or prompt).
+        #[arg(long)]
+        intent: Option<String>,
+        /// Shell command to run on each target.
+        #[arg(long, conflicts_with_all = ["prompt", "questions"])]
+        command: Option<String>,
+        /// AI prompt for the agent on each target.
+        #[arg(long, conflicts_with = "questions")]
+        prompt: Option<String>,
+        /// A question to investigate (repeatable).
+        #[arg(long = "question")]
+        questions: Vec<String>,
+        /// Target workstation, by name or id (repeatable; default: this machine).
+        #[arg(long = "target", short = 't')]
+        targets: Vec<String>,
+        /// Execution timeout per step, in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Retrying with the same key returns the same task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait for the task to finish, print it, and exit non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a task: state, steps, exit codes, output preview, timings.
+    Get {
+        id: TaskId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        status: Option<TaskStatus>,
+        #[arg(long)]
+        mode: Option<String>,
+        /// Workstation name or id.
+        #[arg(long)]
+        workstation: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output; `-f` follows it live until the task ends.
+    Logs {
+        id: TaskId,
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+struct Client {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    token: String,
+}
+
+impl Client {
+    async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let token = config.resolve_token().with_context(|| {
+            format!(
+                "no API token: run `tanjiren up` once (it saves one at {}), or set TANJIREN_TOKEN",
+                config.token_path().display()
+            )
+        })?;
+        let nats = connect_nats(config, "tanjiren-cli").await?;
+        Ok(Self {
+            nats,
+            subjects: config.subjects(),
+            token,
+        })
+    }
+
+    async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        req: &Req,
+    ) -> anyhow::Result<Resp> {
+        call(&self.nats, &subject, &self.token, req, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))
+    }
+
+    async fn get(&self, id: TaskId) -> anyhow::Result<TaskView> {
+        self.call(self.subjects.tasks_get(), &GetTaskRequest { task_id: id })
+            .await
+    }
+}
+
+pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(config).await?;
+    match cmd {
+        TaskCommand::Create {
+            intent,
+            command,
+            prompt,
+            questions,
+            targets,
+            timeout,
+            idempotency_key,
+            wait,
+            json,
+        } => {
+            let mode = match (command, prompt, questions.is_empty()) {
+                (Some(c), None, true) => Mode::Command { command: c },
+                (None, Some(p), true) => Mode::Prompt { prompt: p },
+                (None, None, false) => Mode::Investigate { questions },
+                _ => bail!("give one of --command, --prompt or --question"),
+            };
+            let intent = intent.unwrap_or_else(|| match &mode {
+                Mode::Command { command } => command.clone(),
+                Mode::Prompt { prompt } => prompt.clone(),
+                Mode::Investigate { questions } => questions.join("; "),
+            });
+            let targets = if targets.is_empty() {
+                vec![local_workstation_name(config)]
+            } else {
+                targets
+            };
+            let spec = TaskSpec {
+                intent,
+                mode,
+                targets,
+                timeout_secs: timeout,
+                retry_policy: None,
+                investigation_id: None,
+                idempotency_key,
+                retry_of_task_id: None,
+            };
+            let reply: CreateTaskReply = client.call(client.subjects.tasks_create(), &spec).await?;
+            if !wait {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                } else {
+                    println!("{}", reply.task_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let task = wait_for_end(&client, reply.task_id).await?;
+            print_task(&task, json)?;
+            Ok(if task.status == TaskStatus::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        TaskCommand::Get { id, json } => {
+            print_task(&client.get(id).await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::List {
+            status,
+            mode,
+            workstation,
+            limit,
+            json,
+        } => {
+            let req = ListTasksRequest {
+                status,
+                mode,
+                workstation,
+                before: None,
+                limit: Some(limit),
+            };
+            let reply: ListTasksReply = client.call(client.subjects.tasks_list(), &req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                for t in reply.tasks {
+                    println!(
+                        "{}  {:<9}  {:<11}  {}  {}",
+                        t.task_id,
+                        t.status,
+                        t.mode,
+                        t.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        one_line(&t.intent, 60)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Logs { id, follow } => logs(&client, id, follow).await,
+    }
+}
+
+async fn wait_for_end(client: &Client, id: TaskId) -> anyhow::Result<TaskView> {
+    loop {
+        let t = client.get(id).await?;
+        if t.status.is_terminal() {
+            return Ok(t);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The name the local worker registers with (configured, else the host name).
+pub fn local_workstation_name(config: &Config) -> String {
+    if !config.workstation_name.is_empty() {
+        return config.workstation_name.clone();
+    }
+    tanjiren_worker::host_name()
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let s = s.replace('\n', " ");
+    if s.chars().count() > max {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn since(start: DateTime<Utc>, t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| format!("+{}ms", (t - start).num_milliseconds()))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(t)?);
+        return Ok(());
+    }
+    println!("task      {}", t.task_id);
+    println!(
+        "status    {} (approval: {}){}",
+        t.status,
+        t.approval_status,
+        t.failure_reason
+            .as_ref()
+            .map(|r| format!(", reason: {r}"))
+            .unwrap_or_default()
+    );
+    println!("intent    {}", one_line(&t.intent, 100));
+    match &t.mode {
+        Mode::Command { command } => println!("command   {}", one_line(command, 100)),
+        Mode::Prompt { prompt } => println!("prompt    {}", one_line(prompt, 100)),
+        Mode::Investigate { questions } => println!("questions {}", questions.join(" | ")),
+    }
+    println!(
+        "timing    created {} by {}; queued {}; started {}; finished {}",
+        t.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        t.created_by,
+        since(t.created_at, t.queued_at),
+        since(t.created_at, t.started_at),
+        since(t.created_at, t.finished_at)
+    );
+    if t.attempt > 1 {
+        println!(
+            "attempt   {} (retry of {}, root {})",
+            t.attempt,
+            t.retry_of_task_id.map(|i| i.to_string()).unwrap_or_default(),
+            t.root_task_id
+        );
+    }
+    println!("steps     {}", t.steps.len());
+    for s in &t.steps {
+        let name = s
+            .workstation_name
+            .clone()
+            .unwrap_or_else(|| s.workstation_id.to_string());
+        let exit = s
+            .exit_code
+            .map(|c| format!("exit {c}"))
+            .unwrap_or_else(|| "exit -".into());
+        let dur = s.duration_ms.map(|d| format!("{d}ms")).unwrap_or_else(|| "-".into());
+        let lease = match (&s.lease_owner, s.lease_expires_at) {
+            (Some(o), Some(e)) => format!("held by {o} until {}", e.format("%H:%M:%S")),
+            _ => "no lease".into(),
+        };
+        println!(
+            "  {name:<20} {:<10} {exit:<8} {dur:<8} gen {}  {lease}{}",
+            s.status,
+            s.lease_generation,
+            s.failure_reason
+                .as_ref()
+                .map(|r| format!("  reason: {r}"))
+                .unwrap_or_default()
+        );
+        for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {
+            if !tail.is_empty() {
+                println!("    {label}:");
+                for line in tail.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
+                    println!("      {line}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_line(step: StepId, multi: bool, l: &LogLine) {
+    let prefix = if multi {
+        format!("[{}] ", &step.to_string()[..8])
+    } else {
+        String::new()
+    };
+    match l.stream {
+        LogStream::Stdout => println!("{prefix}{}", l.text),
+        LogStream::Stderr => eprintln!("{prefix}{}", l.text),
+    }
+}
+
+/// Prints stored output, then (with `follow`) live batches until the task ends.
+/// The live subscription starts before the stored read, and each step's last
+/// printed sequence number filters both, so the seam has no gap and no duplicate.
+async fn logs(client: &Client, id: TaskId, follow: bool) -> anyhow::Result<ExitCode> {
+    let task = client.get(id).await?;
+    let multi = task.steps.len() > 1;
+    let mut live = if follow {
+        Some(client.nats.subscribe(client.subjects.logs(task.org_id, id)).await?)
+    } else {
+        None
+    };
+    let mut last: HashMap<StepId, i64> = HashMap::new();
+    print_stored(client, id, multi, &mut last).await?;
+    let Some(sub) = live.as_mut() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { break };
+                let Ok(batch) = Encoding::MsgPack.decode::<LiveLogBatch>(&m.payload) else { continue };
+                let seen = last.entry(batch.step_id).or_insert(0);
+                // A gap means live lines were missed: read them from the store.
+                if batch.lines.first().map(|l| l.seq > *seen + 1).unwrap_or(false) {
+                    print_stored(client, id, multi, &mut last).await?;
+                }
+                let seen = last.entry(batch.step_id).or_insert(0);
+                for l in &batch.lines {
+                    if l.seq > *seen {
+                        print_line(batch.step_id, multi, l);
+                        *seen = l.seq;
+                    }
+                }
+            }
+            _ = check.tick() => {
+                if client.get(id).await?.status.is_terminal() {
+                    print_stored(client, id, multi, &mut last).await?;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn print_stored(client: &Client, id: TaskId, multi: bool, last: &mut HashMap<StepId, i64>) -> anyhow::Result<()> {
+    let task = client.get(id).await?;
+    for step in task.steps {
+        loop {
+            let after = *last.get(&step.step_id).unwrap_or(&0);
+            let req = TaskLogsRequest {
+                task_id: id,
+                step_id: Some(step.step_id),
+                after_seq: Some(after),
+                limit: Some(1000),
+            };
+            let page: TaskLogsReply = client.call(client.subjects.tasks_logs(), &req).await?;
+            if page.lines.is_empty() {
+                break;
+            }
+            for l in &page.lines {
+                print_line(l.step_id, multi, &l.line);
+                last.insert(l.step_id, l.line.seq);
+            }
+        }
+    }
+    Ok(())
+}

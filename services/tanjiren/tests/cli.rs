@@ -1,0 +1,204 @@
+//! The binary as a new user meets it: `tanjiren up` on a fresh installation, then
+//! the CLI creating a task for this machine and seeing it complete with its
+//! output; and `up` against a server that is not there failing with a message
+//! that says what to do.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Install {
+    env: Vec<(String, String)>,
+    db: String,
+    home: std::path::PathBuf,
+}
+
+impl Install {
+    fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let home = std::env::temp_dir().join(format!("tanjiren-cli-{id}"));
+        std::fs::create_dir_all(&home).unwrap();
+        let db = format!("tanjiren_cli_{id}");
+        let env = vec![
+            (
+                "TANJIREN_DATABASE_URL".into(),
+                format!("postgres://postgres@127.0.0.1:5432/{db}"),
+            ),
+            ("TANJIREN_SUBJECT_PREFIX".into(), format!("cli{id}")),
+            ("TANJIREN_REDIS_KEY_PREFIX".into(), format!("cli{id}")),
+            ("TANJIREN_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+            ("TANJIREN_WORKSTATION_NAME".into(), format!("cli-host-{id}")),
+            ("XDG_CONFIG_HOME".into(), home.display().to_string()),
+        ];
+        Self { env, db, home }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tanjiren"));
+        c.args(args).env_remove("TANJIREN_TOKEN").env_remove("TANJIREN_CONFIG");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Starts `tanjiren up` and waits until it says it is ready.
+    fn up(&self) -> Child {
+        let mut child = self
+            .cmd(&["up"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                let ready = line.contains("Press Ctrl-C");
+                seen.push(line);
+                if ready {
+                    std::thread::spawn(move || while rx.recv().is_ok() {});
+                    return child;
+                }
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tanjiren up did not become ready: {seen:#?}");
+    }
+}
+
+impl Drop for Install {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db),
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn up_then_a_task_from_the_cli_completes_with_its_output() {
+    let install = Install::new();
+    let mut up = install.up();
+    // The token was saved where the CLI finds it by itself.
+    assert!(install.home.join("tanjiren").join("token").exists());
+
+    let created = install.run(&["task", "create", "--command", "echo hello from tanjiren", "--wait"]);
+    let out = text(&created);
+    assert!(created.status.success(), "{out}");
+    assert!(out.contains("completed"), "{out}");
+    assert!(out.contains("hello from tanjiren"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("task "))
+        .map(|s| s.trim().to_string())
+        .expect("task id printed");
+
+    let logs = install.run(&["task", "logs", &id]);
+    assert!(logs.status.success());
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "hello from tanjiren");
+
+    let listed = install.run(&["task", "list", "--status", "completed"]);
+    assert!(text(&listed).contains(&id), "{}", text(&listed));
+
+    let failed = install.run(&["task", "create", "--command", "exit 4", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1), "a failed task exits non-zero");
+    assert!(text(&failed).contains("exit 4"), "{}", text(&failed));
+
+    // A bad request is refused with its code, and a bad token is unauthorized.
+    let bad = install.run(&["task", "create", "--command", "true", "--target", "no-such-host"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("invalid_request") && text(&bad).contains("no-such-host"),
+        "{}",
+        text(&bad)
+    );
+    let unauth = install
+        .cmd(&["task", "list"])
+        .env("TANJIREN_TOKEN", "tjr_wrong")
+        .output()
+        .unwrap();
+    assert!(text(&unauth).contains("unauthorized"), "{}", text(&unauth));
+
+    // SIGTERM drains and exits cleanly.
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            assert!(status.success(), "up exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "up did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn up_without_nats_says_which_server_and_how_to_start_it() {
+    let install = Install::new();
+    let start = Instant::now();
+    let out = install
+        .cmd(&["up"])
+        .env("TANJIREN_NATS_URL", "nats://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(30), "no hang");
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("cannot reach NATS at nats://127.0.0.1:1"), "{t}");
+    assert!(t.contains("start it with"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+
+    let out = install
+        .cmd(&["up"])
+        .env("TANJIREN_DATABASE_URL", "postgres://postgres@127.0.0.1:1/x")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("cannot reach Postgres at postgres://postgres@127.0.0.1:1/x"),
+        "{}",
+        text(&out)
+    );
+    let out = install
+        .cmd(&["up"])
+        .env("TANJIREN_REDIS_URL", "redis://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("cannot reach Redis at redis://127.0.0.1:1"),
+        "{}",
+        text(&out)
+    );
+}

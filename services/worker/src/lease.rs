@@ -1,0 +1,204 @@
+//! One lease this worker holds: the fencing generation every write carries, the
+//! local deadline by which it must be renewed, and the two tokens that stop the
+//! step — `cancel` (stop the work, still report) and `fenced` (stop the work and
+//! never write for this step again). The watchdog fences a step whose deadline
+//! passes without renewal: a worker that may have lost its lease stops itself.
+
+use chrono::{DateTime, Utc};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tanjiren_shared::protocol::{ClaimGranted, HeldLease};
+use tanjiren_shared::{StepId, TaskId};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A claimed step, shared by its runner, the heartbeat and the control handler.
+#[derive(Debug)]
+pub(crate) struct HeldStep {
+    pub step_id: StepId,
+    pub task_id: TaskId,
+    pub generation: i64,
+    ttl: Duration,
+    cancel: CancellationToken,
+    fenced: CancellationToken,
+    releasing: AtomicBool,
+    deadline: Mutex<Instant>,
+}
+
+impl HeldStep {
+    /// `sent_at` is when the claim request left: the lease cannot have started earlier.
+    pub fn new(granted: &ClaimGranted, sent_at: Instant) -> Self {
+        let ttl = Duration::from_millis(granted.ttl_ms);
+        Self {
+            step_id: granted.step_id,
+            task_id: granted.task_id,
+            generation: granted.lease_generation,
+            ttl,
+            cancel: CancellationToken::new(),
+            fenced: CancellationToken::new(),
+            releasing: AtomicBool::new(false),
+            deadline: Mutex::new(local_deadline(
+                Some(granted.renew_by),
+                sent_at,
+                ttl,
+                Utc::now(),
+                Instant::now(),
+            )),
+        }
+    }
+
+    pub fn held_lease(&self) -> HeldLease {
+        HeldLease {
+            step_id: self.step_id,
+            lease_generation: self.generation,
+        }
+    }
+
+    /// The token the executor watches: fires on cancel and on fence.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop the work (a cancel request); the result is still reported.
+    pub fn request_cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Stop the work and every write for this step, for good.
+    pub fn fence(&self, why: &str) {
+        if !self.fenced.is_cancelled() {
+            tracing::warn!(step_id = %self.step_id, task_id = %self.task_id, generation = self.generation, why, "fencing step: stopping it and writing nothing more for it");
+        }
+        self.fenced.cancel();
+        self.cancel.cancel();
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.is_cancelled()
+    }
+
+    /// Fires when the step is fenced; writes in flight give up.
+    pub fn fenced(&self) -> &CancellationToken {
+        &self.fenced
+    }
+
+    /// Whether heartbeats should still renew this lease.
+    pub fn is_live(&self) -> bool {
+        !self.is_fenced() && !self.releasing.load(Ordering::Relaxed)
+    }
+
+    /// The result is reported; from now on only the release is left.
+    pub fn begin_release(&self) {
+        self.releasing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::Relaxed)
+    }
+
+    /// A heartbeat sent at `sent_at` renewed the lease until `renew_by`.
+    pub fn renewed(&self, renew_by: Option<DateTime<Utc>>, sent_at: Instant) {
+        let new = local_deadline(renew_by, sent_at, self.ttl, Utc::now(), Instant::now());
+        let mut deadline = self.deadline.lock().expect("lease deadline lock");
+        *deadline = (*deadline).max(new);
+    }
+
+    pub fn deadline(&self) -> Instant {
+        *self.deadline.lock().expect("lease deadline lock")
+    }
+
+    /// Fences the step when its deadline passes without renewal; returns when the step
+    /// is fenced or `done` fires.
+    pub async fn watchdog(&self, done: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.deadline()) => {}
+                _ = self.fenced.cancelled() => return,
+                _ = done.cancelled() => return,
+            }
+            if Instant::now() >= self.deadline() {
+                self.fence("lease deadline passed without renewal");
+                return;
+            }
+        }
+    }
+}
+
+/// The monotonic instant by which a lease must be renewed: the server's `renew_by`
+/// mapped onto our clock, but never later than `sent_at + ttl` — the lease started
+/// after the request left, so that bound holds whatever the clock skew.
+pub(crate) fn local_deadline(
+    renew_by: Option<DateTime<Utc>>,
+    sent_at: Instant,
+    ttl: Duration,
+    now_utc: DateTime<Utc>,
+    now: Instant,
+) -> Instant {
+    let by_ttl = sent_at + ttl;
+    match renew_by {
+        Some(renew_by) => {
+            let remaining = (renew_by - now_utc).to_std().unwrap_or(Duration::ZERO);
+            (now + remaining).min(by_ttl)
+        }
+        None => by_ttl,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(ttl_ms: u64, renew_in_ms: i64) -> ClaimGranted {
+        ClaimGranted {
+            step_id: StepId::new(),
+            task_id: TaskId::new(),
+            lease_generation: 7,
+            ttl_ms,
+            renew_by: Utc::now() + chrono::Duration::milliseconds(renew_in_ms),
+            heartbeat_interval_ms: ttl_ms / 3,
+        }
+    }
+
+    #[test]
+    fn deadline_follows_renew_by_but_never_exceeds_the_ttl() {
+        let now = Instant::now();
+        let now_utc = Utc::now();
+        let ttl = Duration::from_secs(90);
+        let d = local_deadline(Some(now_utc + chrono::Duration::seconds(60)), now, ttl, now_utc, now);
+        assert_eq!(d, now + Duration::from_secs(60));
+        // A server clock far ahead cannot stretch the lease past the ttl.
+        let d = local_deadline(Some(now_utc + chrono::Duration::hours(2)), now, ttl, now_utc, now);
+        assert_eq!(d, now + ttl);
+        // Already past: due now.
+        let d = local_deadline(Some(now_utc - chrono::Duration::seconds(5)), now, ttl, now_utc, now);
+        assert_eq!(d, now);
+        assert_eq!(local_deadline(None, now, ttl, now_utc, now), now + ttl);
+    }
+
+    #[tokio::test]
+    async fn watchdog_fences_when_the_deadline_passes() {
+        let step = HeldStep::new(&granted(60_000, 200), Instant::now());
+        let done = CancellationToken::new();
+        let token = step.cancel_token();
+        tokio::time::timeout(Duration::from_secs(2), step.watchdog(&done))
+            .await
+            .expect("watchdog fired");
+        assert!(step.is_fenced());
+        assert!(token.is_cancelled(), "fencing cancels the work too");
+        assert!(!step.is_live());
+    }
+
+    #[tokio::test]
+    async fn renewal_moves_the_deadline_and_cancel_does_not_fence() {
+        let step = HeldStep::new(&granted(60_000, 200), Instant::now());
+        step.renewed(Some(Utc::now() + chrono::Duration::seconds(30)), Instant::now());
+        let done = CancellationToken::new();
+        let quiet = tokio::time::timeout(Duration::from_millis(400), step.watchdog(&done)).await;
+        assert!(quiet.is_err(), "renewed lease must not be fenced");
+        step.request_cancel();
+        assert!(step.cancel_token().is_cancelled());
+        assert!(!step.is_fenced());
+        assert_eq!(step.held_lease().lease_generation, 7);
+    }
+}

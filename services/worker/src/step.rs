@@ -1,0 +1,148 @@
+//! The life of one claimed step: run it with the executor while its output is
+//! shipped, report the result, release the lease. Every write goes through
+//! [`StepWriter`], which carries the lease generation and stops for good once
+//! the step is fenced — a fenced step sends no logs, no result, no release.
+
+use crate::agent::Agent;
+use crate::bus::{Bus, CallError, RetryPolicy};
+use crate::executor::OutputSink;
+use crate::lease::HeldStep;
+use crate::log_shipper::LogShipper;
+use crate::output::StreamTails;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tanjiren_shared::ErrorCode;
+use tanjiren_shared::protocol::{
+    Assignment, LogBatch, LogBatchReply, LogLine, ProgressReply, ProgressReport, ReleaseReply, ReleaseRequest,
+    StepResult,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Output lines buffered between the executor and the log shipper. When full, the
+/// executor waits, and so does the command writing to its pipe.
+const OUTPUT_BUFFER_LINES: usize = 256;
+
+/// Runs a claimed step to the end: execute and ship logs, report, release.
+/// The watchdog fences the step if its lease is not renewed in time, at any point.
+pub(crate) async fn run(agent: &Agent, assignment: &Assignment, step: &HeldStep) {
+    tracing::info!(generation = step.generation, "step claimed; running");
+    let done = CancellationToken::new();
+    let work = async {
+        run_and_report(agent, assignment, step).await;
+        done.cancel();
+    };
+    tokio::join!(work, step.watchdog(&done));
+}
+
+async fn run_and_report(agent: &Agent, assignment: &Assignment, step: &HeldStep) {
+    let (result, tails) = execute(agent, assignment, step).await;
+    if step.is_fenced() {
+        tracing::warn!(status = %result.status, "step ended after fencing; its result is not reported");
+        return;
+    }
+    tracing::info!(status = %result.status, exit_code = ?result.exit_code, message = ?result.message, "step ended; reporting");
+    let writer = StepWriter { bus: &agent.bus, step };
+    if !writer.report(result, tails).await {
+        // Releasing without a stored result would queue the step to run again; let the
+        // lease expire instead, so the reconciler fails it and the retry policy decides.
+        tracing::warn!("result not stored; keeping the lease unreleased so the step is not run twice");
+        return;
+    }
+    step.begin_release();
+    writer.release(&agent.id.worker_id).await;
+}
+
+/// Runs the executor and the log shipper side by side; returns once every line was shipped.
+async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (StepResult, StreamTails) {
+    let (sink, lines) = OutputSink::bounded(OUTPUT_BUFFER_LINES);
+    let producer_done = CancellationToken::new();
+    let run = async {
+        let result = agent.executor.run(assignment, sink, step.cancel_token()).await;
+        producer_done.cancel();
+        result
+    };
+    let shipper = LogShipper::new(StepWriter { bus: &agent.bus, step }, agent.settings.batch);
+    tokio::join!(run, shipper.run(lines, &producer_done))
+}
+
+/// Writes on behalf of one step, under its lease generation.
+pub(crate) struct StepWriter<'a> {
+    bus: &'a Bus,
+    step: &'a HeldStep,
+}
+
+impl StepWriter<'_> {
+    /// Sends one batch; a batch that cannot be delivered within the retry budget is dropped.
+    pub async fn send_logs(&self, lines: Vec<LogLine>) {
+        let batch = LogBatch {
+            step_id: self.step.step_id,
+            lease_generation: self.step.generation,
+            lines,
+        };
+        let subject = self.bus.subjects.ingest_logs();
+        let _: Option<LogBatchReply> = self.write("log batch", &subject, &batch, RetryPolicy::LOGS).await;
+    }
+
+    /// The final report: tails and result. True once it is stored.
+    pub async fn report(&self, result: StepResult, tails: StreamTails) -> bool {
+        let report = ProgressReport {
+            step_id: self.step.step_id,
+            lease_generation: self.step.generation,
+            stdout_tail: Some(tails.stdout.into_string()),
+            stderr_tail: Some(tails.stderr.into_string()),
+            result: Some(result),
+        };
+        let subject = self.bus.subjects.ingest_progress();
+        let stored = self
+            .write::<_, ProgressReply>("result", &subject, &report, RetryPolicy::PROGRESS)
+            .await;
+        if let Some(reply) = &stored {
+            tracing::debug!(task_status = %reply.task_status, "result stored");
+        }
+        stored.is_some()
+    }
+
+    pub async fn release(&self, worker_id: &str) {
+        let request = ReleaseRequest {
+            step_id: self.step.step_id,
+            lease_generation: self.step.generation,
+            worker_id: worker_id.to_string(),
+        };
+        let subject = self.bus.subjects.lease_release();
+        if let Some(reply) = self
+            .write::<_, ReleaseReply>("release", &subject, &request, RetryPolicy::RELEASE)
+            .await
+        {
+            tracing::info!(generation = reply.lease_generation, "lease released");
+        }
+    }
+
+    /// One write with retries; a `stale_lease` rejection fences the step.
+    async fn write<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        what: &str,
+        subject: &str,
+        request: &Req,
+        policy: RetryPolicy,
+    ) -> Option<Resp> {
+        if self.step.is_fenced() {
+            return None;
+        }
+        match self
+            .bus
+            .call_retrying(subject, request, policy, self.step.fenced())
+            .await
+        {
+            Ok(reply) => Some(reply),
+            Err(CallError::Stopped) => None,
+            Err(CallError::Failed(e)) if e.code == ErrorCode::StaleLease => {
+                self.step.fence(&format!("{what} rejected: {e}"));
+                None
+            }
+            Err(CallError::Failed(e)) => {
+                tracing::warn!(what, error = %e, "write failed; giving up on it");
+                None
+            }
+        }
+    }
+}

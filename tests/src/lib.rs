@@ -1,0 +1,316 @@
+//! Test harness: every test gets its own Postgres database, NATS subject prefix
+//! (and so its own JetStream streams) and Redis key prefix, so tests run in
+//! parallel against the real servers. Services run in-process through their
+//! library `start` functions, each with its own shutdown token so a test can
+//! stop and restart one. Set `TEST_LOG=info` to see their logs.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tanjiren_runtime::startup::Needs;
+use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, bus};
+use tanjiren_shared::WireError;
+use tanjiren_shared::config::Config;
+use tanjiren_shared::ids::{OrgId, TaskId};
+use tanjiren_shared::model::{Mode, Role, TaskSpec};
+use tanjiren_shared::protocol::{CreateTaskReply, GetTaskRequest, TaskView};
+use tanjiren_shared::secret::ApiToken;
+use uuid::Uuid;
+
+pub use tanjiren_worker::{NoopExecutor, ShellExecutor};
+
+/// Which service a handle belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Svc {
+    Ingest,
+    Approval,
+    Lease,
+    Scheduler,
+}
+
+pub const ALL: [Svc; 4] = [Svc::Ingest, Svc::Approval, Svc::Lease, Svc::Scheduler];
+
+/// One running service replica.
+pub struct Running {
+    pub svc: Svc,
+    pub stop: Shutdown,
+    pub handle: ServiceHandle,
+    pub conns: Connections,
+}
+
+impl Running {
+    /// Stops taking work, drains, and waits until done.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.join().await;
+    }
+}
+
+/// An isolated Tanjiren installation on the shared servers.
+pub struct TestEnv {
+    pub config: Config,
+    pub db_name: String,
+    /// Admin connections for assertions (not a service).
+    pub conns: Connections,
+    pub org: OrgId,
+    pub owner_token: String,
+    pub member_token: String,
+    pub worker_token: String,
+}
+
+fn base_url() -> String {
+    std::env::var("TANJIREN_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+impl TestEnv {
+    /// A fresh environment with short timers for tests.
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// A fresh environment, with `tweak` applied to its configuration.
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        tanjiren_shared::telemetry::init_for_tests();
+        let id = Uuid::new_v4().simple().to_string();
+        let short = &id[..12];
+        let db_name = format!("tanjiren_t_{short}");
+        let mut config = Config {
+            database_url: format!("{}/{db_name}", base_url()),
+            nats_url: std::env::var("TANJIREN_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+            redis_url: std::env::var("TANJIREN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            subject_prefix: format!("t{short}"),
+            redis_key_prefix: format!("t{short}"),
+            http_addr: String::new(),
+            db_max_connections: 4,
+            lease_ttl_ms: 6_000,
+            heartbeat_interval_ms: 1_000,
+            reconcile_interval_ms: 1_000,
+            claim_grace_ms: 1_000,
+            redispatch_after_ms: 1_000,
+            scheduler_interval_ms: 200,
+            approval_sweep_interval_ms: 500,
+            kill_grace_ms: 1_000,
+            log_flush_ms: 20,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let conns = Connections::connect(&config, Needs { redis: true })
+            .await
+            .expect("test servers reachable");
+        let org = OrgId::new();
+        sqlx::query("INSERT INTO organisations (id, name) VALUES ($1, $2)")
+            .bind(org.as_uuid())
+            .bind(format!("org-{short}"))
+            .execute(&conns.db)
+            .await
+            .unwrap();
+        let owner_token = make_token(&conns, org, Role::Owner, "owner").await;
+        let member_token = make_token(&conns, org, Role::Member, "member").await;
+        let worker_token = make_token(&conns, org, Role::Worker, "worker").await;
+        Self {
+            config,
+            db_name,
+            conns,
+            org,
+            owner_token,
+            member_token,
+            worker_token,
+        }
+    }
+
+    /// Another organisation in the same installation, with an owner token.
+    pub async fn other_org(&self) -> (OrgId, String) {
+        let org = OrgId::new();
+        sqlx::query("INSERT INTO organisations (id, name) VALUES ($1, $2)")
+            .bind(org.as_uuid())
+            .bind(format!("other-{}", org))
+            .execute(&self.conns.db)
+            .await
+            .unwrap();
+        (org, make_token(&self.conns, org, Role::Owner, "other-owner").await)
+    }
+
+    /// Starts one replica of `svc` on its own connections.
+    pub async fn start(&self, svc: Svc) -> Running {
+        let conns = Connections::connect(
+            &self.config,
+            Needs {
+                redis: svc == Svc::Lease,
+            },
+        )
+        .await
+        .expect("connect");
+        let stop = Shutdown::new();
+        let handle = match svc {
+            Svc::Ingest => tanjiren_ingest::start(&conns, stop.clone()).await,
+            Svc::Approval => tanjiren_approval::start(&conns, stop.clone()).await,
+            Svc::Lease => tanjiren_lease::start(&conns, stop.clone()).await,
+            Svc::Scheduler => tanjiren_scheduler::start(&conns, stop.clone()).await,
+        }
+        .expect("service starts");
+        Running {
+            svc,
+            stop,
+            handle,
+            conns,
+        }
+    }
+
+    /// Starts one replica of every service.
+    pub async fn start_all(&self) -> Vec<Running> {
+        let mut v = Vec::new();
+        for s in ALL {
+            v.push(self.start(s).await);
+        }
+        v
+    }
+
+    /// Starts a shell worker registering as `name`.
+    pub async fn worker(&self, name: &str) -> TestWorker {
+        self.worker_with(name, |_| {}).await
+    }
+
+    pub async fn worker_with(&self, name: &str, tweak: impl FnOnce(&mut Config)) -> TestWorker {
+        let mut config = self.config.clone();
+        config.token = self.worker_token.clone();
+        config.workstation_name = name.to_string();
+        tweak(&mut config);
+        let stop = Shutdown::new();
+        let executor = Arc::new(ShellExecutor::new(&config));
+        let worker = tanjiren_worker::start(&config, executor, stop.clone())
+            .await
+            .expect("worker starts");
+        TestWorker { stop, worker }
+    }
+
+    /// Registers a workstation directly in the database (no worker running on it).
+    pub async fn workstation(&self, name: &str) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO workstations (id, org_id, name) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(self.org.as_uuid())
+            .bind(name)
+            .execute(&self.conns.db)
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Request/reply with a token, MessagePack.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        subject: &str,
+        token: &str,
+        req: &Req,
+    ) -> Result<Resp, WireError> {
+        bus::call(&self.conns.nats, subject, token, req, Duration::from_secs(10)).await
+    }
+
+    pub async fn create(&self, spec: &TaskSpec) -> Result<CreateTaskReply, WireError> {
+        self.call(&self.conns.subjects.tasks_create(), &self.owner_token, spec)
+            .await
+    }
+
+    pub async fn get(&self, task: TaskId) -> Result<TaskView, WireError> {
+        self.call(
+            &self.conns.subjects.tasks_get(),
+            &self.owner_token,
+            &GetTaskRequest { task_id: task },
+        )
+        .await
+    }
+
+    /// Polls until the task is terminal; panics after `timeout`.
+    pub async fn wait_terminal(&self, task: TaskId, timeout: Duration) -> TaskView {
+        let start = Instant::now();
+        loop {
+            if let Ok(t) = self.get(task).await
+                && t.status.is_terminal()
+            {
+                return t;
+            }
+            if start.elapsed() > timeout {
+                panic!("task {task} not finished after {timeout:?}: {:?}", self.get(task).await);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Counts rows of a table (assertions that nothing changed).
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&self.conns.db)
+            .await
+            .unwrap()
+    }
+
+    /// Drops the database, the JetStream streams and the Redis keys of this environment.
+    pub async fn finish(self, running: Vec<Running>) {
+        for r in running {
+            r.stop().await;
+        }
+        tanjiren_runtime::streams::delete_streams(&self.conns.nats, &self.conns.subjects).await;
+        let mut redis = self.conns.redis();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.config.redis_key_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+        }
+        self.conns.db.close().await;
+        if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", base_url())).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.db_name
+            )))
+            .execute(&pool)
+            .await;
+        }
+    }
+}
+
+/// A running worker.
+pub struct TestWorker {
+    pub stop: Shutdown,
+    pub worker: tanjiren_worker::Worker,
+}
+
+impl TestWorker {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.worker.join().await;
+    }
+}
+
+async fn make_token(conns: &Connections, org: OrgId, role: Role, name: &str) -> String {
+    let token = ApiToken::from_random(rand::random::<[u8; 32]>());
+    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash) VALUES ($1, $2, $3, $4, $5)")
+        .bind(Uuid::now_v7())
+        .bind(org.as_uuid())
+        .bind(name)
+        .bind(role.as_str())
+        .bind(token.hash())
+        .execute(&conns.db)
+        .await
+        .unwrap();
+    token.expose().to_string()
+}
+
+/// A command task for the given targets.
+pub fn command(cmd: &str, targets: &[&str]) -> TaskSpec {
+    TaskSpec {
+        intent: format!("run {cmd}"),
+        mode: Mode::Command {
+            command: cmd.to_string(),
+        },
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        timeout_secs: None,
+        retry_policy: None,
+        investigation_id: None,
+        idempotency_key: None,
+        retry_of_task_id: None,
+    }
+}
