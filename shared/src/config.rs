@@ -43,12 +43,19 @@ pub struct Config {
     pub claim_grace_ms: u64,
     /// Execution timeout of a step when the task sets none.
     pub default_timeout_secs: u64,
+    /// A queued step not claimed within this long fails with `queue_timeout` (when the task sets none).
+    pub queue_timeout_secs: u64,
     /// A queued step not claimed within this long is dispatched again.
     pub redispatch_after_ms: u64,
     /// How often the scheduler looks for work (re-dispatch, timeouts).
     pub scheduler_interval_ms: u64,
-    /// How often the approval service looks for planned tasks whose event was missed.
+    /// How often the approval service looks for planned tasks whose event was missed
+    /// and fails pending tasks past their approval deadline.
     pub approval_sweep_interval_ms: u64,
+    /// How long a minted approval token stays valid (never past the task's approval deadline).
+    pub approval_token_ttl_secs: u64,
+    /// A task waiting for approval longer than this fails with `approval_expired`.
+    pub approval_deadline_secs: u64,
     /// Largest command, prompt or question list accepted, in bytes.
     pub max_command_bytes: usize,
     /// Bearer token for the CLI and the worker; when empty it is read from `token_file`.
@@ -90,9 +97,12 @@ impl Default for Config {
             reconcile_interval_ms: 30_000,
             claim_grace_ms: 10_000,
             default_timeout_secs: 3600,
+            queue_timeout_secs: 3600,
             redispatch_after_ms: 10_000,
             scheduler_interval_ms: 1_000,
             approval_sweep_interval_ms: 5_000,
+            approval_token_ttl_secs: 15 * 60,
+            approval_deadline_secs: 24 * 3600,
             max_command_bytes: 64 * 1024,
             token: String::new(),
             token_file: String::new(),
@@ -210,6 +220,11 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "subject_prefix must be letters, digits, '_', '-' or '.'".into(),
+            ));
+        }
+        if self.approval_token_ttl_secs == 0 || self.approval_deadline_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "approval_token_ttl_secs and approval_deadline_secs must be ≥ 1".into(),
             ));
         }
         if self.batch_max == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {

@@ -27,6 +27,12 @@ pub enum ErrorCode {
     LeaseHeld,
     /// A payload or field exceeded a size limit.
     TooLarge,
+    /// The approval token was already consumed by an earlier approve or reject.
+    TokenUsed,
+    /// The approval token is past its expiry.
+    TokenExpired,
+    /// The approval token was minted for another task, another class, or a payload that no longer matches.
+    TokenMismatch,
     /// A dependency (Postgres, Redis) is unavailable; the request may be retried.
     Unavailable,
     /// An unexpected internal error; the request may be retried.
@@ -45,6 +51,9 @@ impl ErrorCode {
             ErrorCode::StaleLease => "stale_lease",
             ErrorCode::LeaseHeld => "lease_held",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::TokenUsed => "token_used",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenMismatch => "token_mismatch",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -1,12 +1,15 @@
 //! Pure domain code shared by every Tanjiren service: identifiers, the task model,
-//! the lifecycle state machine, NATS subject names, the wire codec and messages,
-//! typed wire errors, layered configuration and telemetry set-up.
+//! the lifecycle state machine, doctrine evaluation and the approval-token rules,
+//! NATS subject names, the wire codec and messages, typed wire errors, layered
+//! configuration and telemetry set-up.
 //!
 //! Nothing in this crate performs network or database IO; services do that at
 //! their edges and call in here for every decision.
 
+pub mod approvals;
 pub mod codec;
 pub mod config;
+pub mod doctrine;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;

@@ -219,6 +219,10 @@ pub struct TaskSpec {
     /// Execution timeout per step; the service default applies when absent.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// A step not claimed within this long after it was queued fails with `queue_timeout`;
+    /// the service default applies when absent.
+    #[serde(default)]
+    pub queue_timeout_secs: Option<u64>,
     #[serde(default)]
     pub retry_policy: Option<RetryPolicy>,
     /// Groups tasks (and artifacts) of one investigation.
@@ -326,6 +330,14 @@ impl TaskSpec {
                 limits.max_timeout_secs
             )));
         }
+        if let Some(t) = self.queue_timeout_secs
+            && (t == 0 || t > limits.max_timeout_secs)
+        {
+            return Err(WireError::invalid(format!(
+                "queue_timeout_secs: must be between 1 and {}",
+                limits.max_timeout_secs
+            )));
+        }
         if let Some(p) = &self.retry_policy {
             if p.max_attempts == 0 || p.max_attempts > 100 {
                 return Err(WireError::invalid(
@@ -380,6 +392,7 @@ mod tests {
             },
             targets: vec![crate::ids::WorkstationId::new().to_string()],
             timeout_secs: None,
+            queue_timeout_secs: None,
             retry_policy: None,
             investigation_id: None,
             idempotency_key: None,

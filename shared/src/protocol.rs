@@ -76,6 +76,20 @@ pub struct TaskView {
     pub finished_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub execution_id: Option<ExecutionId>,
+    pub queue_timeout_secs: u64,
+    #[serde(default)]
+    pub cancel_reason: Option<String>,
+    #[serde(default)]
+    pub cancelled_by: Option<String>,
+    /// For a task cancelled while steps ran: whether every running step's worker confirmed the stop.
+    #[serde(default)]
+    pub stop_confirmed: Option<bool>,
+    /// Doctrine's verdict, kept from planning (absent until evaluated).
+    #[serde(default)]
+    pub approval: Option<crate::approvals::ApprovalSnapshot>,
+    /// Every decision about this task: approval, rejection or expiry.
+    #[serde(default)]
+    pub approvals: Vec<crate::approvals::ApprovalRecord>,
     #[serde(default)]
     pub steps: Vec<StepView>,
 }
@@ -103,11 +117,39 @@ pub struct StepView {
     pub finished_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub duration_ms: Option<i64>,
+    /// The last heartbeat that renewed this step's lease.
+    #[serde(default)]
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// When a cancel was sent to the worker running this step.
+    #[serde(default)]
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// When that worker confirmed the step stopped (its final report); absent if it never did.
+    #[serde(default)]
+    pub stop_confirmed_at: Option<DateTime<Utc>>,
     /// The last few KiB of standard output.
     #[serde(default)]
     pub stdout_tail: String,
     #[serde(default)]
     pub stderr_tail: String,
+}
+
+/// `tasks.cancel` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelTaskRequest {
+    pub task_id: TaskId,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `tasks.cancel` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelTaskReply {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    /// Steps that were running and were sent a cancel on their worker's control subject.
+    pub steps_signalled: u32,
+    /// Steps that had not started and were cancelled outright.
+    pub steps_cancelled: u32,
 }
 
 /// `tasks.list` request: every filter optional; newest first.

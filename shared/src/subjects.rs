@@ -53,6 +53,9 @@ impl Subjects {
     pub fn tasks_get(&self) -> String {
         self.s("tasks.get")
     }
+    pub fn tasks_cancel(&self) -> String {
+        self.s("tasks.cancel")
+    }
     pub fn tasks_list(&self) -> String {
         self.s("tasks.list")
     }
@@ -101,6 +104,40 @@ impl Subjects {
     pub fn logs(&self, org: OrgId, task: TaskId) -> String {
         self.s(&format!("logs.{org}.{task}"))
     }
+
+    // Approvals and doctrine (served by the approval service).
+    pub fn tasks_approve(&self) -> String {
+        self.s("tasks.approve")
+    }
+    pub fn tasks_reject(&self) -> String {
+        self.s("tasks.reject")
+    }
+    pub fn approvals_mint(&self) -> String {
+        self.s("approvals.mint")
+    }
+    pub fn approvals_pending(&self) -> String {
+        self.s("approvals.pending")
+    }
+    pub fn approvals_list(&self) -> String {
+        self.s("approvals.list")
+    }
+    pub fn doctrine_get(&self) -> String {
+        self.s("doctrine.get")
+    }
+    pub fn doctrine_publish(&self) -> String {
+        self.s("doctrine.publish")
+    }
+    pub fn doctrine_dry_run(&self) -> String {
+        self.s("doctrine.dry_run")
+    }
+    /// A planned task started waiting for a decision (notifiers listen here).
+    pub fn approval_requested(&self, org: OrgId) -> String {
+        self.s(&format!("events.{org}.approval.requested"))
+    }
+    /// A pending task was approved, rejected or expired (the requester listens here).
+    pub fn approval_decided(&self, org: OrgId) -> String {
+        self.s(&format!("events.{org}.approval.decided"))
+    }
 }
 
 impl Default for Subjects {
@@ -125,6 +162,11 @@ mod tests {
             format!("t_abc.v1.events.{org}.task.queued")
         );
         assert_eq!(Subjects::default().lease_claim(), "tanjiren.v1.lease.claim");
+        assert_eq!(s.doctrine_dry_run(), "t_abc.v1.doctrine.dry_run");
+        assert_eq!(
+            s.approval_decided(org),
+            format!("t_abc.v1.events.{org}.approval.decided")
+        );
     }
 
     #[test]

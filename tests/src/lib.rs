@@ -14,7 +14,7 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::{Mode, Role, TaskSpec};
-use tanjiren_shared::protocol::{CreateTaskReply, GetTaskRequest, TaskView};
+use tanjiren_shared::protocol::{CreateTaskReply, GetTaskRequest, Principal, TaskView};
 use tanjiren_shared::secret::ApiToken;
 use uuid::Uuid;
 
@@ -55,6 +55,8 @@ pub struct TestEnv {
     pub conns: Connections,
     pub org: OrgId,
     pub owner_token: String,
+    /// A second approver (role admin), distinct from the owner.
+    pub admin_token: String,
     pub member_token: String,
     pub worker_token: String,
 }
@@ -106,6 +108,7 @@ impl TestEnv {
             .await
             .unwrap();
         let owner_token = make_token(&conns, org, Role::Owner, "owner").await;
+        let admin_token = make_token(&conns, org, Role::Admin, "admin").await;
         let member_token = make_token(&conns, org, Role::Member, "member").await;
         let worker_token = make_token(&conns, org, Role::Worker, "worker").await;
         Self {
@@ -114,6 +117,7 @@ impl TestEnv {
             conns,
             org,
             owner_token,
+            admin_token,
             member_token,
             worker_token,
         }
@@ -186,15 +190,36 @@ impl TestEnv {
 
     /// Registers a workstation directly in the database (no worker running on it).
     pub async fn workstation(&self, name: &str) -> Uuid {
+        self.workstation_with_labels(name, &[]).await
+    }
+
+    /// Registers a workstation with labels directly in the database.
+    pub async fn workstation_with_labels(&self, name: &str, labels: &[(&str, &str)]) -> Uuid {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO workstations (id, org_id, name) VALUES ($1, $2, $3)")
+        let labels: serde_json::Map<String, serde_json::Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+        sqlx::query("INSERT INTO workstations (id, org_id, name, labels) VALUES ($1, $2, $3, $4)")
             .bind(id)
             .bind(self.org.as_uuid())
             .bind(name)
+            .bind(sqlx::types::Json(labels))
             .execute(&self.conns.db)
             .await
             .unwrap();
         id
+    }
+
+    /// Another API token of this organisation.
+    pub async fn token(&self, role: Role, name: &str) -> String {
+        make_token(&self.conns, self.org, role, name).await
+    }
+
+    /// Who a token is, as the services see it (for calling service functions directly).
+    pub async fn principal(&self, token: &str) -> Principal {
+        tanjiren_runtime::auth::Authenticator::new(self.conns.db.clone())
+            .authenticate(Some(&format!("Bearer {token}")))
+            .await
+            .expect("a valid token")
     }
 
     /// Request/reply with a token, MessagePack.
@@ -234,6 +259,22 @@ impl TestEnv {
                 panic!("task {task} not finished after {timeout:?}: {:?}", self.get(task).await);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the task is terminal and every step's lease has been released
+    /// (the worker releases just after its result is stored).
+    pub async fn wait_released(&self, task: TaskId, timeout: Duration) -> TaskView {
+        let start = Instant::now();
+        loop {
+            let t = self.wait_terminal(task, timeout).await;
+            if t.steps.iter().all(|s| s.lease_owner.is_none()) {
+                return t;
+            }
+            if start.elapsed() > timeout {
+                panic!("task {task}: leases not released after {timeout:?}: {t:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -308,6 +349,7 @@ pub fn command(cmd: &str, targets: &[&str]) -> TaskSpec {
         },
         targets: targets.iter().map(|t| t.to_string()).collect(),
         timeout_secs: None,
+        queue_timeout_secs: None,
         retry_policy: None,
         investigation_id: None,
         idempotency_key: None,

@@ -38,7 +38,7 @@ async fn of_many_concurrent_claims_exactly_one_wins() {
     let (task, step) = queued_step(&env, "ws-race").await;
     let s = &env.conns.subjects;
     let env_ref = &env;
-    let claims = (0..200).map(|i| {
+    let claims = (0..1000).map(|i| {
         let req = ClaimRequest {
             step_id: step,
             lease_generation: 0,

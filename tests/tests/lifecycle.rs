@@ -20,7 +20,7 @@ async fn one_target_completes_with_its_output() {
         .unwrap();
     assert!(reply.created);
     assert_eq!(reply.status, TaskStatus::Planned);
-    let t = env.wait_terminal(reply.task_id, WAIT).await;
+    let t = env.wait_released(reply.task_id, WAIT).await;
     assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
     assert_eq!(t.steps.len(), 1);
     let s = &t.steps[0];

@@ -53,7 +53,7 @@ async fn with_two_replicas_of_everything_200_tasks_each_run_exactly_once_per_ste
     let ids: Vec<TaskId> = futures::future::join_all(creates).await;
     let mut steps = 0;
     for id in &ids {
-        let t = env.wait_terminal(*id, Duration::from_secs(120)).await;
+        let t = env.wait_released(*id, Duration::from_secs(120)).await;
         assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
         for s in &t.steps {
             assert_eq!(s.status, StepStatus::Succeeded);

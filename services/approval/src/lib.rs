@@ -1,31 +1,128 @@
-//! The approval service: the gate between `planned` and `queued`.
+//! The approval service: the gate between `planned` and `queued` (DESIGN §4).
 //!
 //! It hears about new tasks from the `events.*.task.planned` events (queue group
 //! `approval`), and a periodic sweep finds any planned task whose event was lost,
-//! so a task is never stranded. For each task it asks the lifecycle what
-//! doctrine's verdict means; with no doctrine configured no task needs approval,
-//! so the task is queued: in one transaction per batch the status moves by
-//! compare-and-swap, and the execution and one step per target are created.
-//! After commit it publishes the `queued` events and dispatches each step.
+//! so a task is never stranded. Each task is evaluated against its organisation's
+//! doctrine in force; the verdict is kept with the task as its snapshot, and the
+//! task is either queued at once (steps materialised and dispatched) or held
+//! `pending` until an admin or owner approves or rejects it with a single-use
+//! approval token — or its deadline passes, which the same sweep enforces.
+//!
+//! Subjects served (queue group `approval`): `tasks.approve`, `tasks.reject`,
+//! `approvals.mint`, `approvals.pending`, `approvals.list`, `doctrine.get`,
+//! `doctrine.publish`, `doctrine.dry_run`. Approval tokens never leave the mint
+//! reply: they are not logged, stored in clear or published.
 
+mod decide;
+mod doctrines;
+mod evaluate;
+mod expiry;
+mod notify;
 mod queue;
+mod read;
+mod tokens;
 
+use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
-use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError};
+use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
+use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::protocol::TaskEventMessage;
 
-pub use queue::{Sweep, evaluate_planned};
+use doctrines::DoctrineCache;
+
+pub use decide::{DecisionKind, decide};
+pub use evaluate::{Evaluated, Sweep};
+pub use expiry::expire_overdue;
+pub use tokens::mint;
 
 pub const QUEUE_GROUP: &str = "approval";
 /// Planned tasks younger than this are left to the event path by the sweep.
 const SWEEP_MIN_AGE: Duration = Duration::from_secs(1);
 
-/// Subscribes to planned events and starts the sweep; returns once subscribed.
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Planned tasks whose event was missed, now evaluated.
+    pub evaluated: Evaluated,
+    /// Pending tasks past their approval deadline, now failed.
+    pub expired: usize,
+}
+
+/// Subscribes to planned events and the approval subjects, and starts the sweep;
+/// returns once everything is subscribed.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
+    let doctrines = DoctrineCache::default();
     let mut handle = ServiceHandle::new();
+    handle.push(listen_for_planned(conns, doctrines.clone(), shutdown.clone()).await?);
+
+    let s = &conns.subjects;
+    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    router
+        .route(s.tasks_approve(), Access::Operators, |c, b| {
+            decide::handle(c, DecisionKind::Approve, b)
+        })
+        .await?;
+    router
+        .route(s.tasks_reject(), Access::Operators, |c, b| {
+            decide::handle(c, DecisionKind::Reject, b)
+        })
+        .await?;
+    router
+        .route(s.approvals_mint(), Access::Approvers, tokens::handle)
+        .await?;
+    router
+        .route(s.approvals_pending(), Access::Operators, read::pending)
+        .await?;
+    router.route(s.approvals_list(), Access::Operators, read::list).await?;
+    router
+        .route(s.doctrine_get(), Access::Operators, doctrines::get)
+        .await?;
+    router
+        .route(s.doctrine_publish(), Access::Approvers, doctrines::publish)
+        .await?;
+    let cache = doctrines.clone();
+    router
+        .route(s.doctrine_dry_run(), Access::Operators, move |c, b| {
+            doctrines::dry_run(c, cache.clone(), b)
+        })
+        .await?;
+    handle.extend(router.into_handle());
+
+    let c = conns.clone();
+    let interval = Duration::from_millis(conns.config.approval_sweep_interval_ms.max(1));
+    handle.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match sweep_with(&c, &doctrines, Utc::now()).await {
+                Ok(o) if o.evaluated.queued + o.evaluated.pending > 0 => {
+                    tracing::info!(
+                        queued = o.evaluated.queued,
+                        pending = o.evaluated.pending,
+                        "sweep evaluated planned tasks whose event was missed"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "approval sweep failed"),
+            }
+        }
+    }));
+    Ok(handle)
+}
+
+/// The planned-event path: evaluate new tasks as soon as ingest announces them.
+async fn listen_for_planned(
+    conns: &Connections,
+    doctrines: DoctrineCache,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, StartupError> {
     let mut sub = conns
         .nats
         .queue_subscribe(conns.subjects.all_planned_events(), QUEUE_GROUP.to_string())
@@ -35,15 +132,13 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
             reason: e.to_string(),
         })?;
     let _ = conns.nats.flush().await;
-
     let c = conns.clone();
-    let s = shutdown.clone();
-    handle.push(tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
         loop {
             let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
             let first = tokio::select! {
-                _ = s.cancelled() => break,
+                _ = shutdown.cancelled() => break,
                 m = sub.next() => m,
             };
             let Some(first) = first else { break };
@@ -65,37 +160,37 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
                 })
                 .collect();
             let c = c.clone();
+            let doctrines = doctrines.clone();
             tokio::spawn(async move {
-                if let Err(e) = evaluate_planned(&c, Sweep::Tasks(&ids)).await {
+                if let Err(e) = evaluate::evaluate_planned(&c, &doctrines, Sweep::Tasks(&ids), Utc::now()).await {
                     tracing::warn!(error = %e, "evaluating planned tasks failed; the sweep will retry them");
                 }
                 drop(permit);
             });
         }
         let _ = permits.acquire_many(4).await;
-    }));
+    }))
+}
 
-    let c = conns.clone();
-    let interval = Duration::from_millis(conns.config.approval_sweep_interval_ms.max(1));
-    handle.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            match evaluate_planned(&c, Sweep::Stranded { min_age: SWEEP_MIN_AGE }).await {
-                Ok(n) if n > 0 => tracing::info!(tasks = n, "sweep queued planned tasks whose event was missed"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "approval sweep failed"),
-            }
-        }
-    }));
-    Ok(handle)
+async fn sweep_with(
+    conns: &Connections,
+    doctrines: &DoctrineCache,
+    now: DateTime<Utc>,
+) -> Result<SweepOutcome, WireError> {
+    let evaluated =
+        evaluate::evaluate_planned(conns, doctrines, Sweep::Stranded { min_age: SWEEP_MIN_AGE }, now).await?;
+    let expired = expire_overdue(conns, now).await?;
+    Ok(SweepOutcome { evaluated, expired })
+}
+
+/// One pass of the approval sweep at `now`: evaluate planned tasks whose event was
+/// missed, and fail pending tasks past their approval deadline. Tests drive it with
+/// a controlled clock.
+pub async fn sweep(conns: &Connections, now: DateTime<Utc>) -> Result<SweepOutcome, WireError> {
+    sweep_with(conns, &DoctrineCache::default(), now).await
 }
 
 /// For tests and tools: evaluate these planned tasks now.
-pub async fn evaluate_now(conns: &Connections, ids: &[TaskId]) -> Result<usize, tanjiren_shared::WireError> {
-    evaluate_planned(conns, Sweep::Tasks(ids)).await
+pub async fn evaluate_now(conns: &Connections, ids: &[TaskId]) -> Result<Evaluated, WireError> {
+    evaluate::evaluate_planned(conns, &DoctrineCache::default(), Sweep::Tasks(ids), Utc::now()).await
 }

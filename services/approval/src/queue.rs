@@ -1,176 +1,119 @@
-//! planned → queued for a batch of tasks: lock the still-unevaluated rows
-//! (`SKIP LOCKED`, so replicas and the sweep never work on one task twice), ask
-//! the lifecycle for the transition, store it, create executions and steps, commit,
-//! then publish events and dispatch every step.
+//! Materialising queued tasks: one execution and one step per target for each
+//! task, written inside the caller's transaction (the same one that moved the task
+//! to `queued` by compare-and-swap), then dispatched to the workers once the
+//! caller has committed. Used by both ways into `queued` — doctrine said no
+//! approval is needed, or an approver said yes — so the rule exists once.
 
-use chrono::{DateTime, Utc};
-use sqlx::types::Json;
-use std::time::Duration;
-use tanjiren_runtime::events::publish_task_event;
+use sqlx::{Postgres, Transaction};
 use tanjiren_runtime::{Connections, db_error};
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
-use tanjiren_shared::ids::{ExecutionId, OrgId, StepId, TaskId, WorkstationId};
-use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
-use tanjiren_shared::model::{Mode, TaskStatus};
+use tanjiren_shared::ids::{ExecutionId, OrgId, StepId, WorkstationId};
+use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::Assignment;
 use uuid::Uuid;
 
-/// Which planned tasks to evaluate.
-#[derive(Clone, Copy, Debug)]
-pub enum Sweep<'a> {
-    /// These tasks (from their planned events).
-    Tasks(&'a [TaskId]),
-    /// Any unevaluated planned task at least this old (its event was missed).
-    Stranded { min_age: Duration },
+/// A task that has just moved to `queued` in the caller's transaction.
+#[derive(Clone, Debug)]
+pub(crate) struct QueuedTask {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub mode: Mode,
+    pub targets: Vec<Uuid>,
+    pub timeout_secs: i64,
 }
 
-#[derive(sqlx::FromRow)]
-struct Planned {
-    id: Uuid,
-    org_id: Uuid,
-    payload: Json<Mode>,
-    targets: Vec<Uuid>,
-    timeout_secs: i64,
+/// The steps created by [`materialise`], to be dispatched after the commit.
+#[must_use = "dispatch the steps after the transaction commits"]
+#[derive(Debug, Default)]
+pub(crate) struct Materialised {
+    tasks: usize,
+    dispatches: Vec<(OrgId, WorkstationId, Assignment)>,
 }
 
-/// Doctrine's verdict for a task. With no doctrine configured nothing needs approval.
-fn approval_required(_task: &Planned) -> bool {
-    false
-}
-
-/// Evaluates the selected planned tasks; returns how many were queued.
-pub async fn evaluate_planned(conns: &Connections, which: Sweep<'_>) -> Result<usize, WireError> {
-    let limit = conns.config.batch_max as i64;
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
-    let rows: Vec<Planned> = match which {
-        Sweep::Tasks(ids) => {
-            let ids: Vec<Uuid> = ids.iter().map(|t| t.as_uuid()).collect();
-            sqlx::query_as(
-                "SELECT id, org_id, payload, targets, timeout_secs FROM tasks
-                 WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'unevaluated'
-                 ORDER BY id FOR UPDATE SKIP LOCKED",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-        }
-        Sweep::Stranded { min_age } => {
-            let before: DateTime<Utc> = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or_default();
-            sqlx::query_as(
-                "SELECT id, org_id, payload, targets, timeout_secs FROM tasks
-                 WHERE status = 'planned' AND approval_status = 'unevaluated' AND created_at < $1
-                 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(before)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await
-        }
+/// Creates one execution per task and one queued step per target, in `tx`.
+pub(crate) async fn materialise(
+    tx: &mut Transaction<'_, Postgres>,
+    tasks: &[QueuedTask],
+) -> Result<Materialised, WireError> {
+    if tasks.is_empty() {
+        return Ok(Materialised::default());
     }
-    .map_err(db_error)?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
-
-    let mut queued = Vec::new();
     let (mut exec_ids, mut exec_tasks) = (vec![], vec![]);
     let (mut step_ids, mut step_execs, mut step_tasks, mut step_orgs, mut step_ws) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut dispatches = Vec::new();
-    for row in &rows {
-        let t = transition(
-            TaskState::initial(),
-            TaskEvent::Evaluated {
-                approval_required: approval_required(row),
-            },
-        )
-        .map_err(|e| WireError::internal(e.to_string()))?;
-        if t.next.status != TaskStatus::Queued || !t.effects.contains(&Effect::MaterializeSteps) {
-            // Approval gates arrive with doctrine; until then every task is queued.
-            continue;
-        }
+    for task in tasks {
         let execution = ExecutionId::new();
         exec_ids.push(execution.as_uuid());
-        exec_tasks.push(row.id);
-        for ws in &row.targets {
+        exec_tasks.push(task.id);
+        for ws in &task.targets {
             let step = StepId::new();
             step_ids.push(step.as_uuid());
             step_execs.push(execution.as_uuid());
-            step_tasks.push(row.id);
-            step_orgs.push(row.org_id);
+            step_tasks.push(task.id);
+            step_orgs.push(task.org_id);
             step_ws.push(*ws);
             dispatches.push((
-                OrgId::from(row.org_id),
+                OrgId::from(task.org_id),
                 WorkstationId::from(*ws),
                 Assignment {
                     step_id: step,
-                    task_id: row.id.into(),
+                    task_id: task.id.into(),
                     lease_generation: 0,
-                    mode: row.payload.0.clone(),
-                    timeout_secs: row.timeout_secs as u64,
+                    mode: task.mode.clone(),
+                    timeout_secs: task.timeout_secs as u64,
                 },
             ));
         }
-        queued.push((row.id, row.org_id, t.next));
     }
-    let queued_ids: Vec<Uuid> = queued.iter().map(|(id, _, _)| *id).collect();
-    sqlx::query(
-        "UPDATE tasks SET status = 'queued', approval_status = 'not_required', queued_at = now()
-         WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'unevaluated'",
-    )
-    .bind(&queued_ids)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
     sqlx::query("INSERT INTO executions (id, task_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])")
         .bind(&exec_ids)
         .bind(&exec_tasks)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(db_error)?;
     sqlx::query(
-        "INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, dispatched_at)
-         SELECT id, execution_id, task_id, org_id, workstation_id, 'queued', now()
-         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[]) AS s(id, execution_id, task_id, org_id, workstation_id)",
+        "INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, dispatched_at, queue_deadline)
+         SELECT s.id, s.execution_id, s.task_id, s.org_id, s.workstation_id, 'queued', now(),
+                now() + make_interval(secs => t.queue_timeout_secs)
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[]) AS s(id, execution_id, task_id, org_id, workstation_id)
+         JOIN tasks t ON t.id = s.task_id",
     )
     .bind(&step_ids)
     .bind(&step_execs)
     .bind(&step_tasks)
     .bind(&step_orgs)
     .bind(&step_ws)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await
     .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    Ok(Materialised {
+        tasks: tasks.len(),
+        dispatches,
+    })
+}
 
-    for (id, org, state) in &queued {
-        publish_task_event(
-            &conns.nats,
-            &conns.subjects,
-            OrgId::from(*org),
-            TaskId::from(*id),
-            state.status,
-            state.approval,
-            None,
-        )
-        .await;
-    }
-    for (org, ws, assignment) in dispatches {
-        let subject = conns.subjects.dispatch(org, ws);
-        if let Err(e) = conns
-            .nats
-            .publish(subject, Encoding::MsgPack.encode(&assignment).into())
-            .await
-        {
-            tracing::warn!(error = %e, step = %assignment.step_id, "dispatch failed; the scheduler will send it again");
+impl Materialised {
+    /// Publishes every step on its workstation's dispatch subject. Call only after
+    /// the commit: a worker must never see a step that might still roll back.
+    /// Best-effort: the scheduler re-sends, and heartbeats offer queued steps.
+    pub(crate) async fn dispatch(self, conns: &Connections) {
+        for (org, ws, assignment) in self.dispatches {
+            let subject = conns.subjects.dispatch(org, ws);
+            if let Err(e) = conns
+                .nats
+                .publish(subject, Encoding::MsgPack.encode(&assignment).into())
+                .await
+            {
+                tracing::warn!(error = %e, step = %assignment.step_id, "dispatch failed; the scheduler will send it again");
+            }
         }
+        conns.metrics.inc(
+            "tanjiren_tasks_queued_total",
+            "Tasks moved from planned to queued.",
+            &[],
+            self.tasks as u64,
+        );
     }
-    conns.metrics.inc(
-        "tanjiren_tasks_queued_total",
-        "Tasks moved from planned to queued.",
-        &[],
-        queued.len() as u64,
-    );
-    Ok(queued.len())
 }

@@ -27,9 +27,11 @@ struct Row {
     spec: TaskSpec,
     targets: Vec<WorkstationId>,
     timeout_secs: i64,
+    queue_timeout_secs: i64,
     root_task_id: TaskId,
     attempt: i32,
     created_by: String,
+    created_by_token_id: Uuid,
 }
 
 /// Creates every task it can; one result per request, in order.
@@ -193,9 +195,11 @@ fn build_row(
         spec: spec.clone(),
         targets,
         timeout_secs: spec.timeout_secs.unwrap_or(conns.config.default_timeout_secs) as i64,
+        queue_timeout_secs: spec.queue_timeout_secs.unwrap_or(conns.config.queue_timeout_secs) as i64,
         root_task_id,
         attempt,
         created_by: p.token_name.clone(),
+        created_by_token_id: p.token_id,
     })
 }
 
@@ -209,6 +213,7 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     let mut payloads = Vec::with_capacity(n);
     let mut targets = Vec::with_capacity(n);
     let mut timeouts = Vec::with_capacity(n);
+    let mut queue_timeouts = Vec::with_capacity(n);
     let mut policies = Vec::with_capacity(n);
     let mut investigations = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
@@ -216,6 +221,7 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     let mut roots = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
     let mut creators = Vec::with_capacity(n);
+    let mut creator_ids = Vec::with_capacity(n);
     for (_, r) in rows {
         ids.push(r.id.as_uuid());
         orgs.push(r.org_id.as_uuid());
@@ -224,6 +230,7 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
         payloads.push(Json(serde_json::to_value(&r.spec.mode).expect("mode serialises")));
         targets.push(r.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
         timeouts.push(r.timeout_secs);
+        queue_timeouts.push(r.queue_timeout_secs);
         policies.push(
             r.spec
                 .retry_policy
@@ -236,17 +243,21 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
         roots.push(r.root_task_id.as_uuid());
         attempts.push(r.attempt);
         creators.push(r.created_by.clone());
+        creator_ids.push(r.created_by_token_id);
     }
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let inserted: Vec<(Uuid,)> = sqlx::query_as(
         "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
-                            investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by)
+                            investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
+                            created_by_token_id)
          SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
-                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by
+                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                queue_timeout_secs, created_by_token_id
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
-                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[])
+                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[])
               AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
-                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by)
+                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                   queue_timeout_secs, created_by_token_id)
          ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id",
     )
@@ -264,6 +275,8 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     .bind(&roots)
     .bind(&attempts)
     .bind(&creators)
+    .bind(&queue_timeouts)
+    .bind(&creator_ids)
     .fetch_all(&mut *tx)
     .await
     .map_err(|e| match &e {

@@ -6,13 +6,13 @@
 //! writes `ingest.logs` and `ingest.progress`. Every handler takes a whole batch
 //! of requests and commits it in one transaction.
 
+mod cancel;
 mod create;
 mod read;
 mod submit;
 mod worker_writes;
 
-use tanjiren_runtime::auth::Authenticator;
-use tanjiren_runtime::{Access, Connections, ServeOptions, ServiceHandle, Shutdown, StartupError, serve};
+use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
 
 pub use create::create_tasks;
 
@@ -21,88 +21,18 @@ pub const QUEUE_GROUP: &str = "ingest";
 
 /// Starts every ingest subscription; returns once they are live.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-    let auth = Authenticator::new(conns.db.clone());
     let s = &conns.subjects;
-    let mut handle = ServiceHandle::new();
-    let opts = |subject: String, access| ServeOptions::new(conns, subject, QUEUE_GROUP, access);
-
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.tasks_create(), Access::Operators),
-            move |batch| create::handle(c.clone(), batch),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.tasks_get(), Access::Operators),
-            move |b| read::get(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.tasks_list(), Access::Operators),
-            move |b| read::list(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.tasks_logs(), Access::Operators),
-            move |b| read::logs(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.workstations_register(), Access::Workers),
-            move |b| worker_writes::register(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.ingest_logs(), Access::Workers),
-            move |b| worker_writes::logs(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.ingest_progress(), Access::Workers),
-            move |b| worker_writes::progress(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
+    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    router.route(s.tasks_create(), Access::Operators, create::handle).await?;
+    router.route(s.tasks_cancel(), Access::Operators, cancel::handle).await?;
+    router.route(s.tasks_get(), Access::Operators, read::get).await?;
+    router.route(s.tasks_list(), Access::Operators, read::list).await?;
+    router.route(s.tasks_logs(), Access::Operators, read::logs).await?;
+    router.route(s.workstations_register(), Access::Workers, worker_writes::register).await?;
+    router.route(s.ingest_logs(), Access::Workers, worker_writes::logs).await?;
+    router.route(s.ingest_progress(), Access::Workers, worker_writes::progress).await?;
+    let auth = router.authenticator();
+    let mut handle = router.into_handle();
     handle.push(submit::start(conns, auth, shutdown).await?);
     Ok(handle)
 }

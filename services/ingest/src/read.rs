@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
+use tanjiren_runtime::approval_records::task_approvals;
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
@@ -36,6 +37,9 @@ struct TaskRow {
     queued_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    queue_timeout_secs: i64,
+    cancel_reason: Option<String>,
+    cancelled_by: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -52,6 +56,9 @@ struct StepRow {
     failure_reason: Option<String>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+    cancel_requested_at: Option<DateTime<Utc>>,
+    stop_confirmed_at: Option<DateTime<Utc>>,
     stdout_tail: String,
     stderr_tail: String,
 }
@@ -62,7 +69,8 @@ fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
 }
 
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
-    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, created_at, queued_at, started_at, finished_at";
+    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, created_at, queued_at, started_at, finished_at,
+    queue_timeout_secs, cancel_reason, cancelled_by";
 
 pub(crate) async fn get(conns: Connections, batch: Vec<Incoming<GetTaskRequest>>) -> Vec<Result<TaskView, WireError>> {
     let mut out = Vec::with_capacity(batch.len());
@@ -84,7 +92,8 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
     let row = row.ok_or_else(|| WireError::not_found(format!("no task {task_id}")))?;
     let steps: Vec<StepRow> = sqlx::query_as(
         "SELECT s.id, s.execution_id, s.workstation_id, w.name AS workstation_name, s.status, s.lease_generation, s.lease_owner,
-                s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.stdout_tail, s.stderr_tail
+                s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.last_heartbeat_at,
+                s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = $1 ORDER BY s.id",
     )
@@ -112,11 +121,15 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
                     (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
                     _ => None,
                 },
+                last_heartbeat_at: s.last_heartbeat_at,
+                cancel_requested_at: s.cancel_requested_at,
+                stop_confirmed_at: s.stop_confirmed_at,
                 stdout_tail: s.stdout_tail,
                 stderr_tail: s.stderr_tail,
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
+    let (approval, approvals) = task_approvals(&conns.db, org, task_id).await?;
     Ok(TaskView {
         task_id: row.id.into(),
         org_id: row.org_id.into(),
@@ -138,8 +151,20 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
         started_at: row.started_at,
         finished_at: row.finished_at,
         execution_id,
+        queue_timeout_secs: row.queue_timeout_secs as u64,
+        cancel_reason: row.cancel_reason,
+        cancelled_by: row.cancelled_by,
+        stop_confirmed: stop_confirmed(&steps),
+        approval,
+        approvals,
         steps,
     })
+}
+
+/// Whether every step that was running when the task was cancelled confirmed its stop.
+fn stop_confirmed(steps: &[StepView]) -> Option<bool> {
+    let signalled: Vec<&StepView> = steps.iter().filter(|s| s.cancel_requested_at.is_some()).collect();
+    (!signalled.is_empty()).then(|| signalled.iter().all(|s| s.stop_confirmed_at.is_some()))
 }
 
 pub(crate) async fn list(

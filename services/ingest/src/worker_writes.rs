@@ -7,14 +7,12 @@
 //! task's outcome is decided by the lifecycle function and stored by
 //! compare-and-swap in that same transaction.
 
-use chrono::Utc;
 use std::collections::{BTreeSet, HashMap};
-use tanjiren_runtime::events::publish_task_event;
+use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::codec::Encoding;
-use tanjiren_shared::ids::{OrgId, TaskId};
-use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
-use tanjiren_shared::model::{ApprovalStatus, StepStatus, TaskStatus, validate_workstation_name};
+use tanjiren_shared::ids::OrgId;
+use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
     LiveLogBatch, LogBatch, LogBatchReply, ProgressReply, ProgressReport, RegisterWorkstationReply,
     RegisterWorkstationRequest,
@@ -220,13 +218,6 @@ pub(crate) async fn progress(
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct TaskLock {
-    id: Uuid,
-    org_id: Uuid,
-    status: String,
-    approval_status: String,
-}
 
 /// The merged update for one step in this batch.
 #[derive(Default)]
@@ -267,16 +258,7 @@ async fn store_progress(
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-    let tasks: HashMap<Uuid, TaskLock> = sqlx::query_as::<_, TaskLock>(
-        "SELECT id, org_id, status, approval_status FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(&task_ids)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?
-    .into_iter()
-    .map(|t| (t.id, t))
-    .collect();
+    let tasks = lock_tasks(&mut tx, &task_ids).await?;
     let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
         "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
@@ -352,7 +334,9 @@ async fn store_progress(
                 status = COALESCE(u.status, s.status),
                 exit_code = CASE WHEN u.status IS NULL THEN s.exit_code ELSE u.exit_code END,
                 failure_reason = CASE WHEN u.status IS NULL THEN s.failure_reason ELSE u.failure_reason END,
-                finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END
+                finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END,
+                stop_confirmed_at = CASE WHEN u.status IS NOT NULL AND s.cancel_requested_at IS NOT NULL
+                                         THEN now() ELSE s.stop_confirmed_at END
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
                   AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason)
              WHERE s.id = u.id",
@@ -368,22 +352,9 @@ async fn store_progress(
         .map_err(db_error)?;
     }
 
-    let decided = finish_tasks(&mut tx, &tasks, &finished_tasks).await?;
+    let decided = settle_finished(&mut tx, &tasks, &finished_tasks).await?;
     tx.commit().await.map_err(db_error)?;
-
-    for (task_id, (status, approval, reason)) in &decided {
-        let org = tasks[task_id].org_id;
-        publish_task_event(
-            &conns.nats,
-            &conns.subjects,
-            OrgId::from(org),
-            TaskId::from(*task_id),
-            *status,
-            *approval,
-            reason.clone(),
-        )
-        .await;
-    }
+    publish_decisions(conns, &tasks, &decided).await;
     Ok(results
         .into_iter()
         .map(|r| {
@@ -399,79 +370,4 @@ async fn store_progress(
             })
         })
         .collect())
-}
-
-type Decision = (TaskStatus, ApprovalStatus, Option<String>);
-
-/// For each task that just had a step finish: if no step is left running, apply
-/// `StepsFinished` through the lifecycle and store it (compare-and-swap on status).
-async fn finish_tasks(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    tasks: &HashMap<Uuid, TaskLock>,
-    finished: &BTreeSet<Uuid>,
-) -> Result<HashMap<Uuid, Decision>, WireError> {
-    let mut decided = HashMap::new();
-    if finished.is_empty() {
-        return Ok(decided);
-    }
-    let ids: Vec<Uuid> = finished.iter().copied().collect();
-    let tallies: Vec<(Uuid, i64, bool, Option<String>)> = sqlx::query_as(
-        "SELECT task_id,
-                count(*) FILTER (WHERE status IN ('queued', 'executing')),
-                bool_and(status = 'succeeded'),
-                (array_agg(failure_reason ORDER BY id) FILTER (WHERE status <> 'succeeded'))[1]
-         FROM steps WHERE task_id = ANY($1) GROUP BY task_id",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_error)?;
-    let (mut upd_ids, mut upd_from, mut upd_to, mut upd_reason) = (vec![], vec![], vec![], vec![]);
-    for (task_id, live, all_ok, reason) in tallies {
-        if live > 0 {
-            continue;
-        }
-        let Some(t) = tasks.get(&task_id) else { continue };
-        let (Ok(status), Ok(approval)) = (
-            t.status.parse::<TaskStatus>(),
-            t.approval_status.parse::<ApprovalStatus>(),
-        ) else {
-            continue;
-        };
-        let Ok(tr) = transition(
-            TaskState::new(status, approval),
-            TaskEvent::StepsFinished { all_succeeded: all_ok },
-        ) else {
-            // Already finished (e.g. cancelled while the step ran): the step result stays, the task does not change.
-            continue;
-        };
-        let reason = if tr.next.status == TaskStatus::Failed {
-            reason.or(Some("step_failed".into()))
-        } else {
-            None
-        };
-        upd_ids.push(task_id);
-        upd_from.push(t.status.clone());
-        upd_to.push(tr.next.status.as_str().to_string());
-        upd_reason.push(reason.clone());
-        decided.insert(task_id, (tr.next.status, tr.next.approval, reason));
-    }
-    if !upd_ids.is_empty() {
-        let changed: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = $5
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, expected, next, reason)
-             WHERE t.id = u.id AND t.status = u.expected
-             RETURNING t.id",
-        )
-        .bind(&upd_ids)
-        .bind(&upd_from)
-        .bind(&upd_to)
-        .bind(&upd_reason)
-        .bind(Utc::now())
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_error)?;
-        decided.retain(|id, _| changed.contains(id));
-    }
-    Ok(decided)
 }

@@ -4,56 +4,29 @@
 //! +1 on claim, +1 on release. Redis holds the liveness key with its TTL, set on
 //! claim, extended by heartbeats only for the matching owner and generation,
 //! deleted on release, each by one atomic script. Claims, heartbeats and releases
-//! are served in batches (one transaction per batch) in queue group `lease`.
+//! are served in batches (one transaction per batch) in queue group `lease`, and
+//! the [`Reconciler`] takes back the leases of workers that vanished.
 
 mod claim;
 mod heartbeat;
 pub mod keys;
+pub mod reconciler;
 mod release;
 
-use tanjiren_runtime::auth::Authenticator;
-use tanjiren_runtime::{Access, Connections, ServeOptions, ServiceHandle, Shutdown, StartupError, serve};
+pub use reconciler::{Reconciler, SweepReport};
+
+use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
 
 pub const QUEUE_GROUP: &str = "lease";
 
 /// Starts the claim, heartbeat and release subscriptions; returns once they are live.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-    let auth = Authenticator::new(conns.db.clone());
     let s = &conns.subjects;
-    let opts = |subject: String| ServeOptions::new(conns, subject, QUEUE_GROUP, Access::Workers);
-    let mut handle = ServiceHandle::new();
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.lease_claim()),
-            move |b| claim::handle(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth.clone(),
-            opts(s.lease_heartbeat()),
-            move |b| heartbeat::handle(c.clone(), b),
-            shutdown.clone(),
-        )
-        .await?,
-    );
-    let c = conns.clone();
-    handle.push(
-        serve(
-            conns,
-            auth,
-            opts(s.lease_release()),
-            move |b| release::handle(c.clone(), b),
-            shutdown,
-        )
-        .await?,
-    );
+    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    router.route(s.lease_claim(), Access::Workers, claim::handle).await?;
+    router.route(s.lease_heartbeat(), Access::Workers, heartbeat::handle).await?;
+    router.route(s.lease_release(), Access::Workers, release::handle).await?;
+    let mut handle = router.into_handle();
+    handle.push(reconciler::spawn(conns, shutdown));
     Ok(handle)
 }

@@ -34,6 +34,8 @@ pub enum Access {
     Operators,
     /// Workstation agents: worker, admin, owner.
     Workers,
+    /// Those who may decide approvals and publish doctrine: admin, owner.
+    Approvers,
 }
 
 impl Access {
@@ -41,6 +43,7 @@ impl Access {
         match self {
             Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
             Access::Workers => matches!(role, Role::Worker | Role::Admin | Role::Owner),
+            Access::Approvers => matches!(role, Role::Admin | Role::Owner),
         }
     }
 }
@@ -299,4 +302,52 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         }
     })?;
     Encoding::MsgPack.decode::<Reply<Resp>>(&msg.payload)?.into_result()
+}
+
+/// Serves a service's subjects: each route is one subject, its access rule and its
+/// batch handler `fn(Connections, Vec<Incoming<Req>>) -> Vec<Result<Resp, WireError>>`,
+/// all in the service's queue group and stopped by one shutdown token.
+pub struct Router<'a> {
+    conns: &'a Connections,
+    auth: Authenticator,
+    queue_group: &'static str,
+    shutdown: Shutdown,
+    handle: crate::ServiceHandle,
+}
+
+impl<'a> Router<'a> {
+    pub fn new(conns: &'a Connections, queue_group: &'static str, shutdown: Shutdown) -> Self {
+        Self {
+            conns,
+            auth: Authenticator::new(conns.db.clone()),
+            queue_group,
+            shutdown,
+            handle: crate::ServiceHandle::new(),
+        }
+    }
+
+    /// Subscribes `subject`; returns once it is live.
+    pub async fn route<Req, Resp, H, Fut>(&mut self, subject: String, access: Access, handler: H) -> Result<(), StartupError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Fn(Connections, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
+    {
+        let opts = ServeOptions::new(self.conns, subject, self.queue_group, access);
+        let conns = self.conns.clone();
+        let served =
+            serve(self.conns, self.auth.clone(), opts, move |batch| handler(conns.clone(), batch), self.shutdown.clone()).await?;
+        self.handle.push(served);
+        Ok(())
+    }
+
+    pub fn authenticator(&self) -> Authenticator {
+        self.auth.clone()
+    }
+
+    /// The handle of everything routed so far.
+    pub fn into_handle(self) -> crate::ServiceHandle {
+        self.handle
+    }
 }

@@ -3,17 +3,19 @@
 //! serving a request/reply subject with batching and authentication, health and
 //! metrics over HTTP, and graceful shutdown. Domain decisions stay in `tanjiren-shared`.
 
+pub mod approval_records;
 pub mod auth;
 pub mod bus;
 pub mod db;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod settle;
 pub mod shutdown;
 pub mod startup;
 pub mod streams;
 
-pub use bus::{Access, Incoming, ServeOptions, call, serve};
+pub use bus::{Access, Incoming, Router, ServeOptions, call, serve};
 pub use metrics::Metrics;
 pub use shutdown::Shutdown;
 pub use startup::{Connections, StartupError};

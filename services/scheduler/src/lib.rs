@@ -1,10 +1,14 @@
-//! The scheduler: time-driven work. Today that is re-dispatch — a queued step no
-//! worker claimed within `redispatch_after_ms` (a dispatch lost in transit, or a
-//! worker that was busy or offline) is published again on its workstation's
-//! dispatch subject. Replicas share the work with `FOR UPDATE SKIP LOCKED`, and
-//! the loop exposes one step, [`Scheduler::tick`], that tests drive directly.
+//! The scheduler: time-driven work. Re-dispatch — a queued step no worker claimed
+//! within `redispatch_after_ms` (a dispatch lost in transit, or a worker that was
+//! busy or offline) is published again on its workstation's dispatch subject; and
+//! queue timeouts — a step still unclaimed at its `queue_deadline` fails with
+//! `queue_timeout`, and its task is settled by the lifecycle. Replicas share the
+//! work (`FOR UPDATE SKIP LOCKED`, compare-and-swap), and the loop exposes one
+//! step, [`Scheduler::tick`], that tests drive with a controlled clock.
 
 use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
+use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use sqlx::types::Json;
 use std::time::Duration;
 use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
@@ -14,6 +18,13 @@ use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::Assignment;
 use uuid::Uuid;
+
+/// What one tick did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickReport {
+    pub redispatched: usize,
+    pub timed_out: usize,
+}
 
 /// A queued step due for another dispatch, with what its worker needs.
 #[derive(sqlx::FromRow)]
@@ -38,9 +49,64 @@ impl Scheduler {
         Self { conns: conns.clone() }
     }
 
+    /// One round of everything due at `now`.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, WireError> {
+        let timed_out = self.expire_queued(now).await?;
+        let redispatched = self.redispatch(now).await?;
+        Ok(TickReport { redispatched, timed_out })
+    }
+
+    /// Fails every queued step past its queue deadline and settles its task.
+    /// Returns how many steps timed out.
+    pub async fn expire_queued(&self, now: DateTime<Utc>) -> Result<usize, WireError> {
+        let limit = self.conns.config.batch_max as i64;
+        let mut total = 0;
+        loop {
+            let due: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "SELECT id, task_id FROM steps WHERE status = 'queued' AND queue_deadline < $1
+                 ORDER BY queue_deadline LIMIT $2",
+            )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.conns.db)
+            .await
+            .map_err(db_error)?;
+            if due.is_empty() {
+                break;
+            }
+            let step_ids: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
+            let task_ids: Vec<Uuid> = due.iter().map(|(_, t)| *t).collect::<BTreeSet<_>>().into_iter().collect();
+            let mut tx = self.conns.db.begin().await.map_err(db_error)?;
+            let tasks = lock_tasks(&mut tx, &task_ids).await?;
+            let expired: Vec<Uuid> = sqlx::query_scalar(
+                "UPDATE steps SET status = 'failed', failure_reason = 'queue_timeout', finished_at = $2
+                 WHERE id = ANY($1) AND status = 'queued' AND queue_deadline < $2
+                 RETURNING task_id",
+            )
+            .bind(&step_ids)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let finished: BTreeSet<Uuid> = expired.iter().copied().collect();
+            let decided = settle_finished(&mut tx, &tasks, &finished).await?;
+            tx.commit().await.map_err(db_error)?;
+            publish_decisions(&self.conns, &tasks, &decided).await;
+            total += expired.len();
+            if due.len() < limit as usize {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::warn!(steps = total, "queued steps timed out");
+            self.conns.metrics.inc("tanjiren_queue_timeouts_total", "Steps failed for waiting too long unclaimed.", &[], total as u64);
+        }
+        Ok(total)
+    }
+
     /// Re-dispatches every queued step last dispatched before `now - redispatch_after`.
     /// Returns how many were sent.
-    pub async fn tick(&self, now: DateTime<Utc>) -> Result<usize, WireError> {
+    pub async fn redispatch(&self, now: DateTime<Utc>) -> Result<usize, WireError> {
         let cutoff = now - chrono::Duration::milliseconds(self.conns.config.redispatch_after_ms as i64);
         let limit = self.conns.config.batch_max as i64;
         let mut sent = 0;

@@ -1,10 +1,11 @@
 //! The `tanjiren` command: the launcher (`up` runs every service and a local
 //! worker in one process; `ingest`, `approval`, `lease`, `scheduler`, `worker`
 //! run one alone), set-up commands that talk to Postgres directly (`migrate`,
-//! `bootstrap`, `org create`, `token create`), and the operator CLI (`task …`)
-//! that talks to the services over NATS with a bearer token.
+//! `bootstrap`, `org create`, `token create`), and the operator CLI (`task …`,
+//! `approval …`, `doctrine …`) that talks to the services over NATS with a bearer token.
 
 mod admin;
+mod approvals;
 mod launcher;
 mod tasks;
 
@@ -33,8 +34,11 @@ pub enum Command {
     },
     /// Run the ingest service alone.
     Ingest,
-    /// Run the approval service alone.
-    Approval,
+    /// Run the approval service alone; with a subcommand, decide approvals (mint, approve, reject, pending, list).
+    Approval {
+        #[command(subcommand)]
+        command: Option<approvals::ApprovalCommand>,
+    },
     /// Run the lease service alone.
     Lease,
     /// Run the scheduler alone.
@@ -64,6 +68,11 @@ pub enum Command {
         #[command(subcommand)]
         command: tasks::TaskCommand,
     },
+    /// Show, publish and dry-run the organisation's doctrine (which tasks need approval).
+    Doctrine {
+        #[command(subcommand)]
+        command: approvals::DoctrineCommand,
+    },
 }
 
 /// Runs one command.
@@ -71,7 +80,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
     let quiet_default = matches!(
         cli.command,
-        Command::Task { .. } | Command::Org { .. } | Command::Token { .. } | Command::Migrate
+        Command::Task { .. }
+            | Command::Org { .. }
+            | Command::Token { .. }
+            | Command::Migrate
+            | Command::Approval { command: Some(_) }
+            | Command::Doctrine { .. }
     );
     let level = if quiet_default && std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
         "warn"
@@ -82,7 +96,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up { no_worker } => launcher::up(&config, !no_worker).await,
         Command::Ingest => launcher::one(&config, launcher::Service::Ingest).await,
-        Command::Approval => launcher::one(&config, launcher::Service::Approval).await,
+        Command::Approval { command: None } => launcher::one(&config, launcher::Service::Approval).await,
+        Command::Approval { command: Some(command) } => approvals::approval(&config, command).await,
         Command::Lease => launcher::one(&config, launcher::Service::Lease).await,
         Command::Scheduler => launcher::one(&config, launcher::Service::Scheduler).await,
         Command::Worker => launcher::worker(&config).await,
@@ -91,5 +106,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Org { command } => admin::org(&config, command).await,
         Command::Token { command } => admin::token(&config, command).await,
         Command::Task { command } => tasks::run(&config, command).await,
+        Command::Doctrine { command } => approvals::doctrine(&config, command).await,
     }
 }

@@ -16,7 +16,7 @@ use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{Mode, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{
-    CreateTaskReply, GetTaskRequest, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine, LogStream, TaskLogsReply,
+    CancelTaskReply, CancelTaskRequest, CreateTaskReply, GetTaskRequest, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine, LogStream, TaskLogsReply,
     TaskLogsRequest, TaskView,
 };
 use tanjiren_shared::subjects::Subjects;
@@ -45,6 +45,9 @@ pub enum TaskCommand {
         /// Execution timeout per step, in seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Fail a step not claimed within this many seconds (queue timeout).
+        #[arg(long)]
+        queue_timeout: Option<u64>,
         /// Retrying with the same key returns the same task.
         #[arg(long)]
         idempotency_key: Option<String>,
@@ -74,6 +77,15 @@ pub enum TaskCommand {
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// Cancel a planned, queued or executing task; running steps are stopped at once.
+    Cancel {
+        id: TaskId,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Wait until every running step's worker confirmed the stop (or the lease was taken back).
+        #[arg(long)]
+        wait: bool,
     },
     /// Print a task's output; `-f` follows it live until the task ends.
     Logs {
@@ -131,6 +143,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             questions,
             targets,
             timeout,
+            queue_timeout,
             idempotency_key,
             wait,
             json,
@@ -156,6 +169,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 mode,
                 targets,
                 timeout_secs: timeout,
+                queue_timeout_secs: queue_timeout,
                 retry_policy: None,
                 investigation_id: None,
                 idempotency_key,
@@ -209,6 +223,29 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                         t.created_at.format("%Y-%m-%d %H:%M:%S"),
                         one_line(&t.intent, 60)
                     );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Cancel { id, reason, wait } => {
+            let reply: CancelTaskReply =
+                client.call(client.subjects.tasks_cancel(), &CancelTaskRequest { task_id: id, reason }).await?;
+            println!(
+                "{} cancelled: {} running step(s) signalled, {} queued step(s) cancelled",
+                reply.task_id, reply.steps_signalled, reply.steps_cancelled
+            );
+            if wait && reply.steps_signalled > 0 {
+                let start = std::time::Instant::now();
+                loop {
+                    let t = client.get(id).await?;
+                    if t.steps.iter().all(|s| s.status.is_terminal()) {
+                        print_task(&t, false)?;
+                        break;
+                    }
+                    if start.elapsed() > Duration::from_secs(120) {
+                        bail!("the stop was not confirmed within 120 s; see `tanjiren task get {id}`");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -278,6 +315,19 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
         since(t.created_at, t.started_at),
         since(t.created_at, t.finished_at)
     );
+    crate::approvals::print_task_approval(t);
+    if t.status == TaskStatus::Cancelled {
+        let confirmed = match t.stop_confirmed {
+            Some(true) => "; every running step confirmed its stop",
+            Some(false) => "; NOT every running step confirmed its stop",
+            None => "",
+        };
+        println!(
+            "cancelled by {}{}{confirmed}",
+            t.cancelled_by.as_deref().unwrap_or("?"),
+            t.cancel_reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+        );
+    }
     if t.attempt > 1 {
         println!(
             "attempt   {} (retry of {}, root {})",
@@ -297,19 +347,20 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
             .map(|c| format!("exit {c}"))
             .unwrap_or_else(|| "exit -".into());
         let dur = s.duration_ms.map(|d| format!("{d}ms")).unwrap_or_else(|| "-".into());
-        let lease = match (&s.lease_owner, s.lease_expires_at) {
-            (Some(o), Some(e)) => format!("held by {o} until {}", e.format("%H:%M:%S")),
-            _ => "no lease".into(),
-        };
+        let lease = lease_health(s, Utc::now());
         println!(
             "  {name:<20} {:<10} {exit:<8} {dur:<8} gen {}  {lease}{}",
             s.status,
             s.lease_generation,
-            s.failure_reason
-                .as_ref()
-                .map(|r| format!("  reason: {r}"))
-                .unwrap_or_default()
+            s.failure_reason.as_ref().map(|r| format!("  reason: {r}")).unwrap_or_default()
         );
+        if let Some(at) = s.cancel_requested_at {
+            match s.stop_confirmed_at {
+                Some(c) => println!("    cancel sent {}, stop confirmed by the worker after {}ms", at.format("%H:%M:%S"), (c - at).num_milliseconds()),
+                None if s.status.is_terminal() => println!("    cancel sent {}, stop NOT confirmed by the worker (lease taken back)", at.format("%H:%M:%S")),
+                None => println!("    cancel sent {}, waiting for the worker to confirm the stop", at.format("%H:%M:%S")),
+            }
+        }
         for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {
             if !tail.is_empty() {
                 println!("    {label}:");
@@ -320,6 +371,27 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line on a step's lease: who holds it, until when, how fresh its heartbeat is,
+/// and a loud warning when it has expired without being taken back (a stuck step).
+fn lease_health(s: &tanjiren_shared::protocol::StepView, now: DateTime<Utc>) -> String {
+    let (Some(owner), Some(expires)) = (&s.lease_owner, s.lease_expires_at) else {
+        return "no lease".into();
+    };
+    let beat = s
+        .last_heartbeat_at
+        .map(|b| format!(", last heartbeat {}s ago", (now - b).num_seconds()))
+        .unwrap_or_default();
+    let left_ms = (expires - now).num_milliseconds();
+    if left_ms >= 0 {
+        format!("held by {owner}, expires in {:.1}s{beat}", left_ms as f64 / 1000.0)
+    } else {
+        format!(
+            "STALE: held by {owner}, lease expired {:.1}s ago{beat}; the reconciler will take it back",
+            -left_ms as f64 / 1000.0
+        )
+    }
 }
 
 fn print_line(step: StepId, multi: bool, l: &LogLine) {

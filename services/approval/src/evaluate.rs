@@ -1,0 +1,295 @@
+//! Evaluating planned tasks against doctrine. For each new task the doctrine in
+//! force for its organisation gives a verdict; the verdict, the doctrine version,
+//! the payload digest and (if approval is needed) the deadline are stored with the
+//! task as its snapshot, and the lifecycle decides what follows: no approval
+//! needed → `queued`, steps materialised and dispatched; otherwise the task waits
+//! `pending` and an approval-requested event tells the approvers. Rows are taken
+//! `FOR UPDATE SKIP LOCKED`, so replicas, the event path and the sweep never
+//! evaluate one task twice.
+
+use crate::doctrines::{DoctrineCache, target_facts};
+use crate::notify;
+use crate::queue::{QueuedTask, materialise};
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::types::Json;
+use std::time::Duration;
+use tanjiren_runtime::events::publish_task_event;
+use tanjiren_runtime::{Connections, db_error};
+use tanjiren_shared::WireError;
+use tanjiren_shared::approvals::{ApprovalRequestedEvent, ApprovalSnapshot, payload_digest};
+use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
+use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
+use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
+use tanjiren_shared::model::{Mode, TaskStatus};
+use uuid::Uuid;
+
+/// Which planned tasks to evaluate.
+#[derive(Clone, Copy, Debug)]
+pub enum Sweep<'a> {
+    /// These tasks (from their planned events).
+    Tasks(&'a [TaskId]),
+    /// Any unevaluated planned task at least this old (its event was missed).
+    Stranded { min_age: Duration },
+}
+
+/// What one evaluation pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evaluated {
+    /// Tasks that needed no approval and were queued.
+    pub queued: usize,
+    /// Tasks that now wait for a decision.
+    pub pending: usize,
+}
+
+#[derive(sqlx::FromRow)]
+struct Planned {
+    id: Uuid,
+    org_id: Uuid,
+    intent: String,
+    payload: Json<Mode>,
+    targets: Vec<Uuid>,
+    timeout_secs: i64,
+    created_by: String,
+    created_by_token_id: Option<Uuid>,
+}
+
+const PLANNED_COLUMNS: &str = "id, org_id, intent, payload, targets, timeout_secs, created_by, created_by_token_id";
+
+/// A planned task with doctrine's verdict, ready to store.
+struct Assessed<'a> {
+    task: &'a Planned,
+    doctrine_version: Option<u32>,
+    verdict: Verdict,
+    digest: String,
+    next: TaskState,
+    /// Set when the task waits for approval.
+    deadline: Option<DateTime<Utc>>,
+}
+
+/// Evaluates the selected planned tasks at `now` (the start of any approval deadline).
+pub(crate) async fn evaluate_planned(
+    conns: &Connections,
+    doctrines: &DoctrineCache,
+    which: Sweep<'_>,
+    now: DateTime<Utc>,
+) -> Result<Evaluated, WireError> {
+    let now = now.trunc_subsecs(6); // what Postgres stores, so replies and events match the rows
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let rows: Vec<Planned> = match which {
+        Sweep::Tasks(ids) => {
+            let ids: Vec<Uuid> = ids.iter().map(|t| t.as_uuid()).collect();
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {PLANNED_COLUMNS} FROM tasks
+                 WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'unevaluated'
+                 ORDER BY id FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+        }
+        Sweep::Stranded { min_age } => {
+            let before = now - chrono::Duration::from_std(min_age).unwrap_or_default();
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {PLANNED_COLUMNS} FROM tasks
+                 WHERE status = 'planned' AND approval_status = 'unevaluated' AND created_at < $1
+                 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(before)
+            .bind(conns.config.batch_max as i64)
+            .fetch_all(&mut *tx)
+            .await
+        }
+    }
+    .map_err(db_error)?;
+    if rows.is_empty() {
+        return Ok(Evaluated::default());
+    }
+
+    let assessed = assess(conns, doctrines, &mut tx, &rows, now).await?;
+    let stored = store_snapshots(&mut tx, &assessed, now).await?;
+    let assessed: Vec<Assessed<'_>> = assessed.into_iter().filter(|a| stored.contains(&a.task.id)).collect();
+    let queued: Vec<QueuedTask> = assessed
+        .iter()
+        .filter(|a| a.next.status == TaskStatus::Queued)
+        .map(|a| QueuedTask {
+            id: a.task.id,
+            org_id: a.task.org_id,
+            mode: a.task.payload.0.clone(),
+            targets: a.task.targets.clone(),
+            timeout_secs: a.task.timeout_secs,
+        })
+        .collect();
+    let materialised = materialise(&mut tx, &queued).await?;
+    tx.commit().await.map_err(db_error)?;
+
+    let mut outcome = Evaluated::default();
+    for a in &assessed {
+        let (org, task) = (OrgId::from(a.task.org_id), TaskId::from(a.task.id));
+        if a.next.status == TaskStatus::Queued {
+            outcome.queued += 1;
+            publish_task_event(
+                &conns.nats,
+                &conns.subjects,
+                org,
+                task,
+                a.next.status,
+                a.next.approval,
+                None,
+            )
+            .await;
+        } else {
+            outcome.pending += 1;
+            notify::approval_requested(conns, &requested_event(a, now)).await;
+        }
+    }
+    materialised.dispatch(conns).await;
+    if outcome.pending > 0 {
+        conns.metrics.inc(
+            "tanjiren_approvals_requested_total",
+            "Planned tasks that doctrine held for approval.",
+            &[],
+            outcome.pending as u64,
+        );
+    }
+    Ok(outcome)
+}
+
+/// Doctrine's verdict and the lifecycle's next state for each task.
+async fn assess<'a>(
+    conns: &Connections,
+    doctrines: &DoctrineCache,
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &'a [Planned],
+    now: DateTime<Utc>,
+) -> Result<Vec<Assessed<'a>>, WireError> {
+    let mut orgs: Vec<Uuid> = rows.iter().map(|r| r.org_id).collect();
+    orgs.sort_unstable();
+    orgs.dedup();
+    let in_force = doctrines.in_force(&mut **tx, &orgs).await?;
+    let all_targets: Vec<Uuid> = rows.iter().flat_map(|r| r.targets.iter().copied()).collect();
+    let facts = target_facts(&mut **tx, &all_targets).await?;
+    let deadline = now + chrono::Duration::seconds(conns.config.approval_deadline_secs as i64);
+
+    let mut assessed = Vec::with_capacity(rows.len());
+    for task in rows {
+        let (doctrine_version, verdict) = match in_force.get(&task.org_id) {
+            None => (None, Verdict::no_doctrine()),
+            Some(Ok(f)) => {
+                let targets: Vec<TargetFacts> = task
+                    .targets
+                    .iter()
+                    .map(|t| facts.get(t).cloned().unwrap_or_default())
+                    .collect();
+                let verdict = f.doctrine.evaluate(&TaskFacts {
+                    intent: &task.intent,
+                    mode: &task.payload.0,
+                    targets: &targets,
+                });
+                (Some(f.version), verdict)
+            }
+            Some(Err(e)) => {
+                // Fail closed: the task stays planned and unevaluated (never runs) until the doctrine is fixed.
+                tracing::error!(org = %task.org_id, task_id = %task.id, error = %e, "the doctrine in force does not load; task left unevaluated");
+                continue;
+            }
+        };
+        let t = transition(
+            TaskState::initial(),
+            TaskEvent::Evaluated {
+                approval_required: verdict.approval_class.requires_approval(),
+            },
+        )
+        .map_err(|e| WireError::internal(e.to_string()))?;
+        let targets: Vec<WorkstationId> = task.targets.iter().copied().map(WorkstationId::from).collect();
+        assessed.push(Assessed {
+            task,
+            doctrine_version,
+            digest: payload_digest(&task.intent, &task.payload.0, &targets),
+            deadline: t.effects.contains(&Effect::RequestApproval).then_some(deadline),
+            next: t.next,
+            verdict,
+        });
+    }
+    Ok(assessed)
+}
+
+/// Stores the snapshot and the new state of every assessed task (compare-and-swap on
+/// `planned`/`unevaluated`); returns the ids stored.
+async fn store_snapshots(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    assessed: &[Assessed<'_>],
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, WireError> {
+    let n = assessed.len();
+    let (mut ids, mut statuses, mut approvals, mut versions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for a in assessed {
+        ids.push(a.task.id);
+        statuses.push(a.next.status.as_str());
+        approvals.push(a.next.approval.as_str());
+        versions.push(a.doctrine_version.map(|v| v as i32));
+        classes.push(a.verdict.approval_class.as_str());
+        rules.push(Json(
+            serde_json::to_value(&a.verdict.matched_rules).expect("rules serialise"),
+        ));
+        reasons.push(a.verdict.reason_required);
+        digests.push(a.digest.clone());
+        deadlines.push(a.deadline);
+    }
+    sqlx::query_scalar(
+        "UPDATE tasks t SET status = u.status, approval_status = u.approval,
+                queued_at = CASE WHEN u.status = 'queued' THEN now() ELSE t.queued_at END,
+                doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
+                approval_reason_required = u.reason_required, payload_digest = u.digest,
+                approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $10 END,
+                approval_deadline = u.deadline
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], $7::bool[],
+                     $8::text[], $9::timestamptz[])
+              AS u(id, status, approval, version, class, rules, reason_required, digest, deadline)
+         WHERE t.id = u.id AND t.status = 'planned' AND t.approval_status = 'unevaluated'
+         RETURNING t.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&approvals)
+    .bind(&versions)
+    .bind(&classes)
+    .bind(&rules)
+    .bind(&reasons)
+    .bind(&digests)
+    .bind(&deadlines)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)
+}
+
+fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEvent {
+    ApprovalRequestedEvent {
+        task_id: a.task.id.into(),
+        org_id: a.task.org_id.into(),
+        intent: a.task.intent.clone(),
+        mode: a.task.payload.0.name().to_string(),
+        targets: a.task.targets.iter().copied().map(WorkstationId::from).collect(),
+        requested_by: a.task.created_by.clone(),
+        requested_by_token_id: a.task.created_by_token_id,
+        snapshot: ApprovalSnapshot {
+            doctrine_version: a.doctrine_version,
+            verdict: a.verdict.clone(),
+            payload_digest: a.digest.clone(),
+            requested_at: Some(now),
+            deadline: a.deadline,
+        },
+    }
+}
