@@ -30,7 +30,10 @@ fn runs_per_step(dir: &std::path::Path) -> HashMap<String, usize> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().into_string().unwrap(), std::fs::read_to_string(e.path()).unwrap().lines().count())
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read_to_string(e.path()).unwrap().lines().count(),
+            )
         })
         .collect()
 }
@@ -81,8 +84,16 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
         steps.push(first_step(&env, *t).await);
     }
     let grants = futures::future::join_all(steps.iter().enumerate().map(|(i, step)| {
-        let claim = ClaimRequest { step_id: *step, lease_generation: 0, worker_id: format!("vanished-{i}") };
-        async move { env_ref.call::<_, ClaimGranted>(&s.lease_claim(), &env_ref.worker_token, &claim).await }
+        let claim = ClaimRequest {
+            step_id: *step,
+            lease_generation: 0,
+            worker_id: format!("vanished-{i}"),
+        };
+        async move {
+            env_ref
+                .call::<_, ClaimGranted>(&s.lease_claim(), &env_ref.worker_token, &claim)
+                .await
+        }
     }))
     .await;
     assert!(grants.iter().all(|g| g.as_ref().unwrap().lease_generation == 1));
@@ -96,7 +107,11 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
     let now = Utc::now();
     let (ra, rb) = tokio::join!(a.sweep(now), b.sweep(now));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.released + rb.released, 20, "each stale step released exactly once: {ra:?} {rb:?}");
+    assert_eq!(
+        ra.released + rb.released,
+        20,
+        "each stale step released exactly once: {ra:?} {rb:?}"
+    );
     // A later sweep finds nothing left.
     assert_eq!(a.sweep(Utc::now()).await.unwrap().released, 0);
     for task in tasks {
@@ -132,7 +147,12 @@ async fn a_redis_flush_in_the_middle_of_100_tasks_keeps_every_step_single_owner(
     std::fs::create_dir_all(&dir).unwrap();
     let mut ids = Vec::new();
     for i in 0..100 {
-        ids.push(env.create(&command(&recording(&dir, "sleep 0.3; "), &[stations[i % 2]])).await.unwrap().task_id);
+        ids.push(
+            env.create(&command(&recording(&dir, "sleep 0.3; "), &[stations[i % 2]]))
+                .await
+                .unwrap()
+                .task_id,
+        );
     }
     // Let some run, then wipe every lease key (the whole Redis).
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -161,13 +181,22 @@ async fn restarting_the_lease_service_under_load_loses_nothing_and_runs_nothing_
     let env = TestEnv::with(short_leases).await;
     let mut services = env.start_all().await;
     services.push(env.start(Svc::Lease).await);
-    let workers = vec![env.worker("lr-a").await, env.worker("lr-b").await, env.worker("lr-c").await];
+    let workers = vec![
+        env.worker("lr-a").await,
+        env.worker("lr-b").await,
+        env.worker("lr-c").await,
+    ];
     let dir = std::env::temp_dir().join(format!("tanjiren-lease-restart-{}", TaskId::new()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut ids = Vec::new();
     for i in 0..100 {
         let ws = ["lr-a", "lr-b", "lr-c"][i % 3];
-        ids.push(env.create(&command(&recording(&dir, "sleep 0.05; "), &[ws])).await.unwrap().task_id);
+        ids.push(
+            env.create(&command(&recording(&dir, "sleep 0.05; "), &[ws]))
+                .await
+                .unwrap()
+                .task_id,
+        );
         if i == 30 || i == 60 {
             // Replace each lease replica in turn while claims, heartbeats and releases flow.
             let idx = services.iter().position(|r| r.svc == Svc::Lease).unwrap();
@@ -199,16 +228,30 @@ async fn cancel_stops_a_running_step_at_once_and_the_worker_confirms() {
     .await;
     let services = env.start_all().await;
     let w = env.worker("cx-run").await;
-    let task = env.create(&command("echo begun; sleep 30; echo never", &["cx-run"])).await.unwrap().task_id;
+    let task = env
+        .create(&command("echo begun; sleep 30; echo never", &["cx-run"]))
+        .await
+        .unwrap()
+        .task_id;
     wait_status(&env, task, TaskStatus::Executing).await;
     // Let the command start printing.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let reply: CancelTaskReply = env
-        .call(&env.conns.subjects.tasks_cancel(), &env.member_token, &CancelTaskRequest { task_id: task, reason: Some("wrong host".into()) })
+        .call(
+            &env.conns.subjects.tasks_cancel(),
+            &env.member_token,
+            &CancelTaskRequest {
+                task_id: task,
+                reason: Some("wrong host".into()),
+            },
+        )
         .await
         .unwrap();
-    assert_eq!((reply.status, reply.steps_signalled, reply.steps_cancelled), (TaskStatus::Cancelled, 1, 0));
+    assert_eq!(
+        (reply.status, reply.steps_signalled, reply.steps_cancelled),
+        (TaskStatus::Cancelled, 1, 0)
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     let t = loop {
         let t = env.get(task).await.unwrap();
@@ -231,21 +274,42 @@ async fn cancel_stops_a_running_step_at_once_and_the_worker_confirms() {
 
     // Cancelling it again, or any finished task, is a typed conflict; another organisation sees nothing.
     let again = env
-        .call::<_, CancelTaskReply>(&env.conns.subjects.tasks_cancel(), &env.owner_token, &CancelTaskRequest { task_id: task, reason: None })
+        .call::<_, CancelTaskReply>(
+            &env.conns.subjects.tasks_cancel(),
+            &env.owner_token,
+            &CancelTaskRequest {
+                task_id: task,
+                reason: None,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(again.code, ErrorCode::Conflict);
     assert!(again.message.contains("already cancelled"), "{}", again.message);
     let (_, other) = env.other_org().await;
     let e = env
-        .call::<_, CancelTaskReply>(&env.conns.subjects.tasks_cancel(), &other, &CancelTaskRequest { task_id: task, reason: None })
+        .call::<_, CancelTaskReply>(
+            &env.conns.subjects.tasks_cancel(),
+            &other,
+            &CancelTaskRequest {
+                task_id: task,
+                reason: None,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
     let done = env.create(&command("true", &["cx-run"])).await.unwrap().task_id;
     env.wait_terminal(done, Duration::from_secs(30)).await;
     let e = env
-        .call::<_, CancelTaskReply>(&env.conns.subjects.tasks_cancel(), &env.owner_token, &CancelTaskRequest { task_id: done, reason: None })
+        .call::<_, CancelTaskReply>(
+            &env.conns.subjects.tasks_cancel(),
+            &env.owner_token,
+            &CancelTaskRequest {
+                task_id: done,
+                reason: None,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::Conflict);
@@ -259,10 +323,21 @@ async fn cancel_of_a_queued_task_cancels_its_steps_and_nothing_runs() {
     let env = TestEnv::new().await;
     let services = env.start_all().await;
     env.workstation("cx-offline").await;
-    let task = env.create(&command("echo should-not-run", &["cx-offline"])).await.unwrap().task_id;
+    let task = env
+        .create(&command("echo should-not-run", &["cx-offline"]))
+        .await
+        .unwrap()
+        .task_id;
     wait_status(&env, task, TaskStatus::Queued).await;
     let reply: CancelTaskReply = env
-        .call(&env.conns.subjects.tasks_cancel(), &env.owner_token, &CancelTaskRequest { task_id: task, reason: None })
+        .call(
+            &env.conns.subjects.tasks_cancel(),
+            &env.owner_token,
+            &CancelTaskRequest {
+                task_id: task,
+                reason: None,
+            },
+        )
         .await
         .unwrap();
     assert_eq!((reply.steps_signalled, reply.steps_cancelled), (0, 1));
@@ -300,7 +375,10 @@ async fn a_step_nobody_claims_fails_with_queue_timeout() {
     let later = Utc::now() + chrono::Duration::seconds(3_601);
     assert_eq!(scheduler.expire_queued(later).await.unwrap(), 1);
     let t = env.get(slow).await.unwrap();
-    assert_eq!((t.status, t.failure_reason.as_deref()), (TaskStatus::Failed, Some("queue_timeout")));
+    assert_eq!(
+        (t.status, t.failure_reason.as_deref()),
+        (TaskStatus::Failed, Some("queue_timeout"))
+    );
     // A second replica ticking at the same time finds nothing more to do.
     assert_eq!(scheduler.expire_queued(later).await.unwrap(), 0);
     env.finish(services).await;

@@ -88,6 +88,15 @@ struct TokenRow {
     minter_revoked: bool,
 }
 
+/// A request whose token and reason are well-formed, to be checked against the rows.
+struct Presented<'a> {
+    index: usize,
+    presenter: &'a Principal,
+    task_id: TaskId,
+    token_hash: String,
+    reason: Option<String>,
+}
+
 /// A request that passed every check, to be stored.
 struct Accepted {
     index: usize,
@@ -127,28 +136,31 @@ pub async fn decide(
 ) -> Vec<Result<DecideTaskReply, WireError>> {
     let now = now.trunc_subsecs(6); // what Postgres stores, so replies and events match the rows
     let mut results: Vec<Option<Result<DecideTaskReply, WireError>>> = Vec::with_capacity(requests.len());
-    let mut valid = Vec::new();
-    for (i, (p, req)) in requests.iter().enumerate() {
+    let mut presented = Vec::new();
+    for (index, (p, req)) in requests.iter().enumerate() {
         let checked = require_presented_token(p.role, req.approval_token.as_ref())
             .map(|t| t.hash())
             .and_then(|hash| Ok((hash, normalize_reason(req.reason.as_deref())?)));
         match checked {
-            Ok((hash, reason)) => {
-                valid.push((i, hash, reason));
+            Ok((token_hash, reason)) => {
+                presented.push(Presented {
+                    index,
+                    presenter: p,
+                    task_id: req.task_id,
+                    token_hash,
+                    reason,
+                });
                 results.push(None);
             }
             Err(e) => results.push(Some(Err(e))),
         }
     }
-    if !valid.is_empty() {
-        match decide_batch(conns, kind, &requests, &valid, &mut results, now).await {
-            Ok(()) => {}
-            Err(e) => {
-                for (i, _, _) in &valid {
-                    if results[*i].is_none() {
-                        results[*i] = Some(Err(e.clone()));
-                    }
-                }
+    if !presented.is_empty()
+        && let Err(e) = decide_batch(conns, kind, &presented, &mut results, now).await
+    {
+        for p in &presented {
+            if results[p.index].is_none() {
+                results[p.index] = Some(Err(e.clone()));
             }
         }
     }
@@ -161,13 +173,12 @@ pub async fn decide(
 async fn decide_batch(
     conns: &Connections,
     kind: DecisionKind,
-    requests: &[(Principal, DecideTaskRequest)],
-    valid: &[(usize, String, Option<String>)],
+    presented: &[Presented<'_>],
     results: &mut [Option<Result<DecideTaskReply, WireError>>],
     now: DateTime<Utc>,
 ) -> Result<(), WireError> {
-    let task_ids: Vec<Uuid> = valid.iter().map(|(i, _, _)| requests[*i].1.task_id.as_uuid()).collect();
-    let hashes: Vec<String> = valid.iter().map(|(_, h, _)| h.clone()).collect();
+    let task_ids: Vec<Uuid> = presented.iter().map(|p| p.task_id.as_uuid()).collect();
+    let hashes: Vec<String> = presented.iter().map(|p| p.token_hash.clone()).collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let mut tasks: HashMap<Uuid, (TaskRow, TaskState)> = HashMap::new();
     let rows: Vec<TaskRow> = sqlx::query_as(
@@ -200,14 +211,10 @@ async fn decide_batch(
     .collect();
 
     let mut accepted = Vec::new();
-    for (i, hash, reason) in valid {
-        let (presenter, req) = &requests[*i];
-        match check_request(kind, presenter, req, hash, reason, &mut tasks, &mut tokens, now) {
-            Ok(mut a) => {
-                a.index = *i;
-                accepted.push(a);
-            }
-            Err(e) => results[*i] = Some(Err(e)),
+    for p in presented {
+        match check_request(kind, p, &mut tasks, &mut tokens, now) {
+            Ok(a) => accepted.push(a),
+            Err(e) => results[p.index] = Some(Err(e)),
         }
     }
     if accepted.is_empty() {
@@ -279,23 +286,20 @@ async fn decide_batch(
 
 /// Every check for one request against the locked rows; on success the in-memory
 /// rows are updated, so a later request in the batch sees this decision.
-#[allow(clippy::too_many_arguments)]
 fn check_request(
     kind: DecisionKind,
-    presenter: &Principal,
-    req: &DecideTaskRequest,
-    token_hash: &str,
-    reason: &Option<String>,
+    p: &Presented<'_>,
     tasks: &mut HashMap<Uuid, (TaskRow, TaskState)>,
     tokens: &mut HashMap<String, TokenRow>,
     now: DateTime<Utc>,
 ) -> Result<Accepted, WireError> {
+    let presenter = p.presenter;
     let (task, state) = tasks
-        .get_mut(&req.task_id.as_uuid())
+        .get_mut(&p.task_id.as_uuid())
         .filter(|(t, _)| t.org_id == presenter.org_id.as_uuid())
-        .ok_or_else(|| WireError::not_found(format!("no task {}", req.task_id)))?;
+        .ok_or_else(|| WireError::not_found(format!("no task {}", p.task_id)))?;
     let token = tokens
-        .get_mut(token_hash)
+        .get_mut(&p.token_hash)
         .filter(|t| t.org_id == presenter.org_id.as_uuid())
         .ok_or_else(unknown_token)?;
     if token.minter_revoked {
@@ -336,7 +340,7 @@ fn check_request(
     let t = transition(*state, kind.event()).map_err(|_| {
         WireError::conflict(format!(
             "task {} is {} (approval {}): only a task waiting for approval can be approved or rejected",
-            req.task_id, state.status, state.approval
+            p.task_id, state.status, state.approval
         ))
     })?;
     if let Some(d) = task.approval_deadline
@@ -344,7 +348,7 @@ fn check_request(
     {
         return Err(WireError::conflict(format!(
             "task {}: its approval deadline passed at {}",
-            req.task_id,
+            p.task_id,
             d.to_rfc3339()
         )));
     }
@@ -357,12 +361,12 @@ fn check_request(
         created_by_token_id: task.created_by_token_id,
         minted_by_token_id: stored.minted_by_token_id,
         minted_by_role: stored.minted_by_role,
-        reason: reason.as_deref(),
+        reason: p.reason.as_deref(),
     })?;
     *state = t.next;
     token.consumed_at = Some(now);
     Ok(Accepted {
-        index: 0,
+        index: p.index,
         task_id: task.id,
         token_id: token.id,
         presenter: presenter.clone(),
@@ -372,7 +376,7 @@ fn check_request(
         class,
         next: t.next,
         failure_reason: t.failure_reason.map(|r| r.as_str().to_string()),
-        reason: reason.clone(),
+        reason: p.reason.clone(),
         approval_id: Uuid::now_v7(),
     })
 }

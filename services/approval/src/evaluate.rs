@@ -12,6 +12,7 @@ use crate::notify;
 use crate::queue::{QueuedTask, materialise};
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
+use std::collections::HashSet;
 use std::time::Duration;
 use tanjiren_runtime::events::publish_task_event;
 use tanjiren_runtime::{Connections, db_error};
@@ -106,7 +107,7 @@ pub(crate) async fn evaluate_planned(
     }
 
     let assessed = assess(conns, doctrines, &mut tx, &rows, now).await?;
-    let stored = store_snapshots(&mut tx, &assessed, now).await?;
+    let stored: HashSet<Uuid> = store_snapshots(&mut tx, &assessed, now).await?.into_iter().collect();
     let assessed: Vec<Assessed<'_>> = assessed.into_iter().filter(|a| stored.contains(&a.task.id)).collect();
     let queued: Vec<QueuedTask> = assessed
         .iter()

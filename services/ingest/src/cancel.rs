@@ -10,17 +10,20 @@ use std::collections::{HashMap, HashSet};
 use tanjiren_runtime::events::publish_task_event;
 use tanjiren_runtime::settle::lock_tasks;
 use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{TaskEvent, TransitionError, transition};
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::{CancelTaskReply, CancelTaskRequest, ControlMessage};
-use tanjiren_shared::WireError;
 use uuid::Uuid;
 
 const MAX_REASON_BYTES: usize = 1000;
 
-pub(crate) async fn handle(conns: Connections, batch: Vec<Incoming<CancelTaskRequest>>) -> Vec<Result<CancelTaskReply, WireError>> {
+pub(crate) async fn handle(
+    conns: Connections,
+    batch: Vec<Incoming<CancelTaskRequest>>,
+) -> Vec<Result<CancelTaskReply, WireError>> {
     match cancel(&conns, &batch).await {
         Ok(r) => r,
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
@@ -31,7 +34,12 @@ async fn cancel(
     conns: &Connections,
     batch: &[Incoming<CancelTaskRequest>],
 ) -> Result<Vec<Result<CancelTaskReply, WireError>>, WireError> {
-    let ids: Vec<Uuid> = batch.iter().map(|r| r.body.task_id.as_uuid()).collect::<HashSet<_>>().into_iter().collect();
+    let ids: Vec<Uuid> = batch
+        .iter()
+        .map(|r| r.body.task_id.as_uuid())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let tasks = lock_tasks(&mut tx, &ids).await?;
 
@@ -61,7 +69,14 @@ async fn cancel(
             Ok(())
         })();
         if outcome.is_ok() {
-            accepted.insert(id, (tasks[&id].status.clone(), r.body.reason.clone(), r.principal.token_name.clone()));
+            accepted.insert(
+                id,
+                (
+                    tasks[&id].status.clone(),
+                    r.body.reason.clone(),
+                    r.principal.token_name.clone(),
+                ),
+            );
         }
         decided.push(outcome.map(|_| id));
     }
@@ -112,7 +127,10 @@ async fn cancel(
 
     let mut signalled: HashMap<Uuid, u32> = HashMap::new();
     for (step, task, org, ws) in &running {
-        let msg = ControlMessage::Cancel { task_id: TaskId::from(*task), step_id: StepId::from(*step) };
+        let msg = ControlMessage::Cancel {
+            task_id: TaskId::from(*task),
+            step_id: StepId::from(*step),
+        };
         let subject = conns.subjects.control(OrgId::from(*org), WorkstationId::from(*ws));
         if let Err(e) = conns.nats.publish(subject, Encoding::MsgPack.encode(&msg).into()).await {
             tracing::warn!(%step, error = %e, "could not send cancel; the worker will learn at its next heartbeat");
@@ -121,7 +139,10 @@ async fn cancel(
     }
     for id in accepted.keys() {
         let t = &tasks[id];
-        let approval = t.state().map(|s| s.approval).unwrap_or(tanjiren_shared::model::ApprovalStatus::NotRequired);
+        let approval = t
+            .state()
+            .map(|s| s.approval)
+            .unwrap_or(tanjiren_shared::model::ApprovalStatus::NotRequired);
         publish_task_event(
             &conns.nats,
             &conns.subjects,
@@ -133,7 +154,12 @@ async fn cancel(
         )
         .await;
     }
-    conns.metrics.inc("tanjiren_tasks_cancelled_total", "Tasks cancelled.", &[], accepted.len() as u64);
+    conns.metrics.inc(
+        "tanjiren_tasks_cancelled_total",
+        "Tasks cancelled.",
+        &[],
+        accepted.len() as u64,
+    );
     Ok(decided
         .into_iter()
         .map(|d| {

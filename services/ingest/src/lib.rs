@@ -23,14 +23,24 @@ pub const QUEUE_GROUP: &str = "ingest";
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let s = &conns.subjects;
     let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
-    router.route(s.tasks_create(), Access::Operators, create::handle).await?;
-    router.route(s.tasks_cancel(), Access::Operators, cancel::handle).await?;
+    router
+        .route(s.tasks_create(), Access::Operators, create::handle)
+        .await?;
+    router
+        .route(s.tasks_cancel(), Access::Operators, cancel::handle)
+        .await?;
     router.route(s.tasks_get(), Access::Operators, read::get).await?;
     router.route(s.tasks_list(), Access::Operators, read::list).await?;
     router.route(s.tasks_logs(), Access::Operators, read::logs).await?;
-    router.route(s.workstations_register(), Access::Workers, worker_writes::register).await?;
-    router.route(s.ingest_logs(), Access::Workers, worker_writes::logs).await?;
-    router.route(s.ingest_progress(), Access::Workers, worker_writes::progress).await?;
+    router
+        .route(s.workstations_register(), Access::Workers, worker_writes::register)
+        .await?;
+    router
+        .route(s.ingest_logs(), Access::Workers, worker_writes::logs)
+        .await?;
+    router
+        .route(s.ingest_progress(), Access::Workers, worker_writes::progress)
+        .await?;
     let auth = router.authenticator();
     let mut handle = router.into_handle();
     handle.push(submit::start(conns, auth, shutdown).await?);

@@ -218,7 +218,6 @@ pub(crate) async fn progress(
     }
 }
 
-
 /// The merged update for one step in this batch.
 #[derive(Default)]
 struct StepUpdate {

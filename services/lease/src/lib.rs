@@ -24,8 +24,12 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     let s = &conns.subjects;
     let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
     router.route(s.lease_claim(), Access::Workers, claim::handle).await?;
-    router.route(s.lease_heartbeat(), Access::Workers, heartbeat::handle).await?;
-    router.route(s.lease_release(), Access::Workers, release::handle).await?;
+    router
+        .route(s.lease_heartbeat(), Access::Workers, heartbeat::handle)
+        .await?;
+    router
+        .route(s.lease_release(), Access::Workers, release::handle)
+        .await?;
     let mut handle = router.into_handle();
     handle.push(reconciler::spawn(conns, shutdown));
     Ok(handle)

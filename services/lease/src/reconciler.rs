@@ -130,7 +130,12 @@ impl Reconciler {
         if stale.is_empty() {
             return Ok(0);
         }
-        let task_ids: Vec<Uuid> = stale.iter().map(|e| e.task_id).collect::<BTreeSet<_>>().into_iter().collect();
+        let task_ids: Vec<Uuid> = stale
+            .iter()
+            .map(|e| e.task_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let ids: Vec<Uuid> = stale.iter().map(|e| e.id).collect();
         let gens: Vec<i64> = stale.iter().map(|e| e.lease_generation).collect();
         let mut tx = self.conns.db.begin().await.map_err(db_error)?;
@@ -162,7 +167,14 @@ impl Reconciler {
             let mut c = redis.clone();
             let key = lease_key(prefix, StepId::from(e.id));
             let owner = e.lease_owner.clone().unwrap_or_default();
-            async move { RELEASE.key(key).arg(owner).arg(e.lease_generation).invoke_async::<i64>(&mut c).await }
+            async move {
+                RELEASE
+                    .key(key)
+                    .arg(owner)
+                    .arg(e.lease_generation)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
         }))
         .await;
         for (step, task) in &released {

@@ -327,7 +327,12 @@ impl<'a> Router<'a> {
     }
 
     /// Subscribes `subject`; returns once it is live.
-    pub async fn route<Req, Resp, H, Fut>(&mut self, subject: String, access: Access, handler: H) -> Result<(), StartupError>
+    pub async fn route<Req, Resp, H, Fut>(
+        &mut self,
+        subject: String,
+        access: Access,
+        handler: H,
+    ) -> Result<(), StartupError>
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
@@ -336,8 +341,14 @@ impl<'a> Router<'a> {
     {
         let opts = ServeOptions::new(self.conns, subject, self.queue_group, access);
         let conns = self.conns.clone();
-        let served =
-            serve(self.conns, self.auth.clone(), opts, move |batch| handler(conns.clone(), batch), self.shutdown.clone()).await?;
+        let served = serve(
+            self.conns,
+            self.auth.clone(),
+            opts,
+            move |batch| handler(conns.clone(), batch),
+            self.shutdown.clone(),
+        )
+        .await?;
         self.handle.push(served);
         Ok(())
     }

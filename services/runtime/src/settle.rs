@@ -31,7 +31,10 @@ pub struct LockedTask {
 
 impl LockedTask {
     pub fn state(&self) -> Option<TaskState> {
-        Some(TaskState::new(self.status.parse().ok()?, self.approval_status.parse().ok()?))
+        Some(TaskState::new(
+            self.status.parse().ok()?,
+            self.approval_status.parse().ok()?,
+        ))
     }
 }
 
@@ -81,7 +84,9 @@ pub async fn settle_finished(
         if live > 0 {
             continue;
         }
-        let Some(state) = tasks.get(&task_id).and_then(LockedTask::state) else { continue };
+        let Some(state) = tasks.get(&task_id).and_then(LockedTask::state) else {
+            continue;
+        };
         let Ok(t) = transition(state, TaskEvent::StepsFinished { all_succeeded: all_ok }) else {
             continue;
         };
@@ -113,7 +118,11 @@ pub async fn settle_finished(
 }
 
 /// After commit: publishes the lifecycle event of every decided task.
-pub async fn publish_decisions(conns: &Connections, tasks: &HashMap<Uuid, LockedTask>, decided: &HashMap<Uuid, Decision>) {
+pub async fn publish_decisions(
+    conns: &Connections,
+    tasks: &HashMap<Uuid, LockedTask>,
+    decided: &HashMap<Uuid, Decision>,
+) {
     for (task_id, (status, approval, reason)) in decided {
         let Some(t) = tasks.get(task_id) else { continue };
         publish_task_event(

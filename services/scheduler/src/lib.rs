@@ -7,10 +7,10 @@
 //! step, [`Scheduler::tick`], that tests drive with a controlled clock.
 
 use chrono::{DateTime, Utc};
-use std::collections::BTreeSet;
-use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use sqlx::types::Json;
+use std::collections::BTreeSet;
 use std::time::Duration;
+use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
@@ -53,7 +53,10 @@ impl Scheduler {
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, WireError> {
         let timed_out = self.expire_queued(now).await?;
         let redispatched = self.redispatch(now).await?;
-        Ok(TickReport { redispatched, timed_out })
+        Ok(TickReport {
+            redispatched,
+            timed_out,
+        })
     }
 
     /// Fails every queued step past its queue deadline and settles its task.
@@ -75,7 +78,12 @@ impl Scheduler {
                 break;
             }
             let step_ids: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
-            let task_ids: Vec<Uuid> = due.iter().map(|(_, t)| *t).collect::<BTreeSet<_>>().into_iter().collect();
+            let task_ids: Vec<Uuid> = due
+                .iter()
+                .map(|(_, t)| *t)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let mut tx = self.conns.db.begin().await.map_err(db_error)?;
             let tasks = lock_tasks(&mut tx, &task_ids).await?;
             let expired: Vec<Uuid> = sqlx::query_scalar(
@@ -99,7 +107,12 @@ impl Scheduler {
         }
         if total > 0 {
             tracing::warn!(steps = total, "queued steps timed out");
-            self.conns.metrics.inc("tanjiren_queue_timeouts_total", "Steps failed for waiting too long unclaimed.", &[], total as u64);
+            self.conns.metrics.inc(
+                "tanjiren_queue_timeouts_total",
+                "Steps failed for waiting too long unclaimed.",
+                &[],
+                total as u64,
+            );
         }
         Ok(total)
     }
@@ -137,7 +150,10 @@ impl Scheduler {
                     mode: d.payload.0,
                     timeout_secs: d.timeout_secs as u64,
                 };
-                let subject = self.conns.subjects.dispatch(OrgId::from(d.org_id), WorkstationId::from(d.workstation_id));
+                let subject = self
+                    .conns
+                    .subjects
+                    .dispatch(OrgId::from(d.org_id), WorkstationId::from(d.workstation_id));
                 if let Err(e) = self
                     .conns
                     .nats

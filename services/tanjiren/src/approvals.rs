@@ -5,13 +5,11 @@
 //! `TANJIREN_TOKEN` or the token file. An approval token is printed only by
 //! `approval mint`, on stdout alone, and is never echoed anywhere else.
 
+use crate::client::Client;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
-use tanjiren_runtime::bus::call;
-use tanjiren_runtime::startup::connect_nats;
 use tanjiren_shared::approvals::{
     ApprovalDecision, ApprovalRecord, ApprovalSnapshot, ApprovalToken, DecideTaskReply, DecideTaskRequest,
     DoctrineDryRunReply, DoctrineDryRunRequest, DoctrineView, GetDoctrineRequest, ListApprovalsReply,
@@ -23,9 +21,6 @@ use tanjiren_shared::doctrine::Verdict;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{Mode, TaskSpec};
 use tanjiren_shared::protocol::TaskView;
-use tanjiren_shared::subjects::Subjects;
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Subcommand)]
 pub enum ApprovalCommand {
@@ -112,38 +107,6 @@ pub enum DoctrineCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-struct Client {
-    nats: async_nats::Client,
-    subjects: Subjects,
-    token: String,
-}
-
-impl Client {
-    async fn connect(config: &Config) -> anyhow::Result<Self> {
-        let token = config.resolve_token().with_context(|| {
-            format!(
-                "no API token: run `tanjiren up` once (it saves one at {}), or set TANJIREN_TOKEN",
-                config.token_path().display()
-            )
-        })?;
-        Ok(Self {
-            nats: connect_nats(config, "tanjiren-cli").await?,
-            subjects: config.subjects(),
-            token,
-        })
-    }
-
-    async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
-        &self,
-        subject: String,
-        req: &Req,
-    ) -> anyhow::Result<Resp> {
-        call(&self.nats, &subject, &self.token, req, REQUEST_TIMEOUT)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))
-    }
 }
 
 pub async fn approval(config: &Config, cmd: ApprovalCommand) -> anyhow::Result<ExitCode> {

@@ -3,9 +3,11 @@
 //! then stops taking work, drains what it holds, and exits cleanly.
 
 use crate::admin;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tanjiren_runtime::http::serve_ops;
+use tanjiren_runtime::Metrics;
+use tanjiren_runtime::http::{Readiness, serve_ops};
 use tanjiren_runtime::shutdown::on_signals;
 use tanjiren_runtime::startup::Needs;
 use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError};
@@ -42,19 +44,19 @@ impl Service {
 
 const ALL: [Service; 4] = [Service::Ingest, Service::Approval, Service::Lease, Service::Scheduler];
 
-async fn ops(config: &Config, conns: &Connections, shutdown: &Shutdown) -> Result<(), StartupError> {
-    serve_ops(
-        &config.http_addr,
-        conns.metrics.clone(),
-        conns.ready.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| StartupError::Http {
-        addr: config.http_addr.clone(),
-        reason: e.to_string(),
-    })
+/// Serves `/healthz`, `/readyz` and `/metrics`; returns the bound address (None when disabled).
+async fn ops(
+    config: &Config,
+    metrics: Metrics,
+    ready: Readiness,
+    shutdown: &Shutdown,
+) -> Result<Option<SocketAddr>, StartupError> {
+    serve_ops(&config.http_addr, metrics, ready, shutdown.clone())
+        .await
+        .map_err(|e| StartupError::Http {
+            addr: config.http_addr.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// Runs one service until stopped.
@@ -67,7 +69,7 @@ pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> 
         },
     )
     .await?;
-    ops(config, &conns, &shutdown).await?;
+    ops(config, conns.metrics.clone(), conns.ready.clone(), &shutdown).await?;
     let handle = service.start(&conns, shutdown.clone()).await?;
     conns.ready.set(true);
     tracing::info!(service = service.name(), prefix = %config.subject_prefix, "ready");
@@ -86,9 +88,16 @@ pub async fn worker(config: &Config) -> anyhow::Result<ExitCode> {
         config.token = t;
     }
     let executor = Arc::new(ShellExecutor::new(&config));
+    let ready = Readiness::default();
+    let stop_ops = Shutdown::new();
+    ops(&config, Metrics::new(), ready.clone(), &stop_ops).await?;
     let worker = tanjiren_worker::start(&config, executor, shutdown.clone()).await?;
+    ready.set(true);
     tracing::info!(workstation = %worker.workstation_id(), worker = worker.worker_id(), "worker ready");
+    shutdown.cancelled().await;
+    ready.set(false);
     worker.join().await;
+    stop_ops.cancel();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -99,7 +108,7 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     let services_stop = Shutdown::new();
     let conns = Connections::connect(config, Needs { redis: true }).await?;
     let boot = admin::bootstrap(config, &conns.db).await?;
-    ops(config, &conns, &services_stop).await?;
+    let ops_addr = ops(config, conns.metrics.clone(), conns.ready.clone(), &services_stop).await?;
     let mut handle = ServiceHandle::new();
     for s in ALL {
         handle.extend(s.start(&conns, services_stop.clone()).await?);
@@ -136,8 +145,8 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
         );
         eprintln!("Try, in another terminal:  tanjiren task create --command 'echo hello from tanjiren' --wait");
     }
-    if !config.http_addr.is_empty() {
-        eprintln!("Health and metrics: http://{}/metrics", config.http_addr);
+    if let Some(addr) = ops_addr {
+        eprintln!("Health and metrics: http://{addr}/healthz, /readyz, /metrics");
     }
     eprintln!("Press Ctrl-C to stop.");
 

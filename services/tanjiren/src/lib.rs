@@ -6,6 +6,7 @@
 
 mod admin;
 mod approvals;
+mod client;
 mod launcher;
 mod tasks;
 

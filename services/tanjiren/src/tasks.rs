@@ -2,26 +2,22 @@
 //! list and logs (with `-f` to follow live output). It talks to the services over
 //! NATS with the bearer token from `TANJIREN_TOKEN` or the token file.
 
-use anyhow::{Context, bail};
+use crate::client::Client;
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
-use tanjiren_runtime::bus::call;
-use tanjiren_runtime::startup::connect_nats;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{Mode, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{
-    CancelTaskReply, CancelTaskRequest, CreateTaskReply, GetTaskRequest, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine, LogStream, TaskLogsReply,
-    TaskLogsRequest, TaskView,
+    CancelTaskReply, CancelTaskRequest, CreateTaskReply, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine,
+    LogStream, TaskLogsReply, TaskLogsRequest, TaskView,
 };
-use tanjiren_shared::subjects::Subjects;
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
@@ -93,44 +89,6 @@ pub enum TaskCommand {
         #[arg(short, long)]
         follow: bool,
     },
-}
-
-struct Client {
-    nats: async_nats::Client,
-    subjects: Subjects,
-    token: String,
-}
-
-impl Client {
-    async fn connect(config: &Config) -> anyhow::Result<Self> {
-        let token = config.resolve_token().with_context(|| {
-            format!(
-                "no API token: run `tanjiren up` once (it saves one at {}), or set TANJIREN_TOKEN",
-                config.token_path().display()
-            )
-        })?;
-        let nats = connect_nats(config, "tanjiren-cli").await?;
-        Ok(Self {
-            nats,
-            subjects: config.subjects(),
-            token,
-        })
-    }
-
-    async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
-        &self,
-        subject: String,
-        req: &Req,
-    ) -> anyhow::Result<Resp> {
-        call(&self.nats, &subject, &self.token, req, REQUEST_TIMEOUT)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))
-    }
-
-    async fn get(&self, id: TaskId) -> anyhow::Result<TaskView> {
-        self.call(self.subjects.tasks_get(), &GetTaskRequest { task_id: id })
-            .await
-    }
 }
 
 pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> {
@@ -228,8 +186,12 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Cancel { id, reason, wait } => {
-            let reply: CancelTaskReply =
-                client.call(client.subjects.tasks_cancel(), &CancelTaskRequest { task_id: id, reason }).await?;
+            let reply: CancelTaskReply = client
+                .call(
+                    client.subjects.tasks_cancel(),
+                    &CancelTaskRequest { task_id: id, reason },
+                )
+                .await?;
             println!(
                 "{} cancelled: {} running step(s) signalled, {} queued step(s) cancelled",
                 reply.task_id, reply.steps_signalled, reply.steps_cancelled
@@ -352,13 +314,26 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
             "  {name:<20} {:<10} {exit:<8} {dur:<8} gen {}  {lease}{}",
             s.status,
             s.lease_generation,
-            s.failure_reason.as_ref().map(|r| format!("  reason: {r}")).unwrap_or_default()
+            s.failure_reason
+                .as_ref()
+                .map(|r| format!("  reason: {r}"))
+                .unwrap_or_default()
         );
         if let Some(at) = s.cancel_requested_at {
             match s.stop_confirmed_at {
-                Some(c) => println!("    cancel sent {}, stop confirmed by the worker after {}ms", at.format("%H:%M:%S"), (c - at).num_milliseconds()),
-                None if s.status.is_terminal() => println!("    cancel sent {}, stop NOT confirmed by the worker (lease taken back)", at.format("%H:%M:%S")),
-                None => println!("    cancel sent {}, waiting for the worker to confirm the stop", at.format("%H:%M:%S")),
+                Some(c) => println!(
+                    "    cancel sent {}, stop confirmed by the worker after {}ms",
+                    at.format("%H:%M:%S"),
+                    (c - at).num_milliseconds()
+                ),
+                None if s.status.is_terminal() => println!(
+                    "    cancel sent {}, stop NOT confirmed by the worker (lease taken back)",
+                    at.format("%H:%M:%S")
+                ),
+                None => println!(
+                    "    cancel sent {}, waiting for the worker to confirm the stop",
+                    at.format("%H:%M:%S")
+                ),
             }
         }
         for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {

@@ -1,0 +1,53 @@
+//! The CLI's connection to the services: NATS plus the bearer token from
+//! `TANJIREN_TOKEN` or the token file, and request/reply with typed errors
+//! turned into messages.
+
+use anyhow::Context;
+use std::time::Duration;
+use tanjiren_runtime::bus::call;
+use tanjiren_runtime::startup::connect_nats;
+use tanjiren_shared::config::Config;
+use tanjiren_shared::ids::TaskId;
+use tanjiren_shared::protocol::{GetTaskRequest, TaskView};
+use tanjiren_shared::subjects::Subjects;
+
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Client {
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub token: String,
+}
+
+impl Client {
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let token = config.resolve_token().with_context(|| {
+            format!(
+                "no API token: run `tanjiren up` once (it saves one at {}), or set TANJIREN_TOKEN",
+                config.token_path().display()
+            )
+        })?;
+        let nats = connect_nats(config, "tanjiren-cli").await?;
+        Ok(Self {
+            nats,
+            subjects: config.subjects(),
+            token,
+        })
+    }
+
+    /// One request; a wire error becomes `code: message`.
+    pub async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        req: &Req,
+    ) -> anyhow::Result<Resp> {
+        call(&self.nats, &subject, &self.token, req, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))
+    }
+
+    pub async fn get(&self, id: TaskId) -> anyhow::Result<TaskView> {
+        self.call(self.subjects.tasks_get(), &GetTaskRequest { task_id: id })
+            .await
+    }
+}
