@@ -58,6 +58,19 @@ pub struct Config {
     pub approval_deadline_secs: u64,
     /// Largest command, prompt or question list accepted, in bytes.
     pub max_command_bytes: usize,
+    /// Most bytes of output stored per step; beyond it one marker line is stored and the rest dropped.
+    pub log_cap_bytes: u64,
+    /// Largest artifact accepted (title + body + url), in bytes.
+    pub max_artifact_bytes: usize,
+    /// How often ingest looks for ended tasks that still lack their outcome summary.
+    pub summary_sweep_interval_ms: u64,
+    /// How often a worker refreshes a running step's output preview (with its log batches).
+    pub progress_interval_ms: u64,
+    /// Attempts (including the first) of a task whose own retry policy sets none:
+    /// the organisation default (1 = never retry automatically).
+    pub default_max_attempts: u32,
+    /// A schedule whose consecutive ticks may come closer than this is refused.
+    pub min_schedule_interval_secs: u64,
     /// Bearer token for the CLI and the worker; when empty it is read from `token_file`.
     pub token: String,
     /// File holding the token; empty means `$XDG_CONFIG_HOME/tanjiren/token` (or `~/.config/tanjiren/token`).
@@ -104,6 +117,12 @@ impl Default for Config {
             approval_token_ttl_secs: 15 * 60,
             approval_deadline_secs: 24 * 3600,
             max_command_bytes: 64 * 1024,
+            log_cap_bytes: 10 * 1024 * 1024,
+            max_artifact_bytes: 256 * 1024,
+            summary_sweep_interval_ms: 30_000,
+            progress_interval_ms: 2_000,
+            default_max_attempts: 3,
+            min_schedule_interval_secs: 60,
             token: String::new(),
             token_file: String::new(),
             workstation_name: String::new(),
@@ -227,12 +246,25 @@ impl Config {
                 "approval_token_ttl_secs and approval_deadline_secs must be ≥ 1".into(),
             ));
         }
+        if self.default_max_attempts == 0 || self.default_max_attempts > 100 {
+            return Err(ConfigError::Invalid(
+                "default_max_attempts must be between 1 and 100".into(),
+            ));
+        }
         if self.batch_max == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "batch_max, max_in_flight and worker_concurrency must be ≥ 1".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The retry policy of a task that sets none (the organisation default).
+    pub fn default_retry_policy(&self) -> crate::model::RetryPolicy {
+        crate::model::RetryPolicy {
+            max_attempts: self.default_max_attempts,
+            ..crate::model::RetryPolicy::default()
+        }
     }
 
     /// The subject builder for this configuration.

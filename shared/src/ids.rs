@@ -70,6 +70,10 @@ id_type!(
     /// A registered workstation (the machine a worker runs on).
     WorkstationId
 );
+id_type!(
+    /// A task schedule (cron expression, time zone and task template).
+    ScheduleId
+);
 
 #[cfg(test)]
 mod tests {

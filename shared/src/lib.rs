@@ -7,14 +7,19 @@
 //! their edges and call in here for every decision.
 
 pub mod approvals;
+pub mod artifacts;
 pub mod codec;
 pub mod config;
 pub mod doctrine;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;
+pub mod logs;
 pub mod model;
 pub mod protocol;
+pub mod retry;
+pub mod schedule;
+pub mod schedules;
 pub mod secret;
 pub mod subjects;
 pub mod telemetry;

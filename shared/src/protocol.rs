@@ -90,8 +90,21 @@ pub struct TaskView {
     /// Every decision about this task: approval, rejection or expiry.
     #[serde(default)]
     pub approvals: Vec<crate::approvals::ApprovalRecord>,
+    /// The schedule whose tick created this task (or the first attempt of its chain).
+    #[serde(default)]
+    pub schedule_id: Option<crate::ids::ScheduleId>,
+    /// Set on a failed task whose retry policy allows another attempt: the next
+    /// attempt is created at this instant (cleared once it is).
+    #[serde(default)]
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Every attempt of this task's chain (same `root_task_id`), first attempt first.
+    #[serde(default)]
+    pub attempts: Vec<TaskSummary>,
     #[serde(default)]
     pub steps: Vec<StepView>,
+    /// Artifacts of every attempt of this task's chain (same `root_task_id`), oldest first.
+    #[serde(default)]
+    pub artifacts: Vec<crate::artifacts::ArtifactView>,
 }
 
 /// One step: a workstation's share of the execution.
@@ -131,6 +144,12 @@ pub struct StepView {
     pub stdout_tail: String,
     #[serde(default)]
     pub stderr_tail: String,
+    /// Bytes of output stored for this step (the per-step cap applies to it).
+    #[serde(default)]
+    pub log_bytes: i64,
+    /// True once the step reached the per-step log cap (a marker line says so).
+    #[serde(default)]
+    pub log_truncated: bool,
 }
 
 /// `tasks.cancel` request.
@@ -165,6 +184,21 @@ pub struct ListTasksRequest {
     /// Only tasks created strictly before this one (keyset pagination).
     #[serde(default)]
     pub before: Option<TaskId>,
+    /// Only the attempts of one chain: tasks with this `root_task_id`.
+    #[serde(default)]
+    pub root_task_id: Option<TaskId>,
+    /// Only tasks created by this schedule's ticks (and their retries).
+    #[serde(default)]
+    pub schedule_id: Option<crate::ids::ScheduleId>,
+    /// Only tasks of this investigation.
+    #[serde(default)]
+    pub investigation_id: Option<uuid::Uuid>,
+    /// Only tasks created at or after this instant.
+    #[serde(default)]
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only tasks created strictly before this instant.
+    #[serde(default)]
+    pub created_before: Option<DateTime<Utc>>,
     /// At most this many (default 50, max 500).
     #[serde(default)]
     pub limit: Option<u32>,
@@ -188,6 +222,12 @@ pub struct TaskSummary {
     pub created_at: DateTime<Utc>,
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub retry_of_task_id: Option<TaskId>,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub schedule_id: Option<crate::ids::ScheduleId>,
 }
 
 /// Output stream of a log line.
@@ -227,11 +267,44 @@ pub struct TaskLogsRequest {
     pub after_seq: Option<i64>,
     #[serde(default)]
     pub limit: Option<u32>,
+    /// `raw` (default): every stored line in order; `dedup`: one entry per signature.
+    #[serde(default)]
+    pub view: LogView,
+}
+
+/// Which view of the stored output `tasks.logs` returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogView {
+    #[default]
+    Raw,
+    Dedup,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskLogsReply {
+    /// The `raw` view (empty for `dedup`).
     pub lines: Vec<StepLogLine>,
+    /// The `dedup` view (empty for `raw`): ordered by step, then first occurrence.
+    #[serde(default)]
+    pub signatures: Vec<LogSignatureView>,
+}
+
+/// One deduplicated line: a signature with its count, first and last occurrence
+/// and the first line that produced it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogSignatureView {
+    pub step_id: StepId,
+    pub stream: LogStream,
+    /// The normalised line (see `docs/protocol.md`, signature).
+    pub signature: String,
+    /// The first line with this signature, as stored.
+    pub exemplar: String,
+    pub count: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
 }
 
 /// A log line tagged with the step that produced it.
@@ -361,6 +434,9 @@ pub struct LogBatch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogBatchReply {
     pub stored: u32,
+    /// True once the step's output reached the per-step cap: later lines are dropped.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// How a step ended, reported by its worker.

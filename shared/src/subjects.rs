@@ -86,6 +86,23 @@ impl Subjects {
     pub fn ingest_progress(&self) -> String {
         self.s("ingest.progress")
     }
+    pub fn ingest_artifacts(&self) -> String {
+        self.s("ingest.artifacts")
+    }
+    // Artifacts (served by ingest, operators).
+    pub fn artifacts_add(&self) -> String {
+        self.s("artifacts.add")
+    }
+    pub fn artifacts_list(&self) -> String {
+        self.s("artifacts.list")
+    }
+    pub fn artifacts_get(&self) -> String {
+        self.s("artifacts.get")
+    }
+    /// Task events of every organisation and status (one filter subject, NATS 2.9-safe).
+    pub fn all_task_events(&self) -> String {
+        self.s("events.*.task.*")
+    }
     pub fn event(&self, org: OrgId, status: TaskStatus) -> String {
         self.s(&format!("events.{org}.task.{status}"))
     }
@@ -138,6 +155,29 @@ impl Subjects {
     pub fn approval_decided(&self, org: OrgId) -> String {
         self.s(&format!("events.{org}.approval.decided"))
     }
+
+    // Schedules and retries (served by the scheduler).
+    pub fn tasks_retry(&self) -> String {
+        self.s("tasks.retry")
+    }
+    pub fn schedules_create(&self) -> String {
+        self.s("schedules.create")
+    }
+    pub fn schedules_list(&self) -> String {
+        self.s("schedules.list")
+    }
+    pub fn schedules_get(&self) -> String {
+        self.s("schedules.get")
+    }
+    pub fn schedules_pause(&self) -> String {
+        self.s("schedules.pause")
+    }
+    pub fn schedules_resume(&self) -> String {
+        self.s("schedules.resume")
+    }
+    pub fn schedules_delete(&self) -> String {
+        self.s("schedules.delete")
+    }
 }
 
 impl Default for Subjects {
@@ -163,6 +203,8 @@ mod tests {
         );
         assert_eq!(Subjects::default().lease_claim(), "tanjiren.v1.lease.claim");
         assert_eq!(s.doctrine_dry_run(), "t_abc.v1.doctrine.dry_run");
+        assert_eq!(s.schedules_pause(), "t_abc.v1.schedules.pause");
+        assert_eq!(s.tasks_retry(), "t_abc.v1.tasks.retry");
         assert_eq!(
             s.approval_decided(org),
             format!("t_abc.v1.events.{org}.approval.decided")

@@ -94,6 +94,9 @@ impl TestEnv {
             approval_sweep_interval_ms: 500,
             kill_grace_ms: 1_000,
             log_flush_ms: 20,
+            // Tests opt in to automatic retries (`TestEnv::with(|c| c.default_max_attempts = 3)`),
+            // so a test about something else never sees a failed task come back.
+            default_max_attempts: 1,
             ..Config::default()
         };
         tweak(&mut config);

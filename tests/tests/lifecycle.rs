@@ -42,6 +42,7 @@ async fn one_target_completes_with_its_output() {
                 step_id: None,
                 after_seq: None,
                 limit: None,
+                view: Default::default(),
             },
         )
         .await

@@ -2,11 +2,18 @@
 //! organisation, and insert a whole batch of tasks `planned` in one statement.
 //! An idempotency key already used in the organisation returns the existing
 //! task (`created: false`) instead of making a second one.
+//!
+//! This is the one path that creates tasks. `tasks.create` and `tasks.submit` use
+//! [`create_tasks`]; the scheduler (schedule ticks, retries) runs the same two
+//! halves, [`prepare_tasks`] and [`insert_tasks`], inside its own transaction and
+//! then [`publish_planned`] after its commit.
 
+use sqlx::PgConnection;
 use sqlx::types::Json;
 use std::collections::HashMap;
 use tanjiren_runtime::events::publish_task_event;
 use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::model::{ApprovalStatus, TaskLimits, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
@@ -20,18 +27,29 @@ pub(crate) async fn handle(
     create_tasks(&conns, batch.into_iter().map(|i| (i.principal, i.body)).collect()).await
 }
 
-/// A validated task ready to insert.
-struct Row {
-    id: TaskId,
-    org_id: OrgId,
-    spec: TaskSpec,
-    targets: Vec<WorkstationId>,
+/// A task validated and resolved within its organisation, ready to insert.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub org_id: OrgId,
+    pub spec: TaskSpec,
+    pub targets: Vec<WorkstationId>,
     timeout_secs: i64,
     queue_timeout_secs: i64,
-    root_task_id: TaskId,
-    attempt: i32,
+    pub root_task_id: TaskId,
+    pub attempt: i32,
     created_by: String,
     created_by_token_id: Uuid,
+    /// The schedule whose tick this task is (set by the scheduler; retries keep it).
+    pub schedule_id: Option<Uuid>,
+}
+
+/// The limits a task spec is validated against under `config`.
+pub fn task_limits(config: &Config) -> TaskLimits {
+    TaskLimits {
+        max_command_bytes: config.max_command_bytes,
+        ..TaskLimits::default()
+    }
 }
 
 /// Creates every task it can; one result per request, in order.
@@ -39,19 +57,25 @@ pub async fn create_tasks(
     conns: &Connections,
     requests: Vec<(Principal, TaskSpec)>,
 ) -> Vec<Result<CreateTaskReply, WireError>> {
-    let limits = TaskLimits {
-        max_command_bytes: conns.config.max_command_bytes,
-        ..TaskLimits::default()
+    let prepared = match conns.db.acquire().await {
+        Ok(mut conn) => prepare_tasks(&mut conn, &conns.config, &requests).await,
+        Err(e) => Err(db_error(e)),
     };
-    let mut results: Vec<Option<Result<CreateTaskReply, WireError>>> = Vec::with_capacity(requests.len());
-    for (_, spec) in &requests {
-        results.push(spec.validate(&limits).err().map(Err));
-    }
-
-    let rows = match prepare_rows(conns, &requests, &mut results).await {
-        Ok(rows) => rows,
+    let prepared = match prepared {
+        Ok(p) => p,
         Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),
     };
+    let mut results: Vec<Option<Result<CreateTaskReply, WireError>>> = Vec::with_capacity(requests.len());
+    let mut rows = Vec::new();
+    for (index, p) in prepared.into_iter().enumerate() {
+        match p {
+            Ok(row) => {
+                rows.push((index, row));
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
     if rows.is_empty() {
         return results
             .into_iter()
@@ -78,19 +102,34 @@ pub async fn create_tasks(
             }
         }
     }
-    publish_planned(conns, &results, &requests).await;
+    let created: Vec<(OrgId, TaskId)> = results
+        .iter()
+        .zip(&requests)
+        .filter_map(|(r, (p, _))| match r {
+            Some(Ok(reply)) if reply.created => Some((p.org_id, reply.task_id)),
+            _ => None,
+        })
+        .collect();
+    publish_planned(conns, &created).await;
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed"))))
         .collect()
 }
 
-/// Resolves targets and retry links; fills `results` with errors for requests that cannot be created.
-async fn prepare_rows(
-    conns: &Connections,
+/// Validates each request and resolves its targets and retry link, reading through
+/// `conn` (a pool connection, or the caller's transaction). One result per request,
+/// in order; the outer error is a database failure that affects them all.
+pub async fn prepare_tasks(
+    conn: &mut PgConnection,
+    config: &Config,
     requests: &[(Principal, TaskSpec)],
-    results: &mut [Option<Result<CreateTaskReply, WireError>>],
-) -> Result<Vec<(usize, Row)>, WireError> {
+) -> Result<Vec<Result<NewTask, WireError>>, WireError> {
+    let limits = task_limits(config);
+    let results: Vec<Option<Result<NewTask, WireError>>> = requests
+        .iter()
+        .map(|(_, spec)| spec.validate(&limits).err().map(Err))
+        .collect();
     let mut orgs = Vec::new();
     let mut names = Vec::new();
     let mut ids = Vec::new();
@@ -111,7 +150,10 @@ async fn prepare_rows(
         }
     }
     if orgs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect());
     }
     let known: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
         "SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))",
@@ -119,7 +161,7 @@ async fn prepare_rows(
     .bind(&orgs)
     .bind(&ids)
     .bind(&names)
-    .fetch_all(&conns.db)
+    .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
     let mut by_ref: HashMap<(Uuid, String), Uuid> = HashMap::with_capacity(known.len() * 2);
@@ -134,7 +176,7 @@ async fn prepare_rows(
             "SELECT id, org_id, root_task_id, attempt FROM tasks WHERE id = ANY($1)",
         )
         .bind(&retry_of)
-        .fetch_all(&conns.db)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?
         .into_iter()
@@ -142,26 +184,20 @@ async fn prepare_rows(
         .collect()
     };
 
-    let mut rows = Vec::new();
-    for (i, (p, spec)) in requests.iter().enumerate() {
-        if results[i].is_some() {
-            continue;
-        }
-        match build_row(conns, p, spec, &by_ref, &previous) {
-            Ok(row) => rows.push((i, row)),
-            Err(e) => results[i] = Some(Err(e)),
-        }
-    }
-    Ok(rows)
+    Ok(results
+        .into_iter()
+        .zip(requests)
+        .map(|(r, (p, spec))| r.unwrap_or_else(|| build_row(config, p, spec, &by_ref, &previous)))
+        .collect())
 }
 
 fn build_row(
-    conns: &Connections,
+    config: &Config,
     p: &Principal,
     spec: &TaskSpec,
     by_ref: &HashMap<(Uuid, String), Uuid>,
     previous: &HashMap<Uuid, (Uuid, Uuid, i32)>,
-) -> Result<Row, WireError> {
+) -> Result<NewTask, WireError> {
     let org = p.org_id.as_uuid();
     let mut targets = Vec::with_capacity(spec.targets.len());
     for t in &spec.targets {
@@ -189,22 +225,35 @@ fn build_row(
             }
         },
     };
-    Ok(Row {
+    Ok(NewTask {
         id,
         org_id: p.org_id,
         spec: spec.clone(),
         targets,
-        timeout_secs: spec.timeout_secs.unwrap_or(conns.config.default_timeout_secs) as i64,
-        queue_timeout_secs: spec.queue_timeout_secs.unwrap_or(conns.config.queue_timeout_secs) as i64,
+        timeout_secs: spec.timeout_secs.unwrap_or(config.default_timeout_secs) as i64,
+        queue_timeout_secs: spec.queue_timeout_secs.unwrap_or(config.queue_timeout_secs) as i64,
         root_task_id,
         attempt,
         created_by: p.token_name.clone(),
         created_by_token_id: p.token_id,
+        schedule_id: None,
     })
 }
 
-/// Inserts rows in one statement; returns one reply per row (request index, reply).
-async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize, CreateTaskReply)>, WireError> {
+/// Inserts rows in their own transaction; returns one reply per row (request index, reply).
+async fn insert(conns: &Connections, rows: &[(usize, NewTask)]) -> Result<Vec<(usize, CreateTaskReply)>, WireError> {
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
+    let replies = insert_tasks(&mut tx, &tasks).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(rows.iter().map(|(i, _)| *i).zip(replies).collect())
+}
+
+/// Inserts `rows` `planned` in one statement inside the caller's transaction; one
+/// reply per row, in order. A row whose idempotency key is already used in its
+/// organisation is not inserted: its reply names the task holding the key
+/// (`created: false`). Publish with [`publish_planned`] after the commit.
+pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<CreateTaskReply>, WireError> {
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut orgs = Vec::with_capacity(n);
@@ -222,7 +271,8 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     let mut attempts = Vec::with_capacity(n);
     let mut creators = Vec::with_capacity(n);
     let mut creator_ids = Vec::with_capacity(n);
-    for (_, r) in rows {
+    let mut schedules = Vec::with_capacity(n);
+    for r in rows {
         ids.push(r.id.as_uuid());
         orgs.push(r.org_id.as_uuid());
         intents.push(r.spec.intent.clone());
@@ -244,20 +294,21 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
         attempts.push(r.attempt);
         creators.push(r.created_by.clone());
         creator_ids.push(r.created_by_token_id);
+        schedules.push(r.schedule_id);
     }
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
     let inserted: Vec<(Uuid,)> = sqlx::query_as(
         "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
                             investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
-                            created_by_token_id)
+                            created_by_token_id, schedule_id)
          SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
                 retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                queue_timeout_secs, created_by_token_id
+                queue_timeout_secs, created_by_token_id, schedule_id
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
-                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[])
+                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
+                     $17::uuid[])
               AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
                    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                   queue_timeout_secs, created_by_token_id)
+                   queue_timeout_secs, created_by_token_id, schedule_id)
          ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id",
     )
@@ -277,7 +328,8 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     .bind(&creators)
     .bind(&queue_timeouts)
     .bind(&creator_ids)
-    .fetch_all(&mut *tx)
+    .bind(&schedules)
+    .fetch_all(&mut *conn)
     .await
     .map_err(|e| match &e {
         sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
@@ -290,7 +342,7 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
     // Rows not inserted lost an idempotency-key conflict: answer with the task that holds the key.
     let mut lookup_orgs = Vec::new();
     let mut lookup_keys = Vec::new();
-    for (_, r) in rows {
+    for r in rows {
         if !inserted.contains(&r.id.as_uuid()) {
             lookup_orgs.push(r.org_id.as_uuid());
             lookup_keys.push(r.spec.idempotency_key.clone().expect("only keyed rows can conflict"));
@@ -306,17 +358,16 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
         )
         .bind(&lookup_orgs)
         .bind(&lookup_keys)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?
         .into_iter()
         .map(|(org, key, id, status, approval)| ((org, key), (id, status, approval)))
         .collect()
     };
-    tx.commit().await.map_err(db_error)?;
 
     let mut replies = Vec::with_capacity(n);
-    for (index, r) in rows {
+    for r in rows {
         let reply = if inserted.contains(&r.id.as_uuid()) {
             CreateTaskReply {
                 task_id: r.id,
@@ -338,31 +389,24 @@ async fn insert(conns: &Connections, rows: &[(usize, Row)]) -> Result<Vec<(usize
                 created: false,
             }
         };
-        replies.push((*index, reply));
+        replies.push(reply);
     }
     Ok(replies)
 }
 
-/// Tells the approval service about every task this batch created.
-async fn publish_planned(
-    conns: &Connections,
-    results: &[Option<Result<CreateTaskReply, WireError>>],
-    requests: &[(Principal, TaskSpec)],
-) {
-    for (r, (p, _)) in results.iter().zip(requests) {
-        if let Some(Ok(reply)) = r
-            && reply.created
-        {
-            publish_task_event(
-                &conns.nats,
-                &conns.subjects,
-                p.org_id,
-                reply.task_id,
-                TaskStatus::Planned,
-                ApprovalStatus::Unevaluated,
-                None,
-            )
-            .await;
-        }
+/// After the commit: tells the approval service about every task created
+/// (`events.{org}.task.planned`); its sweep finds any whose event is lost.
+pub async fn publish_planned(conns: &Connections, created: &[(OrgId, TaskId)]) {
+    for (org, task) in created {
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            *org,
+            *task,
+            TaskStatus::Planned,
+            ApprovalStatus::Unevaluated,
+            None,
+        )
+        .await;
     }
 }

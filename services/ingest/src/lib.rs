@@ -6,15 +6,18 @@
 //! writes `ingest.logs` and `ingest.progress`. Every handler takes a whole batch
 //! of requests and commits it in one transaction.
 
+mod artifacts;
 mod cancel;
 mod create;
 mod read;
 mod submit;
+mod summary;
 mod worker_writes;
 
 use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
 
-pub use create::create_tasks;
+pub use create::{NewTask, create_tasks, insert_tasks, prepare_tasks, publish_planned, task_limits};
+pub use summary::{sweep_summaries, write_summaries};
 
 /// The queue group every ingest replica joins.
 pub const QUEUE_GROUP: &str = "ingest";
@@ -41,8 +44,21 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     router
         .route(s.ingest_progress(), Access::Workers, worker_writes::progress)
         .await?;
+    router
+        .route(s.ingest_artifacts(), Access::Workers, artifacts::worker_add)
+        .await?;
+    router
+        .route(s.artifacts_add(), Access::Operators, artifacts::add)
+        .await?;
+    router
+        .route(s.artifacts_list(), Access::Operators, artifacts::list)
+        .await?;
+    router
+        .route(s.artifacts_get(), Access::Operators, artifacts::get)
+        .await?;
     let auth = router.authenticator();
     let mut handle = router.into_handle();
-    handle.push(submit::start(conns, auth, shutdown).await?);
+    handle.push(submit::start(conns, auth, shutdown.clone()).await?);
+    handle.push(summary::start(conns, shutdown).await?);
     Ok(handle)
 }

@@ -7,11 +7,11 @@ use sqlx::types::Json;
 use tanjiren_runtime::approval_records::task_approvals;
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::WireError;
-use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
+use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::{
-    GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogStream, StepLogLine, StepView, TaskLogsReply,
-    TaskLogsRequest, TaskSummary, TaskView,
+    GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogSignatureView, LogStream, LogView, StepLogLine,
+    StepView, TaskLogsReply, TaskLogsRequest, TaskSummary, TaskView,
 };
 use uuid::Uuid;
 
@@ -40,6 +40,27 @@ struct TaskRow {
     queue_timeout_secs: i64,
     cancel_reason: Option<String>,
     cancelled_by: Option<String>,
+    schedule_id: Option<Uuid>,
+    retry_at: Option<DateTime<Utc>>,
+}
+
+impl TaskRow {
+    fn summary(self) -> Result<TaskSummary, WireError> {
+        Ok(TaskSummary {
+            task_id: self.id.into(),
+            intent: self.intent,
+            mode: self.mode,
+            status: parse(&self.status)?,
+            approval_status: parse(&self.approval_status)?,
+            targets: self.targets.into_iter().map(WorkstationId::from).collect(),
+            attempt: self.attempt as u32,
+            created_at: self.created_at,
+            finished_at: self.finished_at,
+            retry_of_task_id: self.retry_of_task_id.map(TaskId::from),
+            failure_reason: self.failure_reason,
+            schedule_id: self.schedule_id.map(ScheduleId::from),
+        })
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -61,6 +82,8 @@ struct StepRow {
     stop_confirmed_at: Option<DateTime<Utc>>,
     stdout_tail: String,
     stderr_tail: String,
+    log_bytes: i64,
+    log_truncated: bool,
 }
 
 fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
@@ -70,7 +93,7 @@ fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
 
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
     investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, created_at, queued_at, started_at, finished_at,
-    queue_timeout_secs, cancel_reason, cancelled_by";
+    queue_timeout_secs, cancel_reason, cancelled_by, schedule_id, retry_at";
 
 pub(crate) async fn get(conns: Connections, batch: Vec<Incoming<GetTaskRequest>>) -> Vec<Result<TaskView, WireError>> {
     let mut out = Vec::with_capacity(batch.len());
@@ -93,7 +116,8 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
     let steps: Vec<StepRow> = sqlx::query_as(
         "SELECT s.id, s.execution_id, s.workstation_id, w.name AS workstation_name, s.status, s.lease_generation, s.lease_owner,
                 s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.last_heartbeat_at,
-                s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail
+                s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail,
+                s.log_bytes, s.log_truncated
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = $1 ORDER BY s.id",
     )
@@ -126,10 +150,25 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
                 stop_confirmed_at: s.stop_confirmed_at,
                 stdout_tail: s.stdout_tail,
                 stderr_tail: s.stderr_tail,
+                log_bytes: s.log_bytes,
+                log_truncated: s.log_truncated,
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
     let (approval, approvals) = task_approvals(&conns.db, org, task_id).await?;
+    // The whole chain of attempts, so it is visible from any one of them.
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE root_task_id = $1 AND org_id = $2 ORDER BY attempt, id LIMIT 1000"
+    );
+    let attempts = sqlx::query_as::<_, TaskRow>(sqlx::AssertSqlSafe(sql))
+        .bind(row.root_task_id)
+        .bind(org.as_uuid())
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(TaskRow::summary)
+        .collect::<Result<Vec<_>, WireError>>()?;
     Ok(TaskView {
         task_id: row.id.into(),
         org_id: row.org_id.into(),
@@ -157,8 +196,22 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
         stop_confirmed: stop_confirmed(&steps),
         approval,
         approvals,
+        schedule_id: row.schedule_id.map(ScheduleId::from),
+        retry_at: row.retry_at,
+        attempts,
         steps,
+        artifacts: crate::artifacts::chain_artifacts(conns, org, row.root_task_id).await?,
     })
+}
+
+/// The smallest UUIDv7 of the millisecond `at` (every id created at or after it is ≥).
+fn v7_floor(at: DateTime<Utc>) -> Uuid {
+    let ms = at.timestamp_millis().max(0) as u64;
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    b[6] = 0x70;
+    b[8] = 0x80;
+    Uuid::from_bytes(b)
 }
 
 /// Whether every step that was running when the task was cancelled confirmed its stop.
@@ -211,23 +264,33 @@ async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> 
     if let Some(b) = req.before {
         q.push(" AND id < ").push_bind(b.as_uuid());
     }
+    if let Some(root) = req.root_task_id {
+        q.push(" AND root_task_id = ").push_bind(root.as_uuid());
+    }
+    if let Some(schedule) = req.schedule_id {
+        q.push(" AND schedule_id = ").push_bind(schedule.as_uuid());
+    }
+    if let Some(inv) = req.investigation_id {
+        q.push(" AND investigation_id = ").push_bind(inv);
+    }
+    // Ids are UUIDv7 (creation-ordered), so a time range is also an id range: the
+    // id bound (a minute of slack for clock skew between id and `created_at`) keeps
+    // the scan on the (org_id, …, id DESC) indexes; `created_at` decides exactly.
+    if let Some(after) = req.created_after {
+        q.push(" AND created_at >= ").push_bind(after);
+        q.push(" AND id >= ")
+            .push_bind(v7_floor(after - chrono::Duration::minutes(1)));
+    }
+    if let Some(before) = req.created_before {
+        q.push(" AND created_at < ").push_bind(before);
+        q.push(" AND id < ")
+            .push_bind(v7_floor(before + chrono::Duration::minutes(1)));
+    }
     q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
     let rows: Vec<TaskRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
     let tasks = rows
         .into_iter()
-        .map(|r| {
-            Ok(TaskSummary {
-                task_id: r.id.into(),
-                intent: r.intent,
-                mode: r.mode,
-                status: parse(&r.status)?,
-                approval_status: parse(&r.approval_status)?,
-                targets: r.targets.into_iter().map(WorkstationId::from).collect(),
-                attempt: r.attempt as u32,
-                created_at: r.created_at,
-                finished_at: r.finished_at,
-            })
-        })
+        .map(TaskRow::summary)
         .collect::<Result<Vec<_>, WireError>>()?;
     Ok(ListTasksReply { tasks })
 }
@@ -254,6 +317,9 @@ async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Re
         return Err(WireError::not_found(format!("no task {}", req.task_id)));
     }
     let limit = req.limit.unwrap_or(1000).clamp(1, 10_000) as i64;
+    if req.view == LogView::Dedup {
+        return dedup_logs(conns, req, limit).await;
+    }
     let rows: Vec<(Uuid, i64, String, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT step_id, seq, stream, line, at FROM task_logs
          WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND seq > $3
@@ -282,5 +348,65 @@ async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Re
             },
         })
         .collect();
-    Ok(TaskLogsReply { lines })
+    Ok(TaskLogsReply {
+        lines,
+        signatures: vec![],
+    })
+}
+
+fn stream(s: &str) -> LogStream {
+    if s == "stderr" {
+        LogStream::Stderr
+    } else {
+        LogStream::Stdout
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SignatureRow {
+    step_id: Uuid,
+    stream: String,
+    signature: String,
+    exemplar: String,
+    count: i64,
+    first_seq: i64,
+    last_seq: i64,
+    first_at: DateTime<Utc>,
+    last_at: DateTime<Utc>,
+}
+
+/// The deduplicated view: one entry per signature, by step then first occurrence;
+/// `after_seq` pages on `first_seq`.
+async fn dedup_logs(conns: &Connections, req: &TaskLogsRequest, limit: i64) -> Result<TaskLogsReply, WireError> {
+    let rows: Vec<SignatureRow> = sqlx::query_as(
+        "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at
+         FROM task_log_signatures
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND first_seq > $3
+         ORDER BY step_id, first_seq LIMIT $4",
+    )
+    .bind(req.task_id.as_uuid())
+    .bind(req.step_id.map(|s| s.as_uuid()))
+    .bind(req.after_seq.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    let signatures = rows
+        .into_iter()
+        .map(|r| LogSignatureView {
+            step_id: r.step_id.into(),
+            stream: stream(&r.stream),
+            signature: r.signature,
+            exemplar: r.exemplar,
+            count: r.count,
+            first_seq: r.first_seq,
+            last_seq: r.last_seq,
+            first_at: r.first_at,
+            last_at: r.last_at,
+        })
+        .collect();
+    Ok(TaskLogsReply {
+        lines: vec![],
+        signatures,
+    })
 }

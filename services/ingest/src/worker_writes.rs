@@ -12,9 +12,10 @@ use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::OrgId;
+use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
 use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
-    LiveLogBatch, LogBatch, LogBatchReply, ProgressReply, ProgressReport, RegisterWorkstationReply,
+    LiveLogBatch, LogBatch, LogBatchReply, LogLine, LogStream, ProgressReply, ProgressReport, RegisterWorkstationReply,
     RegisterWorkstationRequest,
 };
 use tanjiren_shared::{ErrorCode, WireError};
@@ -89,7 +90,7 @@ impl StepFence {
     }
 }
 
-fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
+pub(crate) fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
     if e.code == ErrorCode::StaleLease {
         tracing::warn!(%step, kind, message = %e.message, "rejected a stale worker write");
         conns.metrics.inc(
@@ -108,10 +109,101 @@ pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<LogBatch>>) -> 
     }
 }
 
+/// A step's fencing view plus its output accounting, read under a row lock.
+#[derive(sqlx::FromRow, Clone)]
+struct LogStep {
+    id: Uuid,
+    task_id: Uuid,
+    org_id: Uuid,
+    lease_generation: i64,
+    status: String,
+    log_bytes: i64,
+    log_truncated: bool,
+}
+
+impl LogStep {
+    fn fence(&self) -> StepFence {
+        StepFence {
+            id: self.id,
+            task_id: self.task_id,
+            org_id: self.org_id,
+            lease_generation: self.lease_generation,
+            status: self.status.clone(),
+        }
+    }
+}
+
+/// The rows of one handler batch, column by column (one `unnest` statement).
+#[derive(Default)]
+struct LogRows {
+    steps: Vec<Uuid>,
+    seqs: Vec<i64>,
+    tasks: Vec<Uuid>,
+    streams: Vec<&'static str>,
+    lines: Vec<String>,
+    ats: Vec<chrono::DateTime<chrono::Utc>>,
+    sig_hashes: Vec<i64>,
+    signatures: Vec<String>,
+}
+
+impl LogRows {
+    fn push(&mut self, step: Uuid, task: Uuid, line: &LogLine) {
+        let sig = signature(line.stream, &line.text);
+        self.steps.push(step);
+        self.seqs.push(line.seq);
+        self.tasks.push(task);
+        self.streams.push(line.stream.as_str());
+        self.lines.push(line.text.clone());
+        self.ats.push(line.at);
+        self.sig_hashes.push(sig.hash);
+        self.signatures.push(sig.text);
+    }
+}
+
+/// Stores the lines and folds them into their signatures in one statement: only
+/// lines actually inserted (not repeats of a retried batch) are counted, grouped
+/// per (step, signature) so each signature row is upserted once per batch.
+const STORE_LINES_SQL: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::int8[], $8::text[])
+        AS i(step_id, seq, task_id, stream, line, at, sig_hash, signature)
+), ins AS (
+    INSERT INTO task_logs (step_id, seq, task_id, stream, line, at, sig_hash)
+    SELECT step_id, seq, task_id, stream, line, at, sig_hash FROM input
+    ON CONFLICT (step_id, seq) DO NOTHING
+    RETURNING step_id, seq
+), new AS (
+    SELECT i.* FROM input i JOIN ins USING (step_id, seq)
+), agg AS (
+    SELECT DISTINCT ON (step_id, sig_hash)
+           step_id, sig_hash, task_id, stream, signature, line AS exemplar,
+           count(*) OVER w AS count, seq AS first_seq, max(seq) OVER w AS last_seq,
+           at AS first_at, max(at) OVER w AS last_at
+    FROM new
+    WINDOW w AS (PARTITION BY step_id, sig_hash)
+    ORDER BY step_id, sig_hash, seq
+), sigs AS (
+    INSERT INTO task_log_signatures AS t
+        (step_id, sig_hash, task_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at)
+    SELECT step_id, sig_hash, task_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at FROM agg
+    ON CONFLICT (step_id, sig_hash) DO UPDATE SET
+        count = t.count + EXCLUDED.count,
+        exemplar = CASE WHEN EXCLUDED.first_seq < t.first_seq THEN EXCLUDED.exemplar ELSE t.exemplar END,
+        first_at = CASE WHEN EXCLUDED.first_seq < t.first_seq THEN EXCLUDED.first_at ELSE t.first_at END,
+        first_seq = least(t.first_seq, EXCLUDED.first_seq),
+        last_at = CASE WHEN EXCLUDED.last_seq > t.last_seq THEN EXCLUDED.last_at ELSE t.last_at END,
+        last_seq = greatest(t.last_seq, EXCLUDED.last_seq)
+    RETURNING 1
+)
+UPDATE steps s SET log_bytes = s.log_bytes + b.bytes
+FROM (SELECT step_id, sum(octet_length(line))::int8 AS bytes FROM new GROUP BY step_id) b
+WHERE s.id = b.step_id";
+
 async fn store_logs(
     conns: &Connections,
     batch: &[Incoming<LogBatch>],
 ) -> Result<Vec<Result<LogBatchReply, WireError>>, WireError> {
+    let cap = conns.config.log_cap_bytes;
     let step_ids: Vec<Uuid> = batch
         .iter()
         .map(|r| r.body.step_id.as_uuid())
@@ -119,8 +211,10 @@ async fn store_logs(
         .into_iter()
         .collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
-    let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
-        "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR SHARE",
+    // FOR UPDATE (not SHARE): the byte count of the cap is read and written here.
+    let mut log_steps: HashMap<Uuid, LogStep> = sqlx::query_as::<_, LogStep>(
+        "SELECT id, task_id, org_id, lease_generation, status, log_bytes, log_truncated
+         FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(&step_ids)
     .fetch_all(&mut *tx)
@@ -131,15 +225,16 @@ async fn store_logs(
     .collect();
 
     let mut results = Vec::with_capacity(batch.len());
-    let (mut steps, mut seqs, mut tasks, mut streams, mut lines, mut ats) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for req in batch {
+    let mut live: Vec<(usize, Vec<LogLine>)> = Vec::new();
+    let mut rows = LogRows::default();
+    let mut newly_truncated: Vec<Uuid> = Vec::new();
+    for (i, req) in batch.iter().enumerate() {
         let b = &req.body;
-        let check = fences
-            .get(&b.step_id.as_uuid())
+        let check = log_steps
+            .get_mut(&b.step_id.as_uuid())
             .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
-            .and_then(|f| f.admits(req.principal.org_id, b.lease_generation).map(|_| f));
-        let fence = match check {
+            .and_then(|f| f.fence().admits(req.principal.org_id, b.lease_generation).map(|_| f));
+        let step = match check {
             Ok(f) => f,
             Err(e) => {
                 reject_stale(conns, "logs", b.step_id.as_uuid(), &e);
@@ -155,55 +250,80 @@ async fn store_logs(
             )));
             continue;
         }
+        let mut accepted = Vec::with_capacity(b.lines.len());
         for l in &b.lines {
-            steps.push(fence.id);
-            seqs.push(l.seq);
-            tasks.push(fence.task_id);
-            streams.push(l.stream.as_str());
-            // Postgres text cannot hold NUL.
-            lines.push(if l.text.contains('\0') {
-                l.text.replace('\0', "\u{FFFD}")
-            } else {
-                l.text.clone()
+            if step.log_truncated {
+                break;
+            }
+            let text = sanitise_line(&l.text);
+            if step.log_bytes.saturating_add(text.len() as i64) > cap as i64 {
+                // The first line over the cap is replaced by the marker, stored once.
+                step.log_truncated = true;
+                newly_truncated.push(step.id);
+                accepted.push(LogLine {
+                    seq: l.seq,
+                    stream: LogStream::Stderr,
+                    text: cap_marker(cap),
+                    at: l.at,
+                });
+                break;
+            }
+            step.log_bytes += text.len() as i64;
+            accepted.push(LogLine {
+                seq: l.seq,
+                stream: l.stream,
+                text: text.into_owned(),
+                at: l.at,
             });
-            ats.push(l.at);
+        }
+        for l in &accepted {
+            rows.push(step.id, step.task_id, l);
         }
         results.push(Ok(LogBatchReply {
-            stored: b.lines.len() as u32,
+            stored: accepted.len() as u32,
+            truncated: step.log_truncated,
         }));
+        if !accepted.is_empty() {
+            live.push((i, accepted));
+        }
     }
-    if !steps.is_empty() {
-        sqlx::query(
-            "INSERT INTO task_logs (step_id, seq, task_id, stream, line, at)
-             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
-             ON CONFLICT (step_id, seq) DO NOTHING",
-        )
-        .bind(&steps)
-        .bind(&seqs)
-        .bind(&tasks)
-        .bind(&streams)
-        .bind(&lines)
-        .bind(&ats)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    if !rows.steps.is_empty() {
+        sqlx::query(STORE_LINES_SQL)
+            .bind(&rows.steps)
+            .bind(&rows.seqs)
+            .bind(&rows.tasks)
+            .bind(&rows.streams)
+            .bind(&rows.lines)
+            .bind(&rows.ats)
+            .bind(&rows.sig_hashes)
+            .bind(&rows.signatures)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    }
+    if !newly_truncated.is_empty() {
+        sqlx::query("UPDATE steps SET log_truncated = true WHERE id = ANY($1)")
+            .bind(&newly_truncated)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
     }
     tx.commit().await.map_err(db_error)?;
+    drop(rows);
 
-    for (req, r) in batch.iter().zip(&results) {
-        if r.is_ok() && !req.body.lines.is_empty() {
-            let fence = &fences[&req.body.step_id.as_uuid()];
-            let live = LiveLogBatch {
-                task_id: fence.task_id.into(),
-                step_id: req.body.step_id,
-                lines: req.body.lines.clone(),
-            };
-            let subject = conns.subjects.logs(req.principal.org_id, live.task_id);
-            let _ = conns
-                .nats
-                .publish(subject, Encoding::MsgPack.encode(&live).into())
-                .await;
-        }
+    for (i, lines) in live {
+        let req = &batch[i];
+        let step = &log_steps[&req.body.step_id.as_uuid()];
+        let live = LiveLogBatch {
+            task_id: step.task_id.into(),
+            step_id: req.body.step_id,
+            lines,
+        };
+        let subject = conns.subjects.logs(req.principal.org_id, live.task_id);
+        let _ = conns
+            .nats
+            .publish(subject, Encoding::MsgPack.encode(&live).into())
+            .await;
     }
     Ok(results)
 }
@@ -351,7 +471,7 @@ async fn store_progress(
         .map_err(db_error)?;
     }
 
-    let decided = settle_finished(&mut tx, &tasks, &finished_tasks).await?;
+    let decided = settle_finished(&mut tx, &tasks, &finished_tasks, &conns.config.default_retry_policy()).await?;
     tx.commit().await.map_err(db_error)?;
     publish_decisions(conns, &tasks, &decided).await;
     Ok(results

@@ -156,7 +156,7 @@ impl Reconciler {
         .await
         .map_err(db_error)?;
         let finished: BTreeSet<Uuid> = released.iter().map(|(_, t)| *t).collect();
-        let decided = settle_finished(&mut tx, &tasks, &finished).await?;
+        let decided = settle_finished(&mut tx, &tasks, &finished, &self.conns.config.default_retry_policy()).await?;
         tx.commit().await.map_err(db_error)?;
 
         // Remove keys a late heartbeat may have re-created for the old generation.

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod log_follow;
 pub mod metrics;
 pub mod settle;
 pub mod shutdown;

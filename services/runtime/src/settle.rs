@@ -6,6 +6,11 @@
 //! by id. Holding the task row serialises the decision between concurrent step
 //! results of one task; the outcome comes from the lifecycle function and is
 //! stored by compare-and-swap on the task's status.
+//!
+//! A task that fails here is also where its retry policy is applied (the
+//! lifecycle's `ConsiderRetry` effect): if the policy allows another attempt,
+//! `retry_at` is set in the same statement that fails the task, and the scheduler
+//! creates the next attempt once that instant has passed.
 
 use crate::db_error;
 use crate::events::publish_task_event;
@@ -14,8 +19,9 @@ use chrono::Utc;
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
-use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
-use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
+use tanjiren_shared::model::{ApprovalStatus, RetryPolicy, TaskStatus};
+use tanjiren_shared::retry::{RetryDecision, StepFailure, decide, jitter_for};
 use uuid::Uuid;
 
 pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
@@ -57,22 +63,35 @@ pub async fn lock_tasks(tx: &mut Tx<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, L
 
 /// For each task in `finished` (a step of it just ended): if no step is left queued
 /// or executing, apply `StepsFinished` and store the outcome. Tasks already ended
-/// (e.g. cancelled while a step ran) keep their status. Returns what changed.
+/// (e.g. cancelled while a step ran) keep their status. A task that fails gets
+/// `retry_at` when its retry policy (or `default_policy`, when it has none) allows
+/// another attempt. Returns what changed.
 pub async fn settle_finished(
     tx: &mut Tx<'_>,
     tasks: &HashMap<Uuid, LockedTask>,
     finished: &BTreeSet<Uuid>,
+    default_policy: &RetryPolicy,
 ) -> Result<HashMap<Uuid, Decision>, WireError> {
     let mut decided = HashMap::new();
     if finished.is_empty() {
         return Ok(decided);
     }
     let ids: Vec<Uuid> = finished.iter().copied().collect();
-    let tallies: Vec<(Uuid, i64, bool, Option<String>)> = sqlx::query_as(
+    type Tally = (
+        Uuid,
+        i64,
+        bool,
+        Option<String>,
+        Option<Vec<Option<String>>>,
+        Option<Vec<Option<i32>>>,
+    );
+    let tallies: Vec<Tally> = sqlx::query_as(
         "SELECT task_id,
                 count(*) FILTER (WHERE status IN ('queued', 'executing')),
                 bool_and(status = 'succeeded'),
-                (array_agg(failure_reason ORDER BY id) FILTER (WHERE status <> 'succeeded'))[1]
+                (array_agg(failure_reason ORDER BY id) FILTER (WHERE status <> 'succeeded'))[1],
+                array_agg(failure_reason ORDER BY id) FILTER (WHERE status = 'failed'),
+                array_agg(exit_code ORDER BY id) FILTER (WHERE status = 'failed')
          FROM steps WHERE task_id = ANY($1) GROUP BY task_id",
     )
     .bind(&ids)
@@ -80,7 +99,8 @@ pub async fn settle_finished(
     .await
     .map_err(db_error)?;
     let (mut upd_ids, mut upd_from, mut upd_to, mut upd_reason) = (vec![], vec![], vec![], vec![]);
-    for (task_id, live, all_ok, reason) in tallies {
+    let mut consider_retry: HashMap<Uuid, Vec<StepFailure>> = HashMap::new();
+    for (task_id, live, all_ok, reason, failed_reasons, failed_codes) in tallies {
         if live > 0 {
             continue;
         }
@@ -95,12 +115,27 @@ pub async fn settle_finished(
         upd_from.push(state.status.as_str());
         upd_to.push(t.next.status.as_str());
         upd_reason.push(reason.clone());
+        if t.effects.contains(&Effect::ConsiderRetry) {
+            let reasons = failed_reasons.unwrap_or_default();
+            let codes = failed_codes.unwrap_or_default();
+            let failures = reasons
+                .into_iter()
+                .zip(codes.into_iter().chain(std::iter::repeat(None)))
+                .map(|(reason, exit_code)| StepFailure { reason, exit_code })
+                .collect();
+            consider_retry.insert(task_id, failures);
+        }
         decided.insert(task_id, (t.next.status, t.next.approval, reason));
     }
     if !upd_ids.is_empty() {
+        let now = Utc::now();
+        let retry_at = retry_instants(tx, consider_retry, default_policy, now).await?;
+        let upd_retry: Vec<Option<chrono::DateTime<Utc>>> =
+            upd_ids.iter().map(|id| retry_at.get(id).copied()).collect();
         let changed: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = $5
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, expected, next, reason)
+            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = $5, retry_at = u.retry_at
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $6::timestamptz[])
+                  AS u(id, expected, next, reason, retry_at)
              WHERE t.id = u.id AND t.status = u.expected
              RETURNING t.id",
         )
@@ -108,13 +143,48 @@ pub async fn settle_finished(
         .bind(&upd_from)
         .bind(&upd_to)
         .bind(&upd_reason)
-        .bind(Utc::now())
+        .bind(now)
+        .bind(&upd_retry)
         .fetch_all(&mut **tx)
         .await
         .map_err(db_error)?;
         decided.retain(|id, _| changed.contains(id));
     }
     Ok(decided)
+}
+
+/// Applies each failing task's retry policy: when another attempt is allowed, the
+/// instant it may be created (now + backoff with the task's jitter).
+async fn retry_instants(
+    tx: &mut Tx<'_>,
+    failing: HashMap<Uuid, Vec<StepFailure>>,
+    default_policy: &RetryPolicy,
+    now: chrono::DateTime<Utc>,
+) -> Result<HashMap<Uuid, chrono::DateTime<Utc>>, WireError> {
+    if failing.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = failing.keys().copied().collect();
+    let rows: Vec<(Uuid, Option<sqlx::types::Json<RetryPolicy>>, i32)> =
+        sqlx::query_as("SELECT id, retry_policy, attempt FROM tasks WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+    let mut out = HashMap::new();
+    for (id, policy, attempt) in rows {
+        let policy = policy.map(|p| p.0).unwrap_or_else(|| default_policy.clone());
+        let failures = failing.get(&id).map(Vec::as_slice).unwrap_or_default();
+        match decide(&policy, attempt.max(1) as u32, failures, jitter_for(TaskId::from(id))) {
+            RetryDecision::Retry { next_attempt, delay } => {
+                tracing::debug!(task = %id, next_attempt, ?delay, "failed task will be retried");
+                let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                out.insert(id, now.checked_add_signed(delay).unwrap_or(now));
+            }
+            RetryDecision::GiveUp(why) => tracing::debug!(task = %id, %why, "failed task is not retried"),
+        }
+    }
+    Ok(out)
 }
 
 /// After commit: publishes the lifecycle event of every decided task.

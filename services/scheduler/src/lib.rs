@@ -1,29 +1,61 @@
-//! The scheduler: time-driven work. Re-dispatch — a queued step no worker claimed
-//! within `redispatch_after_ms` (a dispatch lost in transit, or a worker that was
-//! busy or offline) is published again on its workstation's dispatch subject; and
-//! queue timeouts — a step still unclaimed at its `queue_deadline` fails with
-//! `queue_timeout`, and its task is settled by the lifecycle. Replicas share the
-//! work (`FOR UPDATE SKIP LOCKED`, compare-and-swap), and the loop exposes one
-//! step, [`Scheduler::tick`], that tests drive with a controlled clock.
+//! The scheduler: time-driven work. Cron schedules — each due tick materialises
+//! exactly one task through the normal creation path, whatever the number of
+//! replicas ([`fire`]); retries — the next attempt of a failed task once its
+//! backoff has passed, and `tasks.retry` on request ([`retries`]); re-dispatch — a
+//! queued step no worker claimed within `redispatch_after_ms` (a dispatch lost in
+//! transit, or a worker that was busy or offline) is published again on its
+//! workstation's dispatch subject; and queue timeouts — a step still unclaimed at
+//! its `queue_deadline` fails with `queue_timeout`, and its task is settled by the
+//! lifecycle. Replicas share the work (`FOR UPDATE SKIP LOCKED`, compare-and-swap),
+//! and the loop exposes one step, [`Scheduler::tick`], that tests drive with a
+//! controlled clock.
+//!
+//! Subjects served (queue group `scheduler`): `schedules.create|list|get|pause|resume|delete`
+//! and `tasks.retry`.
+
+pub mod fire;
+mod new_tasks;
+pub mod retries;
+pub mod schedules;
+
+pub use fire::FireReport;
+pub use retries::retry_task;
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
+use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError, db_error};
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
-use tanjiren_shared::model::Mode;
-use tanjiren_shared::protocol::Assignment;
+use tanjiren_shared::model::{Mode, Role};
+use tanjiren_shared::protocol::{Assignment, Principal};
 use uuid::Uuid;
+
+/// The queue group every scheduler replica joins for its subjects.
+pub const QUEUE_GROUP: &str = "scheduler";
 
 /// What one tick did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TickReport {
     pub redispatched: usize,
     pub timed_out: usize,
+    /// Schedule ticks, by what became of them.
+    pub schedules: FireReport,
+    /// Next attempts of failed tasks created.
+    pub retries: usize,
+}
+
+/// Who a task created on someone's behalf (a schedule's tick, an automatic retry) is created by.
+pub(crate) fn principal_of(org: Uuid, token_id: Uuid, token_name: &str) -> Principal {
+    Principal {
+        org_id: OrgId::from(org),
+        token_id,
+        token_name: token_name.to_string(),
+        role: Role::Member,
+    }
 }
 
 /// A queued step due for another dispatch, with what its worker needs.
@@ -49,13 +81,22 @@ impl Scheduler {
         Self { conns: conns.clone() }
     }
 
+    /// This replica's metrics (tests and the capacity example read them).
+    pub fn metrics(&self) -> &tanjiren_runtime::Metrics {
+        &self.conns.metrics
+    }
+
     /// One round of everything due at `now`.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, WireError> {
         let timed_out = self.expire_queued(now).await?;
         let redispatched = self.redispatch(now).await?;
+        let schedules = self.fire_schedules(now).await?;
+        let retries = self.create_due_retries(now).await?;
         Ok(TickReport {
             redispatched,
             timed_out,
+            schedules,
+            retries,
         })
     }
 
@@ -97,7 +138,8 @@ impl Scheduler {
             .await
             .map_err(db_error)?;
             let finished: BTreeSet<Uuid> = expired.iter().copied().collect();
-            let decided = settle_finished(&mut tx, &tasks, &finished).await?;
+            let decided =
+                settle_finished(&mut tx, &tasks, &finished, &self.conns.config.default_retry_policy()).await?;
             tx.commit().await.map_err(db_error)?;
             publish_decisions(&self.conns, &tasks, &decided).await;
             total += expired.len();
@@ -180,11 +222,41 @@ impl Scheduler {
     }
 }
 
-/// Runs [`Scheduler::tick`] every `scheduler_interval_ms` until shutdown.
+/// Serves the scheduler's subjects (queue group `scheduler`) until shutdown, without
+/// the tick loop; returns once they are live. Tests that drive [`Scheduler::tick`]
+/// with their own clock serve the subjects this way.
+pub async fn serve(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
+    let s = &conns.subjects;
+    let mut router = Router::new(conns, QUEUE_GROUP, shutdown);
+    router
+        .route(s.schedules_create(), Access::Operators, schedules::create_handler)
+        .await?;
+    router
+        .route(s.schedules_list(), Access::Operators, schedules::list_handler)
+        .await?;
+    router
+        .route(s.schedules_get(), Access::Operators, schedules::get_handler)
+        .await?;
+    router
+        .route(s.schedules_pause(), Access::Operators, schedules::pause_handler)
+        .await?;
+    router
+        .route(s.schedules_resume(), Access::Operators, schedules::resume_handler)
+        .await?;
+    router
+        .route(s.schedules_delete(), Access::Operators, schedules::delete_handler)
+        .await?;
+    router
+        .route(s.tasks_retry(), Access::Operators, retries::handle)
+        .await?;
+    Ok(router.into_handle())
+}
+
+/// Serves the subjects and runs [`Scheduler::tick`] every `scheduler_interval_ms` until shutdown.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let scheduler = Scheduler::new(conns);
     let interval = Duration::from_millis(conns.config.scheduler_interval_ms.max(1));
-    let mut handle = ServiceHandle::new();
+    let mut handle = serve(conns, shutdown.clone()).await?;
     handle.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

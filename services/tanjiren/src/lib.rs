@@ -2,12 +2,14 @@
 //! worker in one process; `ingest`, `approval`, `lease`, `scheduler`, `worker`
 //! run one alone), set-up commands that talk to Postgres directly (`migrate`,
 //! `bootstrap`, `org create`, `token create`), and the operator CLI (`task …`,
-//! `approval …`, `doctrine …`) that talks to the services over NATS with a bearer token.
+//! `approval …`, `doctrine …`, `schedule …`) that talks to the services over NATS with a bearer token.
 
 mod admin;
 mod approvals;
+mod artifacts;
 mod client;
 mod launcher;
+mod schedules;
 mod tasks;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +66,11 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::TokenCommand,
     },
+    /// Attach and read durable findings (notes, links, evidence, summaries).
+    Artifact {
+        #[command(subcommand)]
+        command: artifacts::ArtifactCommand,
+    },
     /// Create, inspect and follow tasks.
     Task {
         #[command(subcommand)]
@@ -73,6 +80,11 @@ pub enum Command {
     Doctrine {
         #[command(subcommand)]
         command: approvals::DoctrineCommand,
+    },
+    /// Create, inspect, pause, resume and delete cron schedules of tasks.
+    Schedule {
+        #[command(subcommand)]
+        command: schedules::ScheduleCommand,
     },
 }
 
@@ -87,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Command::Migrate
             | Command::Approval { command: Some(_) }
             | Command::Doctrine { .. }
+            | Command::Schedule { .. }
     );
     let level = if quiet_default && std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
         "warn"
@@ -107,6 +120,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Org { command } => admin::org(&config, command).await,
         Command::Token { command } => admin::token(&config, command).await,
         Command::Task { command } => tasks::run(&config, command).await,
+        Command::Artifact { command } => artifacts::run(&config, command).await,
         Command::Doctrine { command } => approvals::doctrine(&config, command).await,
+        Command::Schedule { command } => schedules::run(&config, command).await,
     }
 }

@@ -6,17 +6,13 @@ use crate::client::Client;
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
-use futures::StreamExt;
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{Mode, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{
-    CancelTaskReply, CancelTaskRequest, CreateTaskReply, ListTasksReply, ListTasksRequest, LiveLogBatch, LogLine,
-    LogStream, TaskLogsReply, TaskLogsRequest, TaskView,
+    CancelTaskReply, CancelTaskRequest, CreateTaskReply, ListTasksReply, ListTasksRequest, LogLine, LogStream, TaskView,
 };
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +84,16 @@ pub enum TaskCommand {
         id: TaskId,
         #[arg(short, long)]
         follow: bool,
+        /// One line per signature with its count, instead of every line.
+        #[arg(long, conflicts_with = "follow")]
+        dedup: bool,
+    },
+    /// Create the next attempt of a failed or cancelled task, even past its retry policy
+    /// (it goes through doctrine again).
+    Retry {
+        id: TaskId,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -167,6 +173,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 workstation,
                 before: None,
                 limit: Some(limit),
+                ..Default::default()
             };
             let reply: ListTasksReply = client.call(client.subjects.tasks_list(), &req).await?;
             if json {
@@ -212,7 +219,9 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
-        TaskCommand::Logs { id, follow } => logs(&client, id, follow).await,
+        TaskCommand::Logs { id, dedup: true, .. } => dedup_logs(&client, id).await,
+        TaskCommand::Logs { id, follow, .. } => logs(&client, id, follow).await,
+        TaskCommand::Retry { id, json } => crate::schedules::retry(config, id, json).await,
     }
 }
 
@@ -382,71 +391,59 @@ fn print_line(step: StepId, multi: bool, l: &LogLine) {
 }
 
 /// Prints stored output, then (with `follow`) live batches until the task ends.
-/// The live subscription starts before the stored read, and each step's last
-/// printed sequence number filters both, so the seam has no gap and no duplicate.
-async fn logs(client: &Client, id: TaskId, follow: bool) -> anyhow::Result<ExitCode> {
+/// The seam logic (no gap, no duplicate) is `tanjiren_runtime::log_follow`, shared with the tests.
+/// The deduplicated view: each distinct line once, with how often and where it occurred.
+async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
+    use tanjiren_shared::protocol::{LogView, TaskLogsReply, TaskLogsRequest};
     let task = client.get(id).await?;
     let multi = task.steps.len() > 1;
-    let mut live = if follow {
-        Some(client.nats.subscribe(client.subjects.logs(task.org_id, id)).await?)
-    } else {
-        None
-    };
-    let mut last: HashMap<StepId, i64> = HashMap::new();
-    print_stored(client, id, multi, &mut last).await?;
-    let Some(sub) = live.as_mut() else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    let mut check = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            m = sub.next() => {
-                let Some(m) = m else { break };
-                let Ok(batch) = Encoding::MsgPack.decode::<LiveLogBatch>(&m.payload) else { continue };
-                let seen = last.entry(batch.step_id).or_insert(0);
-                // A gap means live lines were missed: read them from the store.
-                if batch.lines.first().map(|l| l.seq > *seen + 1).unwrap_or(false) {
-                    print_stored(client, id, multi, &mut last).await?;
-                }
-                let seen = last.entry(batch.step_id).or_insert(0);
-                for l in &batch.lines {
-                    if l.seq > *seen {
-                        print_line(batch.step_id, multi, l);
-                        *seen = l.seq;
-                    }
-                }
+    // Pages are per step: `after_seq` pages on each signature's first occurrence.
+    for step in &task.steps {
+        let mut after = 0;
+        loop {
+            let req = TaskLogsRequest {
+                task_id: id,
+                step_id: Some(step.step_id),
+                after_seq: Some(after),
+                limit: Some(1000),
+                view: LogView::Dedup,
+            };
+            let page: TaskLogsReply = client.call(client.subjects.tasks_logs(), &req).await?;
+            for s in &page.signatures {
+                let prefix = if multi {
+                    format!("[{}] ", &step.step_id.to_string()[..8])
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{prefix}{:>7}x  [{}] {}   (lines {}..{})",
+                    s.count,
+                    s.stream.as_str(),
+                    s.exemplar,
+                    s.first_seq,
+                    s.last_seq
+                );
             }
-            _ = check.tick() => {
-                if client.get(id).await?.status.is_terminal() {
-                    print_stored(client, id, multi, &mut last).await?;
-                    break;
-                }
+            match page.signatures.last() {
+                Some(last) if page.signatures.len() == 1000 => after = last.first_seq,
+                _ => break,
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn print_stored(client: &Client, id: TaskId, multi: bool, last: &mut HashMap<StepId, i64>) -> anyhow::Result<()> {
-    let task = client.get(id).await?;
-    for step in task.steps {
-        loop {
-            let after = *last.get(&step.step_id).unwrap_or(&0);
-            let req = TaskLogsRequest {
-                task_id: id,
-                step_id: Some(step.step_id),
-                after_seq: Some(after),
-                limit: Some(1000),
-            };
-            let page: TaskLogsReply = client.call(client.subjects.tasks_logs(), &req).await?;
-            if page.lines.is_empty() {
-                break;
-            }
-            for l in &page.lines {
-                print_line(l.step_id, multi, &l.line);
-                last.insert(l.step_id, l.line.seq);
-            }
-        }
-    }
-    Ok(())
+async fn logs(client: &Client, id: TaskId, follow: bool) -> anyhow::Result<ExitCode> {
+    let multi = client.get(id).await?.steps.len() > 1;
+    let follower = tanjiren_runtime::log_follow::LogFollower {
+        nats: &client.nats,
+        subjects: &client.subjects,
+        token: &client.token,
+        poll: Duration::from_millis(500),
+    };
+    follower
+        .run(id, follow, |step, l| print_line(step, multi, l))
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -127,6 +127,54 @@ fn up_then_a_task_from_the_cli_completes_with_its_output() {
     assert!(logs.status.success());
     assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "hello from tanjiren");
 
+    // Repeated output, deduplicated; artifacts on the task, next to its generated summary.
+    let noisy = install.run(&[
+        "task",
+        "create",
+        "--command",
+        "for i in 1 2 3; do echo tick $i; done; echo done",
+        "--wait",
+    ]);
+    let noisy_id = text(&noisy)
+        .lines()
+        .find_map(|l| l.strip_prefix("task "))
+        .map(|s| s.trim().to_string())
+        .unwrap();
+    let dedup = install.run(&["task", "logs", &noisy_id, "--dedup"]);
+    let d = String::from_utf8_lossy(&dedup.stdout).to_string();
+    assert!(
+        d.contains("3x  [stdout] tick 1") && d.contains("1x  [stdout] done"),
+        "{d}"
+    );
+    let added = install.run(&[
+        "artifact",
+        "add",
+        "--kind",
+        "link",
+        "--task",
+        &id,
+        "--title",
+        "runbook",
+        "--url",
+        "https://example.org/runbook",
+    ]);
+    assert!(added.status.success(), "{}", text(&added));
+    let bad = install.run(&["artifact", "add", "--kind", "link", "--task", &id, "--url", "not a url"]);
+    assert!(
+        !bad.status.success() && text(&bad).contains("invalid_request"),
+        "{}",
+        text(&bad)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = text(&install.run(&["artifact", "list", "--task", &id]));
+        if listed.contains("runbook") && listed.contains("summary") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "artifacts: {listed}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     let listed = install.run(&["task", "list", "--status", "completed"]);
     assert!(text(&listed).contains(&id), "{}", text(&listed));
 

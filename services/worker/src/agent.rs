@@ -38,6 +38,8 @@ pub(crate) struct Settings {
     pub concurrency: usize,
     pub heartbeat_interval: Duration,
     pub batch: BatchLimits,
+    /// How often a running step's output preview is refreshed (piggybacked on log batches).
+    pub progress_every: Duration,
 }
 
 /// Steps known to this worker: claimed ones, and ones whose claim is in flight.

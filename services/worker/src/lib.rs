@@ -178,6 +178,7 @@ fn settings(config: &Config) -> Settings {
             max_bytes: config.log_batch_max_bytes,
             flush_after: Duration::from_millis(config.log_flush_ms),
         },
+        progress_every: Duration::from_millis(config.progress_interval_ms.max(1)),
     }
 }
 

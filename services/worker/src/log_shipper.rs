@@ -2,7 +2,8 @@
 //! the tails, and sends numbered batches on `ingest.logs` by the batch rules in
 //! `output`. A batch is sent before the next line is taken, so a slow ingest
 //! backs up into the channel and from there into the command's pipe — memory
-//! stays bounded.
+//! stays bounded. After a batch, if `progress_every` has passed since the last
+//! one, the current tails go out on `ingest.progress` (the preview while it runs).
 
 use crate::executor::OutputLine;
 use crate::output::{BatchLimits, Batcher, StreamTails, TAIL_BYTES};
@@ -15,14 +16,30 @@ pub(crate) struct LogShipper<'a> {
     writer: StepWriter<'a>,
     batcher: Batcher,
     tails: StreamTails,
+    progress_every: std::time::Duration,
+    last_progress: Option<Instant>,
 }
 
 impl<'a> LogShipper<'a> {
-    pub fn new(writer: StepWriter<'a>, limits: BatchLimits) -> Self {
+    pub fn new(writer: StepWriter<'a>, limits: BatchLimits, progress_every: std::time::Duration) -> Self {
         Self {
             writer,
             batcher: Batcher::new(limits),
             tails: StreamTails::new(TAIL_BYTES),
+            progress_every,
+            last_progress: None,
+        }
+    }
+
+    async fn send(&mut self, batch: Vec<tanjiren_shared::protocol::LogLine>) {
+        self.writer.send_logs(batch).await;
+        let now = Instant::now();
+        if self
+            .last_progress
+            .is_none_or(|t| now.duration_since(t) >= self.progress_every)
+        {
+            self.last_progress = Some(now);
+            self.writer.send_progress(&self.tails).await;
         }
     }
 
@@ -58,13 +75,13 @@ impl<'a> LogShipper<'a> {
     async fn accept(&mut self, line: OutputLine) {
         self.tails.push(line.stream, &line.text);
         if let Some(batch) = self.batcher.push(line.stream, line.text, line.at, Instant::now()) {
-            self.writer.send_logs(batch).await;
+            self.send(batch).await;
         }
     }
 
     async fn flush(&mut self) {
         if let Some(batch) = self.batcher.take() {
-            self.writer.send_logs(batch).await;
+            self.send(batch).await;
         }
     }
 }

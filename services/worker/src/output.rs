@@ -89,7 +89,8 @@ impl LineSplitter {
 
 fn line_text(bytes: &[u8]) -> String {
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-    String::from_utf8_lossy(bytes).into_owned()
+    // Invalid UTF-8 is kept lossily (U+FFFD) and the line is marked.
+    tanjiren_shared::logs::lossy_line(bytes)
 }
 
 /// The length of `bytes` without a multi-byte UTF-8 sequence that was cut off at the end.
@@ -142,7 +143,6 @@ impl Tail {
         self.trim_front();
     }
 
-    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -314,7 +314,13 @@ mod tests {
     #[test]
     fn invalid_utf8_is_replaced() {
         let lines = split_all(100, &[b"ok \xff\xfe end\n"]);
-        assert_eq!(lines, ["ok \u{FFFD}\u{FFFD} end"]);
+        assert_eq!(
+            lines,
+            [format!(
+                "ok \u{FFFD}\u{FFFD} end{}",
+                tanjiren_shared::logs::INVALID_UTF8_MARK
+            )]
+        );
     }
 
     #[test]

@@ -665,7 +665,10 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert!(out[0].ends_with(crate::output::TRUNCATED_MARK));
         assert_eq!(out[0].len(), MAX_LINE_BYTES + crate::output::TRUNCATED_MARK.len());
-        assert_eq!(out[1], "a\u{FFFD}b");
+        assert_eq!(
+            out[1],
+            format!("a\u{FFFD}b{}", tanjiren_shared::logs::INVALID_UTF8_MARK)
+        );
         assert_eq!(out[2], "last");
     }
 

@@ -61,7 +61,11 @@ async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (St
         producer_done.cancel();
         result
     };
-    let shipper = LogShipper::new(StepWriter { bus: &agent.bus, step }, agent.settings.batch);
+    let shipper = LogShipper::new(
+        StepWriter { bus: &agent.bus, step },
+        agent.settings.batch,
+        agent.settings.progress_every,
+    );
     tokio::join!(run, shipper.run(lines, &producer_done))
 }
 
@@ -81,6 +85,19 @@ impl StepWriter<'_> {
         };
         let subject = self.bus.subjects.ingest_logs();
         let _: Option<LogBatchReply> = self.write("log batch", &subject, &batch, RetryPolicy::LOGS).await;
+    }
+
+    /// A progress report while the step runs: the current tails, no result.
+    pub async fn send_progress(&self, tails: &StreamTails) {
+        let report = ProgressReport {
+            step_id: self.step.step_id,
+            lease_generation: self.step.generation,
+            stdout_tail: Some(tails.stdout.as_str().to_string()),
+            stderr_tail: Some(tails.stderr.as_str().to_string()),
+            result: None,
+        };
+        let subject = self.bus.subjects.ingest_progress();
+        let _: Option<ProgressReply> = self.write("progress", &subject, &report, RetryPolicy::LOGS).await;
     }
 
     /// The final report: tails and result. True once it is stored.

@@ -1,0 +1,361 @@
+//! One benchmark run from start to end: make the isolated installation, start
+//! the services (and worker processes, or the in-process agents), warm up,
+//! measure both phases with the commit counter read before and after each, read
+//! peak memory, stop everything and clean up.
+
+use crate::cluster::{Cluster, ComponentCpu, Counters, CpuSnapshot, Service, rss_of, tail};
+use crate::env::{BenchEnv, DbStats};
+use crate::load::{self, Agents, Creator, Tracker, workstation_name};
+use crate::report::{LatencyPhase, PhaseCost, Report, Settings, ThroughputPhase};
+use anyhow::bail;
+use std::path::PathBuf;
+use std::time::Duration;
+use tanjiren_runtime::startup::connect_nats;
+use tanjiren_shared::config::Config;
+use tanjiren_shared::ids::TaskId;
+
+/// How long a child gets to drain before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long after the latency phase a task may still start and count as started.
+const START_GRACE: Duration = Duration::from_secs(10);
+
+/// The command line of a benchmark run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Tasks created in the throughput phase (default 5000; 1000 with --real-workers; 0 skips the phase).
+    #[arg(long)]
+    pub tasks: Option<usize>,
+    /// Simulated workstations (default 50; 4 worker processes with --real-workers).
+    #[arg(long)]
+    pub workstations: Option<usize>,
+    /// Tasks per second in the latency phase.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Length of the latency phase in seconds (0 skips it).
+    #[arg(long, default_value_t = 10.0)]
+    pub latency_secs: f64,
+    /// Run real worker processes with the shell executor (tasks run `true`) instead of no-op agents.
+    #[arg(long)]
+    pub real_workers: bool,
+    /// Most create requests in flight in the throughput phase.
+    #[arg(long, default_value_t = 512)]
+    pub in_flight: usize,
+    /// At most this many tasks unfinished at a time in the throughput phase; 0 = no limit
+    /// (default: no limit for agents; all worker slots, workstations × concurrency, with --real-workers).
+    #[arg(long)]
+    pub max_outstanding: Option<usize>,
+    /// NATS connections the creates are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Steps each workstation runs at once (default: agents max(64, tasks / workstations); worker processes 16).
+    #[arg(long)]
+    pub worker_concurrency: Option<usize>,
+    /// Tasks run (and not measured) before the first phase.
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    /// Postgres server URL without a database (parameters after `?` are kept); the bench database is created under it.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub database_url: String,
+    /// NATS URL (default: TANJIREN_NATS_URL or nats://127.0.0.1:4222).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Redis URL (default: TANJIREN_REDIS_URL or redis://127.0.0.1:6379).
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Keep the bench database, streams and Redis keys.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the results as one JSON object on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for Postgres statistics to be flushed before reading the commit counter.
+    #[arg(long, default_value_t = 11.0)]
+    pub settle_secs: f64,
+    /// Give up waiting for tasks to finish after this many seconds without progress.
+    #[arg(long, default_value_t = 45.0)]
+    pub stall_secs: f64,
+}
+
+impl Options {
+    fn tasks(&self) -> usize {
+        self.tasks.unwrap_or(if self.real_workers { 1000 } else { 5000 })
+    }
+    fn workstations(&self) -> usize {
+        self.workstations
+            .unwrap_or(if self.real_workers { 4 } else { 50 })
+            .max(1)
+    }
+    fn max_outstanding(&self) -> usize {
+        let default = if self.real_workers {
+            self.workstations() * self.worker_concurrency()
+        } else {
+            0
+        };
+        self.max_outstanding.unwrap_or(default)
+    }
+
+    /// Simulated agents get a slot for every task of the throughput phase (at least 64): an
+    /// agent with no free slot drops an assignment, which then waits for re-dispatch.
+    fn worker_concurrency(&self) -> usize {
+        let default = if self.real_workers {
+            16
+        } else {
+            self.tasks().div_ceil(self.workstations()).max(64)
+        };
+        self.worker_concurrency.unwrap_or(default).max(1)
+    }
+}
+
+/// Runs the benchmark and cleans up after it, whatever happened.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let mut config = Config::load(None)?;
+    if std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
+        config.log_level = "warn".into();
+    }
+    if let Some(url) = &opts.nats_url {
+        config.nats_url = url.clone();
+    }
+    if let Some(url) = &opts.redis_url {
+        config.redis_url = url.clone();
+    }
+    config.http_addr = String::new();
+    config.worker_concurrency = opts.worker_concurrency();
+    tanjiren_shared::telemetry::init(&config.log_format, &config.log_level);
+
+    let env = BenchEnv::create(config, &opts.database_url).await?;
+    eprintln!("bench: {}", env.describe());
+    let log_dir = std::env::temp_dir().join(format!("tanjiren-{}", env.config.subject_prefix));
+    let result = measure(&env, &opts, log_dir).await;
+    if opts.keep {
+        eprintln!("bench: kept {}", env.describe());
+    } else if let Err(e) = env.destroy().await {
+        eprintln!("bench: cleanup failed: {e:#}");
+    }
+    result
+}
+
+async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Result<Report> {
+    let (tasks, workstations) = (opts.tasks(), opts.workstations());
+    let settle = Duration::from_secs_f64(opts.settle_secs.max(0.0));
+    let stall = Duration::from_secs_f64(opts.stall_secs.max(1.0));
+    let mut cluster = Cluster::new(log_dir)?;
+    for service in Service::ALL {
+        eprintln!("bench: starting {}", service.name());
+        cluster.start_service(&env.config, service).await?;
+    }
+    let targets: Vec<String> = (0..workstations).map(workstation_name).collect();
+    let agents = if opts.real_workers {
+        eprintln!("bench: starting {workstations} worker processes");
+        for name in &targets {
+            cluster.start_worker(&env.config, name, &env.worker_token).await?;
+        }
+        None
+    } else {
+        eprintln!("bench: starting {workstations} simulated workstations");
+        Some(Agents::start(&env.config, &env.worker_token, workstations, opts.worker_concurrency()).await?)
+    };
+    let events = connect_nats(&env.config, "tanjiren-bench-events").await?;
+    let tracker = Tracker::subscribe(&events, &env.subjects(), env.org).await?;
+    let creator = Creator::new(&env.config, &env.owner_token, targets, opts.connections).await?;
+    let mut problems = Vec::new();
+
+    if opts.warmup > 0 {
+        eprintln!("bench: warming up with {} tasks", opts.warmup);
+        let w = load::warm_up(&creator, &tracker, opts.warmup, stall).await;
+        if w.outcome.completed < w.requested {
+            let diagnosis = diagnose(env, &cluster, &w.task_ids).await;
+            bail!(
+                "warm-up: only {} of {} tasks completed ({:?}; create errors {:?})\n{diagnosis}",
+                w.outcome.completed,
+                w.requested,
+                w.outcome,
+                w.create_errors
+            );
+        }
+    }
+
+    let load_average_before = load_average();
+    let mut checkpoint = Checkpoint::take(env, &cluster, settle).await?;
+    let mut throughput = None;
+    if tasks > 0 {
+        let outstanding = match opts.max_outstanding() {
+            0 => String::new(),
+            m => format!(", ≤{m} tasks unfinished"),
+        };
+        eprintln!(
+            "bench: phase 1, {tasks} tasks with ≤{} creates in flight{outstanding}",
+            opts.in_flight
+        );
+        let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?);
+        let figures = load::throughput(&creator, &tracker, tasks, opts.in_flight, opts.max_outstanding(), stall).await;
+        let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?).since(&cpu);
+        let next = Checkpoint::take(env, &cluster, settle).await?;
+        let cost = next.cost_since(&checkpoint, figures.created, cpu);
+        checkpoint = next;
+        throughput = Some(ThroughputPhase { figures, cost });
+    }
+    let mut latency = None;
+    if opts.latency_secs > 0.0 && opts.rate > 0.0 {
+        eprintln!("bench: phase 2, {} tasks/s for {} s", opts.rate, opts.latency_secs);
+        let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?);
+        let figures = load::latency(&creator, &tracker, opts.rate, opts.latency_secs, START_GRACE, stall).await;
+        let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?).since(&cpu);
+        let cost = Checkpoint::take(env, &cluster, settle)
+            .await?
+            .cost_since(&checkpoint, figures.created, cpu);
+        latency = Some(LatencyPhase { figures, cost });
+    }
+
+    let load_average_after = load_average();
+    let processes = cluster.rss();
+    let bench_process = rss_of("bench (creator+agents)", None);
+
+    // Postgres' own view of every measured task, and what stuck ones were doing.
+    if let Some(t) = &mut throughput {
+        t.cost.task_statuses = env.task_statuses(&t.figures.task_ids).await?;
+        if t.figures.outcome.completed < t.figures.requested {
+            problems.push(format!(
+                "throughput phase: not every task completed\n{}",
+                diagnose(env, &cluster, &t.figures.task_ids).await
+            ));
+        }
+    }
+    if let Some(l) = &mut latency {
+        l.cost.task_statuses = env.task_statuses(&l.figures.task_ids).await?;
+        if l.figures.outcome.completed < l.figures.requested {
+            problems.push(format!(
+                "latency phase: not every task completed\n{}",
+                diagnose(env, &cluster, &l.figures.task_ids).await
+            ));
+        }
+    }
+
+    eprintln!("bench: stopping");
+    if let Some(agents) = agents
+        && tokio::time::timeout(STOP_GRACE, agents.stop()).await.is_err()
+    {
+        problems.push(format!("the simulated workstations did not stop within {STOP_GRACE:?}"));
+    }
+    let mut stopped = cluster.stop_where(STOP_GRACE, |name| name.starts_with("worker-")).await;
+    let log_dir = cluster.log_dir().display().to_string();
+    let logs: Vec<(String, PathBuf)> = std::fs::read_dir(cluster.log_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into(), e.path()))
+        .collect();
+    stopped.extend(cluster.stop(STOP_GRACE).await);
+    for (name, ended) in stopped {
+        if !ended.contains("exit status: 0") {
+            problems.push(format!("{name} {ended}"));
+        }
+    }
+    for (name, path) in logs {
+        let lines = std::fs::read_to_string(&path).map(|t| t.lines().count()).unwrap_or(0);
+        if lines > 0 {
+            problems.push(format!(
+                "{name}: {lines} log lines at warn level or above, ending with:\n{}",
+                indent(&tail(&path, 5))
+            ));
+        }
+    }
+
+    let cfg = &env.config;
+    let settings = Settings {
+        tasks,
+        workstations,
+        workers: if opts.real_workers {
+            "worker processes running `true`"
+        } else {
+            "in-process no-op agents"
+        }
+        .into(),
+        worker_concurrency: opts.worker_concurrency(),
+        rate: opts.rate,
+        latency_secs: opts.latency_secs,
+        in_flight: opts.in_flight,
+        max_outstanding: opts.max_outstanding(),
+        connections: opts.connections,
+        batch_max: cfg.batch_max,
+        max_in_flight: cfg.max_in_flight,
+        db_max_connections: cfg.db_max_connections,
+        redispatch_after_ms: cfg.redispatch_after_ms,
+        heartbeat_interval_ms: cfg.heartbeat_interval_ms,
+        load_average_before,
+        load_average_after,
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    Ok(Report {
+        settings,
+        throughput,
+        latency,
+        processes,
+        bench_process,
+        problems,
+        log_dir,
+    })
+}
+
+/// The database statistics and the services' counters at one moment between phases.
+struct Checkpoint {
+    db: DbStats,
+    counters: Counters,
+}
+
+impl Checkpoint {
+    /// Waits for the statistics to settle (nothing runs meanwhile but the services' timers), then reads.
+    async fn take(env: &BenchEnv, cluster: &Cluster, settle: Duration) -> anyhow::Result<Self> {
+        eprintln!("bench: waiting {settle:?} for Postgres statistics to settle");
+        let db = env.settled_stats(settle).await?;
+        Ok(Self {
+            db,
+            counters: cluster.counters().await,
+        })
+    }
+
+    /// What a phase of `tasks` tasks cost, from `before` to this checkpoint, with the CPU
+    /// it used (read at its exact start and end).
+    fn cost_since(&self, before: &Checkpoint, tasks: usize, cpu: Vec<ComponentCpu>) -> PhaseCost {
+        PhaseCost::new(
+            &self.db.since(&before.db),
+            tasks,
+            &self.counters.since(&before.counters),
+            cpu,
+        )
+    }
+}
+
+/// Where the given tasks and their steps stand in Postgres, and the end of every child's log.
+async fn diagnose(env: &BenchEnv, cluster: &Cluster, tasks: &[TaskId]) -> String {
+    let mut out = String::new();
+    match env.task_statuses(tasks).await {
+        Ok(s) => out.push_str(&format!("  tasks by status: {s:?}\n")),
+        Err(e) => out.push_str(&format!("  tasks by status: {e:#}\n")),
+    }
+    match env.step_statuses(tasks).await {
+        Ok(s) => out.push_str(&format!("  steps by status: {s:?}\n")),
+        Err(e) => out.push_str(&format!("  steps by status: {e:#}\n")),
+    }
+    if let Ok(entries) = std::fs::read_dir(cluster.log_dir()) {
+        for e in entries.flatten() {
+            let t = tail(&e.path(), 10);
+            if !t.is_empty() {
+                out.push_str(&format!("  {}:\n{}\n", e.path().display(), indent(&t)));
+            }
+        }
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("      {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}

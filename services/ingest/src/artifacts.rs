@@ -1,0 +1,379 @@
+//! Artifacts: operators add them (`artifacts.add`), workers add them under their
+//! lease (`ingest.artifacts`, fenced like every worker write), anyone of the
+//! organisation lists and reads them. An artifact of a task carries the task's
+//! `root_task_id`, so it is listed from every attempt of a retried task; nothing
+//! deletes artifacts when a task ends. Validation (kind, size, URL) is the pure
+//! `tanjiren_shared::artifacts::validate`; this module only does the IO.
+
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeSet, HashMap};
+use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::WireError;
+use tanjiren_shared::artifacts::{
+    AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView, GetArtifactRequest,
+    ListArtifactsReply, ListArtifactsRequest, WorkerArtifactRequest, validate,
+};
+use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+struct ArtifactRow {
+    id: Uuid,
+    kind: String,
+    task_id: Option<Uuid>,
+    root_task_id: Option<Uuid>,
+    investigation_id: Option<Uuid>,
+    step_id: Option<Uuid>,
+    title: String,
+    body: String,
+    url: Option<String>,
+    created_by: String,
+    created_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str =
+    "id, kind, task_id, root_task_id, investigation_id, step_id, title, body, url, created_by, created_at";
+
+impl ArtifactRow {
+    fn view(self) -> Result<ArtifactView, WireError> {
+        Ok(ArtifactView {
+            artifact_id: self.id,
+            kind: self.kind.parse()?,
+            task_id: self.task_id.map(TaskId::from),
+            root_task_id: self.root_task_id.map(TaskId::from),
+            investigation_id: self.investigation_id,
+            step_id: self.step_id.map(StepId::from),
+            title: self.title,
+            body: self.body,
+            url: self.url,
+            created_by: self.created_by,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// One artifact ready to insert.
+pub(crate) struct NewArtifact {
+    pub org_id: Uuid,
+    pub kind: ArtifactKind,
+    pub task_id: Option<Uuid>,
+    pub root_task_id: Option<Uuid>,
+    pub investigation_id: Option<Uuid>,
+    pub step_id: Option<Uuid>,
+    pub content: ArtifactContent,
+    pub created_by: String,
+}
+
+/// Inserts artifacts in one statement; returns their ids in order. A second
+/// `summary` of one task is dropped by the unique index (its id is not returned).
+pub(crate) async fn insert(exec: impl sqlx::PgExecutor<'_>, new: Vec<NewArtifact>) -> Result<Vec<Uuid>, WireError> {
+    #[allow(clippy::type_complexity)]
+    let mut cols: (
+        Vec<Uuid>,
+        Vec<&str>,
+        Vec<Option<Uuid>>,
+        Vec<Option<Uuid>>,
+        Vec<Option<Uuid>>,
+    ) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut ids, mut steps, mut titles, mut bodies, mut urls, mut bys, mut sizes) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], Vec::<i32>::new());
+    for a in new {
+        let id = Uuid::now_v7();
+        ids.push(id);
+        cols.0.push(a.org_id);
+        cols.1.push(a.kind.as_str());
+        cols.2.push(a.task_id);
+        cols.3.push(a.root_task_id);
+        cols.4.push(a.investigation_id);
+        steps.push(a.step_id);
+        sizes.push(
+            (a.content.title.len() + a.content.body.len() + a.content.url.as_ref().map_or(0, String::len)) as i32,
+        );
+        titles.push(a.content.title);
+        bodies.push(a.content.body);
+        urls.push(a.content.url);
+        bys.push(a.created_by);
+    }
+    sqlx::query_scalar(
+        "INSERT INTO artifacts (id, org_id, kind, task_id, root_task_id, investigation_id, step_id, title, body, url,
+                                created_by, size_bytes)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
+                              $8::text[], $9::text[], $10::text[], $11::text[], $12::int4[])
+         ON CONFLICT (task_id) WHERE kind = 'summary' DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&cols.0)
+    .bind(&cols.1)
+    .bind(&cols.2)
+    .bind(&cols.3)
+    .bind(&cols.4)
+    .bind(&steps)
+    .bind(&titles)
+    .bind(&bodies)
+    .bind(&urls)
+    .bind(&bys)
+    .bind(&sizes)
+    .fetch_all(exec)
+    .await
+    .map_err(db_error)
+}
+
+/// Operators: `artifacts.add`. One transaction per batch.
+pub(crate) async fn add(
+    conns: Connections,
+    batch: Vec<Incoming<AddArtifactRequest>>,
+) -> Vec<Result<AddArtifactReply, WireError>> {
+    match add_batch(&conns, &batch).await {
+        Ok(r) => r,
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+async fn add_batch(
+    conns: &Connections,
+    batch: &[Incoming<AddArtifactRequest>],
+) -> Result<Vec<Result<AddArtifactReply, WireError>>, WireError> {
+    let task_ids: Vec<Uuid> = batch
+        .iter()
+        .filter_map(|r| r.body.task_id.map(|t| t.as_uuid()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let tasks: HashMap<Uuid, (Uuid, Uuid, Option<Uuid>)> = sqlx::query_as::<_, (Uuid, Uuid, Uuid, Option<Uuid>)>(
+        "SELECT id, org_id, root_task_id, investigation_id FROM tasks WHERE id = ANY($1)",
+    )
+    .bind(&task_ids)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|(id, org, root, inv)| (id, (org, root, inv)))
+    .collect();
+    let max = conns.config.max_artifact_bytes;
+    let mut results: Vec<Result<usize, WireError>> = Vec::with_capacity(batch.len());
+    let mut new = Vec::new();
+    for req in batch {
+        let b = &req.body;
+        let org = req.principal.org_id.as_uuid();
+        let checked = validate(b.kind, &b.content, max).and_then(|_| match (b.task_id, b.investigation_id) {
+            (None, None) => Err(WireError::invalid(
+                "task_id/investigation_id: attach the artifact to a task or an investigation",
+            )),
+            (Some(t), inv) => match tasks.get(&t.as_uuid()) {
+                Some((o, root, task_inv)) if *o == org => Ok((Some(t.as_uuid()), Some(*root), inv.or(*task_inv))),
+                _ => Err(WireError::not_found(format!("task_id: no task {t}"))),
+            },
+            (None, Some(inv)) => Ok((None, None, Some(inv))),
+        });
+        match checked {
+            Ok((task_id, root_task_id, investigation_id)) => {
+                results.push(Ok(new.len()));
+                new.push(NewArtifact {
+                    org_id: org,
+                    kind: b.kind,
+                    task_id,
+                    root_task_id,
+                    investigation_id,
+                    step_id: None,
+                    content: b.content.clone(),
+                    created_by: req.principal.token_name.clone(),
+                });
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    let ids = if new.is_empty() {
+        vec![]
+    } else {
+        insert(&conns.db, new).await?
+    };
+    Ok(results
+        .into_iter()
+        .map(|r| r.map(|i| AddArtifactReply { artifact_id: ids[i] }))
+        .collect())
+}
+
+/// The fencing view of a step for an artifact write.
+#[derive(sqlx::FromRow)]
+struct StepOwner {
+    id: Uuid,
+    org_id: Uuid,
+    task_id: Uuid,
+    lease_generation: i64,
+    status: String,
+    root_task_id: Uuid,
+    investigation_id: Option<Uuid>,
+}
+
+/// Workers: `ingest.artifacts`, fenced by `(step_id, lease_generation)` under a row lock.
+pub(crate) async fn worker_add(
+    conns: Connections,
+    batch: Vec<Incoming<WorkerArtifactRequest>>,
+) -> Vec<Result<AddArtifactReply, WireError>> {
+    match worker_add_batch(&conns, &batch).await {
+        Ok(r) => r,
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+    }
+}
+
+async fn worker_add_batch(
+    conns: &Connections,
+    batch: &[Incoming<WorkerArtifactRequest>],
+) -> Result<Vec<Result<AddArtifactReply, WireError>>, WireError> {
+    let step_ids: Vec<Uuid> = batch
+        .iter()
+        .map(|r| r.body.step_id.as_uuid())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let steps: HashMap<Uuid, StepOwner> = sqlx::query_as::<_, StepOwner>(
+        "SELECT s.id, s.org_id, s.task_id, s.lease_generation, s.status, t.root_task_id, t.investigation_id
+         FROM steps s JOIN tasks t ON t.id = s.task_id
+         WHERE s.id = ANY($1) ORDER BY s.id FOR SHARE OF s",
+    )
+    .bind(&step_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|s| (s.id, s))
+    .collect();
+    let max = conns.config.max_artifact_bytes;
+    let mut results: Vec<Result<usize, WireError>> = Vec::with_capacity(batch.len());
+    let mut new = Vec::new();
+    for req in batch {
+        let b = &req.body;
+        let fenced = match steps.get(&b.step_id.as_uuid()) {
+            Some(s) if s.org_id == req.principal.org_id.as_uuid() => {
+                if s.lease_generation == b.lease_generation && s.status == "executing" {
+                    Ok(s)
+                } else {
+                    let e = WireError::stale_lease(format!(
+                        "step {} is at lease generation {} ({}); this write carried generation {}",
+                        s.id, s.lease_generation, s.status, b.lease_generation
+                    ));
+                    crate::worker_writes::reject_stale(conns, "artifacts", s.id, &e);
+                    Err(e)
+                }
+            }
+            _ => Err(WireError::not_found(format!("no step {}", b.step_id))),
+        };
+        match fenced.and_then(|s| validate(b.kind, &b.content, max).map(|_| s)) {
+            Ok(s) => {
+                results.push(Ok(new.len()));
+                new.push(NewArtifact {
+                    org_id: s.org_id,
+                    kind: b.kind,
+                    task_id: Some(s.task_id),
+                    root_task_id: Some(s.root_task_id),
+                    investigation_id: s.investigation_id,
+                    step_id: Some(s.id),
+                    content: b.content.clone(),
+                    created_by: req.principal.token_name.clone(),
+                });
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    let ids = if new.is_empty() {
+        vec![]
+    } else {
+        insert(&mut *tx, new).await?
+    };
+    tx.commit().await.map_err(db_error)?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.map(|i| AddArtifactReply { artifact_id: ids[i] }))
+        .collect())
+}
+
+pub(crate) async fn list(
+    conns: Connections,
+    batch: Vec<Incoming<ListArtifactsRequest>>,
+) -> Vec<Result<ListArtifactsReply, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(list_one(&conns, req.principal.org_id, &req.body).await);
+    }
+    out
+}
+
+async fn list_one(
+    conns: &Connections,
+    org: OrgId,
+    req: &ListArtifactsRequest,
+) -> Result<ListArtifactsReply, WireError> {
+    let limit = req.limit.unwrap_or(50).clamp(1, 500) as i64;
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {COLUMNS} FROM artifacts WHERE org_id = "));
+    q.push_bind(org.as_uuid());
+    match (req.task_id, req.investigation_id) {
+        (Some(t), None) => {
+            let root: Option<Uuid> = sqlx::query_scalar("SELECT root_task_id FROM tasks WHERE id = $1 AND org_id = $2")
+                .bind(t.as_uuid())
+                .bind(org.as_uuid())
+                .fetch_optional(&conns.db)
+                .await
+                .map_err(db_error)?;
+            let root = root.ok_or_else(|| WireError::not_found(format!("task_id: no task {t}")))?;
+            q.push(" AND root_task_id = ").push_bind(root);
+        }
+        (None, Some(inv)) => {
+            q.push(" AND investigation_id = ").push_bind(inv);
+        }
+        _ => {
+            return Err(WireError::invalid("give exactly one of task_id and investigation_id"));
+        }
+    }
+    if let Some(k) = req.kind {
+        q.push(" AND kind = ").push_bind(k.as_str());
+    }
+    if let Some(after) = req.after {
+        q.push(" AND id > ").push_bind(after);
+    }
+    q.push(" ORDER BY id LIMIT ").push_bind(limit);
+    let rows: Vec<ArtifactRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
+    Ok(ListArtifactsReply {
+        artifacts: rows.into_iter().map(ArtifactRow::view).collect::<Result<_, _>>()?,
+    })
+}
+
+pub(crate) async fn get(
+    conns: Connections,
+    batch: Vec<Incoming<GetArtifactRequest>>,
+) -> Vec<Result<ArtifactView, WireError>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        let row: Result<Option<ArtifactRow>, WireError> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM artifacts WHERE id = $1 AND org_id = $2"
+        )))
+        .bind(req.body.artifact_id)
+        .bind(req.principal.org_id.as_uuid())
+        .fetch_optional(&conns.db)
+        .await
+        .map_err(db_error);
+        out.push(row.and_then(|r| {
+            r.ok_or_else(|| WireError::not_found(format!("no artifact {}", req.body.artifact_id)))?
+                .view()
+        }));
+    }
+    out
+}
+
+/// The artifacts of a task's whole attempt chain, oldest first (for `tasks.get`).
+pub(crate) async fn chain_artifacts(
+    conns: &Connections,
+    org: OrgId,
+    root: Uuid,
+) -> Result<Vec<ArtifactView>, WireError> {
+    let rows: Vec<ArtifactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM artifacts WHERE root_task_id = $1 AND org_id = $2 ORDER BY id LIMIT 500"
+    )))
+    .bind(root)
+    .bind(org.as_uuid())
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    rows.into_iter().map(ArtifactRow::view).collect()
+}

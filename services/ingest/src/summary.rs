@@ -1,0 +1,267 @@
+//! The outcome summary: when a task ends (completed, failed or cancelled) a
+//! `summary` artifact is written with each step's status, exit code and
+//! duration, the top deduplicated stderr lines and the reason the task ended.
+//!
+//! Exactly once, with any number of ingest replicas: the trigger is the durable
+//! JetStream consumer `summaries` on the events stream (shared by every replica,
+//! so each event goes to one of them), and the write is an insert that the
+//! unique index `artifacts_one_summary` (one summary per task) turns into a
+//! no-op for a second writer. Events can be lost, so a sweep every
+//! `summary_sweep_interval_ms` writes the summaries still missing for tasks that
+//! ended in the last day. The rendering itself is `tanjiren_shared::logs`.
+
+use crate::artifacts::{NewArtifact, insert};
+use async_nats::jetstream::{AckKind, consumer::pull};
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
+use std::time::Duration;
+use tanjiren_runtime::streams::ensure_streams;
+use tanjiren_runtime::{Connections, Shutdown, StartupError, db_error};
+use tanjiren_shared::WireError;
+use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind};
+use tanjiren_shared::codec::Encoding;
+use tanjiren_shared::logs::{
+    SUMMARY_TOP_ERRORS, SummaryErrorLine, SummaryInput, SummaryStep, render_summary, summary_title,
+};
+use tanjiren_shared::protocol::TaskEventMessage;
+use uuid::Uuid;
+
+/// Durable consumer on the events stream shared by every ingest replica.
+pub const CONSUMER: &str = "summaries";
+const ACK_WAIT: Duration = Duration::from_secs(30);
+const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Who the summary is recorded as.
+const AUTHOR: &str = "tanjiren";
+
+/// Starts the consumer and the sweep; both stop at `shutdown`.
+pub(crate) async fn start(
+    conns: &Connections,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, StartupError> {
+    let js = ensure_streams(&conns.nats, &conns.subjects).await?;
+    let js_err = |e: String| StartupError::JetStream(e);
+    let stream = js
+        .get_stream(conns.subjects.stream_name("events"))
+        .await
+        .map_err(|e| js_err(e.to_string()))?;
+    // One filter subject: NATS 2.9 has no multi-filter consumers. Non-terminal
+    // task events are acknowledged and skipped.
+    let consumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.to_string()),
+                filter_subject: conns.subjects.all_task_events(),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| js_err(e.to_string()))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(conns.config.batch_max)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| js_err(e.to_string()))?;
+    let conns = conns.clone();
+    let batch_max = conns.config.batch_max;
+    let sweep_every = Duration::from_millis(conns.config.summary_sweep_interval_ms.max(100));
+    Ok(tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sweep.tick() => {
+                    if let Err(e) = sweep_summaries(&conns).await {
+                        tracing::warn!(error = %e, "summary sweep failed");
+                    }
+                    continue;
+                }
+                m = messages.next() => m,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < batch_max {
+                match messages.next().now_or_never() {
+                    Some(Some(m)) => batch.push(m),
+                    _ => break,
+                }
+            }
+            let batch: Vec<_> = batch
+                .into_iter()
+                .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, "events stream error")).ok())
+                .collect();
+            let ended: Vec<Uuid> = batch
+                .iter()
+                .filter_map(|m| Encoding::MsgPack.decode::<TaskEventMessage>(&m.payload).ok())
+                .filter(|e| e.status.is_terminal())
+                .map(|e| e.task_id.as_uuid())
+                .collect();
+            let outcome = if ended.is_empty() {
+                Ok(0)
+            } else {
+                write_summaries(&conns, &ended).await
+            };
+            let ack = match outcome {
+                Ok(_) => AckKind::Ack,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write summaries; events will be redelivered");
+                    AckKind::Nak(Some(RETRY_DELAY))
+                }
+            };
+            for m in batch {
+                let _ = m.ack_with(ack).await;
+            }
+        }
+    }))
+}
+
+/// Writes the missing summaries of tasks that ended in the last day; returns how many.
+pub async fn sweep_summaries(conns: &Connections) -> Result<usize, WireError> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT t.id FROM tasks t
+         WHERE t.status IN ('completed', 'failed', 'cancelled') AND t.finished_at > now() - interval '1 day'
+           AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary')
+         ORDER BY t.finished_at LIMIT 500",
+    )
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    write_summaries(conns, &ids).await
+}
+
+#[derive(sqlx::FromRow)]
+struct EndedTask {
+    id: Uuid,
+    org_id: Uuid,
+    intent: String,
+    status: String,
+    failure_reason: Option<String>,
+    cancel_reason: Option<String>,
+    attempt: i32,
+    root_task_id: Uuid,
+    investigation_id: Option<Uuid>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StepLine {
+    task_id: Uuid,
+    workstation: Option<String>,
+    status: String,
+    exit_code: Option<i32>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    failure_reason: Option<String>,
+    log_truncated: bool,
+}
+
+/// Writes the summary of each ended task that has none yet (one insert; a
+/// summary another replica wrote first is kept). Returns how many were written.
+pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<usize, WireError> {
+    let tasks: Vec<EndedTask> = sqlx::query_as(
+        "SELECT t.id, t.org_id, t.intent, t.status, t.failure_reason, t.cancel_reason, t.attempt, t.root_task_id,
+                t.investigation_id
+         FROM tasks t
+         WHERE t.id = ANY($1) AND t.status IN ('completed', 'failed', 'cancelled')
+           AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary')",
+    )
+    .bind(task_ids)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    if tasks.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+    let steps: Vec<StepLine> = sqlx::query_as(
+        "SELECT s.task_id, w.name AS workstation, s.status, s.exit_code, s.started_at, s.finished_at,
+                s.failure_reason, s.log_truncated
+         FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
+         WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.id",
+    )
+    .bind(&ids)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    let errors: Vec<(Uuid, Option<String>, i64, String)> = sqlx::query_as(
+        "SELECT task_id, workstation, count, exemplar FROM (
+            SELECT g.task_id, w.name AS workstation, g.count, g.exemplar,
+                   row_number() OVER (PARTITION BY g.task_id ORDER BY g.count DESC, g.first_seq) AS rank
+            FROM task_log_signatures g
+            JOIN steps s ON s.id = g.step_id LEFT JOIN workstations w ON w.id = s.workstation_id
+            WHERE g.task_id = ANY($1) AND g.stream = 'stderr'
+         ) ranked WHERE rank <= $2 ORDER BY task_id, rank",
+    )
+    .bind(&ids)
+    .bind(SUMMARY_TOP_ERRORS as i64)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+
+    let mut by_task: HashMap<Uuid, (Vec<SummaryStep>, Vec<SummaryErrorLine>)> = HashMap::new();
+    for s in steps {
+        let Ok(status) = s.status.parse() else { continue };
+        by_task.entry(s.task_id).or_default().0.push(SummaryStep {
+            workstation: s.workstation.unwrap_or_else(|| "?".into()),
+            status,
+            exit_code: s.exit_code,
+            duration_ms: match (s.started_at, s.finished_at) {
+                (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
+                _ => None,
+            },
+            failure_reason: s.failure_reason,
+            log_truncated: s.log_truncated,
+        });
+    }
+    for (task, ws, count, exemplar) in errors {
+        by_task.entry(task).or_default().1.push(SummaryErrorLine {
+            workstation: ws.unwrap_or_else(|| "?".into()),
+            count,
+            exemplar,
+        });
+    }
+    let mut new = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let Ok(status) = t.status.parse() else { continue };
+        let (steps, top_errors) = by_task.remove(&t.id).unwrap_or_default();
+        let reason = match status {
+            tanjiren_shared::model::TaskStatus::Cancelled => Some(format!(
+                "cancelled: {}",
+                t.cancel_reason.as_deref().unwrap_or("no reason given")
+            )),
+            _ => t.failure_reason,
+        };
+        let input = SummaryInput {
+            intent: t.intent,
+            status,
+            reason,
+            attempt: t.attempt as u32,
+            steps,
+            top_errors,
+        };
+        new.push(NewArtifact {
+            org_id: t.org_id,
+            kind: ArtifactKind::Summary,
+            task_id: Some(t.id),
+            root_task_id: Some(t.root_task_id),
+            investigation_id: t.investigation_id,
+            step_id: None,
+            content: ArtifactContent {
+                title: summary_title(&input),
+                body: render_summary(&input),
+                url: None,
+            },
+            created_by: AUTHOR.into(),
+        });
+    }
+    Ok(insert(&conns.db, new).await?.len())
+}

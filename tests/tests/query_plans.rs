@@ -1,0 +1,89 @@
+//! The hot queries stay on their (partial) indexes when history is long: seed
+//! 100,000 finished tasks and steps plus a few live ones, `ANALYZE`, and check
+//! that `EXPLAIN` of each live-path query uses an index, never a sequential scan
+//! of `tasks` or `steps`. The plans are printed (`--nocapture`) for the record.
+
+use tanjiren_tests::TestEnv;
+use uuid::Uuid;
+
+async fn plan(env: &TestEnv, sql: &str) -> String {
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .fetch_all(&env.conns.db)
+        .await
+        .unwrap();
+    rows.join("\n")
+}
+
+#[tokio::test]
+async fn live_path_queries_use_indexes_with_a_long_history() {
+    let env = TestEnv::new().await;
+    let ws = env.workstation("plan-ws").await;
+    let org = env.org.as_uuid();
+    // 100,000 finished tasks, each with an execution and a succeeded step…
+    sqlx::query(
+        "WITH t AS (
+            INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                               root_task_id, created_by, created_at, finished_at)
+            SELECT id, $1, 'history', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                   'completed', 'not_required', 60, id, 'seed', now() - interval '1 day', now() - interval '1 day'
+            FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 100000)) g
+            RETURNING id
+         ), e AS (
+            INSERT INTO executions (id, task_id) SELECT gen_random_uuid(), id FROM t RETURNING id, task_id
+         )
+         INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, lease_generation, dispatched_at, finished_at)
+         SELECT gen_random_uuid(), e.id, e.task_id, $1, $2, 'succeeded', 2, now() - interval '1 day', now() - interval '1 day' FROM e",
+    )
+    .bind(org)
+    .bind(ws)
+    .execute(&env.conns.db)
+    .await
+    .unwrap();
+    // …and a handful of live ones.
+    for status in ["queued", "executing", "planned"] {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, root_task_id, created_by)
+             VALUES ($1, $2, 'live', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$3::uuid], $4,
+                     CASE WHEN $4 = 'planned' THEN 'unevaluated' ELSE 'not_required' END, 60, $1, 'seed')",
+        )
+        .bind(id)
+        .bind(org)
+        .bind(ws)
+        .bind(status)
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    }
+    sqlx::query("ANALYZE").execute(&env.conns.db).await.unwrap();
+
+    let o = format!("'{org}'");
+    let w = format!("'{ws}'");
+    let queries = [
+        ("list newest first", format!("SELECT id FROM tasks WHERE org_id = {o} ORDER BY id DESC LIMIT 50"), "tasks"),
+        ("list by status", format!("SELECT id FROM tasks WHERE org_id = {o} AND status = 'executing' ORDER BY id DESC LIMIT 50"), "tasks"),
+        (
+            "approval sweep",
+            "SELECT id FROM tasks WHERE status = 'planned' AND approval_status = 'unevaluated' AND created_at < now() ORDER BY created_at LIMIT 256".into(),
+            "tasks",
+        ),
+        ("re-dispatch", "SELECT id FROM steps WHERE status = 'queued' AND dispatched_at < now() ORDER BY dispatched_at LIMIT 256".into(), "steps"),
+        ("heartbeat offers", format!("SELECT id FROM steps WHERE workstation_id = {w} AND status = 'queued' ORDER BY id LIMIT 64"), "steps"),
+        (
+            "reconciler",
+            "SELECT id FROM steps WHERE status = 'executing' AND lease_expires_at < now() ORDER BY lease_expires_at, id LIMIT 500".into(),
+            "steps",
+        ),
+        ("queue timeout", "SELECT id FROM steps WHERE status = 'queued' AND queue_deadline < now() ORDER BY queue_deadline LIMIT 256".into(), "steps"),
+    ];
+    for (name, sql, table) in queries {
+        let p = plan(&env, &sql).await;
+        println!("-- {name}\n{sql}\n{p}\n");
+        assert!(p.contains("Index"), "{name} does not use an index:\n{p}");
+        assert!(
+            !p.contains(&format!("Seq Scan on {table}")),
+            "{name} scans {table}:\n{p}"
+        );
+    }
+    env.finish(Vec::new()).await;
+}
