@@ -7,7 +7,7 @@
 use sqlx::types::Json;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{
     DoctrineDryRunReply, DoctrineDryRunRequest, DoctrineView, GetDoctrineRequest, PublishDoctrineReply,
@@ -160,11 +160,10 @@ pub(crate) async fn get(
     conns: Connections,
     batch: Vec<Incoming<GetDoctrineRequest>>,
 ) -> Vec<Result<DoctrineView, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(get_one(&conns, req.principal.org_id, req.body.version).await);
-    }
-    out
+    each(&conns, batch, async |c, org, r: &GetDoctrineRequest| {
+        get_one(c, org, r.version).await
+    })
+    .await
 }
 
 async fn get_one(conns: &Connections, org: OrgId, version: Option<u32>) -> Result<DoctrineView, WireError> {

@@ -4,7 +4,7 @@
 
 use sqlx::types::Json;
 use tanjiren_runtime::approval_records::{APPROVAL_COLUMNS, ApprovalRow, SNAPSHOT_COLUMNS, SnapshotRow};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{
     ListApprovalsReply, ListApprovalsRequest, PendingApproval, PendingApprovalsReply, PendingApprovalsRequest,
@@ -28,11 +28,7 @@ pub(crate) async fn pending(
     conns: Connections,
     batch: Vec<Incoming<PendingApprovalsRequest>>,
 ) -> Vec<Result<PendingApprovalsReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(pending_one(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, pending_one).await
 }
 
 async fn pending_one(
@@ -72,11 +68,7 @@ pub(crate) async fn list(
     conns: Connections,
     batch: Vec<Incoming<ListApprovalsRequest>>,
 ) -> Vec<Result<ListApprovalsReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(list_one(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, list_one).await
 }
 
 async fn list_one(

@@ -41,7 +41,7 @@ pub struct Options {
     #[arg(long, default_value_t = 512)]
     pub in_flight: usize,
     /// At most this many tasks unfinished at a time in the throughput phase; 0 = no limit
-    /// (default: no limit for agents; all worker slots, workstations × concurrency, with --real-workers).
+    /// (default: no limit for agents; half the worker slots, workstations × concurrency / 2, with --real-workers).
     #[arg(long)]
     pub max_outstanding: Option<usize>,
     /// NATS connections the creates are spread over.
@@ -86,8 +86,11 @@ impl Options {
             .max(1)
     }
     fn max_outstanding(&self) -> usize {
+        // Half the worker slots: a worker drops an assignment when its slots are full (including
+        // the moment between reporting a result and releasing the lease), and a dropped one waits
+        // for re-dispatch (10 s by default), which would dominate the figure.
         let default = if self.real_workers {
-            self.workstations() * self.worker_concurrency()
+            (self.workstations() * self.worker_concurrency() / 2).max(1)
         } else {
             0
         };
@@ -120,7 +123,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     config.http_addr = String::new();
     config.worker_concurrency = opts.worker_concurrency();
-    tanjiren_shared::telemetry::init(&config.log_format, &config.log_level);
+    // Dropping the bench database can take over a second; that is not worth sqlx's slow-statement warning.
+    tanjiren_shared::telemetry::init(&config.log_format, &format!("{},sqlx::query=error", config.log_level));
 
     let env = BenchEnv::create(config, &opts.database_url).await?;
     eprintln!("bench: {}", env.describe());

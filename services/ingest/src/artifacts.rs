@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{
     AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView, GetArtifactRequest,
@@ -293,11 +293,7 @@ pub(crate) async fn list(
     conns: Connections,
     batch: Vec<Incoming<ListArtifactsRequest>>,
 ) -> Vec<Result<ListArtifactsReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(list_one(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, list_one).await
 }
 
 async fn list_one(

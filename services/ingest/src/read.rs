@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tanjiren_runtime::approval_records::task_approvals;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::model::Mode;
@@ -96,11 +96,10 @@ const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, 
     queue_timeout_secs, cancel_reason, cancelled_by, schedule_id, retry_at";
 
 pub(crate) async fn get(conns: Connections, batch: Vec<Incoming<GetTaskRequest>>) -> Vec<Result<TaskView, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(get_task(&conns, req.principal.org_id, req.body.task_id).await);
-    }
-    out
+    each(&conns, batch, async |c, org, r: &GetTaskRequest| {
+        get_task(c, org, r.task_id).await
+    })
+    .await
 }
 
 /// One task with its steps, or `not_found` if it is not in `org`.
@@ -224,11 +223,7 @@ pub(crate) async fn list(
     conns: Connections,
     batch: Vec<Incoming<ListTasksRequest>>,
 ) -> Vec<Result<ListTasksReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(list_tasks(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, list_tasks).await
 }
 
 async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> Result<ListTasksReply, WireError> {
@@ -299,11 +294,7 @@ pub(crate) async fn logs(
     conns: Connections,
     batch: Vec<Incoming<TaskLogsRequest>>,
 ) -> Vec<Result<TaskLogsReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(task_logs(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, task_logs).await
 }
 
 async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Result<TaskLogsReply, WireError> {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::OrgId;
 use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
@@ -32,11 +32,7 @@ pub(crate) async fn register(
     conns: Connections,
     batch: Vec<Incoming<RegisterWorkstationRequest>>,
 ) -> Vec<Result<RegisterWorkstationReply, WireError>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for req in batch {
-        out.push(register_one(&conns, req.principal.org_id, &req.body).await);
-    }
-    out
+    each(&conns, batch, register_one).await
 }
 
 async fn register_one(

@@ -16,7 +16,7 @@ pub mod shutdown;
 pub mod startup;
 pub mod streams;
 
-pub use bus::{Access, Incoming, Router, ServeOptions, call, serve};
+pub use bus::{Access, Incoming, Router, ServeOptions, call, each, serve};
 pub use metrics::Metrics;
 pub use shutdown::Shutdown;
 pub use startup::{Connections, StartupError};

@@ -6,7 +6,8 @@
 //! `approval mint`, on stdout alone, and is never echoed anywhere else.
 
 use crate::client::Client;
-use anyhow::{Context, bail};
+use crate::task_args::TaskArgs;
+use anyhow::Context;
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +20,7 @@ use tanjiren_shared::approvals::{
 use tanjiren_shared::config::Config;
 use tanjiren_shared::doctrine::Verdict;
 use tanjiren_shared::ids::TaskId;
-use tanjiren_shared::model::{Mode, TaskSpec};
+use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::TaskView;
 
 #[derive(Debug, Subcommand)]
@@ -90,17 +91,8 @@ pub enum DoctrineCommand {
     Publish { file: PathBuf },
     /// Show the approval class a task would get, without creating it.
     DryRun {
-        #[arg(long)]
-        intent: Option<String>,
-        #[arg(long, conflicts_with_all = ["prompt", "questions"])]
-        command: Option<String>,
-        #[arg(long, conflicts_with = "questions")]
-        prompt: Option<String>,
-        #[arg(long = "question")]
-        questions: Vec<String>,
-        /// Target workstation, by name or id (repeatable).
-        #[arg(long = "target", short = 't', required = true)]
-        targets: Vec<String>,
+        #[command(flatten)]
+        task: TaskArgs,
         /// Evaluate this unpublished doctrine file instead of the one in force.
         #[arg(long)]
         doctrine: Option<PathBuf>,
@@ -260,38 +252,9 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
                 reply.version, reply.rules
             );
         }
-        DoctrineCommand::DryRun {
-            intent,
-            command,
-            prompt,
-            questions,
-            targets,
-            doctrine,
-            json,
-        } => {
-            let mode = match (command, prompt, questions.is_empty()) {
-                (Some(c), None, true) => Mode::Command { command: c },
-                (None, Some(p), true) => Mode::Prompt { prompt: p },
-                (None, None, false) => Mode::Investigate { questions },
-                _ => bail!("give one of --command, --prompt or --question"),
-            };
-            let intent = intent.unwrap_or_else(|| match &mode {
-                Mode::Command { command } => command.clone(),
-                Mode::Prompt { prompt } => prompt.clone(),
-                Mode::Investigate { questions } => questions.join("; "),
-            });
+        DoctrineCommand::DryRun { task, doctrine, json } => {
             let req = DoctrineDryRunRequest {
-                task: TaskSpec {
-                    intent,
-                    mode,
-                    targets,
-                    timeout_secs: None,
-                    queue_timeout_secs: None,
-                    retry_policy: None,
-                    investigation_id: None,
-                    idempotency_key: None,
-                    retry_of_task_id: None,
-                },
+                task: task.into_spec(config)?,
                 doctrine: doctrine.as_deref().map(read_json).transpose()?,
             };
             let reply: DoctrineDryRunReply = client.call(client.subjects.doctrine_dry_run(), &req).await?;

@@ -10,6 +10,7 @@ mod artifacts;
 mod client;
 mod launcher;
 mod schedules;
+mod task_args;
 mod tasks;
 
 use clap::{Parser, Subcommand};

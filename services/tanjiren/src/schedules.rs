@@ -3,7 +3,7 @@
 //! the bearer token from `TANJIREN_TOKEN` or the token file.
 
 use crate::client::Client;
-use anyhow::bail;
+use crate::task_args::TaskArgs;
 use clap::Subcommand;
 use std::process::ExitCode;
 use tanjiren_shared::config::Config;
@@ -60,27 +60,8 @@ pub struct CreateArgs {
     /// IANA time zone the expression is read in.
     #[arg(long, default_value = "UTC")]
     timezone: String,
-    /// What is wanted, in words (defaults to the command or prompt).
-    #[arg(long)]
-    intent: Option<String>,
-    /// Shell command to run on each target.
-    #[arg(long, conflicts_with_all = ["prompt", "questions"])]
-    command: Option<String>,
-    /// AI prompt for the agent on each target.
-    #[arg(long, conflicts_with = "questions")]
-    prompt: Option<String>,
-    /// A question to investigate (repeatable).
-    #[arg(long = "question")]
-    questions: Vec<String>,
-    /// Target workstation, by name or id (repeatable; default: this machine).
-    #[arg(long = "target", short = 't')]
-    targets: Vec<String>,
-    /// Execution timeout per step, in seconds.
-    #[arg(long)]
-    timeout: Option<u64>,
-    /// Fail a step not claimed within this many seconds.
-    #[arg(long)]
-    queue_timeout: Option<u64>,
+    #[command(flatten)]
+    task: TaskArgs,
     /// Attempts per tick including the first (default: the organisation's, 3).
     #[arg(long)]
     max_attempts: Option<u32>,
@@ -108,13 +89,7 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
                 name,
                 cron,
                 timezone,
-                intent,
-                command,
-                prompt,
-                questions,
-                targets,
-                timeout,
-                queue_timeout,
+                task,
                 max_attempts,
                 no_retry_exit_codes,
                 overlap,
@@ -122,22 +97,7 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
                 paused,
                 json,
             } = *args;
-            let mode = match (command, prompt, questions.is_empty()) {
-                (Some(c), None, true) => Mode::Command { command: c },
-                (None, Some(p), true) => Mode::Prompt { prompt: p },
-                (None, None, false) => Mode::Investigate { questions },
-                _ => bail!("give one of --command, --prompt or --question"),
-            };
-            let intent = intent.unwrap_or_else(|| match &mode {
-                Mode::Command { command } => command.clone(),
-                Mode::Prompt { prompt } => prompt.clone(),
-                Mode::Investigate { questions } => questions.join("; "),
-            });
-            let targets = if targets.is_empty() {
-                vec![crate::tasks::local_workstation_name(config)]
-            } else {
-                targets
-            };
+            let spec = task.into_spec(config)?;
             let retry_policy = (max_attempts.is_some() || !no_retry_exit_codes.is_empty()).then(|| RetryPolicy {
                 max_attempts: max_attempts.unwrap_or(config.default_max_attempts),
                 non_retryable_exit_codes: no_retry_exit_codes,
@@ -151,11 +111,11 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
                 cron,
                 timezone,
                 template: TaskTemplate {
-                    intent,
-                    mode,
-                    targets,
-                    timeout_secs: timeout,
-                    queue_timeout_secs: queue_timeout,
+                    intent: spec.intent,
+                    mode: spec.mode,
+                    targets: spec.targets,
+                    timeout_secs: spec.timeout_secs,
+                    queue_timeout_secs: spec.queue_timeout_secs,
                     retry_policy,
                     investigation_id: None,
                 },

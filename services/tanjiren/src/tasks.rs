@@ -3,6 +3,7 @@
 //! NATS with the bearer token from `TANJIREN_TOKEN` or the token file.
 
 use crate::client::Client;
+use crate::task_args::TaskArgs;
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
@@ -19,27 +20,8 @@ use tanjiren_shared::protocol::{
 pub enum TaskCommand {
     /// Create a task (a shell command by default) and print its id.
     Create {
-        /// What is wanted, in words (defaults to the command or prompt).
-        #[arg(long)]
-        intent: Option<String>,
-        /// Shell command to run on each target.
-        #[arg(long, conflicts_with_all = ["prompt", "questions"])]
-        command: Option<String>,
-        /// AI prompt for the agent on each target.
-        #[arg(long, conflicts_with = "questions")]
-        prompt: Option<String>,
-        /// A question to investigate (repeatable).
-        #[arg(long = "question")]
-        questions: Vec<String>,
-        /// Target workstation, by name or id (repeatable; default: this machine).
-        #[arg(long = "target", short = 't')]
-        targets: Vec<String>,
-        /// Execution timeout per step, in seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Fail a step not claimed within this many seconds (queue timeout).
-        #[arg(long)]
-        queue_timeout: Option<u64>,
+        #[command(flatten)]
+        task: TaskArgs,
         /// Retrying with the same key returns the same task.
         #[arg(long)]
         idempotency_key: Option<String>,
@@ -101,43 +83,14 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
     let client = Client::connect(config).await?;
     match cmd {
         TaskCommand::Create {
-            intent,
-            command,
-            prompt,
-            questions,
-            targets,
-            timeout,
-            queue_timeout,
+            task,
             idempotency_key,
             wait,
             json,
         } => {
-            let mode = match (command, prompt, questions.is_empty()) {
-                (Some(c), None, true) => Mode::Command { command: c },
-                (None, Some(p), true) => Mode::Prompt { prompt: p },
-                (None, None, false) => Mode::Investigate { questions },
-                _ => bail!("give one of --command, --prompt or --question"),
-            };
-            let intent = intent.unwrap_or_else(|| match &mode {
-                Mode::Command { command } => command.clone(),
-                Mode::Prompt { prompt } => prompt.clone(),
-                Mode::Investigate { questions } => questions.join("; "),
-            });
-            let targets = if targets.is_empty() {
-                vec![local_workstation_name(config)]
-            } else {
-                targets
-            };
             let spec = TaskSpec {
-                intent,
-                mode,
-                targets,
-                timeout_secs: timeout,
-                queue_timeout_secs: queue_timeout,
-                retry_policy: None,
-                investigation_id: None,
                 idempotency_key,
-                retry_of_task_id: None,
+                ..task.into_spec(config)?
             };
             let reply: CreateTaskReply = client.call(client.subjects.tasks_create(), &spec).await?;
             if !wait {
@@ -233,14 +186,6 @@ async fn wait_for_end(client: &Client, id: TaskId) -> anyhow::Result<TaskView> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The name the local worker registers with (configured, else the host name).
-pub fn local_workstation_name(config: &Config) -> String {
-    if !config.workstation_name.is_empty() {
-        return config.workstation_name.clone();
-    }
-    tanjiren_worker::host_name()
 }
 
 fn one_line(s: &str, max: usize) -> String {
