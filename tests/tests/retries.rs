@@ -284,3 +284,63 @@ async fn a_non_retryable_exit_code_is_not_retried_and_another_code_is() {
     w.stop().await;
     env.finish(running).await;
 }
+
+#[tokio::test]
+async fn a_step_whose_lease_expired_is_retried_as_a_new_linked_attempt() {
+    // Leases expire fast; only manual sweeps and ticks act.
+    let env = TestEnv::with(|c| {
+        c.lease_ttl_ms = 1_500;
+        c.heartbeat_interval_ms = 500;
+        c.reconcile_interval_ms = 3_600_000;
+        c.claim_grace_ms = 100;
+    })
+    .await;
+    let (running, scheduler) = services(&env).await;
+    env.workstation("rx-vanishing").await;
+    let mut spec = command("true", &["rx-vanishing"]);
+    spec.retry_policy = Some(policy(2, &[]));
+    let first = env.create(&spec).await.unwrap().task_id;
+    // A worker claims the step and is never heard from again.
+    let step = loop {
+        if let Some(s) = env.get(first).await.unwrap().steps.first() {
+            break s.step_id;
+        }
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    };
+    let claim = tanjiren_shared::protocol::ClaimRequest {
+        step_id: step,
+        lease_generation: 0,
+        worker_id: "gone".into(),
+    };
+    let _: tanjiren_shared::protocol::ClaimGranted = env
+        .call(&env.conns.subjects.lease_claim(), &env.worker_token, &claim)
+        .await
+        .unwrap();
+    tokio::time::sleep(StdDuration::from_millis(2_000)).await;
+    let lease = running.iter().find(|r| r.svc == Svc::Lease).unwrap();
+    let swept = tanjiren_lease::Reconciler::new(&lease.conns)
+        .sweep(Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(swept.released, 1);
+
+    let failed = env.get(first).await.unwrap();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(failed.failure_reason.as_deref(), Some("lease_expired"));
+    let retry_at = failed.retry_at.expect("lease_expired is retryable under the policy");
+    assert!(within(backoff_of(&failed), 1), "{:?}", backoff_of(&failed));
+    // Not before its backoff; exactly one attempt at it.
+    scheduler.tick(retry_at - Duration::milliseconds(1)).await.unwrap();
+    assert!(next_attempt(&env, first).await.is_none());
+    scheduler.tick(retry_at).await.unwrap();
+    scheduler.tick(retry_at + Duration::seconds(1)).await.unwrap();
+    let second = next_attempt(&env, first).await.expect("the next attempt");
+    let t = env.get(second).await.unwrap();
+    assert_eq!((t.attempt, t.root_task_id, t.retry_of_task_id), (2, first, Some(first)));
+    // A real worker runs the second attempt.
+    let w = env.worker("rx-vanishing").await;
+    let done = env.wait_terminal(second, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+    w.stop().await;
+    env.finish(running).await;
+}

@@ -21,23 +21,28 @@ pub(crate) struct RetryPolicy {
     pub max_delay: Duration,
     /// No new attempt starts after this much time since the first.
     pub budget: Duration,
+    /// How long one attempt waits for its reply; well inside the budget, so a
+    /// request lost in transit is retried rather than eating the whole budget.
+    pub attempt_timeout: Duration,
 }
 
 impl RetryPolicy {
-    /// Log batches: a few quick retries, then the batch is dropped.
-    pub const LOGS: Self = Self::new(100, 1_600, 5_000);
+    /// Log batches: quick retries for ~15 s (storing a batch twice is harmless:
+    /// lines are keyed by sequence number), then the batch is dropped.
+    pub const LOGS: Self = Self::new(100, 1_600, 15_000, 3_000);
     /// The final report: up to ~30 s.
-    pub const PROGRESS: Self = Self::new(250, 4_000, 30_000);
-    pub const RELEASE: Self = Self::new(250, 2_000, 10_000);
+    pub const PROGRESS: Self = Self::new(250, 4_000, 30_000, REQUEST_TIMEOUT.as_millis() as u64);
+    pub const RELEASE: Self = Self::new(250, 2_000, 10_000, 3_000);
     /// A claim whose reply was lost may be seen again by an idempotent lease service.
-    pub const CLAIM: Self = Self::new(100, 500, 1_000);
-    pub const REGISTER: Self = Self::new(250, 2_000, 5_000);
+    pub const CLAIM: Self = Self::new(100, 500, 10_000, 5_000);
+    pub const REGISTER: Self = Self::new(250, 2_000, 5_000, 2_000);
 
-    const fn new(first_ms: u64, max_ms: u64, budget_ms: u64) -> Self {
+    const fn new(first_ms: u64, max_ms: u64, budget_ms: u64, attempt_ms: u64) -> Self {
         Self {
             first_delay: Duration::from_millis(first_ms),
             max_delay: Duration::from_millis(max_ms),
             budget: Duration::from_millis(budget_ms),
+            attempt_timeout: Duration::from_millis(attempt_ms),
         }
     }
 }
@@ -91,7 +96,7 @@ impl Bus {
         let mut delay = policy.first_delay;
         loop {
             let attempt = tokio::select! {
-                r = self.call(subject, request, REQUEST_TIMEOUT) => r,
+                r = self.call(subject, request, policy.attempt_timeout) => r,
                 _ = stop.cancelled() => return Err(CallError::Stopped),
             };
             let error = match attempt {
