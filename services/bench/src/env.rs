@@ -25,6 +25,8 @@ pub struct RowWrites {
     pub inserted: i64,
     pub updated: i64,
     pub deleted: i64,
+    /// Updates that touched no index (heap-only tuples): the cheap kind.
+    pub hot_updated: i64,
 }
 
 /// Cumulative statistics of the bench database.
@@ -49,6 +51,7 @@ impl DbStats {
                     inserted: r.inserted - b.inserted,
                     updated: r.updated - b.updated,
                     deleted: r.deleted - b.deleted,
+                    hot_updated: r.hot_updated - b.hot_updated,
                 };
                 (t.clone(), w)
             })
@@ -139,23 +142,25 @@ impl BenchEnv {
                 .await
                 .context("reading pg_stat_database")?
                 .unwrap_or((0, 0));
-        let rows: Vec<(String, i64, i64, i64)> =
-            sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
-                .fetch_all(&self.db)
-                .await
-                .context("reading pg_stat_user_tables")?;
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_del, n_tup_hot_upd FROM pg_stat_user_tables",
+        )
+        .fetch_all(&self.db)
+        .await
+        .context("reading pg_stat_user_tables")?;
         Ok(DbStats {
             commits,
             rollbacks,
             rows: rows
                 .into_iter()
-                .map(|(t, i, u, d)| {
+                .map(|(t, i, u, d, h)| {
                     (
                         t,
                         RowWrites {
                             inserted: i,
                             updated: u,
                             deleted: d,
+                            hot_updated: h,
                         },
                     )
                 })

@@ -9,8 +9,8 @@
 //! events can arrive before the create reply, so both sides are keyed by task id
 //! and joined afterwards.
 //!
-//! Phase 1 (throughput) creates N tasks with at most K requests in flight and
-//! ends when the last one has finished. Phase 2 (latency) creates tasks at a
+//! Phase 1 (throughput) creates N tasks with at most K requests in flight (and,
+//! optionally, at most M tasks unfinished) and ends when the last one has finished. Phase 2 (latency) creates tasks at a
 //! fixed rate, one per tick without waiting for the previous one, and measures
 //! create → start for each.
 

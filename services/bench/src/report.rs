@@ -28,6 +28,8 @@ pub struct Settings {
     pub redispatch_after_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub cpus: usize,
+    /// Commits per second in the bench database with no tasks running (the services' timers).
+    pub idle_commits_per_sec: f64,
     /// `/proc/loadavg` (1, 5, 15 minutes) when the services had started and when the phases were done:
     /// anything else running on the machine shows here.
     pub load_average_before: String,
@@ -50,6 +52,8 @@ pub struct TableWrites {
     pub inserted: f64,
     pub updated: f64,
     pub deleted: f64,
+    /// Of the updates, those that touched no index.
+    pub hot_updated: f64,
 }
 
 /// What the services did during one phase, from their counters and Postgres.
@@ -60,8 +64,10 @@ pub struct PhaseCost {
     /// Transactions committed in the bench database during the phase (read-only ones included).
     pub commits: i64,
     pub commits_per_task: f64,
+    /// Commits per task without the idle background (idle rate × time between the readings).
+    pub net_commits_per_task: f64,
     pub rollbacks: i64,
-    /// Rows inserted, updated and deleted per task, by table.
+    /// Rows inserted, updated (HOT or not) and deleted per task, by table.
     pub rows_per_task: Vec<TableWrites>,
     pub subjects: Vec<SubjectLoad>,
     pub redispatches: f64,
@@ -75,7 +81,13 @@ pub struct PhaseCost {
 
 impl PhaseCost {
     /// From the database statistics and service counters accumulated during the phase.
-    pub fn new(db: &DbStats, tasks: usize, counters: &Counters, cpu: Vec<ComponentCpu>) -> Self {
+    pub fn new(
+        db: &DbStats,
+        tasks: usize,
+        counters: &Counters,
+        cpu: Vec<ComponentCpu>,
+        background_commits: f64,
+    ) -> Self {
         let per_task = |n: i64| n as f64 / tasks.max(1) as f64;
         let requests = counters.by_label("tanjiren_requests_total", "subject");
         let batches = counters.by_label("tanjiren_batches_total", "subject");
@@ -96,6 +108,7 @@ impl PhaseCost {
             tasks,
             commits: db.commits,
             commits_per_task: per_task(db.commits),
+            net_commits_per_task: (db.commits as f64 - background_commits).max(0.0) / tasks.max(1) as f64,
             rollbacks: db.rollbacks,
             rows_per_task: db
                 .rows
@@ -105,6 +118,7 @@ impl PhaseCost {
                     inserted: per_task(w.inserted),
                     updated: per_task(w.updated),
                     deleted: per_task(w.deleted),
+                    hot_updated: per_task(w.hot_updated),
                 })
                 .collect(),
             subjects,
@@ -142,7 +156,7 @@ pub struct Report {
     /// The bench process itself (creator, event tracker and, unless real workers, the agents).
     pub bench_process: Rss,
     pub problems: Vec<String>,
-    /// Where the children's logs are.
+    /// Where the children's logs are (empty when they logged nothing and were removed).
     pub log_dir: String,
 }
 
@@ -176,6 +190,11 @@ impl Report {
             o,
             "  services: batch_max {}, max_in_flight {}, db_max_connections {}, redispatch_after {} ms, heartbeat {} ms",
             s.batch_max, s.max_in_flight, s.db_max_connections, s.redispatch_after_ms, s.heartbeat_interval_ms
+        );
+        let _ = writeln!(
+            o,
+            "  idle background: {:.1} Postgres commits/s with no tasks running",
+            s.idle_commits_per_sec
         );
 
         if let Some(t) = &self.throughput {
@@ -230,7 +249,9 @@ impl Report {
                 let _ = writeln!(o, "  - {p}");
             }
         }
-        let _ = writeln!(o, "\nChild logs: {}", self.log_dir);
+        if !self.log_dir.is_empty() {
+            let _ = writeln!(o, "\nChild logs: {}", self.log_dir);
+        }
         o
     }
 }
@@ -254,8 +275,8 @@ fn outcome_lines(o: &mut String, outcome: &crate::load::Outcome, create_errors: 
 fn cost_lines(o: &mut String, c: &PhaseCost) {
     let _ = writeln!(
         o,
-        "  Postgres commits     {} ({:.2} per task), {} rollbacks",
-        c.commits, c.commits_per_task, c.rollbacks
+        "  Postgres commits     {} ({:.2} per task; {:.2} without the idle background), {} rollbacks",
+        c.commits, c.commits_per_task, c.net_commits_per_task, c.rollbacks
     );
     if !c.rows_per_task.is_empty() {
         let parts: Vec<String> = c
@@ -263,7 +284,8 @@ fn cost_lines(o: &mut String, c: &PhaseCost) {
             .iter()
             .map(|t| {
                 let mut w = Vec::new();
-                for (n, what) in [(t.inserted, "ins"), (t.updated, "upd"), (t.deleted, "del")] {
+                let updated = format!("upd ({:.2} HOT)", t.hot_updated);
+                for (n, what) in [(t.inserted, "ins"), (t.updated, updated.as_str()), (t.deleted, "del")] {
                     if n != 0.0 {
                         w.push(format!("{n:.2} {what}"));
                     }

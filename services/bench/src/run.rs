@@ -129,7 +129,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let env = BenchEnv::create(config, &opts.database_url).await?;
     eprintln!("bench: {}", env.describe());
     let log_dir = std::env::temp_dir().join(format!("tanjiren-{}", env.config.subject_prefix));
-    let result = measure(&env, &opts, log_dir).await;
+    // Ctrl-C abandons the run (dropping the cluster kills the children) but still cleans up.
+    let result = tokio::select! {
+        r = measure(&env, &opts, log_dir) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     if opts.keep {
         eprintln!("bench: kept {}", env.describe());
     } else if let Err(e) = env.destroy().await {
@@ -179,7 +183,10 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
     }
 
     let load_average_before = load_average();
+    // Two readings with nothing running in between: the services' own timers commit too.
+    let idle = Checkpoint::take(env, &cluster, settle).await?;
     let mut checkpoint = Checkpoint::take(env, &cluster, settle).await?;
+    let background = checkpoint.commit_rate_since(&idle).max(0.0);
     let mut throughput = None;
     if tasks > 0 {
         let outstanding = match opts.max_outstanding() {
@@ -194,7 +201,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         let figures = load::throughput(&creator, &tracker, tasks, opts.in_flight, opts.max_outstanding(), stall).await;
         let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?).since(&cpu);
         let next = Checkpoint::take(env, &cluster, settle).await?;
-        let cost = next.cost_since(&checkpoint, figures.created, cpu);
+        let cost = next.cost_since(&checkpoint, figures.created, cpu, background);
         checkpoint = next;
         throughput = Some(ThroughputPhase { figures, cost });
     }
@@ -204,9 +211,10 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?);
         let figures = load::latency(&creator, &tracker, opts.rate, opts.latency_secs, START_GRACE, stall).await;
         let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?).since(&cpu);
-        let cost = Checkpoint::take(env, &cluster, settle)
-            .await?
-            .cost_since(&checkpoint, figures.created, cpu);
+        let cost =
+            Checkpoint::take(env, &cluster, settle)
+                .await?
+                .cost_since(&checkpoint, figures.created, cpu, background);
         latency = Some(LatencyPhase { figures, cost });
     }
 
@@ -234,36 +242,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         }
     }
 
-    eprintln!("bench: stopping");
-    if let Some(agents) = agents
-        && tokio::time::timeout(STOP_GRACE, agents.stop()).await.is_err()
-    {
-        problems.push(format!("the simulated workstations did not stop within {STOP_GRACE:?}"));
-    }
-    let mut stopped = cluster.stop_where(STOP_GRACE, |name| name.starts_with("worker-")).await;
-    let log_dir = cluster.log_dir().display().to_string();
-    let logs: Vec<(String, PathBuf)> = std::fs::read_dir(cluster.log_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into(), e.path()))
-        .collect();
-    stopped.extend(cluster.stop(STOP_GRACE).await);
-    for (name, ended) in stopped {
-        if !ended.contains("exit status: 0") {
-            problems.push(format!("{name} {ended}"));
-        }
-    }
-    for (name, path) in logs {
-        let lines = std::fs::read_to_string(&path).map(|t| t.lines().count()).unwrap_or(0);
-        if lines > 0 {
-            problems.push(format!(
-                "{name}: {lines} log lines at warn level or above, ending with:\n{}",
-                indent(&tail(&path, 5))
-            ));
-        }
-    }
-
+    let log_dir = shut_down(cluster, agents, &mut problems).await;
     let cfg = &env.config;
     let settings = Settings {
         tasks,
@@ -285,6 +264,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         db_max_connections: cfg.db_max_connections,
         redispatch_after_ms: cfg.redispatch_after_ms,
         heartbeat_interval_ms: cfg.heartbeat_interval_ms,
+        idle_commits_per_sec: background,
         load_average_before,
         load_average_after,
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -300,10 +280,51 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
     })
 }
 
+/// Stops the agents, then the worker processes, then the services; notes anything that did
+/// not end cleanly and every child log that is not empty. Returns the log directory, or an
+/// empty string when every log was empty (the directory is then removed).
+async fn shut_down(mut cluster: Cluster, agents: Option<Agents>, problems: &mut Vec<String>) -> String {
+    eprintln!("bench: stopping");
+    if let Some(agents) = agents
+        && tokio::time::timeout(STOP_GRACE, agents.stop()).await.is_err()
+    {
+        problems.push(format!("the simulated workstations did not stop within {STOP_GRACE:?}"));
+    }
+    let mut stopped = cluster.stop_where(STOP_GRACE, |name| name.starts_with("worker-")).await;
+    let log_dir = cluster.log_dir().to_path_buf();
+    stopped.extend(cluster.stop(STOP_GRACE).await);
+    for (name, ended) in stopped {
+        if !ended.contains("exit status: 0") {
+            problems.push(format!("{name} {ended}"));
+        }
+    }
+    let mut any_logs = false;
+    for entry in std::fs::read_dir(&log_dir).into_iter().flatten().flatten() {
+        let lines = std::fs::read_to_string(entry.path())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines > 0 {
+            any_logs = true;
+            problems.push(format!(
+                "{} has {lines} lines, ending with:\n{}",
+                entry.path().display(),
+                indent(&tail(&entry.path(), 5))
+            ));
+        }
+    }
+    if any_logs {
+        log_dir.display().to_string()
+    } else {
+        let _ = std::fs::remove_dir_all(&log_dir);
+        String::new()
+    }
+}
+
 /// The database statistics and the services' counters at one moment between phases.
 struct Checkpoint {
     db: DbStats,
     counters: Counters,
+    at: std::time::Instant,
 }
 
 impl Checkpoint {
@@ -314,17 +335,27 @@ impl Checkpoint {
         Ok(Self {
             db,
             counters: cluster.counters().await,
+            at: std::time::Instant::now(),
         })
+    }
+
+    /// Commits per second from `before` to this checkpoint.
+    fn commit_rate_since(&self, before: &Checkpoint) -> f64 {
+        self.db.since(&before.db).commits as f64 / self.at.duration_since(before.at).as_secs_f64()
     }
 
     /// What a phase of `tasks` tasks cost, from `before` to this checkpoint, with the CPU
     /// it used (read at its exact start and end).
-    fn cost_since(&self, before: &Checkpoint, tasks: usize, cpu: Vec<ComponentCpu>) -> PhaseCost {
+    /// `background` is the idle commit rate (services' timers), to estimate the phase's own commits.
+    fn cost_since(&self, before: &Checkpoint, tasks: usize, cpu: Vec<ComponentCpu>, background: f64) -> PhaseCost {
+        let window = self.at.duration_since(before.at).as_secs_f64();
+        let db = self.db.since(&before.db);
         PhaseCost::new(
-            &self.db.since(&before.db),
+            &db,
             tasks,
             &self.counters.since(&before.counters),
             cpu,
+            background * window,
         )
     }
 }

@@ -13,7 +13,7 @@
 use crate::artifacts::{NewArtifact, insert};
 use async_nats::jetstream::{AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
 use tanjiren_runtime::streams::ensure_streams;
@@ -29,6 +29,8 @@ use uuid::Uuid;
 
 /// Durable consumer on the events stream shared by every ingest replica.
 pub const CONSUMER: &str = "summaries";
+/// How long the summary writer gathers task events before writing one batch.
+const GATHER_WINDOW: Duration = Duration::from_millis(200);
 const ACK_WAIT: Duration = Duration::from_secs(30);
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 /// Who the summary is recorded as.
@@ -86,10 +88,13 @@ pub(crate) async fn start(
                 m = messages.next() => m,
             };
             let Some(first) = first else { break };
+            // Summaries are not latency-critical: gather events for a moment so one
+            // transaction writes many (at a steady trickle of tasks, not one each).
             let mut batch = vec![first];
+            let gather_until = tokio::time::Instant::now() + GATHER_WINDOW;
             while batch.len() < batch_max {
-                match messages.next().now_or_never() {
-                    Some(Some(m)) => batch.push(m),
+                match tokio::time::timeout_at(gather_until, messages.next()).await {
+                    Ok(Some(m)) => batch.push(m),
                     _ => break,
                 }
             }
