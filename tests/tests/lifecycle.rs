@@ -177,3 +177,34 @@ async fn work_queued_while_the_worker_was_offline_is_picked_up_when_it_starts() 
     w.stop().await;
     env.finish(services).await;
 }
+
+#[tokio::test]
+async fn a_busy_worker_queues_assignments_instead_of_dropping_them() {
+    // Re-dispatch and heartbeat offers are far away: only the worker's own backlog can deliver.
+    let env = TestEnv::with(|c| {
+        c.redispatch_after_ms = 600_000;
+        c.heartbeat_interval_ms = 60_000;
+        c.lease_ttl_ms = 180_000;
+    })
+    .await;
+    let services = env.start_all().await;
+    let w = env.worker_with("ws-busy", |c| c.worker_concurrency = 1).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            env.create(&command(&format!("sleep 0.2; echo job-{i}"), &["ws-busy"]))
+                .await
+                .unwrap()
+                .task_id,
+        );
+    }
+    let started = std::time::Instant::now();
+    for id in &ids {
+        let t = env.wait_terminal(*id, WAIT).await;
+        assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
+    }
+    // Five 0.2 s jobs one after another, not a 600 s re-dispatch wait.
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    w.stop().await;
+    env.finish(services).await;
+}

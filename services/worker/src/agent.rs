@@ -46,8 +46,19 @@ pub(crate) struct Settings {
 #[derive(Default)]
 struct StepTable {
     running: HashMap<StepId, Arc<HeldStep>>,
-    /// In-flight claims; `true` when a cancel arrived before the claim was granted.
+    /// In-flight claims and assignments waiting for a slot; `true` when a cancel
+    /// arrived before the claim was granted.
     claiming: HashMap<StepId, bool>,
+    /// How many of `claiming` are still waiting for a free slot.
+    waiting: usize,
+}
+
+/// What `reserve` decided for an assignment.
+enum Reservation {
+    /// A slot is free: claim now.
+    Now(OwnedSemaphorePermit),
+    /// All slots are busy: wait for one (bounded backlog) instead of dropping the work.
+    Wait,
 }
 
 pub(crate) struct Agent {
@@ -118,13 +129,19 @@ impl Agent {
             tracing::debug!(parent: &span, source, "shutting down; assignment ignored");
             return;
         }
-        let Some(permit) = self.reserve(assignment.step_id, &span) else {
-            return;
-        };
-        tracing::debug!(parent: &span, source, "assignment taken; claiming");
         let agent = self.clone();
-        self.tracker
-            .spawn(agent.claim_and_run(assignment, permit).instrument(span));
+        match self.reserve(assignment.step_id, &span) {
+            None => {}
+            Some(Reservation::Now(permit)) => {
+                tracing::debug!(parent: &span, source, "assignment taken; claiming");
+                self.tracker
+                    .spawn(agent.claim_and_run(assignment, permit).instrument(span));
+            }
+            Some(Reservation::Wait) => {
+                tracing::debug!(parent: &span, source, "all slots busy; waiting for one");
+                self.tracker.spawn(agent.wait_for_slot(assignment).instrument(span));
+            }
+        }
     }
 
     /// Subscriptions in, until shutdown; then stops taking assignments and keeps
@@ -183,19 +200,48 @@ impl Agent {
         }
     }
 
-    /// Marks the step as claiming and takes a slot, or says why not.
-    fn reserve(&self, step_id: StepId, span: &tracing::Span) -> Option<OwnedSemaphorePermit> {
+    /// Marks the step as claiming and takes a slot or a place in the backlog
+    /// (at most four assignments per slot wait), or says why not.
+    fn reserve(&self, step_id: StepId, span: &tracing::Span) -> Option<Reservation> {
         let mut table = self.table();
         if table.running.contains_key(&step_id) || table.claiming.contains_key(&step_id) {
-            tracing::debug!(parent: span, "already running here; assignment ignored");
+            tracing::debug!(parent: span, "already running or waiting here; assignment ignored");
             return None;
         }
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::debug!(parent: span, "no free slot; assignment left for later");
-            return None;
+        let reservation = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Reservation::Now(permit),
+            Err(_) if table.waiting < self.settings.concurrency * 4 => {
+                table.waiting += 1;
+                Reservation::Wait
+            }
+            Err(_) => {
+                tracing::debug!(parent: span, "no free slot and the backlog is full; assignment left for later");
+                return None;
+            }
         };
         table.claiming.insert(step_id, false);
-        Some(permit)
+        Some(reservation)
+    }
+
+    /// Waits for a free slot, then claims (the claim fails harmlessly if another
+    /// worker took the step meanwhile). Gives up on shutdown or a cancel.
+    async fn wait_for_slot(self: Arc<Self>, assignment: Assignment) {
+        let step_id = assignment.step_id;
+        let permit = tokio::select! {
+            p = self.slots.clone().acquire_owned() => p.ok(),
+            _ = self.shutdown.cancelled() => None,
+        };
+        let cancelled = {
+            let mut table = self.table();
+            table.waiting -= 1;
+            table.claiming.get(&step_id).copied().unwrap_or(true)
+        };
+        match permit {
+            Some(permit) if !cancelled => self.claim_and_run(assignment, permit).await,
+            _ => {
+                self.table().claiming.remove(&step_id);
+            }
+        }
     }
 
     async fn claim_and_run(self: Arc<Self>, assignment: Assignment, permit: OwnedSemaphorePermit) {
