@@ -53,6 +53,11 @@ struct StepTable {
     waiting: usize,
 }
 
+/// Assignments that may wait per slot. A waiting assignment holds no lease (the
+/// claim comes when a slot frees), so a long backlog takes nothing from other
+/// workers; it only spares the work a 10 s re-dispatch round trip.
+const BACKLOG_PER_SLOT: usize = 64;
+
 /// What `reserve` decided for an assignment.
 enum Reservation {
     /// A slot is free: claim now.
@@ -201,7 +206,7 @@ impl Agent {
     }
 
     /// Marks the step as claiming and takes a slot or a place in the backlog
-    /// (at most four assignments per slot wait), or says why not.
+    /// (at most `BACKLOG_PER_SLOT` assignments per slot wait), or says why not.
     fn reserve(&self, step_id: StepId, span: &tracing::Span) -> Option<Reservation> {
         let mut table = self.table();
         if table.running.contains_key(&step_id) || table.claiming.contains_key(&step_id) {
@@ -210,7 +215,7 @@ impl Agent {
         }
         let reservation = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Reservation::Now(permit),
-            Err(_) if table.waiting < self.settings.concurrency * 4 => {
+            Err(_) if table.waiting < self.settings.concurrency * BACKLOG_PER_SLOT => {
                 table.waiting += 1;
                 Reservation::Wait
             }
