@@ -344,6 +344,26 @@ async fn make_token(conns: &Connections, org: OrgId, role: Role, name: &str) -> 
 }
 
 /// A command task for the given targets.
+/// A shell command that appends one line per run to `dir/$TANJIREN_STEP_ID`
+/// after running `extra`: how tests count how often each step really ran.
+pub fn recording(dir: &std::path::Path, extra: &str) -> String {
+    format!("{extra}echo ran >> {}/$TANJIREN_STEP_ID", dir.display())
+}
+
+/// How many times each step ran, read back from a [`recording`] directory.
+pub fn runs_per_step(dir: &std::path::Path) -> std::collections::HashMap<String, usize> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read_to_string(e.path()).unwrap().lines().count(),
+            )
+        })
+        .collect()
+}
+
 pub fn command(cmd: &str, targets: &[&str]) -> TaskSpec {
     TaskSpec {
         intent: format!("run {cmd}"),

@@ -1,30 +1,12 @@
 //! Several replicas of every service and several workers per workstation: every
 //! step still runs exactly once, and restarting a service mid-run loses nothing.
 
-use std::collections::HashMap;
 use std::time::Duration;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{StepStatus, TaskStatus};
-use tanjiren_tests::{Svc, TestEnv, command};
+use tanjiren_tests::{Svc, TestEnv, command, recording, runs_per_step};
 
 /// Each run appends a line to a file named after its step: more than one line = ran twice.
-fn recording(dir: &std::path::Path, extra: &str) -> String {
-    format!("{extra}echo ran >> {}/$TANJIREN_STEP_ID", dir.display())
-}
-
-fn runs_per_step(dir: &std::path::Path) -> HashMap<String, usize> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().into_string().unwrap(),
-                std::fs::read_to_string(e.path()).unwrap().lines().count(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn with_two_replicas_of_everything_200_tasks_each_run_exactly_once_per_step() {
     let env = TestEnv::new().await;

@@ -3,7 +3,6 @@
 //! running tasks, and queue timeouts with a controlled clock.
 
 use chrono::Utc;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tanjiren_lease::Reconciler;
 use tanjiren_scheduler::Scheduler;
@@ -11,7 +10,7 @@ use tanjiren_shared::ErrorCode;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::*;
-use tanjiren_tests::{Svc, TestEnv, command};
+use tanjiren_tests::{Svc, TestEnv, command, recording, runs_per_step};
 
 fn short_leases(c: &mut tanjiren_shared::config::Config) {
     c.lease_ttl_ms = 3_000;
@@ -21,23 +20,6 @@ fn short_leases(c: &mut tanjiren_shared::config::Config) {
 }
 
 /// Each run appends a line to a file named after its step.
-fn recording(dir: &std::path::Path, extra: &str) -> String {
-    format!("{extra}echo ran >> {}/$TANJIREN_STEP_ID", dir.display())
-}
-
-fn runs_per_step(dir: &std::path::Path) -> HashMap<String, usize> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().into_string().unwrap(),
-                std::fs::read_to_string(e.path()).unwrap().lines().count(),
-            )
-        })
-        .collect()
-}
-
 async fn first_step(env: &TestEnv, task: TaskId) -> StepId {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

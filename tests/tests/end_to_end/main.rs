@@ -1,0 +1,17 @@
+//! The end-to-end suite as one test binary (one link instead of one per file):
+//! every module runs its tests against the real NATS, Redis and Postgres, each
+//! test in its own database, subject prefix and key prefix.
+
+mod approvals;
+mod artifacts;
+mod bad_input;
+mod fencing;
+mod idempotency;
+mod leases;
+mod lifecycle;
+mod logs;
+mod query_plans;
+mod reconnect;
+mod replicas;
+mod retries;
+mod schedules;
