@@ -415,7 +415,7 @@ async fn store(
                 queued_at = CASE WHEN u.status = 'queued' THEN now() ELSE t.queued_at END,
                 finished_at = CASE WHEN u.status = 'failed' THEN now() ELSE t.finished_at END
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, status, approval, failure_reason)
-         WHERE t.id = u.id AND t.status = 'planned' AND t.approval_status = 'pending'
+         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM 'planned' AND t.approval_status IS NOT DISTINCT FROM 'pending'
          RETURNING t.id",
     )
     .bind(&task_ids)

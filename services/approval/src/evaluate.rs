@@ -81,7 +81,7 @@ pub(crate) async fn evaluate_planned(
             let ids: Vec<Uuid> = ids.iter().map(|t| t.as_uuid()).collect();
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT {PLANNED_COLUMNS} FROM tasks
-                 WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'unevaluated'
+                 WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'planned' AND approval_status IS NOT DISTINCT FROM 'unevaluated'
                  ORDER BY id FOR UPDATE SKIP LOCKED"
             )))
             .bind(&ids)
@@ -258,7 +258,7 @@ async fn store_snapshots(
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], $7::bool[],
                      $8::text[], $9::timestamptz[])
               AS u(id, status, approval, version, class, rules, reason_required, digest, deadline)
-         WHERE t.id = u.id AND t.status = 'planned' AND t.approval_status = 'unevaluated'
+         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM 'planned' AND t.approval_status IS NOT DISTINCT FROM 'unevaluated'
          RETURNING t.id",
     )
     .bind(&ids)

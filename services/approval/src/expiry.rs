@@ -55,7 +55,7 @@ pub async fn expire_overdue(conns: &Connections, now: DateTime<Utc>) -> Result<u
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let expired: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE tasks SET status = $2, approval_status = $3, failure_reason = $4, finished_at = now()
-         WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'pending'
+         WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'planned' AND approval_status IS NOT DISTINCT FROM 'pending'
          RETURNING id",
     )
     .bind(&ids)

@@ -105,7 +105,7 @@ async fn cancel(
         .map_err(db_error)?;
         let never_started: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE steps SET status = 'cancelled', failure_reason = 'cancelled', finished_at = now()
-             WHERE task_id = ANY($1) AND status = 'queued' RETURNING task_id",
+             WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' RETURNING task_id",
         )
         .bind(&t_ids)
         .fetch_all(&mut *tx)
@@ -116,7 +116,7 @@ async fn cancel(
         }
         running = sqlx::query_as(
             "UPDATE steps SET cancel_requested_at = now()
-             WHERE task_id = ANY($1) AND status = 'executing' RETURNING id, task_id, org_id, workstation_id",
+             WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'executing' RETURNING id, task_id, org_id, workstation_id",
         )
         .bind(&t_ids)
         .fetch_all(&mut *tx)

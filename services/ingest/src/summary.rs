@@ -176,7 +176,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
         "SELECT t.id, t.org_id, t.intent, t.status, t.failure_reason, t.cancel_reason, t.attempt, t.root_task_id,
                 t.investigation_id
          FROM tasks t
-         WHERE t.id = ANY($1) AND t.status IN ('completed', 'failed', 'cancelled')
+         WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing')
            AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary')",
     )
     .bind(task_ids)

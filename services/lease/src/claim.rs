@@ -54,7 +54,7 @@ async fn claim(
                 claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
                 lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, org)
-         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status = 'queued' AND s.org_id = c.org
+         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued' AND s.org_id = c.org
          RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner",
     )
     .bind(&ids)
@@ -70,7 +70,7 @@ async fn claim(
     // queued → executing on the first claim (the lifecycle's StepClaimed), as a compare-and-swap.
     let started: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
         "UPDATE tasks SET status = 'executing', started_at = now()
-         WHERE id = ANY($1) AND status = 'queued' RETURNING id, org_id, approval_status",
+         WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' RETURNING id, org_id, approval_status",
     )
     .bind(&task_ids)
     .fetch_all(&mut *tx)

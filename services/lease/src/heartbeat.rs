@@ -85,7 +85,7 @@ async fn heartbeat(
     if !missing.is_empty() {
         let ids: Vec<Uuid> = missing.iter().map(|k| checks[*k].1.as_uuid()).collect();
         let rows: Vec<(Uuid, i64, Option<String>)> = sqlx::query_as(
-            "SELECT id, lease_generation, lease_owner FROM steps WHERE id = ANY($1) AND status = 'executing'",
+            "SELECT id, lease_generation, lease_owner FROM steps WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'executing'",
         )
         .bind(&ids)
         .fetch_all(&conns.db)
@@ -140,7 +140,7 @@ async fn heartbeat(
         sqlx::query(
             "UPDATE steps s SET last_heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
              FROM unnest($1::uuid[], $2::int8[]) AS r(id, gen)
-             WHERE s.id = r.id AND s.lease_generation = r.gen AND s.status = 'executing'",
+             WHERE s.id = r.id AND s.lease_generation = r.gen AND s.status IS NOT DISTINCT FROM 'executing'",
         )
         .bind(&r_ids)
         .bind(&r_gens)

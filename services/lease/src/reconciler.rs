@@ -146,7 +146,8 @@ impl Reconciler {
                 failure_reason = 'lease_expired', finished_at = $3,
                 lease_generation = s.lease_generation + 1, lease_owner = NULL, lease_expires_at = NULL
              FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen)
-             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status = 'executing' AND s.lease_expires_at < $3
+             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'executing'
+               AND s.lease_expires_at < $3
              RETURNING s.id, s.task_id",
         )
         .bind(&ids)

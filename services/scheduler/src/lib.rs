@@ -129,7 +129,7 @@ impl Scheduler {
             let tasks = lock_tasks(&mut tx, &task_ids).await?;
             let expired: Vec<Uuid> = sqlx::query_scalar(
                 "UPDATE steps SET status = 'failed', failure_reason = 'queue_timeout', finished_at = $2
-                 WHERE id = ANY($1) AND status = 'queued' AND queue_deadline < $2
+                 WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' AND queue_deadline < $2
                  RETURNING task_id",
             )
             .bind(&step_ids)
