@@ -87,3 +87,73 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
     }
     env.finish(Vec::new()).await;
 }
+
+/// The generic plan of `sql` (one parameter, a uuid array) on one service connection,
+/// which runs with the service session settings (`plan_cache_mode = force_generic_plan`).
+async fn generic_plan(env: &TestEnv, sql: &str) -> String {
+    let mut conn = env.conns.db.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe(uuid[]) AS {sql}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE probe('{}')")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
+    rows.join("\n")
+}
+
+#[tokio::test]
+async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_are_stale() {
+    let env = TestEnv::new().await;
+    let ws = env.workstation("plan-ws").await;
+    let org = env.org.as_uuid();
+    // Statistics taken while nothing is queued…
+    sqlx::query(
+        "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                            root_task_id, created_by, finished_at)
+         SELECT id, $1, 'history', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                'completed', 'not_required', 60, id, 'seed', now()
+         FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) g",
+    )
+    .bind(org)
+    .bind(ws)
+    .execute(&env.conns.db)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE tasks").execute(&env.conns.db).await.unwrap();
+    // …then a backlog of 5,000 queued tasks the statistics know nothing about.
+    sqlx::query(
+        "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                            root_task_id, created_by)
+         SELECT id, $1, 'backlog', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                'queued', 'not_required', 60, id, 'seed'
+         FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 5000)) g",
+    )
+    .bind(org)
+    .bind(ws)
+    .execute(&env.conns.db)
+    .await
+    .unwrap();
+
+    // The claim's queued → executing, as the lease service writes it: the primary key.
+    let guarded = generic_plan(
+        &env,
+        "UPDATE tasks SET status = 'executing' WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued'",
+    )
+    .await;
+    println!("-- guard written IS NOT DISTINCT FROM\n{guarded}\n");
+    assert!(guarded.contains("tasks_pkey"), "{guarded}");
+    assert!(!guarded.contains("Seq Scan"), "{guarded}");
+    // Written with `=`, the same statement walks the partial index of live tasks
+    // (the whole backlog) instead: the reason for the idiom.
+    let plain = generic_plan(
+        &env,
+        "UPDATE tasks SET status = 'executing' WHERE id = ANY($1) AND status = 'queued'",
+    )
+    .await;
+    println!("-- guard written =\n{plain}\n");
+    assert!(!plain.contains("tasks_pkey"), "{plain}");
+    env.finish(Vec::new()).await;
+}
