@@ -131,7 +131,12 @@ async fn listen_for_planned(
             url: conns.config.nats_url.clone(),
             reason: e.to_string(),
         })?;
-    let _ = conns.nats.flush().await;
+    tanjiren_runtime::bus::subscriptions_live(&conns.nats)
+        .await
+        .map_err(|reason| StartupError::Nats {
+            url: conns.config.nats_url.clone(),
+            reason,
+        })?;
     let c = conns.clone();
     Ok(tokio::spawn(async move {
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(4));

@@ -104,7 +104,10 @@ impl Tracker {
                     .context("subscribing to task events")?,
             );
         }
-        nats.flush().await.context("flushing the event subscriptions")?;
+        tanjiren_runtime::bus::subscriptions_live(&nats)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("making the event subscriptions live")?;
         let tracker = Arc::new(Self {
             state: Mutex::default(),
         });

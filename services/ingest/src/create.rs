@@ -240,12 +240,13 @@ fn build_row(
     })
 }
 
-/// Inserts rows in their own transaction; returns one reply per row (request index, reply).
+/// Inserts rows; returns one reply per row (request index, reply). The insert is one
+/// statement and commits on its own (no BEGIN/COMMIT round trips); the look-up of
+/// keys held by other tasks reads only committed rows, so it needs no transaction either.
 async fn insert(conns: &Connections, rows: &[(usize, NewTask)]) -> Result<Vec<(usize, CreateTaskReply)>, WireError> {
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut conn = conns.db.acquire().await.map_err(db_error)?;
     let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
-    let replies = insert_tasks(&mut tx, &tasks).await?;
-    tx.commit().await.map_err(db_error)?;
+    let replies = insert_tasks(&mut conn, &tasks).await?;
     Ok(rows.iter().map(|(i, _)| *i).zip(replies).collect())
 }
 

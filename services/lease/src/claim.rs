@@ -2,7 +2,7 @@
 //! `UPDATE … SET lease_generation = lease_generation + 1 … WHERE lease_generation = $seen
 //! AND status = 'queued'` for the whole batch in one statement: of any number of
 //! concurrent claims for one step exactly one matches. The first claimed step of a
-//! task moves it queued → executing in the same transaction. The Redis liveness
+//! task moves it queued → executing in the same statement. The Redis liveness
 //! key is set after commit (Postgres is authoritative; the reconciler's grace
 //! period covers the gap).
 
@@ -24,6 +24,8 @@ struct Won {
     task_id: Uuid,
     lease_generation: i64,
     lease_owner: Option<String>,
+    started_org: Option<Uuid>,
+    started_approval: Option<String>,
 }
 
 pub(crate) async fn handle(
@@ -48,35 +50,42 @@ async fn claim(
         owners.push(r.body.worker_id.clone());
         orgs.push(r.principal.org_id.as_uuid());
     }
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    // One statement, committed on its own: the CAS on the steps and, for a task's
+    // first claimed step, queued → executing (the lifecycle's StepClaimed) as a
+    // compare-and-swap on the task. `started_org` is set on the rows whose claim
+    // started their task.
     let won: Vec<Won> = sqlx::query_as(
-        "UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = c.owner, status = 'executing',
-                claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
-                lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
-         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, org)
-         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued' AND s.org_id = c.org
-         RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner",
+        "WITH won AS (
+            UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = c.owner, status = 'executing',
+                   claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
+                   lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
+            FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, org)
+            WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued'
+              AND s.org_id = c.org
+            RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
+         ), started AS (
+            UPDATE tasks t SET status = 'executing', started_at = now()
+            WHERE t.id IN (SELECT task_id FROM won) AND t.status IS NOT DISTINCT FROM 'queued'
+            RETURNING t.id, t.org_id, t.approval_status
+         )
+         SELECT w.id, w.task_id, w.lease_generation, w.lease_owner,
+                st.org_id AS started_org, st.approval_status AS started_approval
+         FROM won w LEFT JOIN started st ON st.id = w.task_id",
     )
     .bind(&ids)
     .bind(&gens)
     .bind(&owners)
     .bind(&orgs)
     .bind(ttl_ms as f64)
-    .fetch_all(&mut *tx)
+    .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
-
-    let task_ids: Vec<Uuid> = won.iter().map(|w| w.task_id).collect();
-    // queued → executing on the first claim (the lifecycle's StepClaimed), as a compare-and-swap.
-    let started: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-        "UPDATE tasks SET status = 'executing', started_at = now()
-         WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' RETURNING id, org_id, approval_status",
-    )
-    .bind(&task_ids)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    let mut started: Vec<(Uuid, Uuid, String)> = won
+        .iter()
+        .filter_map(|w| Some((w.task_id, w.started_org?, w.started_approval.clone()?)))
+        .collect();
+    started.sort();
+    started.dedup();
 
     let now = Utc::now();
     let renew_by = now + chrono::Duration::milliseconds(ttl_ms as i64);

@@ -85,6 +85,27 @@ struct Pending {
     encoding: Encoding,
 }
 
+/// Returns once the server has applied every subscription this connection made so
+/// far. `Client::flush` only writes the buffer to the socket: a request from another
+/// connection can still reach the server before it has processed our SUB (and get
+/// "no responders"). The server handles one connection's operations in order, so a
+/// message we publish to ourselves comes back only after the earlier SUBs took effect.
+pub async fn subscriptions_live(nats: &async_nats::Client) -> Result<(), String> {
+    let inbox = nats.new_inbox();
+    let mut echo = nats.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    nats.publish(inbox, bytes::Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    nats.flush().await.map_err(|e| e.to_string())?;
+    let back = tokio::time::timeout(Duration::from_secs(10), echo.next()).await;
+    let _ = echo.unsubscribe().await;
+    match back {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the NATS connection closed".into()),
+        Err(_) => Err("the NATS server did not answer within 10 s".into()),
+    }
+}
+
 /// Subscribes and serves until `shutdown`; returns once the subscription is live.
 /// The returned handle finishes after the drain.
 pub async fn serve<Req, Resp, H, Fut>(
@@ -110,7 +131,10 @@ where
             reason: e.to_string(),
         })?;
     // Make sure the server has the subscription before we report it live.
-    let _ = nats.flush().await;
+    subscriptions_live(&nats).await.map_err(|reason| StartupError::Nats {
+        url: conns.config.nats_url.clone(),
+        reason,
+    })?;
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(opts.concurrent_batches));
     let name: Arc<str> = Arc::from(short_name(&opts.subject));

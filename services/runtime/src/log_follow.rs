@@ -53,7 +53,10 @@ impl LogFollower<'_> {
                 .subscribe(self.subjects.logs(view.org_id, task))
                 .await
                 .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e.to_string()))?;
-            let _ = self.nats.flush().await;
+            // Live before the stored log is read, so nothing falls in the seam.
+            crate::bus::subscriptions_live(&self.nats)
+                .await
+                .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e))?;
             Some(sub)
         } else {
             None

@@ -147,7 +147,9 @@ async fn subscribe_to_work(
         .subscribe(subjects.control(id.org_id, id.workstation_id))
         .await
         .map_err(|e| nats_error(&e))?;
-    nats.flush().await.map_err(|e| nats_error(&e))?;
+    tanjiren_runtime::bus::subscriptions_live(nats)
+        .await
+        .map_err(|e| nats_error(&e))?;
     Ok((dispatch, control))
 }
 
