@@ -104,7 +104,7 @@ impl Tracker {
                     .context("subscribing to task events")?,
             );
         }
-        tanjiren_runtime::bus::subscriptions_live(&nats)
+        tanjiren_runtime::bus::subscriptions_live(nats)
             .await
             .map_err(anyhow::Error::msg)
             .context("making the event subscriptions live")?;

@@ -54,7 +54,7 @@ impl LogFollower<'_> {
                 .await
                 .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e.to_string()))?;
             // Live before the stored log is read, so nothing falls in the seam.
-            crate::bus::subscriptions_live(&self.nats)
+            crate::bus::subscriptions_live(self.nats)
                 .await
                 .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e))?;
             Some(sub)

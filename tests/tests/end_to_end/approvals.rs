@@ -297,7 +297,9 @@ async fn a_pending_task_is_approved_with_a_token_and_everyone_is_told() {
         ))
         .await
         .unwrap();
-    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats).await.unwrap();
+    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats)
+        .await
+        .unwrap();
 
     let t = create_as(
         &env,
@@ -1042,7 +1044,9 @@ async fn a_pending_task_past_its_deadline_fails_with_approval_expired() {
         .subscribe(env.conns.subjects.approval_decided(env.org))
         .await
         .unwrap();
-    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats).await.unwrap();
+    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats)
+        .await
+        .unwrap();
     let t = create_as(&env, &env.member_token, &command("reboot", &["web-prod"])).await;
     let deadline = t.approval.as_ref().unwrap().deadline.unwrap();
 
