@@ -123,12 +123,12 @@ async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_a
     .await
     .unwrap();
     sqlx::query("ANALYZE tasks").execute(&env.conns.db).await.unwrap();
-    // …then a backlog of 5,000 queued tasks the statistics know nothing about.
+    // …then a backlog of 5,000 tasks waiting for evaluation that the statistics know nothing about.
     sqlx::query(
         "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
                             root_task_id, created_by)
          SELECT id, $1, 'backlog', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
-                'queued', 'not_required', 60, id, 'seed'
+                'planned', 'unevaluated', 60, id, 'seed'
          FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 5000)) g",
     )
     .bind(org)
@@ -137,20 +137,21 @@ async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_a
     .await
     .unwrap();
 
-    // The claim's queued → executing, as the lease service writes it: the primary key.
+    // The approval service's planned → queued, as it writes its guard: the primary key.
     let guarded = generic_plan(
         &env,
-        "UPDATE tasks SET status = 'executing' WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued'",
+        "UPDATE tasks SET status = 'queued' WHERE id = ANY($1)
+           AND status IS NOT DISTINCT FROM 'planned' AND approval_status IS NOT DISTINCT FROM 'unevaluated'",
     )
     .await;
     println!("-- guard written IS NOT DISTINCT FROM\n{guarded}\n");
     assert!(guarded.contains("tasks_pkey"), "{guarded}");
     assert!(!guarded.contains("Seq Scan"), "{guarded}");
-    // Written with `=`, the same statement walks the partial index of live tasks
-    // (the whole backlog) instead: the reason for the idiom.
+    // Written with `=`, the same statement walks the partial index of unevaluated
+    // tasks (the whole backlog) instead: the reason for the idiom.
     let plain = generic_plan(
         &env,
-        "UPDATE tasks SET status = 'executing' WHERE id = ANY($1) AND status = 'queued'",
+        "UPDATE tasks SET status = 'queued' WHERE id = ANY($1) AND status = 'planned' AND approval_status = 'unevaluated'",
     )
     .await;
     println!("-- guard written =\n{plain}\n");
