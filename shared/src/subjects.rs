@@ -103,6 +103,10 @@ impl Subjects {
     pub fn all_task_events(&self) -> String {
         self.s("events.*.task.*")
     }
+    /// Every organisation's task events of one status.
+    pub fn all_task_events_with(&self, status: TaskStatus) -> String {
+        self.s(&format!("events.*.task.{status}"))
+    }
     pub fn event(&self, org: OrgId, status: TaskStatus) -> String {
         self.s(&format!("events.{org}.task.{status}"))
     }

@@ -5,11 +5,11 @@
 //! `Nats-Msg-Id` window); the outcome of each is published on
 //! `events.{org}.submit.outcome`.
 
-use async_nats::jetstream::{AckKind, consumer::pull};
+use async_nats::jetstream::AckKind;
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
 use tanjiren_runtime::auth::Authenticator;
-use tanjiren_runtime::streams::ensure_streams;
+use tanjiren_runtime::streams::{durable_messages, ensure_streams};
 use tanjiren_runtime::{Connections, Shutdown, StartupError};
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding};
 use tanjiren_shared::model::Role;
@@ -30,31 +30,8 @@ pub(crate) async fn start(
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, StartupError> {
     let js = ensure_streams(&conns.nats, &conns.subjects).await?;
-    let js_err = |e: String| StartupError::JetStream(e);
-    let stream = js
-        .get_stream(conns.subjects.stream_name("submit"))
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.to_string()),
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(conns.config.batch_max)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
+    let stream = conns.subjects.stream_name("submit");
+    let mut messages = durable_messages(&js, &stream, CONSUMER, None, ACK_WAIT, conns.config.batch_max).await?;
     let conns = conns.clone();
     let batch_max = conns.config.batch_max;
     Ok(tokio::spawn(async move {

@@ -3,20 +3,20 @@
 //! duration, the top deduplicated stderr lines and the reason the task ended.
 //!
 //! Exactly once, with any number of ingest replicas: the trigger is the durable
-//! JetStream consumer `summaries` on the events stream (shared by every replica,
-//! so each event goes to one of them), and the write is an insert that the
+//! JetStream consumers `summaries-{completed,failed,cancelled}` on the events
+//! stream (shared by every replica, so each event goes to one of them), and the write is an insert that the
 //! unique index `artifacts_one_summary` (one summary per task) turns into a
 //! no-op for a second writer. Events can be lost, so a sweep every
 //! `summary_sweep_interval_ms` writes the summaries still missing for tasks that
 //! ended in the last day. The rendering itself is `tanjiren_shared::logs`.
 
 use crate::artifacts::{NewArtifact, insert};
-use async_nats::jetstream::{AckKind, consumer::pull};
+use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
-use tanjiren_runtime::streams::ensure_streams;
+use tanjiren_runtime::streams::{durable_messages, ensure_streams};
 use tanjiren_runtime::{Connections, Shutdown, StartupError, db_error};
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind};
@@ -24,11 +24,14 @@ use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::logs::{
     SUMMARY_TOP_ERRORS, SummaryErrorLine, SummaryInput, SummaryStep, render_summary, summary_title,
 };
+use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::TaskEventMessage;
 use uuid::Uuid;
 
-/// Durable consumer on the events stream shared by every ingest replica.
+/// Durable consumers on the events stream shared by every ingest replica:
+/// `summaries-completed`, `summaries-failed` and `summaries-cancelled`.
 pub const CONSUMER: &str = "summaries";
+const TERMINAL: [TaskStatus; 3] = [TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Cancelled];
 /// How long the summary writer gathers task events before writing one batch.
 const GATHER_WINDOW: Duration = Duration::from_millis(200);
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -42,34 +45,20 @@ pub(crate) async fn start(
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, StartupError> {
     let js = ensure_streams(&conns.nats, &conns.subjects).await?;
-    let js_err = |e: String| StartupError::JetStream(e);
-    let stream = js
-        .get_stream(conns.subjects.stream_name("events"))
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
-    // One filter subject: NATS 2.9 has no multi-filter consumers. Non-terminal
-    // task events are acknowledged and skipped.
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.to_string()),
-                filter_subject: conns.subjects.all_task_events(),
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(conns.config.batch_max)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| js_err(e.to_string()))?;
+    let stream = conns.subjects.stream_name("events");
+    // One consumer per terminal status (NATS 2.9 has no multi-filter consumers), so
+    // the writer never receives, decodes and acks the other three events of a task.
+    let mut consumers = Vec::with_capacity(TERMINAL.len());
+    for status in TERMINAL {
+        let durable = format!("{CONSUMER}-{status}");
+        let filter = Some(conns.subjects.all_task_events_with(status));
+        consumers.push(durable_messages(&js, &stream, &durable, filter, ACK_WAIT, conns.config.batch_max).await?);
+    }
+    // The single consumer of earlier versions saw every task event; drop it.
+    if let Ok(s) = js.get_stream(&stream).await {
+        let _ = s.delete_consumer(CONSUMER).await;
+    }
+    let mut messages = futures::stream::select_all(consumers);
     let conns = conns.clone();
     let batch_max = conns.config.batch_max;
     let sweep_every = Duration::from_millis(conns.config.summary_sweep_interval_ms.max(100));

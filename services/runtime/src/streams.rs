@@ -62,3 +62,39 @@ pub async fn delete_streams(nats: &async_nats::Client, subjects: &Subjects) {
         let _ = js.delete_stream(&name).await;
     }
 }
+
+/// A durable pull consumer's messages, shared by every replica that opens the same
+/// `durable` name: explicit acks (a message not acked within `ack_wait` is
+/// redelivered), at most `batch_max` per pull, heartbeats so a dead connection is noticed.
+pub async fn durable_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter_subject: Option<String>,
+    ack_wait: Duration,
+    batch_max: usize,
+) -> Result<jetstream::consumer::pull::Stream, StartupError> {
+    let err = |e: String| StartupError::JetStream(format!("consumer {durable} on {stream}: {e}"));
+    let stream = js.get_stream(stream).await.map_err(|e| err(e.to_string()))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            durable,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(durable.to_string()),
+                filter_subject: filter_subject.unwrap_or_default(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    consumer
+        .stream()
+        .max_messages_per_batch(batch_max)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| err(e.to_string()))
+}
