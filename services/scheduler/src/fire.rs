@@ -56,6 +56,8 @@ struct DueSchedule {
     next_run_at: DateTime<Utc>,
     created_by: String,
     created_by_token_id: Uuid,
+    /// The token the schedule acts for was revoked (or deleted): its ticks create nothing.
+    creator_revoked: bool,
 }
 
 /// A schedule's new `next_run_at` and the newest tick this pass recorded.
@@ -119,7 +121,9 @@ impl Scheduler {
         let mut tx = self.conns.db.begin().await.map_err(db_error)?;
         let due: Vec<DueSchedule> = sqlx::query_as(
             "SELECT id, org_id, cron_normalized, timezone, template, overlap, catch_up_ticks, next_run_at,
-                    created_by, created_by_token_id
+                    created_by, created_by_token_id,
+                    COALESCE((SELECT k.revoked_at IS NOT NULL FROM api_tokens k
+                              WHERE k.id = task_schedules.created_by_token_id), true) AS creator_revoked
              FROM task_schedules WHERE enabled AND next_run_at <= $1
              ORDER BY next_run_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
         )
@@ -189,6 +193,23 @@ impl Scheduler {
                 }
             });
             for tick in &plan.fire {
+                if s.creator_revoked {
+                    // A schedule acts for the token that created it; once that token is
+                    // revoked the schedule may not create work in its name.
+                    ticks.push(Tick {
+                        schedule_id: s.id,
+                        org_id: s.org_id,
+                        tick_at: *tick,
+                        outcome: TickOutcome::Failed,
+                        task_id: None,
+                        reason: Some(format!(
+                            "the token `{}` that created this schedule is revoked; \
+                             re-create the schedule with a valid token",
+                            s.created_by
+                        )),
+                    });
+                    continue;
+                }
                 if skip && let Some(why) = &busy {
                     ticks.push(Tick {
                         schedule_id: s.id,

@@ -327,6 +327,53 @@ async fn overlap_skip_waits_for_the_live_task_and_catch_up_fires_only_the_newest
     env.finish(Vec::new()).await;
 }
 
+#[tokio::test]
+async fn a_schedule_whose_creator_token_is_revoked_creates_nothing_and_says_why() {
+    let env = env().await;
+    env.workstation("rv-1").await;
+    let member = env.principal(&env.member_token).await;
+    let t0 = at("2027-01-04T00:00:00Z");
+    let id = create(
+        &env,
+        &member,
+        &request("revoked", "*/10 * * * * *", "UTC", "rv-1"),
+        t0 - Duration::seconds(1),
+    )
+    .await
+    .schedule_id
+    .as_uuid();
+    let s = replica(&env).await;
+    s.tick(t0).await.unwrap();
+    assert_eq!(fired(&ledger(&env, id).await), vec![t0]);
+
+    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE id = $1")
+        .bind(member.token_id)
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    let r = s.tick(t0 + Duration::seconds(10)).await.unwrap().schedules;
+    assert_eq!((r.fired, r.failed), (0, 1), "{r:?}");
+    let l = ledger(&env, id).await;
+    assert_eq!(
+        (l[1].0, l[1].1.as_str(), l[1].2),
+        (t0 + Duration::seconds(10), "failed", None)
+    );
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM schedule_ticks WHERE schedule_id = $1 AND tick_at = $2")
+            .bind(id)
+            .bind(t0 + Duration::seconds(10))
+            .fetch_one(&env.conns.db)
+            .await
+            .unwrap();
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(
+        tasks_per_schedule(&env).await.get(&id),
+        Some(&1),
+        "only the tick before the revocation made a task"
+    );
+    env.finish(Vec::new()).await;
+}
+
 fn s_metric(s: &Scheduler, outcome: &str) -> f64 {
     s.metrics()
         .get("tanjiren_schedule_ticks_total", &[("outcome", outcome)])
