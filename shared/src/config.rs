@@ -31,6 +31,9 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Most requests one service folds into one database transaction.
     pub batch_max: usize,
+    /// A batch also closes once its requests' payloads reach this many bytes (a log
+    /// flood makes bounded transactions and bounded memory per batch).
+    pub batch_max_bytes: usize,
     /// Requests one service processes concurrently (batches in flight × batch size bounds memory).
     pub max_in_flight: usize,
     /// Lease time-to-live.
@@ -104,6 +107,7 @@ impl Default for Config {
             log_level: "info".into(),
             db_max_connections: 8,
             batch_max: 256,
+            batch_max_bytes: 4 * 1024 * 1024,
             max_in_flight: 1024,
             lease_ttl_ms: 90_000,
             heartbeat_interval_ms: 30_000,
@@ -251,9 +255,9 @@ impl Config {
                 "default_max_attempts must be between 1 and 100".into(),
             ));
         }
-        if self.batch_max == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
+        if self.batch_max == 0 || self.batch_max_bytes == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid(
-                "batch_max, max_in_flight and worker_concurrency must be ≥ 1".into(),
+                "batch_max, batch_max_bytes, max_in_flight and worker_concurrency must be ≥ 1".into(),
             ));
         }
         Ok(())

@@ -63,6 +63,8 @@ pub struct ServeOptions {
     pub access: Access,
     /// Most requests folded into one handler call.
     pub batch_max: usize,
+    /// A batch closes once its payloads reach this many bytes (the first request always fits).
+    pub batch_max_bytes: usize,
     /// Handler calls running at once.
     pub concurrent_batches: usize,
 }
@@ -75,6 +77,7 @@ impl ServeOptions {
             queue_group: queue_group.to_string(),
             access,
             batch_max,
+            batch_max_bytes: conns.config.batch_max_bytes,
             concurrent_batches: (conns.config.max_in_flight / batch_max).max(1),
         }
     }
@@ -156,10 +159,14 @@ where
                 }
             };
             let Some(first) = first else { break };
+            let mut bytes = first.payload.len();
             let mut batch = vec![first];
-            while batch.len() < opts.batch_max {
+            while batch.len() < opts.batch_max && bytes < opts.batch_max_bytes {
                 match sub.next().now_or_never() {
-                    Some(Some(m)) => batch.push(m),
+                    Some(Some(m)) => {
+                        bytes += m.payload.len();
+                        batch.push(m);
+                    }
                     _ => break,
                 }
             }

@@ -208,3 +208,30 @@ async fn a_busy_worker_queues_assignments_instead_of_dropping_them() {
     w.stop().await;
     env.finish(services).await;
 }
+
+#[tokio::test]
+async fn a_batch_closes_at_batch_max_bytes() {
+    // Every request is bigger than the byte budget, so each batch holds exactly one
+    // (the first request of a batch always fits): 200 concurrent creates, 200
+    // handler calls, all answered.
+    let env = TestEnv::with(|c| c.batch_max_bytes = 1).await;
+    env.workstation("bytes-1").await;
+    let ingest = env.start(tanjiren_tests::Svc::Ingest).await;
+    let specs: Vec<_> = (0..200).map(|i| command(&format!("echo {i}"), &["bytes-1"])).collect();
+    for r in futures::future::join_all(specs.iter().map(|s| env.create(s))).await {
+        assert!(r.unwrap().created);
+    }
+    let metrics = &ingest.conns.metrics;
+    assert_eq!(
+        metrics.get(
+            "tanjiren_requests_total",
+            &[("subject", "tasks.create"), ("outcome", "ok")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        metrics.get("tanjiren_batches_total", &[("subject", "tasks.create")]),
+        200.0
+    );
+    env.finish(vec![ingest]).await;
+}
