@@ -263,7 +263,7 @@ pub struct DecisionCheck<'a> {
 
 /// The rules of who may decide what: only an admin's or owner's token decides; a
 /// `production_mutation` is never approved by the identity that created it; a
-/// doctrine rule may require a reason.
+/// doctrine rule may require a reason, and may require that an owner approves.
 pub fn authorize_decision(c: &DecisionCheck<'_>) -> Result<(), WireError> {
     if !is_approver(c.minted_by_role) {
         return Err(WireError::new(
@@ -278,6 +278,21 @@ pub fn authorize_decision(c: &DecisionCheck<'_>) -> Result<(), WireError> {
         return Err(WireError::new(
             ErrorCode::Forbidden,
             "a production_mutation task cannot be approved by the identity that created it; ask another admin or owner",
+        ));
+    }
+    let owner_rules: Vec<&str> = c
+        .matched_rules
+        .iter()
+        .filter(|r| r.require_owner)
+        .map(|r| r.name.as_str())
+        .collect();
+    if c.decision == ApprovalDecision::Approved && !owner_rules.is_empty() && c.minted_by_role != Role::Owner {
+        return Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "only an owner may approve this task (doctrine rule(s) {}); an admin may still reject it",
+                owner_rules.join(", ")
+            ),
         ));
     }
     if c.reason_required && c.reason.is_none() {
@@ -723,6 +738,7 @@ mod tests {
             name: "prod".into(),
             class: ApprovalClass::ProductionMutation,
             require_reason: true,
+            require_owner: false,
         }];
         let mut c = check(ApprovalDecision::Rejected, None, Uuid::now_v7());
         c.matched_rules = &rules;
@@ -736,6 +752,28 @@ mod tests {
         assert_eq!(normalize_reason(Some(" ok ")).unwrap().as_deref(), Some("ok"));
         let long = "x".repeat(MAX_REASON_BYTES + 1);
         assert_eq!(normalize_reason(Some(&long)).unwrap_err().code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn doctrine_can_require_that_an_owner_approves() {
+        let rules = [MatchedRule {
+            name: "prod-owner".into(),
+            class: ApprovalClass::ProductionMutation,
+            require_reason: false,
+            require_owner: true,
+        }];
+        let mut c = check(ApprovalDecision::Approved, None, Uuid::now_v7());
+        c.matched_rules = &rules;
+        c.minted_by_role = Role::Admin;
+        let e = authorize_decision(&c).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Forbidden);
+        assert!(e.message.contains("prod-owner"), "{e}");
+        // An admin may still reject; an owner may approve.
+        c.decision = ApprovalDecision::Rejected;
+        assert!(authorize_decision(&c).is_ok());
+        c.decision = ApprovalDecision::Approved;
+        c.minted_by_role = Role::Owner;
+        assert!(authorize_decision(&c).is_ok());
     }
 
     #[test]

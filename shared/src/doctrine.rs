@@ -11,7 +11,7 @@
 //!
 //! ```json
 //! {"description": "prod needs an owner", "rules": [
-//!   {"name": "prod-writes", "class": "production_mutation", "require_reason": true,
+//!   {"name": "prod-writes", "class": "production_mutation", "require_reason": true, "require_owner": true,
 //!    "match": {"labels": {"env": "production"}, "modes": ["command", "prompt"]}},
 //!   {"name": "package-installs", "class": "sensitive_write",
 //!    "match": {"text": "\\b(apt|yum|pip) install\\b"}}
@@ -107,6 +107,9 @@ pub struct RuleSpec {
     /// A decision on a task this rule matched must give a reason.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_reason: bool,
+    /// Only an owner may approve a task this rule matched (an admin may still reject).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_owner: bool,
     #[serde(rename = "match")]
     pub conditions: RuleConditions,
 }
@@ -179,6 +182,8 @@ pub struct MatchedRule {
     pub class: ApprovalClass,
     #[serde(default)]
     pub require_reason: bool,
+    #[serde(default)]
+    pub require_owner: bool,
 }
 
 /// Doctrine's verdict on one task: the highest matching class and every rule that matched.
@@ -214,6 +219,7 @@ struct Rule {
     name: String,
     class: ApprovalClass,
     require_reason: bool,
+    require_owner: bool,
     modes: Option<Vec<String>>,
     workstations: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
@@ -305,6 +311,7 @@ impl Doctrine {
                 name: r.name.clone(),
                 class: r.class,
                 require_reason: r.require_reason,
+                require_owner: r.require_owner,
             })
             .collect();
         Verdict {
@@ -410,6 +417,7 @@ fn compile_rule(spec: &RuleSpec) -> Result<Rule, String> {
         name: spec.name.clone(),
         class: spec.class,
         require_reason: spec.require_reason,
+        require_owner: spec.require_owner,
         modes: c.modes.clone(),
         workstations: c.workstations.clone(),
         labels: c.labels.clone(),
@@ -744,6 +752,7 @@ mod tests {
                 class: ApprovalClass::ProductionMutation,
                 description: None,
                 require_reason: true,
+                require_owner: true,
                 conditions: RuleConditions {
                     labels: Some([("env".to_string(), "production".to_string())].into()),
                     ..RuleConditions::default()

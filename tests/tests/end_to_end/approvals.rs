@@ -659,6 +659,61 @@ async fn a_reason_required_by_doctrine_is_enforced() {
 }
 
 #[tokio::test]
+async fn a_rule_can_require_that_an_owner_approves() {
+    let env = TestEnv::new().await;
+    let services = start(&env).await;
+    env.workstation_with_labels("db-prod", &[("env", "production")]).await;
+    publish(
+        &env,
+        &env.owner_token,
+        json!({"rules": [{"name": "prod-owner", "class": "production_mutation", "require_owner": true,
+                          "match": {"labels": {"env": "production"}}}]}),
+    )
+    .await
+    .unwrap();
+    // An admin's yes is refused and changes nothing…
+    let t = create_as(&env, &env.member_token, &command("drop table sessions", &["db-prod"])).await;
+    let rules = &t.approval.as_ref().unwrap().verdict.matched_rules;
+    assert!(
+        rules.iter().any(|r| r.name == "prod-owner" && r.require_owner),
+        "{rules:?}"
+    );
+    let minted = mint(&env, &env.admin_token, t.task_id).await.unwrap();
+    let e = decide(
+        &env,
+        DecisionKind::Approve,
+        &env.admin_token,
+        t.task_id,
+        Some(&minted.approval_token),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("owner") && e.message.contains("prod-owner"), "{e}");
+    assert!(!token_consumed(&env, minted.token_id).await);
+    assert_eq!(env.get(t.task_id).await.unwrap().status, TaskStatus::Planned);
+    // …an owner's is what queues the task.
+    let r = approve(&env, &env.owner_token, t.task_id, None).await.unwrap();
+    assert_eq!(r.status, TaskStatus::Queued);
+    // An admin may still say no to such a task.
+    let t2 = create_as(&env, &env.member_token, &command("drop table users", &["db-prod"])).await;
+    let minted = mint(&env, &env.admin_token, t2.task_id).await.unwrap();
+    let r = decide(
+        &env,
+        DecisionKind::Reject,
+        &env.admin_token,
+        t2.task_id,
+        Some(&minted.approval_token),
+        Some("not today"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, TaskStatus::Failed);
+    env.finish(services).await;
+}
+
+#[tokio::test]
 async fn token_reuse_expiry_and_mismatch_fail_with_their_codes_and_change_nothing() {
     let env = TestEnv::new().await;
     let services = start(&env).await;
