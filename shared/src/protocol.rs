@@ -265,6 +265,10 @@ pub struct TaskLogsRequest {
     /// Only lines with `seq` greater than this (per step).
     #[serde(default)]
     pub after_seq: Option<i64>,
+    /// Paging across steps (no `step_id`): only lines after (`after_step_id`,
+    /// `after_seq`) in (step, seq) order — pass the last line's step and seq.
+    #[serde(default)]
+    pub after_step_id: Option<StepId>,
     #[serde(default)]
     pub limit: Option<u32>,
     /// `raw` (default): every stored line in order; `dedup`: one entry per signature.

@@ -311,18 +311,25 @@ async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Re
     if req.view == LogView::Dedup {
         return dedup_logs(conns, req, limit).await;
     }
-    let rows: Vec<(Uuid, i64, String, String, DateTime<Utc>)> = sqlx::query_as(
+    // Per step, `seq > after_seq`; across steps, keyset paging on (step_id, seq).
+    let sql = if req.after_step_id.is_some() {
         "SELECT step_id, seq, stream, line, at FROM task_logs
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND seq > $3
-         ORDER BY step_id, seq LIMIT $4",
-    )
-    .bind(req.task_id.as_uuid())
-    .bind(req.step_id.map(|s| s.as_uuid()))
-    .bind(req.after_seq.unwrap_or(0))
-    .bind(limit)
-    .fetch_all(&conns.db)
-    .await
-    .map_err(db_error)?;
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND (step_id, seq) > ($5, $3)
+         ORDER BY step_id, seq LIMIT $4"
+    } else {
+        "SELECT step_id, seq, stream, line, at FROM task_logs
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND seq > $3 AND $5::uuid IS NULL
+         ORDER BY step_id, seq LIMIT $4"
+    };
+    let rows: Vec<(Uuid, i64, String, String, DateTime<Utc>)> = sqlx::query_as(sql)
+        .bind(req.task_id.as_uuid())
+        .bind(req.step_id.map(|s| s.as_uuid()))
+        .bind(req.after_seq.unwrap_or(0))
+        .bind(limit)
+        .bind(req.after_step_id.map(|s| s.as_uuid()))
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?;
     let lines = rows
         .into_iter()
         .map(|(step, seq, stream, text, at)| StepLogLine {
@@ -367,21 +374,28 @@ struct SignatureRow {
 }
 
 /// The deduplicated view: one entry per signature, by step then first occurrence;
-/// `after_seq` pages on `first_seq`.
+/// `after_seq` pages on `first_seq` (with `after_step_id`, on (step, `first_seq`)).
 async fn dedup_logs(conns: &Connections, req: &TaskLogsRequest, limit: i64) -> Result<TaskLogsReply, WireError> {
-    let rows: Vec<SignatureRow> = sqlx::query_as(
+    let sql = if req.after_step_id.is_some() {
         "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at
          FROM task_log_signatures
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND first_seq > $3
-         ORDER BY step_id, first_seq LIMIT $4",
-    )
-    .bind(req.task_id.as_uuid())
-    .bind(req.step_id.map(|s| s.as_uuid()))
-    .bind(req.after_seq.unwrap_or(0))
-    .bind(limit)
-    .fetch_all(&conns.db)
-    .await
-    .map_err(db_error)?;
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND (step_id, first_seq) > ($5, $3)
+         ORDER BY step_id, first_seq LIMIT $4"
+    } else {
+        "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at
+         FROM task_log_signatures
+         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND first_seq > $3 AND $5::uuid IS NULL
+         ORDER BY step_id, first_seq LIMIT $4"
+    };
+    let rows: Vec<SignatureRow> = sqlx::query_as(sql)
+        .bind(req.task_id.as_uuid())
+        .bind(req.step_id.map(|s| s.as_uuid()))
+        .bind(req.after_seq.unwrap_or(0))
+        .bind(limit)
+        .bind(req.after_step_id.map(|s| s.as_uuid()))
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?;
     let signatures = rows
         .into_iter()
         .map(|r| LogSignatureView {

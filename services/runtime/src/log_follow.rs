@@ -106,6 +106,7 @@ impl LogFollower<'_> {
                     task_id: task,
                     step_id: Some(step.step_id),
                     after_seq: Some(*last.get(&step.step_id).unwrap_or(&0)),
+                    after_step_id: None,
                     limit: Some(1000),
                     view: Default::default(),
                 };

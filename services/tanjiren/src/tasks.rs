@@ -350,6 +350,7 @@ async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
                 task_id: id,
                 step_id: Some(step.step_id),
                 after_seq: Some(after),
+                after_step_id: None,
                 limit: Some(1000),
                 view: LogView::Dedup,
             };

@@ -41,6 +41,7 @@ async fn one_target_completes_with_its_output() {
                 task_id: t.task_id,
                 step_id: None,
                 after_seq: None,
+                after_step_id: None,
                 limit: None,
                 view: Default::default(),
             },

@@ -82,6 +82,7 @@ async fn logs(env: &TestEnv, task: TaskId, view: LogView, after: i64, limit: u32
             task_id: task,
             step_id: None,
             after_seq: Some(after),
+            after_step_id: None,
             limit: Some(limit),
             view,
         },
@@ -430,5 +431,75 @@ async fn a_consumer_that_was_away_replays_every_lifecycle_event_in_order() {
     assert_eq!(per_task[&ok2], [Planned, Queued, Executing, Completed]);
     assert_eq!(per_task[&bad], [Planned, Queued, Executing, Failed]);
     assert_eq!(per_task[&idle], [Planned, Queued, Cancelled]);
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn pages_across_steps_follow_the_step_and_seq_cursor() {
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    env.workstation("page-a").await;
+    env.workstation("page-b").await;
+    let task = env
+        .create(&command("true", &["page-a", "page-b"]))
+        .await
+        .unwrap()
+        .task_id;
+    let mut steps = Vec::new();
+    for _ in 0..200 {
+        steps = env.get(task).await.unwrap().steps.iter().map(|s| s.step_id).collect();
+        if steps.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(steps.len(), 2, "task queued with two steps");
+    let mut want = Vec::new();
+    for step in &steps {
+        let grant: ClaimGranted = env
+            .call(
+                &env.conns.subjects.lease_claim(),
+                &env.worker_token,
+                &ClaimRequest {
+                    step_id: *step,
+                    lease_generation: 0,
+                    worker_id: "test-worker".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let lines = (1..=5)
+            .map(|seq| line(seq, LogStream::Stdout, &format!("{step} line {seq}")))
+            .collect();
+        send(&env, *step, grant.lease_generation, lines).await.unwrap();
+        want.extend((1..=5).map(|seq| (*step, seq)));
+    }
+    want.sort();
+
+    // Three lines a page, no step named: the (step, seq) cursor reaches every line once.
+    let mut got = Vec::new();
+    let mut cursor: Option<(StepId, i64)> = None;
+    loop {
+        let page: TaskLogsReply = env
+            .call(
+                &env.conns.subjects.tasks_logs(),
+                &env.member_token,
+                &TaskLogsRequest {
+                    task_id: task,
+                    step_id: None,
+                    after_seq: cursor.map(|c| c.1),
+                    after_step_id: cursor.map(|c| c.0),
+                    limit: Some(3),
+                    view: LogView::Raw,
+                },
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.lines.last() else { break };
+        cursor = Some((last.step_id, last.line.seq));
+        got.extend(page.lines.iter().map(|l| (l.step_id, l.line.seq)));
+        assert!(got.len() <= want.len(), "a line came twice: {got:?}");
+    }
+    assert_eq!(got, want);
     env.finish(services).await;
 }

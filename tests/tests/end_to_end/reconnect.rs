@@ -100,6 +100,7 @@ async fn logged_lines(env: &TestEnv, task: TaskId) -> Vec<String> {
         task_id: task,
         step_id: None,
         after_seq: None,
+        after_step_id: None,
         limit: None,
         view: Default::default(),
     };
