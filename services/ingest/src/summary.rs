@@ -165,8 +165,11 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
         "SELECT t.id, t.org_id, t.intent, t.status, t.failure_reason, t.cancel_reason, t.attempt, t.root_task_id,
                 t.investigation_id
          FROM tasks t
-         WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing')
-           AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary')",
+         -- A lateral probe per task (a parameterised look-up in artifacts_one_summary):
+         -- with NOT EXISTS the planner may read every summary ever written instead.
+         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' LIMIT 1) s
+                ON true
+         WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing') AND s.found IS NULL",
     )
     .bind(task_ids)
     .fetch_all(&conns.db)
