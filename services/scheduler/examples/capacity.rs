@@ -54,6 +54,17 @@ async fn run(conns: &Connections, total: usize, due: usize) -> anyhow::Result<()
         .execute(&conns.db)
         .await?;
 
+    // The schedules act for this (unrevoked) token, as schedules created over the API do.
+    let token = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO api_tokens (id, org_id, name, role, token_hash)
+         VALUES ($1, $2, 'capacity', 'member', md5(random()::text))",
+    )
+    .bind(token)
+    .bind(org)
+    .execute(&conns.db)
+    .await?;
+
     // Every schedule hourly; `due` of them are due at `t`, the others a day later.
     let t: DateTime<Utc> = "2027-01-04T00:00:00Z".parse()?;
     let cron = CronExpr::parse("@hourly")?;
@@ -79,7 +90,7 @@ async fn run(conns: &Connections, total: usize, due: usize) -> anyhow::Result<()
         .bind(org)
         .bind(cron.normalized())
         .bind(&template)
-        .bind(Uuid::nil())
+        .bind(token)
         .bind(&next)
         .execute(&conns.db)
         .await?;
