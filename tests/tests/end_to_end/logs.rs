@@ -31,20 +31,23 @@ async fn claimed_step(env: &TestEnv, ws: &str) -> (TaskId, StepId) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let step = step.expect("task queued");
-    let grant: ClaimGranted = env
-        .call(
-            &env.conns.subjects.lease_claim(),
-            &env.worker_token,
-            &ClaimRequest {
-                step_id: step,
-                lease_generation: 0,
-                worker_id: "test-worker".into(),
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(grant.lease_generation, 1);
+    assert_eq!(claim(env, step).await.lease_generation, 1);
     (task, step)
+}
+
+/// Claims a fresh step as `test-worker`.
+async fn claim(env: &TestEnv, step: StepId) -> ClaimGranted {
+    env.call(
+        &env.conns.subjects.lease_claim(),
+        &env.worker_token,
+        &ClaimRequest {
+            step_id: step,
+            lease_generation: 0,
+            worker_id: "test-worker".into(),
+        },
+    )
+    .await
+    .unwrap()
 }
 
 fn line(seq: i64, stream: LogStream, text: &str) -> LogLine {
@@ -456,18 +459,7 @@ async fn pages_across_steps_follow_the_step_and_seq_cursor() {
     assert_eq!(steps.len(), 2, "task queued with two steps");
     let mut want = Vec::new();
     for step in &steps {
-        let grant: ClaimGranted = env
-            .call(
-                &env.conns.subjects.lease_claim(),
-                &env.worker_token,
-                &ClaimRequest {
-                    step_id: *step,
-                    lease_generation: 0,
-                    worker_id: "test-worker".into(),
-                },
-            )
-            .await
-            .unwrap();
+        let grant = claim(&env, *step).await;
         let lines = (1..=5)
             .map(|seq| line(seq, LogStream::Stdout, &format!("{step} line {seq}")))
             .collect();
