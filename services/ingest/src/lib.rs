@@ -17,7 +17,7 @@ mod worker_writes;
 use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
 
 pub use create::{NewTask, create_tasks, insert_tasks, prepare_tasks, publish_planned, task_limits};
-pub use summary::{sweep_summaries, write_summaries};
+pub use summary::{Swept, sweep_summaries, write_summaries};
 
 /// The queue group every ingest replica joins.
 pub const QUEUE_GROUP: &str = "ingest";

@@ -7,8 +7,9 @@
 //! stream (shared by every replica, so each event goes to one of them), and the write is an insert that the
 //! unique index `artifacts_one_summary` (one summary per task) turns into a
 //! no-op for a second writer. Events can be lost, so a sweep every
-//! `summary_sweep_interval_ms` writes the summaries still missing for tasks that
-//! ended in the last day. The rendering itself is `tanjiren_shared::logs`.
+//! `summary_sweep_interval_ms` writes the summaries still missing: after a start
+//! for tasks that ended in the last day, then for those that ended since shortly
+//! before the previous sweep. The rendering itself is `tanjiren_shared::logs`.
 
 use crate::artifacts::{NewArtifact, insert};
 use async_nats::jetstream::AckKind;
@@ -65,12 +66,18 @@ pub(crate) async fn start(
     Ok(tokio::spawn(async move {
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first sweep looks back a day; once a sweep has caught up, the next
+        // ones look back only to shortly before it started.
+        let mut since = Utc::now() - SWEEP_HORIZON;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = sweep.tick() => {
-                    if let Err(e) = sweep_summaries(&conns).await {
-                        tracing::warn!(error = %e, "summary sweep failed");
+                    let started = Utc::now();
+                    match sweep_summaries(&conns, since).await {
+                        Ok(s) if (s.found as i64) < SWEEP_LIMIT => since = started - SWEEP_OVERLAP,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "summary sweep failed"),
                     }
                     continue;
                 }
@@ -116,21 +123,46 @@ pub(crate) async fn start(
     }))
 }
 
-/// Writes the missing summaries of tasks that ended in the last day; returns how many.
-pub async fn sweep_summaries(conns: &Connections) -> Result<usize, WireError> {
+/// Most candidates one sweep looks at.
+const SWEEP_LIMIT: i64 = 500;
+/// How far behind its last start a sweep looks again: covers tasks whose
+/// `finished_at` was stamped before a sweep but committed after it.
+const SWEEP_OVERLAP: chrono::Duration = chrono::Duration::minutes(2);
+/// How far back the first sweep after start looks.
+const SWEEP_HORIZON: chrono::Duration = chrono::Duration::days(1);
+
+/// What one sweep found and wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    /// Ended tasks without a summary (at most 500, the oldest first).
+    pub found: usize,
+    /// Summaries this sweep wrote (another replica may have written some first).
+    pub written: usize,
+}
+
+/// Writes the missing summaries of tasks that ended after `since` (oldest first, at
+/// most 500 per call). Each candidate is probed with a look-up in the summary index,
+/// so a sweep costs what ended since `since`, not the whole history.
+pub async fn sweep_summaries(conns: &Connections, since: DateTime<Utc>) -> Result<Swept, WireError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT t.id FROM tasks t
-         WHERE t.status IN ('completed', 'failed', 'cancelled') AND t.finished_at > now() - interval '1 day'
-           AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary')
-         ORDER BY t.finished_at LIMIT 500",
+         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' LIMIT 1) s
+                ON true
+         WHERE t.status IN ('completed', 'failed', 'cancelled') AND t.finished_at > $1 AND s.found IS NULL
+         ORDER BY t.finished_at LIMIT $2",
     )
+    .bind(since)
+    .bind(SWEEP_LIMIT)
     .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    write_summaries(conns, &ids).await
+    let found = ids.len();
+    let written = if ids.is_empty() {
+        0
+    } else {
+        write_summaries(conns, &ids).await?
+    };
+    Ok(Swept { found, written })
 }
 
 #[derive(sqlx::FromRow)]

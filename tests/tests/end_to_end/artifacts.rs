@@ -367,7 +367,9 @@ async fn every_ended_task_gets_exactly_one_summary() {
             .unwrap(),
         0
     );
-    assert_eq!(tanjiren_ingest::sweep_summaries(&env.conns).await.unwrap(), 0);
+    let a_day_ago = chrono::Utc::now() - chrono::Duration::days(1);
+    let swept = tanjiren_ingest::sweep_summaries(&env.conns, a_day_ago).await.unwrap();
+    assert_eq!((swept.found, swept.written), (0, 0));
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM artifacts WHERE kind = 'summary'")
         .fetch_one(&env.conns.db)
         .await
@@ -379,7 +381,13 @@ async fn every_ended_task_gets_exactly_one_summary() {
         .execute(&env.conns.db)
         .await
         .unwrap();
-    assert_eq!(tanjiren_ingest::sweep_summaries(&env.conns).await.unwrap(), 1);
+    // A sweep that looks back only to after the task ended does not see it…
+    let later = chrono::Utc::now();
+    let swept = tanjiren_ingest::sweep_summaries(&env.conns, later).await.unwrap();
+    assert_eq!((swept.found, swept.written), (0, 0));
+    // …one that looks back far enough writes it.
+    let swept = tanjiren_ingest::sweep_summaries(&env.conns, a_day_ago).await.unwrap();
+    assert_eq!((swept.found, swept.written), (1, 1));
     assert!(summary_of(&env, ok).await.body.contains("Task completed"));
     w.stop().await;
     env.finish(services).await;
