@@ -4,9 +4,9 @@
 //!
 //! Exactly once, with any number of ingest replicas: the trigger is the durable
 //! JetStream consumers `summaries-{completed,failed,cancelled}` on the events
-//! stream (shared by every replica, so each event goes to one of them), and the write is an insert that the
-//! unique index `artifacts_one_summary` (one summary per task) turns into a
-//! no-op for a second writer. Events can be lost, so a sweep every
+//! stream (shared by every replica, so each event goes to one of them), and the
+//! write is an insert that the unique index `artifacts_one_summary` (one summary
+//! per task) turns into a no-op for a second writer. Events can be lost, so a sweep every
 //! `summary_sweep_interval_ms` writes the summaries still missing: after a start
 //! for tasks that ended in the last day, then for those that ended since shortly
 //! before the previous sweep. The rendering itself is `tanjiren_shared::logs`.
