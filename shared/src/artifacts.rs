@@ -92,6 +92,8 @@ pub struct AddArtifactRequest {
 pub struct WorkerArtifactRequest {
     pub step_id: StepId,
     pub lease_generation: i64,
+    /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    pub worker_id: String,
     pub kind: ArtifactKind,
     #[serde(flatten)]
     pub content: ArtifactContent,

@@ -80,6 +80,10 @@ pub struct Config {
     pub token_file: String,
     /// Worker: the workstation name to register; defaults to the host name.
     pub workstation_name: String,
+    /// Worker: the file holding this workstation's credential (mode 0600), written
+    /// at enrolment and read on every start; empty means
+    /// `$XDG_STATE_HOME/tanjiren/credentials/<workstation>` (or `~/.local/state/…`).
+    pub worker_credential_file: String,
     /// Worker: steps run at the same time.
     pub worker_concurrency: usize,
     /// Worker: the shell commands run under (`$shell -c "$command"`).
@@ -130,6 +134,7 @@ impl Default for Config {
             token: String::new(),
             token_file: String::new(),
             workstation_name: String::new(),
+            worker_credential_file: String::new(),
             worker_concurrency: 4,
             worker_shell: "/bin/sh".into(),
             kill_grace_ms: 10_000,
@@ -286,6 +291,18 @@ impl Config {
             .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))
             .unwrap_or_else(|| std::path::PathBuf::from("."));
         base.join("tanjiren").join("token")
+    }
+
+    /// Where the worker keeps the credential of workstation `workstation`.
+    pub fn credential_path(&self, workstation: &str) -> std::path::PathBuf {
+        if !self.worker_credential_file.is_empty() {
+            return self.worker_credential_file.clone().into();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local").join("state")))
+            .unwrap_or_else(|| std::path::PathBuf::from("."));
+        base.join("tanjiren").join("credentials").join(workstation)
     }
 
     /// The token: `token` if set, else the trimmed contents of the token file.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod doctrine;
 pub mod error;
 pub mod ids;
+pub mod lease;
 pub mod lifecycle;
 pub mod logs;
 pub mod model;

@@ -367,6 +367,8 @@ fn too_large(message: String) -> WireError {
 pub fn validate_workstation_name(name: &str) -> Result<(), WireError> {
     let ok = !name.is_empty()
         && name.len() <= 128
+        && name != "."
+        && name != ".."
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));

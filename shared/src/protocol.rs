@@ -339,6 +339,16 @@ pub struct RegisterWorkstationRequest {
 pub struct RegisterWorkstationReply {
     pub workstation_id: WorkstationId,
     pub org_id: OrgId,
+    /// A new workstation credential, shown this once (only its hash is stored):
+    /// present when the request was made with an enrolment token (a `worker`-role
+    /// organisation token, or an admin's or owner's), absent when the caller already
+    /// holds this workstation's credential. Every lease and ingest request of the
+    /// worker must carry it; it is bound to this workstation and revocable.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// The id of the new credential (to revoke it), with `credential`.
+    #[serde(default)]
+    pub credential_id: Option<uuid::Uuid>,
 }
 
 /// Published on `dispatch.{org}.{workstation}`: a step ready to be claimed.
@@ -364,6 +374,10 @@ pub struct ClaimRequest {
 }
 
 /// `lease.claim` reply: the lease is yours.
+///
+/// Times are durations, never instants: the worker measures them on its own
+/// monotonic clock from when it *sent* the claim, so a lease never depends on
+/// clocks agreeing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClaimGranted {
     pub step_id: StepId,
@@ -371,8 +385,8 @@ pub struct ClaimGranted {
     /// The fencing token for every later write.
     pub lease_generation: i64,
     pub ttl_ms: u64,
-    /// Renew before this instant or stop the step.
-    pub renew_by: DateTime<Utc>,
+    /// Renew within this many milliseconds of sending the claim, or stop the step.
+    pub renew_within_ms: u64,
     pub heartbeat_interval_ms: u64,
 }
 
@@ -387,7 +401,9 @@ pub struct HeldLease {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     pub worker_id: String,
-    pub workstation_id: WorkstationId,
+    /// Optional: the credential names the workstation; when given it must match it.
+    #[serde(default)]
+    pub workstation_id: Option<WorkstationId>,
     #[serde(default)]
     pub leases: Vec<HeldLease>,
     /// How many more steps the worker can take now (0 = send no offers).
@@ -400,8 +416,9 @@ pub struct HeartbeatRequest {
 pub struct LeaseRenewal {
     pub step_id: StepId,
     pub renewed: bool,
+    /// When renewed: renew again within this many milliseconds of sending the heartbeat.
     #[serde(default)]
-    pub renew_by: Option<DateTime<Utc>>,
+    pub renew_within_ms: Option<u64>,
     #[serde(default)]
     pub error: Option<crate::WireError>,
 }
@@ -432,6 +449,8 @@ pub struct ReleaseReply {
 pub struct LogBatch {
     pub step_id: StepId,
     pub lease_generation: i64,
+    /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    pub worker_id: String,
     pub lines: Vec<LogLine>,
 }
 
@@ -460,6 +479,8 @@ pub struct StepResult {
 pub struct ProgressReport {
     pub step_id: StepId,
     pub lease_generation: i64,
+    /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    pub worker_id: String,
     #[serde(default)]
     pub stdout_tail: Option<String>,
     #[serde(default)]
@@ -472,6 +493,10 @@ pub struct ProgressReport {
 pub struct ProgressReply {
     /// The task's status after this report.
     pub task_status: TaskStatus,
+    /// The step's lease generation after this report: a stored result ends the
+    /// lease in the same transaction (+1, no owner), so a finished step never holds one.
+    #[serde(default)]
+    pub lease_generation: i64,
 }
 
 /// Published on `control.{org}.{workstation}`.
@@ -501,6 +526,9 @@ pub struct Principal {
     pub token_id: uuid::Uuid,
     pub token_name: String,
     pub role: Role,
+    /// Set for a workstation credential: the one workstation it may act for.
+    #[serde(default)]
+    pub workstation_id: Option<WorkstationId>,
 }
 
 #[cfg(test)]

@@ -58,7 +58,11 @@ pub struct TestEnv {
     /// A second approver (role admin), distinct from the owner.
     pub admin_token: String,
     pub member_token: String,
+    /// An enrolment token (role `worker`, bound to no workstation): it may only
+    /// register workstations; workers then use the credential they receive.
     pub worker_token: String,
+    /// Workstation credentials made by [`TestEnv::credential`], one per workstation.
+    credentials: std::sync::Mutex<std::collections::HashMap<Uuid, String>>,
 }
 
 fn base_url() -> String {
@@ -123,6 +127,7 @@ impl TestEnv {
             admin_token,
             member_token,
             worker_token,
+            credentials: Default::default(),
         }
     }
 
@@ -182,6 +187,7 @@ impl TestEnv {
         let mut config = self.config.clone();
         config.token = self.worker_token.clone();
         config.workstation_name = name.to_string();
+        config.worker_credential_file = self.credential_dir().join(name).display().to_string();
         tweak(&mut config);
         let stop = Shutdown::new();
         let executor = Arc::new(ShellExecutor::new(&config));
@@ -189,6 +195,50 @@ impl TestEnv {
             .await
             .expect("worker starts");
         TestWorker { stop, worker }
+    }
+
+    /// Where this environment's workers keep their workstation credentials.
+    pub fn credential_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join("tanjiren-tests").join(&self.db_name)
+    }
+
+    /// A credential bound to workstation `ws`, as `workstations.register` issues
+    /// (for tests that speak the worker protocol themselves); one per workstation.
+    pub async fn credential(&self, ws: Uuid) -> String {
+        if let Some(c) = self.credentials.lock().unwrap().get(&ws) {
+            return c.clone();
+        }
+        let token = ApiToken::from_random(rand::random::<[u8; 32]>());
+        sqlx::query(
+            "INSERT INTO api_tokens (id, org_id, name, role, token_hash, workstation_id)
+             VALUES ($1, $2, 'workstation/test', 'worker', $3, $4)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(self.org.as_uuid())
+        .bind(token.hash())
+        .bind(ws)
+        .execute(&self.conns.db)
+        .await
+        .unwrap();
+        let token = token.expose().to_string();
+        self.credentials.lock().unwrap().insert(ws, token.clone());
+        token
+    }
+
+    /// The credential of the workstation a step targets.
+    pub async fn step_credential(&self, step: tanjiren_shared::ids::StepId) -> String {
+        let ws: Uuid = sqlx::query_scalar("SELECT workstation_id FROM steps WHERE id = $1")
+            .bind(step.as_uuid())
+            .fetch_one(&self.conns.db)
+            .await
+            .unwrap();
+        self.credential(ws).await
+    }
+
+    /// A workstation registered directly in the database, and a credential for it.
+    pub async fn enrolled(&self, name: &str) -> (Uuid, String) {
+        let ws = self.workstation(name).await;
+        (ws, self.credential(ws).await)
     }
 
     /// Registers a workstation directly in the database (no worker running on it).
@@ -305,6 +355,7 @@ impl TestEnv {
             let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
         }
         self.conns.db.close().await;
+        let _ = std::fs::remove_dir_all(self.credential_dir());
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", base_url())).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",

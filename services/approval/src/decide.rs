@@ -118,11 +118,16 @@ pub(crate) async fn handle(
     kind: DecisionKind,
     batch: Vec<Incoming<DecideTaskRequest>>,
 ) -> Vec<Result<DecideTaskReply, WireError>> {
+    // Token expiry and approval deadlines are instants on Postgres' clock.
+    let now = match tanjiren_runtime::db::now(&conns.db).await {
+        Ok(now) => now,
+        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+    };
     decide(
         &conns,
         kind,
         batch.into_iter().map(|i| (i.principal, i.body)).collect(),
-        Utc::now(),
+        now,
     )
     .await
 }

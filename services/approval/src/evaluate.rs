@@ -63,18 +63,30 @@ struct Assessed<'a> {
     verdict: Verdict,
     digest: String,
     next: TaskState,
+    /// The lifecycle asked for an approval request.
+    needs_approval: bool,
     /// Set when the task waits for approval.
     deadline: Option<DateTime<Utc>>,
 }
 
-/// Evaluates the selected planned tasks at `now` (the start of any approval deadline).
+/// The transaction's instant on Postgres' clock.
+async fn db_now(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<DateTime<Utc>, WireError> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)
+}
+
+/// Evaluates the selected planned tasks. An approval deadline starts at `now`, an
+/// instant on Postgres' clock — the clock every deadline is checked against; when
+/// `None` (the event path) it is read from Postgres, and only if some task needs
+/// approval, so the common path costs no extra round trip.
 pub(crate) async fn evaluate_planned(
     conns: &Connections,
     doctrines: &DoctrineCache,
     which: Sweep<'_>,
-    now: DateTime<Utc>,
+    now: Option<DateTime<Utc>>,
 ) -> Result<Evaluated, WireError> {
-    let now = now.trunc_subsecs(6); // what Postgres stores, so replies and events match the rows
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let rows: Vec<Planned> = match which {
         Sweep::Tasks(ids) => {
@@ -89,6 +101,10 @@ pub(crate) async fn evaluate_planned(
             .await
         }
         Sweep::Stranded { min_age } => {
+            let now = match now {
+                Some(now) => now,
+                None => db_now(&mut tx).await?,
+            };
             let before = now - chrono::Duration::from_std(min_age).unwrap_or_default();
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT {PLANNED_COLUMNS} FROM tasks
@@ -106,7 +122,20 @@ pub(crate) async fn evaluate_planned(
         return Ok(Evaluated::default());
     }
 
-    let assessed = assess(conns, doctrines, &mut tx, &rows, now).await?;
+    let mut assessed = assess(doctrines, &mut tx, &rows).await?;
+    let now = if assessed.iter().any(|a| a.needs_approval) {
+        match now {
+            Some(now) => now,
+            None => db_now(&mut tx).await?,
+        }
+    } else {
+        now.unwrap_or_default()
+    };
+    let now = now.trunc_subsecs(6); // what Postgres stores, so replies and events match the rows
+    let deadline = now + chrono::Duration::seconds(conns.config.approval_deadline_secs as i64);
+    for a in &mut assessed {
+        a.deadline = a.needs_approval.then_some(deadline);
+    }
     let stored: HashSet<Uuid> = store_snapshots(&mut tx, &assessed, now).await?.into_iter().collect();
     let assessed: Vec<Assessed<'_>> = assessed.into_iter().filter(|a| stored.contains(&a.task.id)).collect();
     let queued: Vec<QueuedTask> = assessed
@@ -157,11 +186,9 @@ pub(crate) async fn evaluate_planned(
 
 /// Doctrine's verdict and the lifecycle's next state for each task.
 async fn assess<'a>(
-    conns: &Connections,
     doctrines: &DoctrineCache,
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     rows: &'a [Planned],
-    now: DateTime<Utc>,
 ) -> Result<Vec<Assessed<'a>>, WireError> {
     let mut orgs: Vec<Uuid> = rows.iter().map(|r| r.org_id).collect();
     orgs.sort_unstable();
@@ -169,7 +196,6 @@ async fn assess<'a>(
     let in_force = doctrines.in_force(&mut **tx, &orgs).await?;
     let all_targets: Vec<Uuid> = rows.iter().flat_map(|r| r.targets.iter().copied()).collect();
     let facts = target_facts(&mut **tx, &all_targets).await?;
-    let deadline = now + chrono::Duration::seconds(conns.config.approval_deadline_secs as i64);
 
     let mut assessed = Vec::with_capacity(rows.len());
     for task in rows {
@@ -206,7 +232,8 @@ async fn assess<'a>(
             task,
             doctrine_version,
             digest: payload_digest(&task.intent, &task.payload.0, &targets),
-            deadline: t.effects.contains(&Effect::RequestApproval).then_some(deadline),
+            needs_approval: t.effects.contains(&Effect::RequestApproval),
+            deadline: None,
             next: t.next,
             verdict,
         });

@@ -101,7 +101,11 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match sweep_with(&c, &doctrines, Utc::now()).await {
+            let swept = match tanjiren_runtime::db::now(&c.db).await {
+                Ok(now) => sweep_with(&c, &doctrines, now).await,
+                Err(e) => Err(e),
+            };
+            match swept {
                 Ok(o) if o.evaluated.queued + o.evaluated.pending > 0 => {
                     tracing::info!(
                         queued = o.evaluated.queued,
@@ -167,7 +171,7 @@ async fn listen_for_planned(
             let c = c.clone();
             let doctrines = doctrines.clone();
             tokio::spawn(async move {
-                if let Err(e) = evaluate::evaluate_planned(&c, &doctrines, Sweep::Tasks(&ids), Utc::now()).await {
+                if let Err(e) = evaluate::evaluate_planned(&c, &doctrines, Sweep::Tasks(&ids), None).await {
                     tracing::warn!(error = %e, "evaluating planned tasks failed; the sweep will retry them");
                 }
                 drop(permit);
@@ -183,7 +187,7 @@ async fn sweep_with(
     now: DateTime<Utc>,
 ) -> Result<SweepOutcome, WireError> {
     let evaluated =
-        evaluate::evaluate_planned(conns, doctrines, Sweep::Stranded { min_age: SWEEP_MIN_AGE }, now).await?;
+        evaluate::evaluate_planned(conns, doctrines, Sweep::Stranded { min_age: SWEEP_MIN_AGE }, Some(now)).await?;
     let expired = expire_overdue(conns, now).await?;
     Ok(SweepOutcome { evaluated, expired })
 }
@@ -197,5 +201,5 @@ pub async fn sweep(conns: &Connections, now: DateTime<Utc>) -> Result<SweepOutco
 
 /// For tests and tools: evaluate these planned tasks now.
 pub async fn evaluate_now(conns: &Connections, ids: &[TaskId]) -> Result<Evaluated, WireError> {
-    evaluate::evaluate_planned(conns, &DoctrineCache::default(), Sweep::Tasks(ids), Utc::now()).await
+    evaluate::evaluate_planned(conns, &DoctrineCache::default(), Sweep::Tasks(ids), None).await
 }

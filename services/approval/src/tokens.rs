@@ -30,12 +30,12 @@ pub(crate) async fn handle(
     conns: Connections,
     batch: Vec<Incoming<MintApprovalTokenRequest>>,
 ) -> Vec<Result<MintApprovalTokenReply, WireError>> {
-    mint(
-        &conns,
-        batch.into_iter().map(|i| (i.principal, i.body)).collect(),
-        Utc::now(),
-    )
-    .await
+    // Token expiry and approval deadlines are instants on Postgres' clock.
+    let now = match tanjiren_runtime::db::now(&conns.db).await {
+        Ok(now) => now,
+        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+    };
+    mint(&conns, batch.into_iter().map(|i| (i.principal, i.body)).collect(), now).await
 }
 
 /// Mints one token per request at `now`; one result per request, in order.

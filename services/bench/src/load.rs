@@ -51,13 +51,21 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Starts `count` agents, each registering workstation `bench-ws-<i>` with `concurrency` slots.
-    pub async fn start(config: &Config, token: &str, count: usize, concurrency: usize) -> anyhow::Result<Self> {
+    /// Starts `count` agents, each enrolling workstation `bench-ws-<i>` with `concurrency`
+    /// slots and keeping its credential in `credentials/<name>`.
+    pub async fn start(
+        config: &Config,
+        token: &str,
+        credentials: &std::path::Path,
+        count: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Self> {
         let stop = Shutdown::new();
         let starts = (0..count).map(|i| {
             let mut c = config.clone();
             c.token = token.to_string();
             c.workstation_name = workstation_name(i);
+            c.worker_credential_file = credentials.join(&c.workstation_name).display().to_string();
             c.worker_concurrency = concurrency;
             let stop = stop.clone();
             async move { tanjiren_worker::start(&c, Arc::new(NoopExecutor), stop).await }

@@ -152,15 +152,29 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         cluster.start_service(&env.config, service).await?;
     }
     let targets: Vec<String> = (0..workstations).map(workstation_name).collect();
+    // Each workstation enrols with the bench's enrolment token; its credential lives beside the logs.
+    let mut config = env.config.clone();
+    config.worker_credential_file = String::new();
+    let credentials = cluster.log_dir().join("credentials");
     let agents = if opts.real_workers {
         eprintln!("bench: starting {workstations} worker processes");
         for name in &targets {
-            cluster.start_worker(&env.config, name, &env.worker_token).await?;
+            config.worker_credential_file = credentials.join(name).display().to_string();
+            cluster.start_worker(&config, name, &env.worker_token).await?;
         }
         None
     } else {
         eprintln!("bench: starting {workstations} simulated workstations");
-        Some(Agents::start(&env.config, &env.worker_token, workstations, opts.worker_concurrency()).await?)
+        Some(
+            Agents::start(
+                &env.config,
+                &env.worker_token,
+                &credentials,
+                workstations,
+                opts.worker_concurrency(),
+            )
+            .await?,
+        )
     };
     let events = connect_nats(&env.config, "tanjiren-bench-events").await?;
     let tracker = Tracker::subscribe(&events, &env.subjects(), env.org).await?;

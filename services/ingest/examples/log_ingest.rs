@@ -246,16 +246,20 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     result
 }
 
-async fn make_token(conns: &Connections, org: OrgId, role: Role) -> anyhow::Result<String> {
+/// A token of `role`; bound to workstation `ws` when given (a workstation credential).
+async fn make_token(conns: &Connections, org: OrgId, role: Role, ws: Option<Uuid>) -> anyhow::Result<String> {
     let token = ApiToken::from_random(rand::random::<[u8; 32]>());
-    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash) VALUES ($1, $2, $3, $4, $5)")
-        .bind(Uuid::now_v7())
-        .bind(org.as_uuid())
-        .bind(role.as_str())
-        .bind(role.as_str())
-        .bind(token.hash())
-        .execute(&conns.db)
-        .await?;
+    sqlx::query(
+        "INSERT INTO api_tokens (id, org_id, name, role, token_hash, workstation_id) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(org.as_uuid())
+    .bind(role.as_str())
+    .bind(role.as_str())
+    .bind(token.hash())
+    .bind(ws)
+    .execute(&conns.db)
+    .await?;
     Ok(token.expose().to_string())
 }
 
@@ -368,8 +372,7 @@ async fn run(
         .bind(org.as_uuid())
         .execute(&conns.db)
         .await?;
-    let owner = make_token(conns, org, Role::Owner).await?;
-    let worker = make_token(conns, org, Role::Worker).await?;
+    let owner = make_token(conns, org, Role::Owner, None).await?;
     let names: Vec<String> = (0..n_steps).map(|i| format!("ws-{i}")).collect();
     let ids: Vec<Uuid> = names.iter().map(|_| Uuid::now_v7()).collect();
     sqlx::query("INSERT INTO workstations (id, org_id, name) SELECT id, $3, name FROM unnest($1::uuid[], $2::text[]) AS w(id, name)")
@@ -378,6 +381,11 @@ async fn run(
         .bind(org.as_uuid())
         .execute(&conns.db)
         .await?;
+    // Each workstation's worker writes with that workstation's credential.
+    let mut credentials: std::collections::HashMap<Uuid, String> = std::collections::HashMap::new();
+    for ws in &ids {
+        credentials.insert(*ws, make_token(conns, org, Role::Worker, Some(*ws)).await?);
+    }
 
     // Ingest as a child process, started first (see the settling below); approval (queues the planned
     // tasks) and lease (grants the claims) in-process.
@@ -425,11 +433,12 @@ async fn run(
         r.map_err(|e| anyhow::anyhow!("creating a task: {e:?}"))?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    let queued: Vec<(Uuid, i64)> = loop {
-        let rows: Vec<(Uuid, i64)> =
-            sqlx::query_as("SELECT id, lease_generation FROM steps WHERE status = 'queued' ORDER BY id")
-                .fetch_all(&conns.db)
-                .await?;
+    let queued: Vec<(Uuid, i64, Uuid)> = loop {
+        let rows: Vec<(Uuid, i64, Uuid)> = sqlx::query_as(
+            "SELECT id, lease_generation, workstation_id FROM steps WHERE status = 'queued' ORDER BY id",
+        )
+        .fetch_all(&conns.db)
+        .await?;
         if rows.len() == n_steps {
             break rows;
         }
@@ -440,15 +449,19 @@ async fn run(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let claims = queued.iter().enumerate().map(|(i, (step, generation))| {
+    let claims = queued.iter().enumerate().map(|(i, (step, generation, ws))| {
         let req = ClaimRequest {
             step_id: StepId::from(*step),
             lease_generation: *generation,
             worker_id: format!("log-ingest-{i}"),
         };
         let subject = conns.subjects.lease_claim();
-        let worker = &worker;
-        async move { bus::call::<_, ClaimGranted>(&conns.nats, &subject, worker, &req, Duration::from_secs(30)).await }
+        let worker = credentials[ws].clone();
+        async move {
+            let granted =
+                bus::call::<_, ClaimGranted>(&conns.nats, &subject, &worker, &req, Duration::from_secs(30)).await;
+            granted.map(|g| (g, req.worker_id, worker))
+        }
     });
     let mut granted = Vec::new();
     for g in futures::future::join_all(claims).await {
@@ -473,7 +486,7 @@ async fn run(
     };
     let mut work = Vec::with_capacity(n_steps);
     let mut bytes_sent = 0;
-    for (i, g) in granted.iter().enumerate() {
+    for (i, (g, worker_id, worker)) in granted.iter().enumerate() {
         let mut batches = Vec::new();
         let mut seq = 1;
         while seq <= n_lines {
@@ -483,11 +496,12 @@ async fn run(
             batches.push(LogBatch {
                 step_id: g.step_id,
                 lease_generation: g.lease_generation,
+                worker_id: worker_id.clone(),
                 lines,
             });
             seq = end + 1;
         }
-        work.push(batches);
+        work.push((batches, worker.clone()));
     }
 
     // Only ingest touches the database from here on: the setup connections are closed (a closing
@@ -507,8 +521,8 @@ async fn run(
     // Each step sends its batches one after another, waiting for each reply (as the worker does).
     let subject = conns.subjects.ingest_logs();
     let started = Instant::now();
-    let senders = work.into_iter().map(|batches| {
-        let (nats, subject, worker) = (conns.nats.clone(), subject.clone(), worker.clone());
+    let senders = work.into_iter().map(|(batches, worker)| {
+        let (nats, subject) = (conns.nats.clone(), subject.clone());
         tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(batches.len());
             let (mut stored, mut retried) = (0u64, 0usize);

@@ -5,6 +5,7 @@
 //! deletes artifacts when a task ends. Validation (kind, size, URL) is the pure
 //! `tanjiren_shared::artifacts::validate`; this module only does the IO.
 
+use crate::worker_writes::StepFence;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_runtime::{Connections, Incoming, db_error, each};
@@ -197,16 +198,14 @@ async fn add_batch(
 /// The fencing view of a step for an artifact write.
 #[derive(sqlx::FromRow)]
 struct StepOwner {
-    id: Uuid,
-    org_id: Uuid,
-    task_id: Uuid,
-    lease_generation: i64,
-    status: String,
+    #[sqlx(flatten)]
+    fence: StepFence,
     root_task_id: Uuid,
     investigation_id: Option<Uuid>,
 }
 
-/// Workers: `ingest.artifacts`, fenced by `(step_id, lease_generation)` under a row lock.
+/// Workers: `ingest.artifacts`, fenced by `(step_id, lease_generation, worker_id)` and the
+/// credential's workstation, under a row lock.
 pub(crate) async fn worker_add(
     conns: Connections,
     batch: Vec<Incoming<WorkerArtifactRequest>>,
@@ -229,7 +228,8 @@ async fn worker_add_batch(
         .collect();
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     let steps: HashMap<Uuid, StepOwner> = sqlx::query_as::<_, StepOwner>(
-        "SELECT s.id, s.org_id, s.task_id, s.lease_generation, s.status, t.root_task_id, t.investigation_id
+        "SELECT s.id, s.org_id, s.task_id, s.workstation_id, s.lease_generation, s.lease_owner, s.status,
+                t.root_task_id, t.investigation_id
          FROM steps s JOIN tasks t ON t.id = s.task_id
          WHERE s.id = ANY($1) ORDER BY s.id FOR SHARE OF s",
     )
@@ -238,38 +238,32 @@ async fn worker_add_batch(
     .await
     .map_err(db_error)?
     .into_iter()
-    .map(|s| (s.id, s))
+    .map(|s| (s.fence.id, s))
     .collect();
     let max = conns.config.max_artifact_bytes;
     let mut results: Vec<Result<usize, WireError>> = Vec::with_capacity(batch.len());
     let mut new = Vec::new();
     for req in batch {
         let b = &req.body;
-        let fenced = match steps.get(&b.step_id.as_uuid()) {
-            Some(s) if s.org_id == req.principal.org_id.as_uuid() => {
-                if s.lease_generation == b.lease_generation && s.status == "executing" {
-                    Ok(s)
-                } else {
-                    let e = WireError::stale_lease(format!(
-                        "step {} is at lease generation {} ({}); this write carried generation {}",
-                        s.id, s.lease_generation, s.status, b.lease_generation
-                    ));
-                    crate::worker_writes::reject_stale(conns, "artifacts", s.id, &e);
-                    Err(e)
-                }
-            }
-            _ => Err(WireError::not_found(format!("no step {}", b.step_id))),
-        };
+        let fenced = steps
+            .get(&b.step_id.as_uuid())
+            .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
+            .and_then(|s| {
+                s.fence
+                    .admits(&req.principal, b.lease_generation, &b.worker_id)
+                    .map(|_| s)
+                    .inspect_err(|e| crate::worker_writes::reject_stale(conns, "artifacts", s.fence.id, e))
+            });
         match fenced.and_then(|s| validate(b.kind, &b.content, max).map(|_| s)) {
             Ok(s) => {
                 results.push(Ok(new.len()));
                 new.push(NewArtifact {
-                    org_id: s.org_id,
+                    org_id: s.fence.org_id,
                     kind: b.kind,
-                    task_id: Some(s.task_id),
+                    task_id: Some(s.fence.task_id),
                     root_task_id: Some(s.root_task_id),
                     investigation_id: s.investigation_id,
-                    step_id: Some(s.id),
+                    step_id: Some(s.fence.id),
                     content: b.content.clone(),
                     created_by: req.principal.token_name.clone(),
                 });

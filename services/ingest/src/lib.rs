@@ -36,16 +36,16 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     router.route(s.tasks_list(), Access::Operators, read::list).await?;
     router.route(s.tasks_logs(), Access::Operators, read::logs).await?;
     router
-        .route(s.workstations_register(), Access::Workers, worker_writes::register)
+        .route(s.workstations_register(), Access::Enrol, worker_writes::register)
         .await?;
     router
-        .route(s.ingest_logs(), Access::Workers, worker_writes::logs)
+        .route(s.ingest_logs(), Access::Workstation, worker_writes::logs)
         .await?;
     router
-        .route(s.ingest_progress(), Access::Workers, worker_writes::progress)
+        .route(s.ingest_progress(), Access::Workstation, worker_writes::progress)
         .await?;
     router
-        .route(s.ingest_artifacts(), Access::Workers, artifacts::worker_add)
+        .route(s.ingest_artifacts(), Access::Workstation, artifacts::worker_add)
         .await?;
     router
         .route(s.artifacts_add(), Access::Operators, artifacts::add)

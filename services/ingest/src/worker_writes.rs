@@ -9,15 +9,17 @@
 
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, Incoming, db_error, each};
+use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::codec::Encoding;
-use tanjiren_shared::ids::OrgId;
+use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
+use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
 use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
 use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
-    LiveLogBatch, LogBatch, LogBatchReply, LogLine, LogStream, ProgressReply, ProgressReport, RegisterWorkstationReply,
-    RegisterWorkstationRequest,
+    LiveLogBatch, LogBatch, LogBatchReply, LogLine, LogStream, Principal, ProgressReply, ProgressReport,
+    RegisterWorkstationReply, RegisterWorkstationRequest,
 };
+use tanjiren_shared::secret::ApiToken;
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
 
@@ -32,69 +34,121 @@ pub(crate) async fn register(
     conns: Connections,
     batch: Vec<Incoming<RegisterWorkstationRequest>>,
 ) -> Vec<Result<RegisterWorkstationReply, WireError>> {
-    each(&conns, batch, register_one).await
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch {
+        out.push(register_one(&conns, &req.principal, &req.body).await);
+    }
+    out
 }
 
+/// Enrols (or re-registers) a workstation. An enrolment token — a `worker`-role
+/// organisation token, or an admin's or owner's — creates or updates the
+/// workstation and receives a new credential bound to it, shown once and stored as
+/// its hash. A workstation credential may re-register only its own workstation
+/// (labels, last seen) and receives no new credential.
 async fn register_one(
     conns: &Connections,
-    org: OrgId,
+    principal: &Principal,
     req: &RegisterWorkstationRequest,
 ) -> Result<RegisterWorkstationReply, WireError> {
     validate_workstation_name(&req.name)?;
     let labels = serde_json::to_value(&req.labels).expect("labels serialise");
+    let org = principal.org_id;
+    if let Some(own) = principal.workstation_id {
+        let updated: Option<(Uuid,)> = sqlx::query_as(
+            "UPDATE workstations SET labels = $3, last_seen_at = now() WHERE id = $1 AND org_id = $2 AND name = $4
+             RETURNING id",
+        )
+        .bind(own.as_uuid())
+        .bind(org.as_uuid())
+        .bind(labels)
+        .bind(&req.name)
+        .fetch_optional(&conns.db)
+        .await
+        .map_err(db_error)?;
+        return match updated {
+            Some(_) => Ok(RegisterWorkstationReply {
+                workstation_id: own,
+                org_id: org,
+                credential: None,
+                credential_id: None,
+            }),
+            None => Err(WireError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this credential is bound to workstation {own}, not to one named `{}`; \
+                     enrol another workstation with an enrolment token",
+                    req.name
+                ),
+            )),
+        };
+    }
+    let credential = ApiToken::from_random(rand::random::<[u8; 32]>());
+    let credential_id = Uuid::now_v7();
     let (id,): (Uuid,) = sqlx::query_as(
-        "INSERT INTO workstations (id, org_id, name, labels, last_seen_at) VALUES ($1, $2, $3, $4, now())
-         ON CONFLICT (org_id, name) DO UPDATE SET labels = EXCLUDED.labels, last_seen_at = now()
-         RETURNING id",
+        "WITH ws AS (
+            INSERT INTO workstations (id, org_id, name, labels, last_seen_at) VALUES ($1, $2, $3, $4, now())
+            ON CONFLICT (org_id, name) DO UPDATE SET labels = EXCLUDED.labels, last_seen_at = now()
+            RETURNING id
+         ), cred AS (
+            INSERT INTO api_tokens (id, org_id, name, role, token_hash, workstation_id)
+            SELECT $5, $2, 'workstation/' || $3, 'worker', $6, ws.id FROM ws
+         )
+         SELECT id FROM ws",
     )
     .bind(Uuid::now_v7())
     .bind(org.as_uuid())
     .bind(&req.name)
     .bind(labels)
+    .bind(credential_id)
+    .bind(credential.hash())
     .fetch_one(&conns.db)
     .await
     .map_err(db_error)?;
+    tracing::info!(workstation = %req.name, workstation_id = %id, by = %principal.token_name, "workstation enrolled; credential issued");
     Ok(RegisterWorkstationReply {
         workstation_id: id.into(),
         org_id: org,
+        credential: Some(credential.expose().to_string()),
+        credential_id: Some(credential_id),
     })
 }
 
 /// The fencing view of a step, read under a row lock.
 #[derive(sqlx::FromRow, Clone)]
-struct StepFence {
-    id: Uuid,
-    task_id: Uuid,
-    org_id: Uuid,
-    lease_generation: i64,
-    status: String,
+pub(crate) struct StepFence {
+    pub id: Uuid,
+    pub task_id: Uuid,
+    pub org_id: Uuid,
+    pub workstation_id: Uuid,
+    pub lease_generation: i64,
+    pub lease_owner: Option<String>,
+    pub status: String,
 }
 
 impl StepFence {
-    /// Ok if the write under `(org, generation)` may be applied to this step.
-    fn admits(&self, org: OrgId, generation: i64) -> Result<(), WireError> {
-        if self.org_id != org.as_uuid() {
-            return Err(WireError::not_found(format!("no step {}", self.id)));
-        }
-        if self.lease_generation != generation || self.status != StepStatus::Executing.as_str() {
-            return Err(WireError::stale_lease(format!(
-                "step {} is at lease generation {} ({}); this write carried generation {generation}",
-                self.id, self.lease_generation, self.status
-            )));
-        }
-        Ok(())
+    /// Ok if a write by `principal` under `(generation, worker_id)` may be applied to
+    /// this step: the rule is `tanjiren_shared::lease::check_write`.
+    pub fn admits(&self, principal: &Principal, generation: i64, worker_id: &str) -> Result<(), WireError> {
+        let stored = StoredLease {
+            step_id: StepId::from(self.id),
+            org_id: OrgId::from(self.org_id),
+            workstation_id: WorkstationId::from(self.workstation_id),
+            status: self.status.parse().unwrap_or(StepStatus::Failed),
+            generation: self.lease_generation,
+            owner: self.lease_owner.as_deref(),
+        };
+        check_write(principal, &stored, &LeaseWrite { generation, worker_id })
     }
 }
 
+/// Logs and counts a write refused because its lease is no longer the writer's.
 pub(crate) fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
+    if matches!(e.code, ErrorCode::StaleLease | ErrorCode::Forbidden) {
+        tracing::warn!(%step, kind, code = %e.code, message = %e.message, "rejected a worker write");
+    }
     if e.code == ErrorCode::StaleLease {
-        tracing::warn!(%step, kind, message = %e.message, "rejected a stale worker write");
-        conns.metrics.inc(
-            "tanjiren_stale_lease_rejections_total",
-            "Worker writes rejected for a stale lease generation.",
-            &[("kind", kind)],
-            1,
-        );
+        conns.metrics.stale_lease(kind, 1);
     }
 }
 
@@ -108,25 +162,10 @@ pub(crate) async fn logs(conns: Connections, batch: Vec<Incoming<LogBatch>>) -> 
 /// A step's fencing view plus its output accounting, read under a row lock.
 #[derive(sqlx::FromRow, Clone)]
 struct LogStep {
-    id: Uuid,
-    task_id: Uuid,
-    org_id: Uuid,
-    lease_generation: i64,
-    status: String,
+    #[sqlx(flatten)]
+    fence: StepFence,
     log_bytes: i64,
     log_truncated: bool,
-}
-
-impl LogStep {
-    fn fence(&self) -> StepFence {
-        StepFence {
-            id: self.id,
-            task_id: self.task_id,
-            org_id: self.org_id,
-            lease_generation: self.lease_generation,
-            status: self.status.clone(),
-        }
-    }
 }
 
 /// The rows of one handler batch, column by column (one `unnest` statement).
@@ -209,7 +248,7 @@ async fn store_logs(
     let mut tx = conns.db.begin().await.map_err(db_error)?;
     // FOR UPDATE (not SHARE): the byte count of the cap is read and written here.
     let mut log_steps: HashMap<Uuid, LogStep> = sqlx::query_as::<_, LogStep>(
-        "SELECT id, task_id, org_id, lease_generation, status, log_bytes, log_truncated
+        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status, log_bytes, log_truncated
          FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(&step_ids)
@@ -217,7 +256,7 @@ async fn store_logs(
     .await
     .map_err(db_error)?
     .into_iter()
-    .map(|f| (f.id, f))
+    .map(|f| (f.fence.id, f))
     .collect();
 
     let mut results = Vec::with_capacity(batch.len());
@@ -229,7 +268,11 @@ async fn store_logs(
         let check = log_steps
             .get_mut(&b.step_id.as_uuid())
             .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
-            .and_then(|f| f.fence().admits(req.principal.org_id, b.lease_generation).map(|_| f));
+            .and_then(|f| {
+                f.fence
+                    .admits(&req.principal, b.lease_generation, &b.worker_id)
+                    .map(|_| f)
+            });
         let step = match check {
             Ok(f) => f,
             Err(e) => {
@@ -255,7 +298,7 @@ async fn store_logs(
             if step.log_bytes.saturating_add(text.len() as i64) > cap as i64 {
                 // The first line over the cap is replaced by the marker, stored once.
                 step.log_truncated = true;
-                newly_truncated.push(step.id);
+                newly_truncated.push(step.fence.id);
                 accepted.push(LogLine {
                     seq: l.seq,
                     stream: LogStream::Stderr,
@@ -273,7 +316,7 @@ async fn store_logs(
             });
         }
         for l in &accepted {
-            rows.push(step.id, step.task_id, l);
+            rows.push(step.fence.id, step.fence.task_id, l);
         }
         results.push(Ok(LogBatchReply {
             stored: accepted.len() as u32,
@@ -311,7 +354,7 @@ async fn store_logs(
         let req = &batch[i];
         let step = &log_steps[&req.body.step_id.as_uuid()];
         let live = LiveLogBatch {
-            task_id: step.task_id.into(),
+            task_id: step.fence.task_id.into(),
             step_id: req.body.step_id,
             lines,
         };
@@ -375,7 +418,8 @@ async fn store_progress(
         .map_err(db_error)?;
     let tasks = lock_tasks(&mut tx, &task_ids).await?;
     let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
-        "SELECT id, task_id, org_id, lease_generation, status FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status
+         FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(&step_ids)
     .fetch_all(&mut *tx)
@@ -385,7 +429,7 @@ async fn store_progress(
     .map(|f| (f.id, f))
     .collect();
 
-    let mut results: Vec<Result<Uuid, WireError>> = Vec::with_capacity(batch.len());
+    let mut results: Vec<Result<(Uuid, Uuid), WireError>> = Vec::with_capacity(batch.len());
     let mut updates: HashMap<Uuid, StepUpdate> = HashMap::new();
     let mut finished_tasks = BTreeSet::new();
     for req in batch {
@@ -393,7 +437,7 @@ async fn store_progress(
         let check = fences
             .get(&b.step_id.as_uuid())
             .ok_or_else(|| WireError::not_found(format!("no step {}", b.step_id)))
-            .and_then(|f| f.admits(req.principal.org_id, b.lease_generation).map(|_| f));
+            .and_then(|f| f.admits(&req.principal, b.lease_generation, &b.worker_id).map(|_| f));
         let fence = match check {
             Ok(f) => f,
             Err(e) => {
@@ -428,9 +472,11 @@ async fn store_progress(
             };
             finished_tasks.insert(fence.task_id);
         }
-        results.push(Ok(fence.task_id));
+        results.push(Ok((fence.id, fence.task_id)));
     }
 
+    // The generation of every admitted step after this transaction.
+    let mut generations: HashMap<Uuid, i64> = fences.values().map(|f| (f.id, f.lease_generation)).collect();
     if !updates.is_empty() {
         let mut ids = vec![];
         let (mut outs, mut errs, mut statuses, mut codes, mut reasons) = (vec![], vec![], vec![], vec![], vec![]);
@@ -442,8 +488,13 @@ async fn store_progress(
             codes.push(u.exit_code);
             reasons.push(u.failure_reason);
         }
-        sqlx::query(
+        // A result ends the lease in the same statement (generation + 1, no owner):
+        // a finished step never holds a lease, whatever happens to the release.
+        let after: Vec<(Uuid, i64)> = sqlx::query_as(
             "UPDATE steps s SET
+                lease_generation = CASE WHEN u.status IS NULL THEN s.lease_generation ELSE s.lease_generation + 1 END,
+                lease_owner = CASE WHEN u.status IS NULL THEN s.lease_owner END,
+                lease_expires_at = CASE WHEN u.status IS NULL THEN s.lease_expires_at END,
                 stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
                 stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
                 status = COALESCE(u.status, s.status),
@@ -454,7 +505,8 @@ async fn store_progress(
                                          THEN now() ELSE s.stop_confirmed_at END
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
                   AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason)
-             WHERE s.id = u.id",
+             WHERE s.id = u.id
+             RETURNING s.id, s.lease_generation",
         )
         .bind(&ids)
         .bind(&outs)
@@ -462,9 +514,10 @@ async fn store_progress(
         .bind(&statuses)
         .bind(&codes)
         .bind(&reasons)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
+        generations.extend(after);
     }
 
     let decided = settle_finished(&mut tx, &tasks, &finished_tasks, &conns.config.default_retry_policy()).await?;
@@ -473,7 +526,7 @@ async fn store_progress(
     Ok(results
         .into_iter()
         .map(|r| {
-            r.map(|task_id| {
+            r.map(|(step_id, task_id)| {
                 let status = match decided.get(&task_id) {
                     Some((s, _, _)) => *s,
                     None => tasks
@@ -481,7 +534,10 @@ async fn store_progress(
                         .and_then(|t| t.status.parse().ok())
                         .unwrap_or(TaskStatus::Executing),
                 };
-                ProgressReply { task_status: status }
+                ProgressReply {
+                    task_status: status,
+                    lease_generation: generations.get(&step_id).copied().unwrap_or_default(),
+                }
             })
         })
         .collect())

@@ -1,20 +1,21 @@
 //! Claim: the compare-and-swap that makes one worker the owner of a step.
 //! `UPDATE … SET lease_generation = lease_generation + 1 … WHERE lease_generation = $seen
-//! AND status = 'queued'` for the whole batch in one statement: of any number of
-//! concurrent claims for one step exactly one matches. The first claimed step of a
-//! task moves it queued → executing in the same statement. The Redis liveness
-//! key is set after commit (Postgres is authoritative; the reconciler's grace
-//! period covers the gap).
+//! AND status = 'queued' AND workstation_id = <the credential's workstation>` for the
+//! whole batch in one statement: of any number of concurrent claims for one step
+//! exactly one matches, and only a worker of the step's own workstation can match.
+//! The first claimed step of a task moves it queued → executing in the same
+//! statement. The Redis mirror of the lease is written after commit; Postgres alone
+//! decides.
 
-use crate::keys::{CLAIM, lease_key};
-use chrono::Utc;
+use crate::keys::{self, KeyOp};
 use std::collections::HashMap;
 use tanjiren_runtime::events::publish_task_event;
 use tanjiren_runtime::{Connections, Incoming, db_error};
-use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
+use tanjiren_shared::lease::check_step_access;
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
-use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest};
+use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
 
@@ -43,12 +44,14 @@ async fn claim(
     batch: &[Incoming<ClaimRequest>],
 ) -> Result<Vec<Result<ClaimGranted, WireError>>, WireError> {
     let ttl_ms = conns.config.lease_ttl_ms;
-    let (mut ids, mut gens, mut owners, mut orgs) = (vec![], vec![], vec![], vec![]);
+    let (mut ids, mut gens, mut owners, mut orgs, mut stations) = (vec![], vec![], vec![], vec![], vec![]);
     for r in batch {
         ids.push(r.body.step_id.as_uuid());
         gens.push(r.body.lease_generation);
         owners.push(r.body.worker_id.clone());
         orgs.push(r.principal.org_id.as_uuid());
+        // Access::Workstation guarantees a bound credential; a nil id matches no step.
+        stations.push(r.principal.workstation_id.map(|w| w.as_uuid()).unwrap_or_default());
     }
     // One statement, committed on its own: the CAS on the steps and, for a task's
     // first claimed step, queued → executing (the lifecycle's StepClaimed) as a
@@ -59,9 +62,9 @@ async fn claim(
             UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = c.owner, status = 'executing',
                    claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
                    lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
-            FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, org)
+            FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[], $6::uuid[]) AS c(id, gen, owner, org, ws)
             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued'
-              AND s.org_id = c.org
+              AND s.org_id = c.org AND s.workstation_id = c.ws
             RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
          ), started AS (
             UPDATE tasks t SET status = 'executing', started_at = now()
@@ -77,6 +80,7 @@ async fn claim(
     .bind(&owners)
     .bind(&orgs)
     .bind(ttl_ms as f64)
+    .bind(&stations)
     .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
@@ -87,30 +91,17 @@ async fn claim(
     started.sort();
     started.dedup();
 
-    let now = Utc::now();
-    let renew_by = now + chrono::Duration::milliseconds(ttl_ms as i64);
-    let redis = conns.redis();
-    let prefix = &conns.config.redis_key_prefix;
-    let sets = won.iter().map(|w| {
-        let mut r = redis.clone();
-        let key = lease_key(prefix, StepId::from(w.id));
-        let owner = w.lease_owner.clone().unwrap_or_default();
-        async move {
-            CLAIM
-                .key(key)
-                .arg(owner)
-                .arg(w.lease_generation)
-                .arg(ttl_ms)
-                .invoke_async::<i64>(&mut r)
-                .await
-        }
-    });
-    for (w, r) in won.iter().zip(futures::future::join_all(sets).await) {
-        if let Err(e) = r {
-            // Postgres granted the lease; the first heartbeat re-creates the key.
-            tracing::warn!(step = %w.id, error = %e, "could not set the lease key in Redis");
-        }
-    }
+    let granted_leases: Vec<(StepId, &str, i64)> = won
+        .iter()
+        .map(|w| {
+            (
+                StepId::from(w.id),
+                w.lease_owner.as_deref().unwrap_or_default(),
+                w.lease_generation,
+            )
+        })
+        .collect();
+    keys::apply(conns, KeyOp::Mirror, &granted_leases).await;
 
     for (task_id, org_id, approval) in started {
         let approval: ApprovalStatus = approval.parse().unwrap_or(ApprovalStatus::NotRequired);
@@ -143,7 +134,7 @@ async fn claim(
         HashMap::new()
     } else {
         sqlx::query_as::<_, Current>(
-            "SELECT id, task_id, org_id, lease_generation, status, lease_owner FROM steps WHERE id = ANY($1)",
+            "SELECT id, task_id, org_id, workstation_id, lease_generation, status, lease_owner FROM steps WHERE id = ANY($1)",
         )
         .bind(&lost)
         .fetch_all(&conns.db)
@@ -166,19 +157,14 @@ async fn claim(
         lost.len() as u64,
     );
 
-    Ok(batch
+    let results: Vec<Result<ClaimGranted, WireError>> = batch
         .iter()
         .map(|r| {
             let step = r.body.step_id.as_uuid();
             match winners.get(&step) {
-                Some(w) if w.lease_owner.as_deref() == Some(r.body.worker_id.as_str()) => Ok(ClaimGranted {
-                    step_id: r.body.step_id,
-                    task_id: TaskId::from(w.task_id),
-                    lease_generation: w.lease_generation,
-                    ttl_ms,
-                    renew_by,
-                    heartbeat_interval_ms: conns.config.heartbeat_interval_ms,
-                }),
+                Some(w) if w.lease_owner.as_deref() == Some(r.body.worker_id.as_str()) => {
+                    Ok(granted(conns, r.body.step_id, w.task_id, w.lease_generation))
+                }
                 Some(_) => Err(WireError::new(
                     ErrorCode::LeaseHeld,
                     format!("step {step} was claimed by another worker"),
@@ -186,19 +172,30 @@ async fn claim(
                 None => match current.get(&step) {
                     // The same worker asking again for the lease it already won (its first reply
                     // was lost): grant it again rather than strand the step until the TTL.
-                    Some(c) if c.is_repeat_of(r) => Ok(ClaimGranted {
-                        step_id: r.body.step_id,
-                        task_id: TaskId::from(c.task_id),
-                        lease_generation: c.lease_generation,
-                        ttl_ms,
-                        renew_by,
-                        heartbeat_interval_ms: conns.config.heartbeat_interval_ms,
-                    }),
-                    c => Err(refusal(step, r.principal.org_id, r.body.lease_generation, c)),
+                    Some(c) if c.is_repeat_of(r) => Ok(granted(conns, r.body.step_id, c.task_id, c.lease_generation)),
+                    c => Err(refusal(step, &r.principal, r.body.lease_generation, c)),
                 },
             }
         })
-        .collect())
+        .collect();
+    let stale = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::StaleLease))
+        .count();
+    conns.metrics.stale_lease("claim", stale as u64);
+    Ok(results)
+}
+
+/// The grant: durations only (the worker measures them from when it sent the claim).
+fn granted(conns: &Connections, step_id: StepId, task_id: Uuid, lease_generation: i64) -> ClaimGranted {
+    ClaimGranted {
+        step_id,
+        task_id: TaskId::from(task_id),
+        lease_generation,
+        ttl_ms: conns.config.lease_ttl_ms,
+        renew_within_ms: conns.config.lease_ttl_ms,
+        heartbeat_interval_ms: conns.config.heartbeat_interval_ms,
+    }
 }
 
 /// A step's state when a claim for it did not match.
@@ -207,6 +204,7 @@ struct Current {
     id: Uuid,
     task_id: Uuid,
     org_id: Uuid,
+    workstation_id: Uuid,
     lease_generation: i64,
     status: String,
     lease_owner: Option<String>,
@@ -216,25 +214,37 @@ impl Current {
     /// The claim is a repeat of one this worker already won at this generation.
     fn is_repeat_of(&self, r: &Incoming<ClaimRequest>) -> bool {
         self.org_id == r.principal.org_id.as_uuid()
+            && r.principal.workstation_id.map(|w| w.as_uuid()) == Some(self.workstation_id)
             && self.status == "executing"
             && self.lease_owner.as_deref() == Some(r.body.worker_id.as_str())
             && self.lease_generation == r.body.lease_generation + 1
     }
 }
 
-/// Why a claim did not match: the step is unknown, moved on, or held.
-fn refusal(step: Uuid, org: OrgId, seen: i64, current: Option<&Current>) -> WireError {
-    match current {
-        Some(c) if c.org_id != org.as_uuid() => WireError::not_found(format!("no step {step}")),
-        None => WireError::not_found(format!("no step {step}")),
-        Some(c) if c.status == "executing" => WireError::new(
+/// Why a claim did not match: the step is unknown, another workstation's, moved on, or held.
+fn refusal(step: Uuid, principal: &Principal, seen: i64, current: Option<&Current>) -> WireError {
+    let Some(c) = current else {
+        return WireError::not_found(format!("no step {step}"));
+    };
+    if let Err(e) = check_step_access(
+        principal,
+        StepId::from(step),
+        OrgId::from(c.org_id),
+        WorkstationId::from(c.workstation_id),
+    ) {
+        return e;
+    }
+    if c.status == "executing" {
+        WireError::new(
             ErrorCode::LeaseHeld,
             format!("step {step} is already leased by another worker"),
-        ),
-        Some(c) if c.status == "queued" && c.lease_generation != seen => WireError::stale_lease(format!(
+        )
+    } else if c.status == "queued" && c.lease_generation != seen {
+        WireError::stale_lease(format!(
             "step {step} is at lease generation {}, the claim saw {seen}; use the newest assignment",
             c.lease_generation
-        )),
-        Some(c) => WireError::conflict(format!("step {step} is {}; it cannot be claimed", c.status)),
+        ))
+    } else {
+        WireError::conflict(format!("step {step} is {}; it cannot be claimed", c.status))
     }
 }

@@ -1,19 +1,26 @@
 //! Heartbeat: one request per worker renews every lease it holds and returns the
 //! queued steps of its workstation as offers (piggyback assignment, so nothing is
-//! missed while a worker was offline). A lease is renewed only when the Redis key
-//! holds this worker and generation; a key that vanished (Redis flushed or failed
-//! over) is re-created only if Postgres still names this worker at this
-//! generation, so Postgres stays the authority.
+//! missed while a worker was offline).
+//!
+//! Postgres decides every renewal, in one statement for the whole batch: a lease is
+//! renewed only if its step is still `executing` at that generation, for that owner,
+//! on the caller's workstation, and its lease has not yet expired on Postgres'
+//! clock. The reconciler takes a lease back only once it has expired on that same
+//! clock, so of a heartbeat and a sweep racing for one lease exactly one wins, in
+//! whatever order they arrive. Only then is the Redis mirror written — for the
+//! renewed leases — and a refused lease's key is deleted, so Redis can never revive
+//! or extend what Postgres took back. Times in the reply are durations
+//! (`renew_within_ms`), measured by the worker from when it sent the heartbeat.
 
-use crate::keys::{CLAIM, HEARTBEAT, lease_key};
-use chrono::Utc;
+use crate::keys::{self, KeyOp};
 use sqlx::types::Json;
 use std::collections::{HashMap, HashSet};
 use tanjiren_runtime::{Connections, Incoming, db_error};
-use tanjiren_shared::WireError;
-use tanjiren_shared::ids::StepId;
-use tanjiren_shared::model::Mode;
+use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
+use tanjiren_shared::lease::{LeaseWrite, StoredLease, acting_workstation, check_write};
+use tanjiren_shared::model::{Mode, StepStatus};
 use tanjiren_shared::protocol::{Assignment, HeartbeatReply, HeartbeatRequest, LeaseRenewal};
+use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
 
 /// Most offers sent in one reply.
@@ -29,202 +36,261 @@ pub(crate) async fn handle(
     }
 }
 
+/// Renews in Postgres every reported lease it confirms, in one statement, and marks
+/// the callers' workstations seen. Returns the renewed `(step, generation, owner)`.
+const RENEW_SQL: &str = "
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS r(id, gen, owner, ws)
+), renewed AS (
+    UPDATE steps s SET last_heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
+    FROM r
+    WHERE s.id = r.id AND s.lease_generation = r.gen AND s.lease_owner = r.owner AND s.workstation_id = r.ws
+      AND s.status IS NOT DISTINCT FROM 'executing' AND s.lease_expires_at > now()
+    RETURNING s.id, s.lease_generation, s.lease_owner
+), seen AS (
+    UPDATE workstations SET last_seen_at = now() WHERE id = ANY($6::uuid[]) RETURNING 1
+)
+SELECT id, lease_generation, lease_owner FROM renewed";
+
+/// A refused lease's step as stored, to say why it was refused.
+#[derive(sqlx::FromRow)]
+struct Current {
+    id: Uuid,
+    org_id: Uuid,
+    workstation_id: Uuid,
+    status: String,
+    lease_generation: i64,
+    lease_owner: Option<String>,
+    expired: bool,
+}
+
 async fn heartbeat(
     conns: &Connections,
     batch: &[Incoming<HeartbeatRequest>],
 ) -> Result<Vec<Result<HeartbeatReply, WireError>>, WireError> {
     let ttl_ms = conns.config.lease_ttl_ms;
-    let prefix = &conns.config.redis_key_prefix;
-    let ws_ids: Vec<Uuid> = batch.iter().map(|r| r.body.workstation_id.as_uuid()).collect();
-    let ws_orgs: HashMap<Uuid, Uuid> =
-        sqlx::query_as::<_, (Uuid, Uuid)>("SELECT id, org_id FROM workstations WHERE id = ANY($1)")
-            .bind(&ws_ids)
+    // The credential names the workstation; a workstation_id in the body must agree.
+    let stations: Vec<Result<WorkstationId, WireError>> = batch
+        .iter()
+        .map(|r| {
+            let mine = acting_workstation(&r.principal)?;
+            match r.body.workstation_id {
+                Some(claimed) if claimed != mine => Err(WireError::new(
+                    ErrorCode::Forbidden,
+                    format!("workstation_id {claimed} is not this credential's workstation ({mine})"),
+                )),
+                _ => Ok(mine),
+            }
+        })
+        .collect();
+
+    // 1. Postgres decides every renewal, in one statement.
+    let (mut ids, mut gens, mut owners, mut wss) = (vec![], vec![], vec![], vec![]);
+    let mut seen: Vec<Uuid> = Vec::new();
+    for (r, ws) in batch.iter().zip(&stations) {
+        let Ok(ws) = ws else { continue };
+        seen.push(ws.as_uuid());
+        for l in &r.body.leases {
+            ids.push(l.step_id.as_uuid());
+            gens.push(l.lease_generation);
+            owners.push(r.body.worker_id.clone());
+            wss.push(ws.as_uuid());
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    let renewed: HashSet<(Uuid, i64, String)> = if seen.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, i64, Option<String>)>(RENEW_SQL)
+            .bind(&ids)
+            .bind(&gens)
+            .bind(&owners)
+            .bind(&wss)
+            .bind(ttl_ms as f64)
+            .bind(&seen)
             .fetch_all(&conns.db)
             .await
             .map_err(db_error)?
             .into_iter()
-            .collect();
-    let known = |r: &Incoming<HeartbeatRequest>| {
-        ws_orgs.get(&r.body.workstation_id.as_uuid()) == Some(&r.principal.org_id.as_uuid())
+            .filter_map(|(id, g, o)| Some((id, g, o?)))
+            .collect()
     };
 
-    // 1. Extend every reported lease in Redis (the multiplexed connection pipelines these).
-    let redis = conns.redis();
-    let mut checks = Vec::new();
-    for (i, r) in batch.iter().enumerate() {
-        if !known(r) {
+    // 2. Why each refused lease was refused (rare: read only those).
+    let is_renewed = |r: &Incoming<HeartbeatRequest>, step: StepId, generation: i64| {
+        renewed.contains(&(step.as_uuid(), generation, r.body.worker_id.clone()))
+    };
+    let refused: Vec<Uuid> = batch
+        .iter()
+        .zip(&stations)
+        .filter(|(_, ws)| ws.is_ok())
+        .flat_map(|(r, _)| {
+            r.body
+                .leases
+                .iter()
+                .filter(|l| !is_renewed(r, l.step_id, l.lease_generation))
+                .map(|l| l.step_id.as_uuid())
+        })
+        .collect();
+    let current: HashMap<Uuid, Current> = if refused.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, Current>(
+            "SELECT id, org_id, workstation_id, status, lease_generation, lease_owner,
+                    COALESCE(lease_expires_at <= now(), true) AS expired
+             FROM steps WHERE id = ANY($1)",
+        )
+        .bind(&refused)
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect()
+    };
+
+    // 3. The Redis mirror follows Postgres: renewed keys are (re)written, a refused
+    // lease's key is deleted if it still names that owner and generation.
+    let mut mirror: Vec<(StepId, &str, i64)> = Vec::new();
+    let mut forget: Vec<(StepId, &str, i64)> = Vec::new();
+    for (r, ws) in batch.iter().zip(&stations) {
+        if ws.is_err() {
             continue;
         }
         for l in &r.body.leases {
-            checks.push((i, l.step_id, l.lease_generation, r.body.worker_id.clone()));
-        }
-    }
-    let outcomes = futures::future::join_all(checks.iter().map(|(_, step, generation, owner)| {
-        let mut c = redis.clone();
-        let key = lease_key(prefix, *step);
-        async move {
-            HEARTBEAT
-                .key(key)
-                .arg(owner)
-                .arg(*generation)
-                .arg(ttl_ms)
-                .invoke_async::<i64>(&mut c)
-                .await
-        }
-    }))
-    .await;
-
-    // 2. Keys that vanished: ask Postgres whether this worker still holds the step at this generation.
-    let missing: Vec<usize> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| matches!(o, Ok(-1)))
-        .map(|(k, _)| k)
-        .collect();
-    let mut held_in_pg: HashSet<(Uuid, i64, String)> = HashSet::new();
-    if !missing.is_empty() {
-        let ids: Vec<Uuid> = missing.iter().map(|k| checks[*k].1.as_uuid()).collect();
-        let rows: Vec<(Uuid, i64, Option<String>)> = sqlx::query_as(
-            "SELECT id, lease_generation, lease_owner FROM steps WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'executing'",
-        )
-        .bind(&ids)
-        .fetch_all(&conns.db)
-        .await
-        .map_err(db_error)?;
-        held_in_pg = rows.into_iter().filter_map(|(id, g, o)| Some((id, g, o?))).collect();
-    }
-    let mut renewed = vec![false; checks.len()];
-    let mut errors: Vec<Option<WireError>> = vec![None; checks.len()];
-    for (k, outcome) in outcomes.into_iter().enumerate() {
-        let (_, step, generation, owner) = &checks[k];
-        match outcome {
-            Ok(1) => renewed[k] = true,
-            Ok(-1) if held_in_pg.contains(&(step.as_uuid(), *generation, owner.clone())) => {
-                let mut c = redis.clone();
-                let set = CLAIM
-                    .key(lease_key(prefix, *step))
-                    .arg(owner)
-                    .arg(*generation)
-                    .arg(ttl_ms)
-                    .invoke_async::<i64>(&mut c)
-                    .await;
-                match set {
-                    Ok(1) => renewed[k] = true,
-                    Ok(_) => {
-                        errors[k] = Some(WireError::stale_lease(format!(
-                            "step {step}: lease is held at a newer generation"
-                        )))
-                    }
-                    Err(e) => errors[k] = Some(WireError::unavailable(format!("lease store unavailable: {e}"))),
-                }
+            let entry = (l.step_id, r.body.worker_id.as_str(), l.lease_generation);
+            if is_renewed(r, l.step_id, l.lease_generation) {
+                mirror.push(entry);
+            } else {
+                forget.push(entry);
             }
-            Ok(_) => {
-                errors[k] = Some(WireError::stale_lease(format!(
-                    "step {step}: this worker no longer holds the lease at generation {generation}"
-                )))
-            }
-            Err(e) => errors[k] = Some(WireError::unavailable(format!("lease store unavailable: {e}"))),
         }
     }
-
-    // 3. Record renewals and liveness for operators (one transaction).
-    let (mut r_ids, mut r_gens) = (vec![], vec![]);
-    for (k, (_, step, generation, _)) in checks.iter().enumerate() {
-        if renewed[k] {
-            r_ids.push(step.as_uuid());
-            r_gens.push(*generation);
-        }
-    }
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
-    if !r_ids.is_empty() {
-        sqlx::query(
-            "UPDATE steps s SET last_heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
-             FROM unnest($1::uuid[], $2::int8[]) AS r(id, gen)
-             WHERE s.id = r.id AND s.lease_generation = r.gen AND s.status IS NOT DISTINCT FROM 'executing'",
-        )
-        .bind(&r_ids)
-        .bind(&r_gens)
-        .bind(ttl_ms as f64)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-    }
-    let seen: Vec<Uuid> = batch
-        .iter()
-        .filter(|r| known(r))
-        .map(|r| r.body.workstation_id.as_uuid())
-        .collect();
-    sqlx::query("UPDATE workstations SET last_seen_at = now() WHERE id = ANY($1)")
-        .bind(&seen)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
-
+    keys::apply(conns, KeyOp::Mirror, &mirror).await;
+    keys::apply(conns, KeyOp::Release, &forget).await;
     // 4. Offers: queued steps of each workstation, up to the worker's free capacity.
     let (mut o_ws, mut o_cap) = (vec![], vec![]);
-    for r in batch.iter().filter(|r| known(r) && r.body.capacity > 0) {
-        o_ws.push(r.body.workstation_id.as_uuid());
-        o_cap.push(r.body.capacity.min(MAX_OFFERS) as i64);
-    }
-    let mut offers: HashMap<Uuid, Vec<Assignment>> = HashMap::new();
-    if !o_ws.is_empty() {
-        let rows: Vec<(Uuid, Uuid, Uuid, i64, Json<Mode>, i64)> = sqlx::query_as(
-            "SELECT r.ws, s.id, s.task_id, s.lease_generation, t.payload, t.timeout_secs
-             FROM (SELECT DISTINCT ON (ws) ws, cap FROM unnest($1::uuid[], $2::int8[]) AS u(ws, cap) ORDER BY ws, cap DESC) AS r
-             CROSS JOIN LATERAL (
-                 SELECT id, task_id, lease_generation FROM steps
-                 WHERE workstation_id = r.ws AND status = 'queued' ORDER BY id LIMIT r.cap
-             ) AS s
-             JOIN tasks t ON t.id = s.task_id",
-        )
-        .bind(&o_ws)
-        .bind(&o_cap)
-        .fetch_all(&conns.db)
-        .await
-        .map_err(db_error)?;
-        for (ws, step, task, generation, mode, timeout) in rows {
-            offers.entry(ws).or_default().push(Assignment {
-                step_id: StepId::from(step),
-                task_id: task.into(),
-                lease_generation: generation,
-                mode: mode.0,
-                timeout_secs: timeout as u64,
-            });
+    for (r, ws) in batch.iter().zip(&stations) {
+        if let Ok(ws) = ws
+            && r.body.capacity > 0
+        {
+            o_ws.push(ws.as_uuid());
+            o_cap.push(r.body.capacity.min(MAX_OFFERS) as i64);
         }
     }
+    let offers = offers(conns, &o_ws, &o_cap).await?;
 
-    let renew_by = Utc::now() + chrono::Duration::milliseconds(ttl_ms as i64);
-    let mut replies: Vec<Result<HeartbeatReply, WireError>> = batch
+    let replies: Vec<Result<HeartbeatReply, WireError>> = batch
         .iter()
-        .map(|r| {
-            if known(r) {
-                let mut offers = offers
-                    .get(&r.body.workstation_id.as_uuid())
-                    .cloned()
-                    .unwrap_or_default();
-                offers.truncate(r.body.capacity as usize);
-                Ok(HeartbeatReply {
-                    leases: Vec::new(),
-                    offers,
+        .zip(stations)
+        .map(|(r, ws)| {
+            let ws = ws?;
+            let mut offers = offers.get(&ws.as_uuid()).cloned().unwrap_or_default();
+            offers.truncate(r.body.capacity as usize);
+            let leases = r
+                .body
+                .leases
+                .iter()
+                .map(|l| {
+                    if is_renewed(r, l.step_id, l.lease_generation) {
+                        return LeaseRenewal {
+                            step_id: l.step_id,
+                            renewed: true,
+                            renew_within_ms: Some(ttl_ms),
+                            error: None,
+                        };
+                    }
+                    let write = LeaseWrite {
+                        generation: l.lease_generation,
+                        worker_id: &r.body.worker_id,
+                    };
+                    LeaseRenewal {
+                        step_id: l.step_id,
+                        renewed: false,
+                        renew_within_ms: None,
+                        error: Some(refusal(
+                            &r.principal,
+                            l.step_id,
+                            current.get(&l.step_id.as_uuid()),
+                            &write,
+                        )),
+                    }
                 })
-            } else {
-                Err(WireError::not_found(format!(
-                    "no workstation {} in this organisation",
-                    r.body.workstation_id
-                )))
-            }
+                .collect();
+            Ok(HeartbeatReply { leases, offers })
         })
         .collect();
-    for (k, (i, step, _, _)) in checks.into_iter().enumerate() {
-        if let Ok(reply) = &mut replies[i] {
-            reply.leases.push(LeaseRenewal {
-                step_id: step,
-                renewed: renewed[k],
-                renew_by: renewed[k].then_some(renew_by),
-                error: errors[k].take(),
-            });
-        }
-    }
+    let stale = replies
+        .iter()
+        .flatten()
+        .flat_map(|r| &r.leases)
+        .filter(|l| matches!(&l.error, Some(e) if e.code == ErrorCode::StaleLease))
+        .count();
+    conns.metrics.stale_lease("heartbeat", stale as u64);
     Ok(replies)
+}
+
+/// Why Postgres did not renew a lease: not found, another workstation's, lost, or expired.
+fn refusal(
+    principal: &tanjiren_shared::protocol::Principal,
+    step: StepId,
+    current: Option<&Current>,
+    write: &LeaseWrite<'_>,
+) -> WireError {
+    let Some(c) = current else {
+        return WireError::not_found(format!("no step {step}"));
+    };
+    let stored = StoredLease {
+        step_id: step,
+        org_id: OrgId::from(c.org_id),
+        workstation_id: WorkstationId::from(c.workstation_id),
+        status: c.status.parse().unwrap_or(StepStatus::Failed),
+        generation: c.lease_generation,
+        owner: c.lease_owner.as_deref(),
+    };
+    match check_write(principal, &stored, write) {
+        Err(e) => e,
+        // Still held at this generation, but past its expiry on Postgres' clock: the
+        // reconciler will take it back; renewing it now could race that.
+        Ok(()) if c.expired => WireError::stale_lease(format!(
+            "step {step}: the lease at generation {} expired before this heartbeat arrived",
+            write.generation
+        )),
+        // Renewed meanwhile by a concurrent heartbeat of the same worker, or a
+        // duplicate entry: not lost.
+        Ok(()) => WireError::unavailable(format!("step {step}: the renewal raced another; retry")),
+    }
+}
+
+/// Queued steps of each workstation (at most `cap` each), oldest first.
+async fn offers(conns: &Connections, ws: &[Uuid], cap: &[i64]) -> Result<HashMap<Uuid, Vec<Assignment>>, WireError> {
+    let mut offers: HashMap<Uuid, Vec<Assignment>> = HashMap::new();
+    if ws.is_empty() {
+        return Ok(offers);
+    }
+    let rows: Vec<(Uuid, Uuid, Uuid, i64, Json<Mode>, i64)> = sqlx::query_as(
+        "SELECT r.ws, s.id, s.task_id, s.lease_generation, t.payload, t.timeout_secs
+         FROM (SELECT DISTINCT ON (ws) ws, cap FROM unnest($1::uuid[], $2::int8[]) AS u(ws, cap) ORDER BY ws, cap DESC) AS r
+         CROSS JOIN LATERAL (
+             SELECT id, task_id, lease_generation FROM steps
+             WHERE workstation_id = r.ws AND status = 'queued' ORDER BY id LIMIT r.cap
+         ) AS s
+         JOIN tasks t ON t.id = s.task_id",
+    )
+    .bind(ws)
+    .bind(cap)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    for (ws, step, task, generation, mode, timeout) in rows {
+        offers.entry(ws).or_default().push(Assignment {
+            step_id: StepId::from(step),
+            task_id: task.into(),
+            lease_generation: generation,
+            mode: mode.0,
+            timeout_secs: timeout as u64,
+        });
+    }
+    Ok(offers)
 }

@@ -23,12 +23,14 @@ pub const QUEUE_GROUP: &str = "lease";
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let s = &conns.subjects;
     let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
-    router.route(s.lease_claim(), Access::Workers, claim::handle).await?;
     router
-        .route(s.lease_heartbeat(), Access::Workers, heartbeat::handle)
+        .route(s.lease_claim(), Access::Workstation, claim::handle)
         .await?;
     router
-        .route(s.lease_release(), Access::Workers, release::handle)
+        .route(s.lease_heartbeat(), Access::Workstation, heartbeat::handle)
+        .await?;
+    router
+        .route(s.lease_release(), Access::Workstation, release::handle)
         .await?;
     let mut handle = router.into_handle();
     handle.push(reconciler::spawn(conns, shutdown));

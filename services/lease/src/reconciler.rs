@@ -1,18 +1,18 @@
 //! The reconciler: the safety net that takes back leases whose worker vanished.
 //!
-//! A step is stale when its lease has expired in Postgres (`lease_expires_at`,
-//! moved forward by every renewal) **and** its Redis key is gone or names another
-//! holder. Requiring both means a Redis flush or fail-over alone never takes a
-//! live worker's step (its next heartbeat re-creates the key), while a worker that
-//! stopped renewing is caught within TTL + one sweep. Claims younger than the
-//! grace period are skipped, so a claim still in flight is never mistaken for a
-//! stale one. A stale step is released by compare-and-swap on its generation
-//! (+1, so the zombie can never write again) and fails with `lease_expired` (or
-//! becomes `cancelled` if a cancel was pending); its task is then settled by the
-//! lifecycle. With several replicas sweeping at once, the compare-and-swap makes
-//! each stale step released exactly once.
+//! A step is stale when its lease has expired on Postgres' clock
+//! (`lease_expires_at`, moved forward only by renewals Postgres itself granted).
+//! Postgres alone decides: the Redis mirror is neither consulted nor able to keep a
+//! lease alive. Heartbeats renew only leases that have not expired on that same
+//! clock, so of a renewal and a take-back racing for one lease exactly one wins.
+//! Claims younger than the grace period are skipped as an extra margin. A stale
+//! step is released by compare-and-swap on its generation (+1, so the zombie can
+//! never write again) and fails with `lease_expired` (or becomes `cancelled` if a
+//! cancel was pending); its task is then settled by the lifecycle, and the Redis
+//! key of the old generation is deleted. With several replicas sweeping at once,
+//! the compare-and-swap makes each stale step released exactly once.
 
-use crate::keys::{RELEASE, lease_key, lease_value};
+use crate::keys::{self, KeyOp};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -38,7 +38,6 @@ pub struct SweepReport {
 struct Expired {
     id: Uuid,
     task_id: Uuid,
-    lease_owner: Option<String>,
     lease_generation: i64,
     lease_expires_at: DateTime<Utc>,
 }
@@ -54,15 +53,16 @@ impl Reconciler {
         Self { conns: conns.clone() }
     }
 
-    /// Finds and releases every stale lease as of `now`.
+    /// Finds and releases every lease expired as of `now`, an instant on Postgres'
+    /// clock (production passes `tanjiren_runtime::db::now`; tests may pass a later one).
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<SweepReport, WireError> {
         let grace_cutoff = now - chrono::Duration::milliseconds(self.conns.config.claim_grace_ms as i64);
         let mut report = SweepReport::default();
-        // Keyset pages over (lease_expires_at, id): leases still alive in Redis stay behind.
+        // Keyset pages over (lease_expires_at, id): released rows leave the executing set.
         let mut after: Option<(DateTime<Utc>, Uuid)> = None;
         loop {
             let expired: Vec<Expired> = sqlx::query_as(
-                "SELECT id, task_id, lease_owner, lease_generation, lease_expires_at FROM steps
+                "SELECT id, task_id, lease_generation, lease_expires_at FROM steps
                  WHERE status = 'executing' AND lease_expires_at < $1 AND claimed_at < $2
                    AND ($4::timestamptz IS NULL OR (lease_expires_at, id) > ($4, $5))
                  ORDER BY lease_expires_at, id LIMIT $3",
@@ -78,8 +78,7 @@ impl Reconciler {
             let n = expired.len();
             report.examined += n;
             after = expired.last().map(|e| (e.lease_expires_at, e.id));
-            let stale = self.still_absent_in_redis(expired).await?;
-            report.released += self.release_stale(now, &stale).await?;
+            report.released += self.release_stale(now, &expired).await?;
             if n < SWEEP_BATCH as usize {
                 break;
             }
@@ -94,35 +93,6 @@ impl Reconciler {
             );
         }
         Ok(report)
-    }
-
-    /// Keeps the steps whose Redis key is gone or holds another lease.
-    async fn still_absent_in_redis(&self, expired: Vec<Expired>) -> Result<Vec<Expired>, WireError> {
-        if expired.is_empty() {
-            return Ok(expired);
-        }
-        let redis = self.conns.redis();
-        let prefix = &self.conns.config.redis_key_prefix;
-        let values = futures::future::join_all(expired.iter().map(|e| {
-            let mut c = redis.clone();
-            let key = lease_key(prefix, StepId::from(e.id));
-            async move { redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut c).await }
-        }))
-        .await;
-        let mut stale = Vec::with_capacity(expired.len());
-        for (e, v) in expired.into_iter().zip(values) {
-            let ours = lease_value(e.lease_owner.as_deref().unwrap_or_default(), e.lease_generation);
-            match v {
-                Ok(Some(v)) if v == ours => {} // renewed in Redis; Postgres will catch up
-                Ok(_) => stale.push(e),
-                // Redis unreachable: Postgres alone says the lease expired; fence through it.
-                Err(err) => {
-                    tracing::warn!(error = %err, "lease store unavailable; reconciling from Postgres alone");
-                    stale.push(e)
-                }
-            }
-        }
-        Ok(stale)
     }
 
     /// Releases the stale steps (generation +1), fails or cancels them, settles their tasks.
@@ -160,24 +130,14 @@ impl Reconciler {
         let decided = settle_finished(&mut tx, &tasks, &finished, &self.conns.config.default_retry_policy()).await?;
         tx.commit().await.map_err(db_error)?;
 
-        // Remove keys a late heartbeat may have re-created for the old generation.
-        let redis = self.conns.redis();
-        let prefix = &self.conns.config.redis_key_prefix;
+        // The mirror of every generation taken back goes too.
         let mine: BTreeSet<Uuid> = released.iter().map(|(s, _)| *s).collect();
-        let _ = futures::future::join_all(stale.iter().filter(|e| mine.contains(&e.id)).map(|e| {
-            let mut c = redis.clone();
-            let key = lease_key(prefix, StepId::from(e.id));
-            let owner = e.lease_owner.clone().unwrap_or_default();
-            async move {
-                RELEASE
-                    .key(key)
-                    .arg(owner)
-                    .arg(e.lease_generation)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            }
-        }))
-        .await;
+        let forget: Vec<(StepId, &str, i64)> = stale
+            .iter()
+            .filter(|e| mine.contains(&e.id))
+            .map(|e| (StepId::from(e.id), "", e.lease_generation))
+            .collect();
+        keys::apply(&self.conns, KeyOp::Forget, &forget).await;
         for (step, task) in &released {
             tracing::warn!(%step, %task, "lease expired: step released and failed");
         }
@@ -186,7 +146,8 @@ impl Reconciler {
     }
 }
 
-/// Sweeps every `reconcile_interval_ms` until shutdown.
+/// Sweeps every `reconcile_interval_ms` until shutdown, on Postgres' clock (the one
+/// that stamped every lease's expiry).
 pub fn spawn(conns: &Connections, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
     let reconciler = Reconciler::new(conns);
     let interval = Duration::from_millis(conns.config.reconcile_interval_ms.max(1));
@@ -198,7 +159,11 @@ pub fn spawn(conns: &Connections, shutdown: Shutdown) -> tokio::task::JoinHandle
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = reconciler.sweep(Utc::now()).await {
+            let swept = match tanjiren_runtime::db::now(&reconciler.conns.db).await {
+                Ok(now) => reconciler.sweep(now).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = swept {
                 tracing::warn!(error = %e, "reconciler sweep failed");
             }
         }

@@ -1,7 +1,7 @@
-//! Authentication: `Authorization: Bearer <token>` → the token's organisation and
-//! role. Tokens are looked up by SHA-256 hash; results are cached briefly so a
-//! burst of requests costs one query, and a revoked token stops working within
-//! the cache lifetime.
+//! Authentication: `Authorization: Bearer <token>` → the token's organisation,
+//! role and, for a workstation credential, its workstation. Tokens are looked up
+//! by SHA-256 hash; results are cached briefly so a burst of requests costs one
+//! query, and a revoked token stops working within the cache lifetime.
 
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -43,19 +43,21 @@ impl Authenticator {
         {
             return p.clone().ok_or_else(bad_token);
         }
-        let row: Option<(uuid::Uuid, uuid::Uuid, String, String)> = sqlx::query_as(
-            "SELECT id, org_id, name, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+        type Row = (uuid::Uuid, uuid::Uuid, String, String, Option<uuid::Uuid>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, org_id, name, role, workstation_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
         .fetch_optional(&self.db)
         .await
         .map_err(crate::db_error)?;
-        let principal = row.and_then(|(token_id, org_id, name, role)| {
+        let principal = row.and_then(|(token_id, org_id, name, role, workstation)| {
             Some(Principal {
                 org_id: org_id.into(),
                 token_id,
                 token_name: name,
                 role: role.parse::<Role>().ok()?,
+                workstation_id: workstation.map(Into::into),
             })
         });
         let mut cache = self.cache.write().expect("auth cache");

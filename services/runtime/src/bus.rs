@@ -27,24 +27,51 @@ use tanjiren_shared::{ErrorCode, WireError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-/// Which roles may call a subject.
+/// Who may call a subject (documented per subject in `docs/protocol.md` §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     /// Operators and integrations: member, admin, owner.
     Operators,
-    /// Workstation agents: worker, admin, owner.
-    Workers,
+    /// Enrolling a workstation: a `worker`-role organisation token (an enrolment
+    /// token), an admin's or owner's token, or the workstation's own credential.
+    Enrol,
+    /// Workstation agents: only a workstation credential (role `worker`, bound to one
+    /// workstation); handlers then check every step against that workstation.
+    Workstation,
     /// Those who may decide approvals and publish doctrine: admin, owner.
     Approvers,
 }
 
 impl Access {
-    fn allows(&self, role: Role) -> bool {
+    fn allows(&self, principal: &Principal) -> bool {
+        let role = principal.role;
         match self {
             Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
-            Access::Workers => matches!(role, Role::Worker | Role::Admin | Role::Owner),
+            Access::Enrol => matches!(role, Role::Worker | Role::Admin | Role::Owner),
+            Access::Workstation => role == Role::Worker && principal.workstation_id.is_some(),
             Access::Approvers => matches!(role, Role::Admin | Role::Owner),
         }
+    }
+
+    /// Why a principal was refused.
+    fn refusal(&self, principal: &Principal) -> WireError {
+        let message = match self {
+            Access::Workstation if principal.role == Role::Worker => {
+                "this subject needs a workstation credential: an enrolment token may only call \
+                 workstations.register, whose reply carries the credential"
+                    .to_string()
+            }
+            Access::Workstation => format!(
+                "a {} token may not use this subject: workers use their workstation's credential \
+                 (enrol with workstations.register)",
+                principal.role
+            ),
+            _ if principal.workstation_id.is_some() => {
+                "a workstation credential may only use the lease, ingest and workstations.register subjects".to_string()
+            }
+            _ => format!("a {} token may not use this subject", principal.role),
+        };
+        WireError::new(ErrorCode::Forbidden, message)
     }
 }
 
@@ -254,11 +281,8 @@ async fn admit<Req: DeserializeOwned>(
     encoding: Encoding,
 ) -> Result<Incoming<Req>, WireError> {
     let principal = auth.authenticate(header(msg, AUTHORIZATION)).await?;
-    if !access.allows(principal.role) {
-        return Err(WireError::new(
-            ErrorCode::Forbidden,
-            format!("a {} token may not use this subject", principal.role),
-        ));
+    if !access.allows(&principal) {
+        return Err(access.refusal(&principal));
     }
     let body = encoding.decode::<Req>(&msg.payload)?;
     Ok(Incoming { principal, body })

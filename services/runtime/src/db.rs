@@ -72,6 +72,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StartupE
     }
 }
 
+/// The current instant on Postgres' clock. Every deadline Tanjiren stores is
+/// stamped with Postgres' `now()`, so every periodic check of a deadline (stale
+/// leases, queue timeouts, approval deadlines, retries, schedules) compares against
+/// this same clock: a service whose own clock is off changes nothing.
+pub async fn now(pool: &PgPool) -> Result<chrono::DateTime<chrono::Utc>, tanjiren_shared::WireError> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .map_err(crate::db_error)
+}
+
 fn is_missing_database(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000"))
 }

@@ -32,6 +32,20 @@ impl Metrics {
         self.update(name, help, "gauge", labels, |v| *v = value);
     }
 
+    /// Counts worker requests refused because the lease was no longer the caller's
+    /// (`stale_lease`): `kind` is `claim`, `heartbeat`, `release`, `logs`, `progress`
+    /// or `artifacts`. The one place this metric is named.
+    pub fn stale_lease(&self, kind: &str, by: u64) {
+        if by > 0 {
+            self.inc(
+                "tanjiren_stale_lease_rejections_total",
+                "Worker requests refused with stale_lease (the lease was no longer theirs), by kind.",
+                &[("kind", kind)],
+                by,
+            );
+        }
+    }
+
     /// Current value (tests and the benchmark read it).
     pub fn get(&self, name: &'static str, labels: &[(&str, &str)]) -> f64 {
         let reg = self.inner.lock().expect("metrics lock");

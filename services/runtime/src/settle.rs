@@ -15,7 +15,6 @@
 use crate::db_error;
 use crate::events::publish_task_event;
 use crate::startup::Connections;
-use chrono::Utc;
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
@@ -128,14 +127,15 @@ pub async fn settle_finished(
         decided.insert(task_id, (t.next.status, t.next.approval, reason));
     }
     if !upd_ids.is_empty() {
-        let now = Utc::now();
-        let retry_at = retry_instants(tx, consider_retry, default_policy, now).await?;
-        let upd_retry: Vec<Option<chrono::DateTime<Utc>>> =
-            upd_ids.iter().map(|id| retry_at.get(id).copied()).collect();
+        let delays = retry_delays(tx, consider_retry, default_policy).await?;
+        let upd_delay: Vec<Option<i64>> = upd_ids.iter().map(|id| delays.get(id).copied()).collect();
+        // Postgres' clock stamps the end and the retry instant, the clock the scheduler
+        // compares `retry_at` with.
         let changed: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = $5, retry_at = u.retry_at
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $6::timestamptz[])
-                  AS u(id, expected, next, reason, retry_at)
+            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = now(),
+                    retry_at = now() + make_interval(secs => u.delay_ms::float8 / 1000)
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[])
+                  AS u(id, expected, next, reason, delay_ms)
              WHERE t.id = u.id AND t.status = u.expected
              RETURNING t.id",
         )
@@ -143,8 +143,7 @@ pub async fn settle_finished(
         .bind(&upd_from)
         .bind(&upd_to)
         .bind(&upd_reason)
-        .bind(now)
-        .bind(&upd_retry)
+        .bind(&upd_delay)
         .fetch_all(&mut **tx)
         .await
         .map_err(db_error)?;
@@ -154,13 +153,12 @@ pub async fn settle_finished(
 }
 
 /// Applies each failing task's retry policy: when another attempt is allowed, the
-/// instant it may be created (now + backoff with the task's jitter).
-async fn retry_instants(
+/// delay (backoff with the task's jitter, in milliseconds) after which it may be created.
+async fn retry_delays(
     tx: &mut Tx<'_>,
     failing: HashMap<Uuid, Vec<StepFailure>>,
     default_policy: &RetryPolicy,
-    now: chrono::DateTime<Utc>,
-) -> Result<HashMap<Uuid, chrono::DateTime<Utc>>, WireError> {
+) -> Result<HashMap<Uuid, i64>, WireError> {
     if failing.is_empty() {
         return Ok(HashMap::new());
     }
@@ -178,8 +176,7 @@ async fn retry_instants(
         match decide(&policy, attempt.max(1) as u32, failures, jitter_for(TaskId::from(id))) {
             RetryDecision::Retry { next_attempt, delay } => {
                 tracing::debug!(task = %id, next_attempt, ?delay, "failed task will be retried");
-                let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                out.insert(id, now.checked_add_signed(delay).unwrap_or(now));
+                out.insert(id, i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
             }
             RetryDecision::GiveUp(why) => tracing::debug!(task = %id, %why, "failed task is not retried"),
         }

@@ -55,6 +55,7 @@ pub(crate) fn principal_of(org: Uuid, token_id: Uuid, token_name: &str) -> Princ
         token_id,
         token_name: token_name.to_string(),
         role: Role::Member,
+        workstation_id: None,
     }
 }
 
@@ -265,7 +266,12 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = scheduler.tick(Utc::now()).await {
+            // Every deadline the tick checks was stamped on Postgres' clock.
+            let ticked = match tanjiren_runtime::db::now(&scheduler.conns.db).await {
+                Ok(now) => scheduler.tick(now).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ticked {
                 tracing::warn!(error = %e, "scheduler tick failed");
             }
         }

@@ -87,11 +87,9 @@ pub(crate) async fn create_handler(
     conns: Connections,
     batch: Vec<Incoming<CreateScheduleRequest>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
-    each(
-        &conns,
-        batch,
-        |c, p, r| async move { create(&c, &p, &r, Utc::now()).await },
-    )
+    each(&conns, batch, |c, p, r| async move {
+        create(&c, &p, &r, tanjiren_runtime::db::now(&c.db).await?).await
+    })
     .await
 }
 
@@ -107,7 +105,7 @@ pub(crate) async fn get_handler(
     batch: Vec<Incoming<GetScheduleRequest>>,
 ) -> Vec<Result<ScheduleDetail, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        get(&c, p.org_id, &r, Utc::now()).await
+        get(&c, p.org_id, &r, tanjiren_runtime::db::now(&c.db).await?).await
     })
     .await
 }
@@ -117,7 +115,14 @@ pub(crate) async fn pause_handler(
     batch: Vec<Incoming<ScheduleRef>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        set_enabled(&c, p.org_id, &r.schedule, false, Utc::now()).await
+        set_enabled(
+            &c,
+            p.org_id,
+            &r.schedule,
+            false,
+            tanjiren_runtime::db::now(&c.db).await?,
+        )
+        .await
     })
     .await
 }
@@ -127,7 +132,7 @@ pub(crate) async fn resume_handler(
     batch: Vec<Incoming<ScheduleRef>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        set_enabled(&c, p.org_id, &r.schedule, true, Utc::now()).await
+        set_enabled(&c, p.org_id, &r.schedule, true, tanjiren_runtime::db::now(&c.db).await?).await
     })
     .await
 }

@@ -164,6 +164,10 @@ impl Cleanup {
             .env("TANJIREN_HTTP_ADDR", "")
             .env("TANJIREN_TOKEN", &env.worker_token)
             .env("TANJIREN_WORKSTATION_NAME", name)
+            .env(
+                "TANJIREN_WORKER_CREDENTIAL_FILE",
+                env.credential_dir().join(name).display().to_string(),
+            )
             .env("TANJIREN_HEARTBEAT_INTERVAL_MS", c.heartbeat_interval_ms.to_string())
             .env("TANJIREN_LEASE_TTL_MS", c.lease_ttl_ms.to_string())
             .env("TANJIREN_KILL_GRACE_MS", c.kill_grace_ms.to_string())

@@ -38,7 +38,7 @@ pub(crate) async fn run(agent: Arc<Agent>) {
 pub(crate) async fn beat(agent: &Arc<Agent>) {
     let request = HeartbeatRequest {
         worker_id: agent.id.worker_id.clone(),
-        workstation_id: agent.id.workstation_id,
+        workstation_id: Some(agent.id.workstation_id),
         leases: agent.held_leases(),
         capacity: agent.capacity(),
     };
@@ -83,7 +83,7 @@ fn apply_renewal(agent: &Agent, renewal: LeaseRenewal, sent: &HashMap<StepId, i6
         return;
     }
     if renewal.renewed {
-        step.renewed(renewal.renew_by, sent_at);
+        step.renewed(renewal.renew_within_ms, sent_at);
     } else if step.is_releasing() {
         tracing::debug!(step_id = %step.step_id, "lease not renewed while releasing");
     } else if let Some(e) = renewal.error.as_ref().filter(|e| e.code.is_retryable()) {

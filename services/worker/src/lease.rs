@@ -3,8 +3,12 @@
 //! step — `cancel` (stop the work, still report) and `fenced` (stop the work and
 //! never write for this step again). The watchdog fences a step whose deadline
 //! passes without renewal: a worker that may have lost its lease stops itself.
+//!
+//! Deadlines are measured on this process's monotonic clock from the instant a
+//! request was *sent*, plus the duration the server granted (`renew_within_ms`):
+//! the server's lease began after that instant, so the worker always stops before
+//! the server could take the lease back, whatever either wall clock says.
 
-use chrono::{DateTime, Utc};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,13 +42,7 @@ impl HeldStep {
             cancel: CancellationToken::new(),
             fenced: CancellationToken::new(),
             releasing: AtomicBool::new(false),
-            deadline: Mutex::new(local_deadline(
-                Some(granted.renew_by),
-                sent_at,
-                ttl,
-                Utc::now(),
-                Instant::now(),
-            )),
+            deadline: Mutex::new(local_deadline(sent_at, Some(granted.renew_within_ms), ttl)),
         }
     }
 
@@ -97,9 +95,9 @@ impl HeldStep {
         self.releasing.load(Ordering::Relaxed)
     }
 
-    /// A heartbeat sent at `sent_at` renewed the lease until `renew_by`.
-    pub fn renewed(&self, renew_by: Option<DateTime<Utc>>, sent_at: Instant) {
-        let new = local_deadline(renew_by, sent_at, self.ttl, Utc::now(), Instant::now());
+    /// A heartbeat sent at `sent_at` renewed the lease for `renew_within_ms`.
+    pub fn renewed(&self, renew_within_ms: Option<u64>, sent_at: Instant) {
+        let new = local_deadline(sent_at, renew_within_ms, self.ttl);
         let mut deadline = self.deadline.lock().expect("lease deadline lock");
         *deadline = (*deadline).max(new);
     }
@@ -125,55 +123,37 @@ impl HeldStep {
     }
 }
 
-/// The monotonic instant by which a lease must be renewed: the server's `renew_by`
-/// mapped onto our clock, but never later than `sent_at + ttl` — the lease started
-/// after the request left, so that bound holds whatever the clock skew.
-pub(crate) fn local_deadline(
-    renew_by: Option<DateTime<Utc>>,
-    sent_at: Instant,
-    ttl: Duration,
-    now_utc: DateTime<Utc>,
-    now: Instant,
-) -> Instant {
-    let by_ttl = sent_at + ttl;
-    match renew_by {
-        Some(renew_by) => {
-            let remaining = (renew_by - now_utc).to_std().unwrap_or(Duration::ZERO);
-            (now + remaining).min(by_ttl)
-        }
-        None => by_ttl,
-    }
+/// The monotonic instant by which a lease must be renewed: `sent_at` plus the
+/// granted duration, never more than the TTL (a server asking for more is capped).
+pub(crate) fn local_deadline(sent_at: Instant, renew_within_ms: Option<u64>, ttl: Duration) -> Instant {
+    let granted = renew_within_ms.map(Duration::from_millis).unwrap_or(ttl).min(ttl);
+    sent_at + granted
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn granted(ttl_ms: u64, renew_in_ms: i64) -> ClaimGranted {
+    fn granted(ttl_ms: u64, renew_within_ms: u64) -> ClaimGranted {
         ClaimGranted {
             step_id: StepId::new(),
             task_id: TaskId::new(),
             lease_generation: 7,
             ttl_ms,
-            renew_by: Utc::now() + chrono::Duration::milliseconds(renew_in_ms),
+            renew_within_ms,
             heartbeat_interval_ms: ttl_ms / 3,
         }
     }
 
     #[test]
-    fn deadline_follows_renew_by_but_never_exceeds_the_ttl() {
-        let now = Instant::now();
-        let now_utc = Utc::now();
+    fn deadline_is_the_granted_duration_from_sending_capped_by_the_ttl() {
+        let sent = Instant::now();
         let ttl = Duration::from_secs(90);
-        let d = local_deadline(Some(now_utc + chrono::Duration::seconds(60)), now, ttl, now_utc, now);
-        assert_eq!(d, now + Duration::from_secs(60));
-        // A server clock far ahead cannot stretch the lease past the ttl.
-        let d = local_deadline(Some(now_utc + chrono::Duration::hours(2)), now, ttl, now_utc, now);
-        assert_eq!(d, now + ttl);
-        // Already past: due now.
-        let d = local_deadline(Some(now_utc - chrono::Duration::seconds(5)), now, ttl, now_utc, now);
-        assert_eq!(d, now);
-        assert_eq!(local_deadline(None, now, ttl, now_utc, now), now + ttl);
+        assert_eq!(local_deadline(sent, Some(60_000), ttl), sent + Duration::from_secs(60));
+        // A server asking for more than the ttl cannot stretch the lease.
+        assert_eq!(local_deadline(sent, Some(7_200_000), ttl), sent + ttl);
+        assert_eq!(local_deadline(sent, Some(0), ttl), sent);
+        assert_eq!(local_deadline(sent, None, ttl), sent + ttl);
     }
 
     #[tokio::test]
@@ -192,7 +172,7 @@ mod tests {
     #[tokio::test]
     async fn renewal_moves_the_deadline_and_cancel_does_not_fence() {
         let step = HeldStep::new(&granted(60_000, 200), Instant::now());
-        step.renewed(Some(Utc::now() + chrono::Duration::seconds(30)), Instant::now());
+        step.renewed(Some(30_000), Instant::now());
         let done = CancellationToken::new();
         let quiet = tokio::time::timeout(Duration::from_millis(400), step.watchdog(&done)).await;
         assert!(quiet.is_err(), "renewed lease must not be fenced");

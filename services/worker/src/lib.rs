@@ -7,6 +7,7 @@
 
 mod agent;
 mod bus;
+mod credentials;
 mod executor;
 mod heartbeat;
 mod lease;
@@ -30,7 +31,7 @@ use tanjiren_shared::config::Config;
 use tanjiren_shared::model::validate_workstation_name;
 use tanjiren_shared::protocol::{RegisterWorkstationReply, RegisterWorkstationRequest};
 use tanjiren_shared::subjects::Subjects;
-use tanjiren_shared::{OrgId, WireError, WorkstationId};
+use tanjiren_shared::{ErrorCode, OrgId, WireError, WorkstationId};
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +98,7 @@ pub async fn start(
         )))
     })?;
     let nats = tanjiren_runtime::startup::connect_nats(config, "tanjiren-worker").await?;
-    let bus = Bus::new(nats.clone(), config.subjects(), config.token.trim());
-    let registered = register(&bus, &name, &shutdown)
+    let (bus, registered) = enrol(&nats, config, &name, &shutdown)
         .await
         .map_err(WorkerStartError::Register)?;
     let id = Identity {
@@ -151,6 +151,45 @@ async fn subscribe_to_work(
         .await
         .map_err(|e| nats_error(&e))?;
     Ok((dispatch, control))
+}
+
+/// Registers this workstation and returns the bus authenticated with its credential.
+///
+/// A credential saved by an earlier start is tried first (re-registering with it);
+/// when there is none, or it was revoked or belongs to another installation, the
+/// configured token enrols the workstation and the credential in the reply is saved
+/// (mode 0600) for the next start. A configured token that already is this
+/// workstation's credential is used as it is.
+async fn enrol(
+    nats: &async_nats::Client,
+    config: &Config,
+    name: &str,
+    shutdown: &Shutdown,
+) -> Result<(Bus, RegisterWorkstationReply), WireError> {
+    let subjects = config.subjects();
+    let path = config.credential_path(name);
+    if let Some(saved) = credentials::read(&path) {
+        let bus = Bus::new(nats.clone(), subjects.clone(), &saved);
+        match register(&bus, name, shutdown).await {
+            Ok(reply) => return Ok((bus, reply)),
+            Err(e) if matches!(e.code, ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
+                tracing::warn!(path = %path.display(), error = %e, "the saved workstation credential was refused; enrolling again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let bus = Bus::new(nats.clone(), subjects.clone(), config.token.trim());
+    let reply = register(&bus, name, shutdown).await?;
+    let Some(credential) = reply.credential.clone() else {
+        // The configured token is this workstation's credential already.
+        return Ok((bus, reply));
+    };
+    match credentials::write(&path, &credential) {
+        Ok(()) => tracing::info!(path = %path.display(), "workstation enrolled; credential saved"),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e,
+            "workstation enrolled, but its credential could not be saved: the next start enrols again"),
+    }
+    Ok((Bus::new(nats.clone(), subjects, &credential), reply))
 }
 
 async fn register(bus: &Bus, name: &str, shutdown: &Shutdown) -> Result<RegisterWorkstationReply, WireError> {

@@ -41,7 +41,11 @@ async fn run_and_report(agent: &Agent, assignment: &Assignment, step: &HeldStep)
         return;
     }
     tracing::info!(status = %result.status, exit_code = ?result.exit_code, message = ?result.message, "step ended; reporting");
-    let writer = StepWriter { bus: &agent.bus, step };
+    let writer = StepWriter {
+        bus: &agent.bus,
+        worker_id: &agent.id.worker_id,
+        step,
+    };
     if !writer.report(result, tails).await {
         // Releasing without a stored result would queue the step to run again; let the
         // lease expire instead, so the reconciler fails it and the retry policy decides.
@@ -49,7 +53,7 @@ async fn run_and_report(agent: &Agent, assignment: &Assignment, step: &HeldStep)
         return;
     }
     step.begin_release();
-    writer.release(&agent.id.worker_id).await;
+    writer.release().await;
 }
 
 /// Runs the executor and the log shipper side by side; returns once every line was shipped.
@@ -62,7 +66,11 @@ async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (St
         result
     };
     let shipper = LogShipper::new(
-        StepWriter { bus: &agent.bus, step },
+        StepWriter {
+            bus: &agent.bus,
+            worker_id: &agent.id.worker_id,
+            step,
+        },
         agent.settings.batch,
         agent.settings.progress_every,
     );
@@ -72,6 +80,8 @@ async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (St
 /// Writes on behalf of one step, under its lease generation.
 pub(crate) struct StepWriter<'a> {
     bus: &'a Bus,
+    /// The lease owner every write names (checked with the generation).
+    worker_id: &'a str,
     step: &'a HeldStep,
 }
 
@@ -81,6 +91,7 @@ impl StepWriter<'_> {
         let batch = LogBatch {
             step_id: self.step.step_id,
             lease_generation: self.step.generation,
+            worker_id: self.worker_id.to_string(),
             lines,
         };
         let subject = self.bus.subjects.ingest_logs();
@@ -92,6 +103,7 @@ impl StepWriter<'_> {
         let report = ProgressReport {
             step_id: self.step.step_id,
             lease_generation: self.step.generation,
+            worker_id: self.worker_id.to_string(),
             stdout_tail: Some(tails.stdout.as_str().to_string()),
             stderr_tail: Some(tails.stderr.as_str().to_string()),
             result: None,
@@ -105,6 +117,7 @@ impl StepWriter<'_> {
         let report = ProgressReport {
             step_id: self.step.step_id,
             lease_generation: self.step.generation,
+            worker_id: self.worker_id.to_string(),
             stdout_tail: Some(tails.stdout.into_string()),
             stderr_tail: Some(tails.stderr.into_string()),
             result: Some(result),
@@ -119,11 +132,13 @@ impl StepWriter<'_> {
         stored.is_some()
     }
 
-    pub async fn release(&self, worker_id: &str) {
+    /// After a stored result: the result already ended the lease in Postgres; this
+    /// removes its Redis mirror (and is answered as done).
+    pub async fn release(&self) {
         let request = ReleaseRequest {
             step_id: self.step.step_id,
             lease_generation: self.step.generation,
-            worker_id: worker_id.to_string(),
+            worker_id: self.worker_id.to_string(),
         };
         let subject = self.bus.subjects.lease_release();
         if let Some(reply) = self

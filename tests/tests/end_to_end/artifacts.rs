@@ -201,10 +201,11 @@ async fn workers_add_artifacts_under_their_lease_only() {
     }
     let step = step.unwrap();
     let s = &env.conns.subjects;
+    let cred = env.step_credential(step).await;
     let _: ClaimGranted = env
         .call(
             &s.lease_claim(),
-            &env.worker_token,
+            &cred,
             &ClaimRequest {
                 step_id: step,
                 lease_generation: 0,
@@ -216,6 +217,7 @@ async fn workers_add_artifacts_under_their_lease_only() {
     let req = |generation| WorkerArtifactRequest {
         step_id: step,
         lease_generation: generation,
+        worker_id: "w".into(),
         kind: ArtifactKind::Evidence,
         content: ArtifactContent {
             title: "uname".into(),
@@ -223,12 +225,9 @@ async fn workers_add_artifacts_under_their_lease_only() {
             url: None,
         },
     };
-    let ok: AddArtifactReply = env
-        .call(&s.ingest_artifacts(), &env.worker_token, &req(1))
-        .await
-        .unwrap();
+    let ok: AddArtifactReply = env.call(&s.ingest_artifacts(), &cred, &req(1)).await.unwrap();
     let e = env
-        .call::<_, AddArtifactReply>(&s.ingest_artifacts(), &env.worker_token, &req(0))
+        .call::<_, AddArtifactReply>(&s.ingest_artifacts(), &cred, &req(0))
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::StaleLease);

@@ -34,7 +34,7 @@ fn line(seq: i64, text: &str) -> LogLine {
 async fn of_many_concurrent_claims_exactly_one_wins() {
     let env = TestEnv::new().await;
     let services = env.start_all().await;
-    env.workstation("ws-race").await;
+    let (_, cred) = env.enrolled("ws-race").await;
     let (task, step) = queued_step(&env, "ws-race").await;
     let s = &env.conns.subjects;
     let env_ref = &env;
@@ -44,11 +44,8 @@ async fn of_many_concurrent_claims_exactly_one_wins() {
             lease_generation: 0,
             worker_id: format!("racer-{i}"),
         };
-        async move {
-            env_ref
-                .call::<_, ClaimGranted>(&s.lease_claim(), &env_ref.worker_token, &req)
-                .await
-        }
+        let cred = &cred;
+        async move { env_ref.call::<_, ClaimGranted>(&s.lease_claim(), cred, &req).await }
     });
     let results = futures::future::join_all(claims).await;
     let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -67,10 +64,10 @@ async fn of_many_concurrent_claims_exactly_one_wins() {
 async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
     let env = TestEnv::new().await;
     let services = env.start_all().await;
-    env.workstation("ws-fence").await;
+    let (_, cred) = env.enrolled("ws-fence").await;
     let (task, step) = queued_step(&env, "ws-fence").await;
     let s = &env.conns.subjects;
-    let tok = &env.worker_token;
+    let tok = &cred;
 
     let grant: ClaimGranted = env
         .call(
@@ -85,7 +82,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
         .await
         .unwrap();
     assert_eq!(grant.lease_generation, 1);
-    assert!(grant.renew_by > Utc::now());
+    assert_eq!(grant.renew_within_ms, grant.ttl_ms, "a duration, never an instant");
 
     // A write under the current generation is stored.
     let ok: LogBatchReply = env
@@ -95,6 +92,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             &LogBatch {
                 step_id: step,
                 lease_generation: 1,
+                worker_id: "w1".into(),
                 lines: vec![line(1, "from the owner")],
             },
         )
@@ -109,6 +107,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             &LogBatch {
                 step_id: step,
                 lease_generation: 0,
+                worker_id: "w1".into(),
                 lines: vec![line(2, "zombie")],
             },
         )
@@ -141,6 +140,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             &LogBatch {
                 step_id: step,
                 lease_generation: 1,
+                worker_id: "w1".into(),
                 lines: vec![line(3, "late")],
             },
         )
@@ -150,6 +150,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
     let report = ProgressReport {
         step_id: step,
         lease_generation: 1,
+        worker_id: "w1".into(),
         stdout_tail: Some("zombie tail".into()),
         stderr_tail: None,
         result: Some(StepResult {
@@ -220,7 +221,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
     let counted: f64 = services
         .iter()
         .map(|r| {
-            ["logs", "progress", "release"]
+            ["logs", "progress", "release", "claim"]
                 .iter()
                 .map(|k| {
                     r.conns
@@ -230,10 +231,39 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
                 .sum::<f64>()
         })
         .sum();
-    assert_eq!(counted, 4.0);
+    assert_eq!(counted, 5.0, "two log batches, a report, a release and a claim");
 
-    // Someone else's token cannot touch the step at all.
-    let (_, other) = env.other_org().await;
+    // An owner's token may not write for a worker at all…
+    let e = env
+        .call::<_, LogBatchReply>(
+            &s.ingest_logs(),
+            &env.owner_token,
+            &LogBatch {
+                step_id: step,
+                lease_generation: 3,
+                worker_id: "w2".into(),
+                lines: vec![line(9, "x")],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    // …and another organisation's workstation cannot even see the step.
+    let (other_org, _) = env.other_org().await;
+    let other_ws = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO workstations (id, org_id, name) VALUES ($1, $2, 'ws-fence')")
+        .bind(other_ws)
+        .bind(other_org.as_uuid())
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    let other = env.credential(other_ws).await;
+    sqlx::query("UPDATE api_tokens SET org_id = $1 WHERE workstation_id = $2")
+        .bind(other_org.as_uuid())
+        .bind(other_ws)
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
     let e = env
         .call::<_, LogBatchReply>(
             &s.ingest_logs(),
@@ -241,6 +271,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             &LogBatch {
                 step_id: step,
                 lease_generation: 3,
+                worker_id: "w1".into(),
                 lines: vec![line(9, "x")],
             },
         )

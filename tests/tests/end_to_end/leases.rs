@@ -54,7 +54,8 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
     })
     .await;
     let services = env.start_all().await;
-    env.workstation("ws-gone").await;
+    let (_, cred) = env.enrolled("ws-gone").await;
+    let cred = &cred;
     let s = &env.conns.subjects;
     let env_ref = &env;
     let tasks: Vec<TaskId> = futures::future::join_all(
@@ -71,11 +72,7 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
             lease_generation: 0,
             worker_id: format!("vanished-{i}"),
         };
-        async move {
-            env_ref
-                .call::<_, ClaimGranted>(&s.lease_claim(), &env_ref.worker_token, &claim)
-                .await
-        }
+        async move { env_ref.call::<_, ClaimGranted>(&s.lease_claim(), cred, &claim).await }
     }))
     .await;
     assert!(grants.iter().all(|g| g.as_ref().unwrap().lease_generation == 1));

@@ -39,7 +39,7 @@ async fn claimed_step(env: &TestEnv, ws: &str) -> (TaskId, StepId) {
 async fn claim(env: &TestEnv, step: StepId) -> ClaimGranted {
     env.call(
         &env.conns.subjects.lease_claim(),
-        &env.worker_token,
+        &env.step_credential(step).await,
         &ClaimRequest {
             step_id: step,
             lease_generation: 0,
@@ -67,10 +67,11 @@ async fn send(
 ) -> Result<LogBatchReply, tanjiren_shared::WireError> {
     env.call(
         &env.conns.subjects.ingest_logs(),
-        &env.worker_token,
+        &env.step_credential(step).await,
         &LogBatch {
             step_id: step,
             lease_generation: generation,
+            worker_id: "test-worker".into(),
             lines,
         },
     )

@@ -313,7 +313,11 @@ async fn a_step_whose_lease_expired_is_retried_as_a_new_linked_attempt() {
         worker_id: "gone".into(),
     };
     let _: tanjiren_shared::protocol::ClaimGranted = env
-        .call(&env.conns.subjects.lease_claim(), &env.worker_token, &claim)
+        .call(
+            &env.conns.subjects.lease_claim(),
+            &env.step_credential(step).await,
+            &claim,
+        )
         .await
         .unwrap();
     tokio::time::sleep(StdDuration::from_millis(2_000)).await;
