@@ -759,3 +759,6 @@ async fn the_cli_shows_a_step_whose_lease_expired_unreconciled_as_stale() {
     drop(procs);
     env.finish(services).await;
 }
+
+#[path = "processes/clocks.rs"]
+mod clocks;
