@@ -162,15 +162,26 @@ mod tests {
     fn generation_owner_and_status_must_all_match() {
         let (org, ws) = (OrgId::new(), WorkstationId::new());
         let p = principal(org, Some(ws));
-        let cases: [(&str, Box<dyn Fn(&mut StoredLease<'static>)>); 4] = [
-            ("generation", Box::new(|l| l.generation = 4)),
-            ("owner", Box::new(|l| l.owner = Some("a-2"))),
-            ("no owner", Box::new(|l| l.owner = None)),
-            ("status", Box::new(|l| l.status = StepStatus::Succeeded)),
+        let base = lease(org, ws);
+        let cases = [
+            ("generation", StoredLease { generation: 4, ..base }),
+            (
+                "owner",
+                StoredLease {
+                    owner: Some("a-2"),
+                    ..base
+                },
+            ),
+            ("no owner", StoredLease { owner: None, ..base }),
+            (
+                "status",
+                StoredLease {
+                    status: StepStatus::Succeeded,
+                    ..base
+                },
+            ),
         ];
-        for (what, change) in cases {
-            let mut l = lease(org, ws);
-            change(&mut l);
+        for (what, l) in cases {
             let e = check_write(&p, &l, &W).unwrap_err();
             assert_eq!(e.code, ErrorCode::StaleLease, "{what}");
         }

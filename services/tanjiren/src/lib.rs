@@ -12,6 +12,7 @@ mod launcher;
 mod schedules;
 mod task_args;
 mod tasks;
+mod workstations;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -67,6 +68,11 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::TokenCommand,
     },
+    /// List workstations and revoke their credentials (talks to Postgres directly).
+    Workstation {
+        #[command(subcommand)]
+        command: workstations::WorkstationCommand,
+    },
     /// Attach and read durable findings (notes, links, evidence, summaries).
     Artifact {
         #[command(subcommand)]
@@ -97,6 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task { .. }
             | Command::Org { .. }
             | Command::Token { .. }
+            | Command::Workstation { .. }
             | Command::Migrate
             | Command::Approval { command: Some(_) }
             | Command::Doctrine { .. }
@@ -120,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bootstrap { worker_token_file } => admin::bootstrap_command(&config, worker_token_file).await,
         Command::Org { command } => admin::org(&config, command).await,
         Command::Token { command } => admin::token(&config, command).await,
+        Command::Workstation { command } => workstations::run(&config, command).await,
         Command::Task { command } => tasks::run(&config, command).await,
         Command::Artifact { command } => artifacts::run(&config, command).await,
         Command::Doctrine { command } => approvals::doctrine(&config, command).await,

@@ -152,16 +152,13 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
         tokio::time::sleep(Duration::from_millis(40 + 12 * round as u64)).await;
         let delay = Duration::from_micros(300 * (round as u64 % 4));
         let subject = s.lease_heartbeat();
-        let (reply, swept) = tokio::join!(
-            env.call::<_, HeartbeatReply>(&subject, &cred, &beat),
-            async {
-                tokio::time::sleep(delay).await;
-                reconciler
-                    .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
-                    .await
-                    .unwrap()
-            }
-        );
+        let (reply, swept) = tokio::join!(env.call::<_, HeartbeatReply>(&subject, &cred, &beat), async {
+            tokio::time::sleep(delay).await;
+            reconciler
+                .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+                .await
+                .unwrap()
+        });
         let reply = reply.unwrap();
         // Whatever the first sweep left expired, a later one takes.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -188,7 +185,11 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
                     "round {round}: renewed for the TTL: {row:?}"
                 );
                 assert_eq!(l.renew_within_ms, Some(6_000));
-                assert_eq!(key.as_deref(), Some(format!("{owner}:1").as_str()), "the mirror follows");
+                assert_eq!(
+                    key.as_deref(),
+                    Some(format!("{owner}:1").as_str()),
+                    "the mirror follows"
+                );
             } else {
                 let e = l.error.as_ref().expect("a refusal says why");
                 assert_eq!(e.code, ErrorCode::StaleLease, "round {round}: {e:?}");
@@ -209,7 +210,11 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
         assert!(swept.released <= taken);
         renewed_total += renewed;
         taken_total += taken;
-        assert_eq!(taken + renewed, LEASES, "round {round}: every lease is either renewed or taken back");
+        assert_eq!(
+            taken + renewed,
+            LEASES,
+            "round {round}: every lease is either renewed or taken back"
+        );
         // Clear the round: the renewed ones end by their release.
         for l in reply.leases.iter().filter(|l| l.renewed) {
             let _: ReleaseReply = env
@@ -277,7 +282,11 @@ async fn a_key_planted_in_redis_neither_renews_nor_keeps_a_lease_alive() {
         .await
         .unwrap();
     assert_eq!(swept.released, 2, "a Redis key keeps nothing alive");
-    assert_eq!(redis_value(&env, alive).await, None, "the sweep removes the old generation's key");
+    assert_eq!(
+        redis_value(&env, alive).await,
+        None,
+        "the sweep removes the old generation's key"
+    );
 
     // 2. After the take-back, a key planted again for the old lease renews nothing.
     let _: () = plant(gone).query_async(&mut redis).await.unwrap();
@@ -295,7 +304,11 @@ async fn a_key_planted_in_redis_neither_renews_nor_keeps_a_lease_alive() {
         let l = &reply.leases[0];
         assert!(!l.renewed, "{l:?}");
         assert_eq!(l.error.as_ref().unwrap().code, ErrorCode::StaleLease);
-        assert_eq!(redis_value(&env, gone).await, None, "the planted key is deleted, not extended");
+        assert_eq!(
+            redis_value(&env, gone).await,
+            None,
+            "the planted key is deleted, not extended"
+        );
     }
     let after = rows(&env, &[gone]).await;
     let row = &after[&gone.as_uuid()];
@@ -329,10 +342,10 @@ async fn a_finished_step_holds_no_lease_even_when_its_release_is_lost() {
     let worker = env.worker("ws-lost-release").await;
     let spec = command("sleep 1.5; echo done", &["ws-lost-release"]);
     let tasks: Vec<_> = futures::future::join_all((0..5).map(|_| env.create(&spec)))
-    .await
-    .into_iter()
-    .map(|r| r.unwrap().task_id)
-    .collect();
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().task_id)
+        .collect();
     for t in &tasks {
         let deadline = Instant::now() + Duration::from_secs(20);
         while env.get(*t).await.unwrap().status != TaskStatus::Executing {

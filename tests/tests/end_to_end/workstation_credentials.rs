@@ -15,7 +15,11 @@ use tanjiren_shared::protocol::*;
 use tanjiren_shared::secret::hash_secret;
 use tanjiren_tests::{Svc, TestEnv, command};
 
-async fn register(env: &TestEnv, token: &str, name: &str) -> Result<RegisterWorkstationReply, tanjiren_shared::WireError> {
+async fn register(
+    env: &TestEnv,
+    token: &str,
+    name: &str,
+) -> Result<RegisterWorkstationReply, tanjiren_shared::WireError> {
     env.call(
         &env.conns.subjects.workstations_register(),
         token,
@@ -64,7 +68,10 @@ async fn a_credential_of_another_workstation_can_neither_claim_nor_write() {
     // Re-registering with the credential itself issues nothing new; another name is refused.
     let again = register(&env, &cred_a, "ws-a").await.unwrap();
     assert_eq!((again.workstation_id, again.credential), (a.workstation_id, None));
-    assert_eq!(register(&env, &cred_a, "ws-b").await.unwrap_err().code, ErrorCode::Forbidden);
+    assert_eq!(
+        register(&env, &cred_a, "ws-b").await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
 
     let (task, step) = queued_step(&env, "ws-a").await;
     let claim = |generation, who: &str| ClaimRequest {
@@ -221,8 +228,15 @@ async fn a_revoked_credential_stops_working_and_the_worker_enrols_again() {
     let saved = std::fs::read_to_string(&path).unwrap().trim().to_string();
     assert!(saved.starts_with("tjr_"));
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    let t = env.create(&command("echo bound", &["ws-revoke"])).await.unwrap().task_id;
-    assert_eq!(env.wait_terminal(t, Duration::from_secs(20)).await.status, TaskStatus::Completed);
+    let t = env
+        .create(&command("echo bound", &["ws-revoke"]))
+        .await
+        .unwrap()
+        .task_id;
+    assert_eq!(
+        env.wait_terminal(t, Duration::from_secs(20)).await.status,
+        TaskStatus::Completed
+    );
     w.stop().await;
     // A restart reuses the saved credential: no second one is issued.
     let issued = || async {
@@ -267,8 +281,15 @@ async fn a_revoked_credential_stops_working_and_the_worker_enrols_again() {
     assert_eq!(issued().await, 2);
     let fresh = std::fs::read_to_string(&path).unwrap().trim().to_string();
     assert_ne!(fresh, saved);
-    let t = env.create(&command("echo again", &["ws-revoke"])).await.unwrap().task_id;
-    assert_eq!(env.wait_terminal(t, Duration::from_secs(20)).await.status, TaskStatus::Completed);
+    let t = env
+        .create(&command("echo again", &["ws-revoke"]))
+        .await
+        .unwrap()
+        .task_id;
+    assert_eq!(
+        env.wait_terminal(t, Duration::from_secs(20)).await.status,
+        TaskStatus::Completed
+    );
     w.stop().await;
     env.finish(services).await;
 }

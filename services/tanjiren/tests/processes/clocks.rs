@@ -19,7 +19,14 @@ fn faketime() -> &'static str {
 impl Cleanup {
     /// Starts `tanjiren <args…>` configured from `env`, its wall clock shifted by
     /// `offset` (libfaketime syntax, e.g. `+300s`, `-1h`); monotonic time is left alone.
-    fn spawn_shifted(&mut self, env: &TestEnv, args: &[&str], name: &str, offset: &str, extra: &[(&str, String)]) -> u32 {
+    fn spawn_shifted(
+        &mut self,
+        env: &TestEnv,
+        args: &[&str],
+        name: &str,
+        offset: &str,
+        extra: &[(&str, String)],
+    ) -> u32 {
         let log = std::env::temp_dir().join(format!("tanjiren-clock-{name}-{}.log", uuid::Uuid::new_v4().simple()));
         let out = File::create(&log).expect("create the process log");
         let mut cmd = Command::new(faketime());
@@ -101,7 +108,10 @@ async fn a_worker_whose_clock_runs_minutes_ahead_keeps_its_lease() {
         .await
         .unwrap()
         .task_id;
-    let t = wait_task(&env, task, "finished", Duration::from_secs(40), |t| t.status.is_terminal()).await;
+    let t = wait_task(&env, task, "finished", Duration::from_secs(40), |t| {
+        t.status.is_terminal()
+    })
+    .await;
     assert_eq!(t.status, TaskStatus::Completed, "{t:#?}");
     assert_eq!(only_step(&t).stdout_tail.trim(), "finished");
     let log = std::fs::read_to_string(procs.logs.last().unwrap()).unwrap();
@@ -126,7 +136,10 @@ async fn a_scheduler_whose_clock_is_an_hour_behind_times_queued_steps_out_on_tim
     spec.queue_timeout_secs = Some(2);
     let task = env.create(&spec).await.unwrap().task_id;
     let created = Instant::now();
-    let t = wait_task(&env, task, "queue timeout", Duration::from_secs(15), |t| t.status.is_terminal()).await;
+    let t = wait_task(&env, task, "queue timeout", Duration::from_secs(15), |t| {
+        t.status.is_terminal()
+    })
+    .await;
     assert_eq!(t.failure_reason.as_deref(), Some("queue_timeout"), "{t:#?}");
     assert!(created.elapsed() >= Duration::from_secs(2), "not before its deadline");
     drop(procs);
@@ -156,7 +169,10 @@ async fn a_lease_service_whose_clock_is_an_hour_ahead_takes_back_nothing_alive()
         .await
         .unwrap()
         .task_id;
-    let t = wait_task(&env, task, "finished", Duration::from_secs(30), |t| t.status.is_terminal()).await;
+    let t = wait_task(&env, task, "finished", Duration::from_secs(30), |t| {
+        t.status.is_terminal()
+    })
+    .await;
     assert_eq!(t.status, TaskStatus::Completed, "{t:#?}");
     assert_eq!(only_step(&t).lease_generation, 2, "claimed and ended once: {t:#?}");
     worker.stop().await;
