@@ -170,6 +170,7 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
         let after = rows(&env, &steps).await;
         assert_eq!(reply.leases.len(), LEASES);
         let mut renewed = 0;
+        let mut mirror_misses = 0;
         for l in &reply.leases {
             let row = &after[&l.step_id.as_uuid()];
             let key = redis_value(&env, l.step_id).await;
@@ -185,11 +186,11 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
                     "round {round}: renewed for the TTL: {row:?}"
                 );
                 assert_eq!(l.renew_within_ms, Some(6_000));
-                assert_eq!(
-                    key.as_deref(),
-                    Some(format!("{owner}:1").as_str()),
-                    "the mirror follows"
-                );
+                // The mirror follows Postgres; a write it missed is a counted error.
+                match key {
+                    Some(v) => assert_eq!(v, format!("{owner}:1"), "round {round}: the mirror follows"),
+                    None => mirror_misses += 1,
+                }
             } else {
                 let e = l.error.as_ref().expect("a refusal says why");
                 assert_eq!(e.code, ErrorCode::StaleLease, "round {round}: {e:?}");
@@ -203,9 +204,17 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
                     ("failed", 2, None, Some("lease_expired")),
                     "round {round}: a refused lease is taken back: {row:?}"
                 );
-                assert_eq!(key, None, "round {round}: no key survives a take-back");
+                if key.is_some() {
+                    mirror_misses += 1;
+                }
             }
         }
+        // A failed mirror write leaves a key behind or misses one; each is counted.
+        let mirror_errors = services[2].conns.metrics.get("tanjiren_lease_mirror_errors_total", &[]);
+        assert!(
+            mirror_misses as f64 <= mirror_errors,
+            "round {round}: {mirror_misses} mirror keys out of step, only {mirror_errors} mirror errors counted"
+        );
         let taken = after.values().filter(|r| r.status == "failed").count();
         assert!(swept.released <= taken);
         renewed_total += renewed;
