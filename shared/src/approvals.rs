@@ -626,6 +626,18 @@ mod tests {
     }
 
     #[test]
+    fn digest_is_the_sha256_of_the_canonical_json_documented_in_the_protocol() {
+        // docs/protocol.md §12 "Approval tokens" gives this exact form.
+        let ws: WorkstationId = "01936f2d-1c44-7a90-8e12-3d4f5a6b7c8d".parse().unwrap();
+        let m = Mode::Command {
+            command: "systemctl restart nginx".into(),
+        };
+        let canonical = r#"{"v":1,"intent":"restart nginx","mode":{"mode":"command","command":"systemctl restart nginx"},"targets":["01936f2d-1c44-7a90-8e12-3d4f5a6b7c8d"]}"#;
+        let expected = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
+        assert_eq!(payload_digest("restart nginx", &m, &[ws]), expected);
+    }
+
+    #[test]
     fn digest_covers_intent_payload_and_targets() {
         let ws = [WorkstationId::new(), WorkstationId::new()];
         let m = Mode::Command { command: "ls".into() };

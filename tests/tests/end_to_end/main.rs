@@ -5,6 +5,7 @@
 mod approvals;
 mod artifacts;
 mod bad_input;
+mod docs_in_step;
 mod fencing;
 mod idempotency;
 mod lease_authority;
