@@ -271,7 +271,13 @@ mod tests {
     fn the_organisation_default_never_retries() {
         let default = crate::config::Config::default().default_retry_policy();
         assert_eq!(default.max_attempts, 1);
-        for failure in [exit(1), StepFailure { reason: Some("timeout".into()), exit_code: None }] {
+        for failure in [
+            exit(1),
+            StepFailure {
+                reason: Some("timeout".into()),
+                exit_code: None,
+            },
+        ] {
             assert_eq!(
                 decide(&default, 1, &[failure], 0.0),
                 RetryDecision::GiveUp(NoRetry::Exhausted {
@@ -286,7 +292,10 @@ mod tests {
             ..crate::config::Config::default()
         }
         .default_retry_policy();
-        assert!(matches!(decide(&opted_in, 1, &[exit(1)], 0.0), RetryDecision::Retry { next_attempt: 2, .. }));
+        assert!(matches!(
+            decide(&opted_in, 1, &[exit(1)], 0.0),
+            RetryDecision::Retry { next_attempt: 2, .. }
+        ));
     }
 
     #[test]

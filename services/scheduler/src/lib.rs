@@ -304,15 +304,18 @@ mod tests {
         let second = Duration::from_secs(1);
         let base = 1_800_000_000_000; // a whole second
         // Whenever a replica asks, it wakes at the next whole second + POLL_DELAY.
-        for (now, wait) in [(base, 20), (base + 5, 15), (base + 20, 1000), (base + 21, 999), (base + 999, 21)] {
+        for (now, wait) in [
+            (base, 20),
+            (base + 5, 15),
+            (base + 20, 1000),
+            (base + 21, 999),
+            (base + 999, 21),
+        ] {
             assert_eq!(next_poll_in(at(now), second), Duration::from_millis(wait), "{now}");
         }
         // Two replicas started at different moments meet at the same instants.
         let (a, b) = (at(base + 137), at(base + 912));
-        assert_eq!(
-            a + next_poll_in(a, second),
-            b + next_poll_in(b, second),
-        );
+        assert_eq!(a + next_poll_in(a, second), b + next_poll_in(b, second));
         let fast = Duration::from_millis(200);
         assert_eq!(next_poll_in(at(base + 150), fast), Duration::from_millis(70));
         // Never zero: a replica that just polled waits for the next slot.

@@ -202,17 +202,22 @@ async fn two_running_scheduler_replicas_share_each_burst_of_due_schedules_and_fi
         );
     }
     assert_eq!(tasks_per_schedule(&env).await.values().sum::<i64>(), rows.len() as i64);
-    let keys: i64 = sqlx::query_scalar("SELECT count(DISTINCT idempotency_key) FROM tasks WHERE schedule_id IS NOT NULL")
-        .fetch_one(&env.conns.db)
-        .await
-        .unwrap();
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT idempotency_key) FROM tasks WHERE schedule_id IS NOT NULL")
+            .fetch_one(&env.conns.db)
+            .await
+            .unwrap();
     assert_eq!(keys, rows.len() as i64);
 
     // Both replicas fired a real share of the ticks, not the first to wake all of them.
     assert_eq!(fired_by.iter().sum::<f64>(), rows.len() as f64, "{fired_by:?}");
     eprintln!("{} ticks fired by two replicas: {fired_by:?}", rows.len());
     let fair = rows.len() as f64 * 0.15;
-    assert!(fired_by.iter().all(|n| *n >= fair), "fired per replica {fired_by:?} of {}", rows.len());
+    assert!(
+        fired_by.iter().all(|n| *n >= fair),
+        "fired per replica {fired_by:?} of {}",
+        rows.len()
+    );
     env.finish(Vec::new()).await;
 }
 
