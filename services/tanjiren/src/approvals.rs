@@ -160,7 +160,13 @@ pub async fn approval(config: &Config, cmd: ApprovalCommand) -> anyhow::Result<E
                     })
                     .collect();
                 table(
-                    &["TASK", "CLASS", "REQUESTED BY", "DEADLINE", "INTENT / PAYLOAD / RULES"],
+                    &[
+                        "TASK",
+                        "CLASS",
+                        "REQUESTED BY",
+                        "DEADLINE (UTC)",
+                        "INTENT / PAYLOAD / RULES",
+                    ],
                     rows,
                 )?;
             }

@@ -121,7 +121,7 @@ pub async fn run(config: &Config, cmd: ArtifactCommand) -> anyhow::Result<ExitCo
                         ]
                     })
                     .collect();
-                table(&["ARTIFACT", "KIND", "CREATED", "BY", "TITLE"], rows)?;
+                table(&["ARTIFACT", "KIND", "CREATED (UTC)", "BY", "TITLE"], rows)?;
             }
         }
         ArtifactCommand::Get { id, json } => {

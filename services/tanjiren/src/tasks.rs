@@ -157,7 +157,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                         ]
                     })
                     .collect();
-                table(&["TASK", "STATUS", "MODE", "ATTEMPT", "CREATED", "INTENT"], rows)?;
+                table(&["TASK", "STATUS", "MODE", "ATTEMPT", "CREATED (UTC)", "INTENT"], rows)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -391,22 +391,30 @@ async fn every_command_piped_into_a_closed_reader_stops_quietly() {
     env.finish(services).await;
 }
 
-/// Display columns where each of `header`'s column names starts in the header line.
+/// Display columns where each of `header`'s column names starts in the header
+/// line (the first in order, each after the one before).
 fn column_starts(header_line: &str, names: &[&str]) -> Vec<usize> {
+    let mut from = 0;
     names
         .iter()
         .map(|n| {
-            let byte = header_line.find(n).unwrap_or_else(|| panic!("no {n} in {header_line}"));
+            let byte = from
+                + header_line[from..]
+                    .find(n)
+                    .unwrap_or_else(|| panic!("no {n} in {header_line}"));
+            from = byte + n.len();
             unicode_width::UnicodeWidthStr::width(&header_line[..byte])
         })
         .collect()
 }
 
-/// Every row's cells start exactly where their column's header starts.
+/// Every row's cells start exactly where their column's header starts; the
+/// continuation lines of a multi-line cell start at a column too.
 fn assert_aligned(listing: &str, names: &[&str]) {
     let lines: Vec<&str> = listing.lines().collect();
     assert!(lines.len() >= 2, "{listing}");
     let starts = column_starts(lines[0], names);
+    assert_eq!(starts[0], 0, "{listing}");
     for line in &lines[1..] {
         let chars: Vec<char> = line.chars().collect();
         let mut col = 0;
@@ -414,6 +422,11 @@ fn assert_aligned(listing: &str, names: &[&str]) {
         for c in &chars {
             at.push(col);
             col += unicode_width::UnicodeWidthChar::width(*c).unwrap_or(0);
+        }
+        if chars.first() == Some(&' ') {
+            let text = chars.iter().position(|c| *c != ' ').unwrap();
+            assert!(starts.contains(&at[text]), "{line:?} starts off a column:\n{listing}");
+            continue;
         }
         for (i, s) in starts.iter().enumerate().skip(1) {
             let k = at
@@ -467,7 +480,10 @@ async fn list_columns_line_up_whatever_the_status_mode_and_intent() {
     for status in ["completed", "failed", "queued", "cancelled"] {
         assert!(listing.contains(status), "{status}:\n{listing}");
     }
-    assert_aligned(&listing, &["TASK", "STATUS", "MODE", "ATTEMPT", "CREATED", "INTENT"]);
+    assert_aligned(
+        &listing,
+        &["TASK", "STATUS", "MODE", "ATTEMPT", "CREATED (UTC)", "INTENT"],
+    );
     assert_eq!(listing.lines().count(), 6, "{listing}");
 
     // The other lists are tables too.
@@ -511,7 +527,61 @@ async fn list_columns_line_up_whatever_the_status_mode_and_intent() {
     }
     let artifacts = stdout(&run(&env, &["artifact", "list", "--task", &id]).await);
     assert!(artifacts.contains("note") && artifacts.contains("link"), "{artifacts}");
-    assert_aligned(&artifacts, &["ARTIFACT", "KIND", "CREATED", "BY", "TITLE"]);
+    assert_aligned(&artifacts, &["ARTIFACT", "KIND", "CREATED (UTC)", "BY", "TITLE"]);
+
+    // Approvals: tasks held by doctrine, then decided.
+    let dir = Scratch::new("cols");
+    let doctrine = dir.path().join("doctrine.json");
+    std::fs::write(
+        &doctrine,
+        r#"{"rules": [
+            {"name": "installs", "class": "sensitive_write", "match": {"text": "\\binstall\\b"}},
+            {"name": "drops", "class": "production_mutation", "match": {"text": "(?i)drop\\s+table"}}
+        ]}"#,
+    )
+    .unwrap();
+    let published = run(&env, &["doctrine", "publish", doctrine.to_str().unwrap()]).await;
+    assert!(published.status.success(), "{}", both(&published));
+    let mut held = Vec::new();
+    for cmd in ["apt install cowsay", "psql -c 'DROP TABLE old_logs'"] {
+        let out = run(&env, &["task", "create", "--command", cmd, "-t", "cols-offline"]).await;
+        assert!(out.status.success(), "{}", both(&out));
+        held.push(stdout(&out).trim().to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pending = loop {
+        let p = stdout(&run(&env, &["approval", "pending"]).await);
+        if held.iter().all(|id| p.contains(id)) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "never pending: {p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        pending.contains("production_mutation") && pending.contains("sensitive_write"),
+        "{pending}"
+    );
+    assert!(pending.contains("command: apt install cowsay"), "{pending}");
+    assert_aligned(
+        &pending,
+        &[
+            "TASK",
+            "CLASS",
+            "REQUESTED BY",
+            "DEADLINE (UTC)",
+            "INTENT / PAYLOAD / RULES",
+        ],
+    );
+    let approved = run(&env, &["approval", "approve", &held[0], "--reason", "fine"]).await;
+    assert!(approved.status.success(), "{}", both(&approved));
+    let rejected = run(&env, &["approval", "reject", &held[1]]).await;
+    assert!(rejected.status.success(), "{}", both(&rejected));
+    let decisions = stdout(&run(&env, &["approval", "list"]).await);
+    assert!(
+        decisions.contains("approved") && decisions.contains("rejected"),
+        "{decisions}"
+    );
+    assert_aligned(&decisions, &["TASK", "DECISION", "CLASS", "DECIDED BY", "AT (UTC)"]);
     worker.stop().await;
     env.finish(services).await;
 }
