@@ -70,7 +70,9 @@ pub struct Config {
     /// How often a worker refreshes a running step's output preview (with its log batches).
     pub progress_interval_ms: u64,
     /// Attempts (including the first) of a task whose own retry policy sets none:
-    /// the organisation default (1 = never retry automatically).
+    /// the organisation default. 1 (the default) never retries automatically:
+    /// retries are opt-in, by the task's `retry_policy`, its schedule's template, or
+    /// raising this knob.
     pub default_max_attempts: u32,
     /// A schedule whose consecutive ticks may come closer than this is refused.
     pub min_schedule_interval_secs: u64,
@@ -129,7 +131,7 @@ impl Default for Config {
             max_artifact_bytes: 256 * 1024,
             summary_sweep_interval_ms: 30_000,
             progress_interval_ms: 2_000,
-            default_max_attempts: 3,
+            default_max_attempts: 1,
             min_schedule_interval_secs: 60,
             token: String::new(),
             token_file: String::new(),

@@ -3,7 +3,10 @@
 //! (in the same transaction) and carry out the answer; they never judge retries
 //! themselves.
 //!
-//! Rules (DESIGN §2, `docs/protocol.md` §14):
+//! Rules (DESIGN §2, `docs/protocol.md` §15):
+//! - Retries are opt-in: the organisation default (`Config::default_retry_policy`,
+//!   `default_max_attempts` = 1) never retries; a task's own `retry_policy`, its
+//!   schedule's template or a raised `default_max_attempts` enables them.
 //! - Automatic retries happen only for failures a retry can cure: `non_zero_exit`,
 //!   `timeout` (the execution timeout) and `lease_expired`. Never after a
 //!   rejection, an expired approval or a cancellation, nor for `queue_timeout`,
@@ -261,6 +264,37 @@ mod tests {
         assert!(matches!(
             decide(&p, 1, &mixed, 0.0),
             RetryDecision::GiveUp(NoRetry::Reason(_))
+        ));
+    }
+
+    #[test]
+    fn the_organisation_default_never_retries() {
+        let default = crate::config::Config::default().default_retry_policy();
+        assert_eq!(default.max_attempts, 1);
+        for failure in [
+            exit(1),
+            StepFailure {
+                reason: Some("timeout".into()),
+                exit_code: None,
+            },
+        ] {
+            assert_eq!(
+                decide(&default, 1, &[failure], 0.0),
+                RetryDecision::GiveUp(NoRetry::Exhausted {
+                    attempt: 1,
+                    max_attempts: 1
+                })
+            );
+        }
+        // Raising the knob opts the organisation in.
+        let opted_in = crate::config::Config {
+            default_max_attempts: 3,
+            ..crate::config::Config::default()
+        }
+        .default_retry_policy();
+        assert!(matches!(
+            decide(&opted_in, 1, &[exit(1)], 0.0),
+            RetryDecision::Retry { next_attempt: 2, .. }
         ));
     }
 

@@ -1,5 +1,12 @@
 //! Firing due schedules, exactly once per tick with any number of replicas.
 //!
+//! Replicas share the due schedules: a pass claims them in batches — the first
+//! of [`FIRST_CLAIM`], each next one twice as large up to `batch_max` — and loops
+//! while a full batch came back. Replicas poll together ([`crate::next_poll_in`]),
+//! so the small first claims split a burst of due ticks between them instead of
+//! the first to wake taking it all, and the growing ones keep a large backlog
+//! down to few transactions.
+//!
 //! One transaction per batch: lock the due schedules (`FOR NO KEY UPDATE SKIP
 //! LOCKED`: replicas share them and never wait on each other, while a retry that
 //! inserts a task referencing a locked schedule is not blocked), plan each one (which ticks
@@ -22,6 +29,11 @@ use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::schedule::{CronExpr, DuePlan, parse_zone, plan_due, tick_key};
 use tanjiren_shared::schedules::{OverlapPolicy, TaskTemplate, TickOutcome};
 use uuid::Uuid;
+
+/// Due schedules the first transaction of a pass claims (then 2×, 4×, … up to
+/// `batch_max`): small, so that replicas polling at the same moment each get part
+/// of a burst of due ticks (many schedules on the same minute).
+pub const FIRST_CLAIM: usize = 32;
 
 /// What one pass over the due schedules did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,10 +86,12 @@ struct Tick {
 }
 
 impl Scheduler {
-    /// Fires every schedule due at `now` (batches of `batch_max`, one transaction each)
-    /// and records every tick in the ledger.
+    /// Fires every schedule due at `now` that no other replica holds (growing
+    /// batches from [`FIRST_CLAIM`] to `batch_max`, one transaction each) and records
+    /// every tick in the ledger.
     pub async fn fire_schedules(&self, now: DateTime<Utc>) -> Result<FireReport, WireError> {
-        let limit = self.conns.config.batch_max.max(1);
+        let most = self.conns.config.batch_max.max(1);
+        let mut limit = FIRST_CLAIM.min(most);
         let mut report = FireReport::default();
         loop {
             let (batch, created) = self.fire_batch(now, limit).await?;
@@ -86,6 +100,7 @@ impl Scheduler {
             if batch.schedules < limit {
                 break;
             }
+            limit = (limit * 2).min(most);
         }
         let m = &self.conns.metrics;
         for (outcome, n) in [

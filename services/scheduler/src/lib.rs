@@ -6,9 +6,10 @@
 //! transit, or a worker that was busy or offline) is published again on its
 //! workstation's dispatch subject; and queue timeouts — a step still unclaimed at
 //! its `queue_deadline` fails with `queue_timeout`, and its task is settled by the
-//! lifecycle. Replicas share the work (`FOR UPDATE SKIP LOCKED`, compare-and-swap),
-//! and the loop exposes one step, [`Scheduler::tick`], that tests drive with a
-//! controlled clock.
+//! lifecycle. Replicas share the work (`FOR UPDATE SKIP LOCKED`, compare-and-swap)
+//! and poll at the same wall-clock instants ([`next_poll_in`]), so a burst of due
+//! work — schedules firing on the same second — is split between them; the loop
+//! exposes one step, [`Scheduler::tick`], that tests drive with a controlled clock.
 //!
 //! Subjects served (queue group `scheduler`): `schedules.create|list|get|pause|resume|delete`
 //! and `tasks.retry`.
@@ -253,18 +254,35 @@ pub async fn serve(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     Ok(router.into_handle())
 }
 
-/// Serves the subjects and runs [`Scheduler::tick`] every `scheduler_interval_ms` until shutdown.
+/// How long after a multiple of the poll interval a replica polls: a little
+/// slack for clocks that differ by a few milliseconds (NTP), so a tick due on
+/// the second is due on every replica when they poll for it.
+pub const POLL_DELAY: Duration = Duration::from_millis(20);
+
+/// The time from `now` until the next poll: replicas poll at the same wall-clock
+/// instants, every multiple of `interval` since the Unix epoch plus
+/// [`POLL_DELAY`] — so they meet a burst of due ticks together and share it
+/// rather than the first to wake taking it all. A tick that overran its slot
+/// waits for the next one (no catch-up bursts).
+pub fn next_poll_in(now: DateTime<Utc>, interval: Duration) -> Duration {
+    let period = interval.as_millis().max(1) as i64;
+    let delay = POLL_DELAY.as_millis() as i64;
+    let since = now.timestamp_millis() - delay;
+    let next = (since.div_euclid(period) + 1) * period + delay;
+    Duration::from_millis((next - now.timestamp_millis()) as u64)
+}
+
+/// Serves the subjects and runs [`Scheduler::tick`] every `scheduler_interval_ms`
+/// (at the instants of [`next_poll_in`]) until shutdown.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let scheduler = Scheduler::new(conns);
     let interval = Duration::from_millis(conns.config.scheduler_interval_ms.max(1));
     let mut handle = serve(conns, shutdown.clone()).await?;
     handle.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(next_poll_in(Utc::now(), interval)) => {}
             }
             // Every deadline the tick checks was stamped on Postgres' clock.
             let ticked = match tanjiren_runtime::db::now(&scheduler.conns.db).await {
@@ -277,4 +295,37 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         }
     }));
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(ms).unwrap()
+    }
+
+    #[test]
+    fn replicas_poll_at_the_same_instants() {
+        let second = Duration::from_secs(1);
+        let base = 1_800_000_000_000; // a whole second
+        // Whenever a replica asks, it wakes at the next whole second + POLL_DELAY.
+        for (now, wait) in [
+            (base, 20),
+            (base + 5, 15),
+            (base + 20, 1000),
+            (base + 21, 999),
+            (base + 999, 21),
+        ] {
+            assert_eq!(next_poll_in(at(now), second), Duration::from_millis(wait), "{now}");
+        }
+        // Two replicas started at different moments meet at the same instants.
+        let (a, b) = (at(base + 137), at(base + 912));
+        assert_eq!(a + next_poll_in(a, second), b + next_poll_in(b, second));
+        let fast = Duration::from_millis(200);
+        assert_eq!(next_poll_in(at(base + 150), fast), Duration::from_millis(70));
+        // Never zero: a replica that just polled waits for the next slot.
+        assert_eq!(next_poll_in(at(base + 220), fast), Duration::from_millis(200));
+        assert_eq!(next_poll_in(at(base), Duration::ZERO), Duration::from_millis(1));
+    }
 }

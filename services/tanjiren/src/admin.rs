@@ -49,7 +49,7 @@ pub enum TokenCommand {
 
 pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
     db::connect_and_migrate(&config.database_url, 2).await?;
-    println!("migrations applied");
+    outln!("migrations applied")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -69,14 +69,14 @@ pub async fn org(config: &Config, cmd: OrgCommand) -> anyhow::Result<ExitCode> {
             if r.rows_affected() == 0 {
                 bail!("an organisation named `{name}` already exists");
             }
-            println!("{id}\t{name}");
+            outln!("{id}\t{name}")?;
         }
         OrgCommand::List => {
             let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM organisations ORDER BY name")
                 .fetch_all(&pool)
                 .await?;
             for (id, name) in rows {
-                println!("{id}\t{name}");
+                outln!("{id}\t{name}")?;
             }
         }
     }
@@ -102,11 +102,11 @@ pub async fn token(config: &Config, cmd: TokenCommand) -> anyhow::Result<ExitCod
             match out {
                 Some(path) => {
                     write_secret(&path, token.expose())?;
-                    eprintln!("created {role} token {id} for `{org}`, written to {}", path.display());
+                    errln!("created {role} token {id} for `{org}`, written to {}", path.display());
                 }
                 None => {
-                    eprintln!("created {role} token {id} for `{org}` (shown once, keep it safe):");
-                    println!("{}", token.expose());
+                    errln!("created {role} token {id} for `{org}` (shown once, keep it safe):");
+                    outln!("{}", token.expose())?;
                 }
             }
         }
@@ -118,7 +118,7 @@ pub async fn token(config: &Config, cmd: TokenCommand) -> anyhow::Result<ExitCod
             if r.rows_affected() == 0 {
                 bail!("no active token {id}");
             }
-            println!("revoked {id}");
+            outln!("revoked {id}")?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -212,22 +212,22 @@ pub async fn bootstrap_command(config: &Config, worker_token_file: Option<PathBu
     let pool = db::connect_and_migrate(&config.database_url, 2).await?;
     let b = bootstrap(config, &pool).await?;
     match &b.created_token_at {
-        Some(p) => println!(
+        Some(p) => outln!(
             "organisation `{DEFAULT_ORG}` ready; owner token written to {}",
             p.display()
-        ),
-        None => println!("organisation `{DEFAULT_ORG}` ready; the configured token is valid"),
+        )?,
+        None => outln!("organisation `{DEFAULT_ORG}` ready; the configured token is valid")?,
     }
     if let Some(path) = worker_token_file {
         if std::fs::read_to_string(&path)
             .map(|t| !t.trim().is_empty())
             .unwrap_or(false)
         {
-            println!("worker token already present at {}", path.display());
+            outln!("worker token already present at {}", path.display())?;
         } else {
             let (_, token) = create_token(&pool, b.org_id, Role::Worker, "worker").await?;
             write_secret(&path, token.expose())?;
-            println!("worker token written to {}", path.display());
+            outln!("worker token written to {}", path.display())?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@
 //! `approval mint`, on stdout alone, and is never echoed anywhere else.
 
 use crate::client::Client;
+use crate::output::{one_line, table};
 use crate::task_args::TaskArgs;
 use anyhow::Context;
 use clap::Subcommand;
@@ -107,15 +108,15 @@ pub async fn approval(config: &Config, cmd: ApprovalCommand) -> anyhow::Result<E
         ApprovalCommand::Mint { task, json } => {
             let minted = mint(&client, task).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&minted)?);
+                outln!("{}", serde_json::to_string_pretty(&minted)?)?;
             } else {
-                eprintln!(
+                errln!(
                     "approval token for task {} ({}), single use, expires {}:",
                     minted.task_id,
                     minted.approval_class,
                     minted.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
                 );
-                println!("{}", minted.approval_token.expose());
+                outln!("{}", minted.approval_token.expose())?;
             }
         }
         ApprovalCommand::Approve { task, decision } => {
@@ -132,28 +133,42 @@ pub async fn approval(config: &Config, cmd: ApprovalCommand) -> anyhow::Result<E
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else if reply.pending.is_empty() {
-                eprintln!("no task is waiting for approval");
+                errln!("no task is waiting for approval");
             } else {
-                for p in &reply.pending {
-                    println!(
-                        "{}  {:<19}  by {:<16} deadline {}  {}",
-                        p.task_id,
-                        p.snapshot.verdict.approval_class,
-                        p.requested_by,
-                        p.snapshot
-                            .deadline
-                            .map(|d| d.format("%Y-%m-%d %H:%M").to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        one_line(&p.intent, 60)
-                    );
-                    println!(
-                        "    {}  rules: {}",
-                        payload_line(&p.mode),
-                        rule_names(&p.snapshot.verdict)
-                    );
-                }
+                // The payload is shown beside the intent: an approver decides on what runs.
+                let rows = reply
+                    .pending
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.task_id.to_string(),
+                            p.snapshot.verdict.approval_class.to_string(),
+                            p.requested_by.clone(),
+                            p.snapshot
+                                .deadline
+                                .map(|d| d.format("%Y-%m-%d %H:%M").to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            format!(
+                                "{}\n{}\nrules: {}",
+                                one_line(&p.intent, 60),
+                                payload_line(&p.mode),
+                                rule_names(&p.snapshot.verdict)
+                            ),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "TASK",
+                        "CLASS",
+                        "REQUESTED BY",
+                        "DEADLINE (UTC)",
+                        "INTENT / PAYLOAD / RULES",
+                    ],
+                    rows,
+                )?;
             }
         }
         ApprovalCommand::List {
@@ -170,11 +185,23 @@ pub async fn approval(config: &Config, cmd: ApprovalCommand) -> anyhow::Result<E
             };
             let reply: ListApprovalsReply = client.call(client.subjects.approvals_list(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else {
-                for a in &reply.approvals {
-                    println!("{}  {}", a.task_id, record_line(a));
-                }
+                let rows = reply
+                    .approvals
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.task_id.to_string(),
+                            a.decision.to_string(),
+                            a.approval_class.to_string(),
+                            decider(a),
+                            a.decided_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            a.reason.as_deref().map(|r| one_line(r, 60)).unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(&["TASK", "DECISION", "CLASS", "DECIDED BY", "AT (UTC)", "REASON"], rows)?;
             }
         }
     }
@@ -210,14 +237,14 @@ async fn decide(client: &Client, subject: String, task: TaskId, args: DecisionAr
     };
     let reply: DecideTaskReply = client.call(subject, &req).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        outln!("{}", serde_json::to_string_pretty(&reply)?)?;
     } else {
-        println!(
+        outln!(
             "task {} is now {} ({})",
             reply.task_id,
             reply.status,
             record_line(&reply.approval)
-        );
+        )?;
     }
     Ok(())
 }
@@ -230,16 +257,16 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
                 .call(client.subjects.doctrine_get(), &GetDoctrineRequest { version })
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?)?;
             } else {
-                eprintln!(
+                errln!(
                     "doctrine version {}{}, published {} by {}",
                     view.version,
                     if view.in_force { " (in force)" } else { "" },
                     view.published_at.format("%Y-%m-%d %H:%M:%S UTC"),
                     view.published_by
                 );
-                println!("{}", serde_json::to_string_pretty(&view.doctrine)?);
+                outln!("{}", serde_json::to_string_pretty(&view.doctrine)?)?;
             }
         }
         DoctrineCommand::Publish { file } => {
@@ -247,10 +274,11 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
             let reply: PublishDoctrineReply = client
                 .call(client.subjects.doctrine_publish(), &PublishDoctrineRequest { doctrine })
                 .await?;
-            println!(
+            outln!(
                 "published doctrine version {} ({} rules); new tasks are evaluated against it",
-                reply.version, reply.rules
-            );
+                reply.version,
+                reply.rules
+            )?;
         }
         DoctrineCommand::DryRun { task, doctrine, json } => {
             let req = DoctrineDryRunRequest {
@@ -259,17 +287,17 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
             };
             let reply: DoctrineDryRunReply = client.call(client.subjects.doctrine_dry_run(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else {
                 let source = match (reply.doctrine_version, doctrine.is_some()) {
                     (_, true) => "the candidate doctrine".to_string(),
                     (Some(v), false) => format!("doctrine version {v}"),
                     (None, false) => "no doctrine (none published)".to_string(),
                 };
-                println!("class     {} (by {source})", reply.verdict.approval_class);
-                println!("rules     {}", rule_names(&reply.verdict));
+                outln!("class     {} (by {source})", reply.verdict.approval_class)?;
+                outln!("rules     {}", rule_names(&reply.verdict))?;
                 if reply.verdict.reason_required {
-                    println!("reason    required for a decision");
+                    outln!("reason    required for a decision")?;
                 }
             }
         }
@@ -278,21 +306,22 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
 }
 
 /// The approval lines of `tanjiren task get`.
-pub fn print_task_approval(t: &TaskView) {
+pub fn print_task_approval(t: &TaskView) -> anyhow::Result<()> {
     if let Some(s) = &t.approval {
-        print_snapshot(s);
+        print_snapshot(s)?;
     }
     for a in &t.approvals {
-        println!("decision  {}", record_line(a));
+        outln!("decision  {}", record_line(a))?;
     }
+    Ok(())
 }
 
-fn print_snapshot(s: &ApprovalSnapshot) {
+fn print_snapshot(s: &ApprovalSnapshot) -> anyhow::Result<()> {
     let version = s
         .doctrine_version
         .map(|v| format!("doctrine v{v}"))
         .unwrap_or_else(|| "no doctrine".into());
-    println!(
+    outln!(
         "approval  class {} ({version}); rules: {}{}",
         s.verdict.approval_class,
         rule_names(&s.verdict),
@@ -301,24 +330,31 @@ fn print_snapshot(s: &ApprovalSnapshot) {
         } else {
             ""
         }
-    );
+    )?;
     if let Some(d) = s.deadline {
-        println!("          deadline {}", d.format("%Y-%m-%d %H:%M:%S UTC"));
+        outln!("          deadline {}", d.format("%Y-%m-%d %H:%M:%S UTC"))?;
     }
+    Ok(())
 }
 
-fn record_line(a: &ApprovalRecord) -> String {
+/// Who decided: the token's name, its role, and who presented the approval token
+/// when that was someone else.
+fn decider(a: &ApprovalRecord) -> String {
     let role = a.decided_by_role.map(|r| format!(" ({r})")).unwrap_or_default();
     let presented = match (&a.presented_by, a.presented_by_token_id) {
         (Some(p), Some(id)) if Some(id) != a.decided_by_token_id => format!(", presented by {p}"),
         _ => String::new(),
     };
+    format!("{}{role}{presented}", a.decided_by)
+}
+
+fn record_line(a: &ApprovalRecord) -> String {
     let reason = a.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
     format!(
-        "{} {} by {}{role}{presented} at {}{reason}",
+        "{} {} by {} at {}{reason}",
         a.decision,
         a.approval_class,
-        a.decided_by,
+        decider(a),
         a.decided_at.format("%Y-%m-%d %H:%M:%S UTC")
     )
 }
@@ -339,15 +375,6 @@ fn payload_line(mode: &Mode) -> String {
         Mode::Command { command } => format!("command: {}", one_line(command, 80)),
         Mode::Prompt { prompt } => format!("prompt: {}", one_line(prompt, 80)),
         Mode::Investigate { questions } => format!("questions: {}", one_line(&questions.join(" | "), 80)),
-    }
-}
-
-fn one_line(s: &str, max: usize) -> String {
-    let s = s.replace('\n', " ");
-    if s.chars().count() > max {
-        format!("{}…", s.chars().take(max).collect::<String>())
-    } else {
-        s
     }
 }
 

@@ -2,6 +2,7 @@
 //! task — reachable from every attempt of its retry chain — or on an investigation.
 
 use crate::client::Client;
+use crate::output::{one_line, table};
 use anyhow::bail;
 use clap::Subcommand;
 use std::process::ExitCode;
@@ -83,7 +84,7 @@ pub async fn run(config: &Config, cmd: ArtifactCommand) -> anyhow::Result<ExitCo
                 content: ArtifactContent { title, body, url },
             };
             let reply: AddArtifactReply = client.call(client.subjects.artifacts_add(), &req).await?;
-            println!("{}", reply.artifact_id);
+            outln!("{}", reply.artifact_id)?;
         }
         ArtifactCommand::List {
             task,
@@ -100,23 +101,27 @@ pub async fn run(config: &Config, cmd: ArtifactCommand) -> anyhow::Result<ExitCo
             };
             let reply: ListArtifactsReply = client.call(client.subjects.artifacts_list(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else {
-                for a in reply.artifacts {
-                    let title = if a.title.is_empty() {
-                        a.url.clone().unwrap_or_default()
-                    } else {
-                        a.title.clone()
-                    };
-                    println!(
-                        "{}  {:<8}  {}  {}  {}",
-                        a.artifact_id,
-                        a.kind.as_str(),
-                        a.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        a.created_by,
-                        title
-                    );
-                }
+                let rows = reply
+                    .artifacts
+                    .into_iter()
+                    .map(|a| {
+                        let title = if a.title.is_empty() {
+                            a.url.clone().unwrap_or_default()
+                        } else {
+                            a.title.clone()
+                        };
+                        vec![
+                            a.artifact_id.to_string(),
+                            a.kind.as_str().to_string(),
+                            a.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            a.created_by,
+                            one_line(&title, 80),
+                        ]
+                    })
+                    .collect();
+                table(&["ARTIFACT", "KIND", "CREATED (UTC)", "BY", "TITLE"], rows)?;
             }
         }
         ArtifactCommand::Get { id, json } => {
@@ -124,32 +129,32 @@ pub async fn run(config: &Config, cmd: ArtifactCommand) -> anyhow::Result<ExitCo
                 .call(client.subjects.artifacts_get(), &GetArtifactRequest { artifact_id: id })
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&a)?);
+                outln!("{}", serde_json::to_string_pretty(&a)?)?;
             } else {
-                println!(
+                outln!(
                     "{} {} by {} at {}",
                     a.kind.as_str(),
                     a.artifact_id,
                     a.created_by,
                     a.created_at
-                );
+                )?;
                 if let Some(t) = a.task_id {
-                    println!(
+                    outln!(
                         "task {t}{}",
                         a.root_task_id
                             .filter(|r| *r != t)
                             .map(|r| format!(" (root {r})"))
                             .unwrap_or_default()
-                    );
+                    )?;
                 }
                 if !a.title.is_empty() {
-                    println!("{}", a.title);
+                    outln!("{}", a.title)?;
                 }
                 if let Some(u) = &a.url {
-                    println!("{u}");
+                    outln!("{u}")?;
                 }
                 if !a.body.is_empty() {
-                    println!("\n{}", a.body);
+                    outln!("\n{}", a.body)?;
                 }
             }
         }

@@ -124,31 +124,31 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
         None
     };
 
-    eprintln!(
+    errln!(
         "Tanjiren is up (NATS {}, Postgres {}, Redis {}).",
         Config::redact_url(&config.nats_url),
         Config::redact_url(&config.database_url),
         Config::redact_url(&config.redis_url)
     );
     if let Some(path) = &boot.created_token_at {
-        eprintln!(
+        errln!(
             "First start: organisation `{}` and an owner token were created; the token is saved at {} (the CLI reads it from there).",
             admin::DEFAULT_ORG,
             path.display()
         );
     }
     if let Some(w) = &worker {
-        eprintln!(
+        errln!(
             "This machine is registered as workstation `{}` ({}).",
             w.workstation_name(),
             w.workstation_id()
         );
-        eprintln!("Try, in another terminal:  tanjiren task create --command 'echo hello from tanjiren' --wait");
+        errln!("Try, in another terminal:  tanjiren task create --command 'echo hello from tanjiren' --wait");
     }
     if let Some(addr) = ops_addr {
-        eprintln!("Health and metrics: http://{addr}/healthz, /readyz, /metrics");
+        errln!("Health and metrics: http://{addr}/healthz, /readyz, /metrics");
     }
-    eprintln!("Press Ctrl-C to stop.");
+    errln!("Press Ctrl-C to stop.");
 
     signal.cancelled().await;
     conns.ready.set(false);
@@ -157,6 +157,6 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     }
     services_stop.cancel();
     handle.join().await;
-    eprintln!("Tanjiren stopped.");
+    errln!("Tanjiren stopped.");
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,14 @@
 //! run one alone), set-up commands that talk to Postgres directly (`migrate`,
 //! `bootstrap`, `org create`, `token create`), and the operator CLI (`task …`,
 //! `approval …`, `doctrine …`, `schedule …`) that talks to the services over NATS with a bearer token.
+//!
+//! Services log at `log_level` (default `info`). Every other command is quiet:
+//! only warnings and errors reach standard error, unless `-v` (info), `-vv`
+//! (debug), `-vvv` (trace) or `TANJIREN_LOG_LEVEL` asks for more. What a command
+//! prints goes through [`output`], so a closed standard output stops it quietly.
 
+#[macro_use]
+mod output;
 mod admin;
 mod approvals;
 mod artifacts;
@@ -25,6 +32,9 @@ pub struct Cli {
     /// Configuration file (TOML); overrides defaults, overridden by TANJIREN_* variables.
     #[arg(long, global = true, env = "TANJIREN_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log more: -v info, -vv debug, -vvv trace (the operator commands log only warnings by default).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -95,26 +105,45 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether this command runs a service (or the worker) rather than doing one
+    /// thing and exiting: services log at `log_level`, everything else is quiet.
+    pub fn is_service(&self) -> bool {
+        matches!(
+            self,
+            Command::Up { .. }
+                | Command::Ingest
+                | Command::Approval { command: None }
+                | Command::Lease
+                | Command::Scheduler
+                | Command::Worker
+        )
+    }
+}
+
+/// The tracing filter for a command: `-v`… wins; else a service logs at the
+/// configured `log_level`, and any other command at `warn` unless
+/// `TANJIREN_LOG_LEVEL` is set (a config file's `log_level` is for services).
+pub fn log_filter(verbose: u8, service: bool, log_level: &str, env_level_set: bool) -> &str {
+    match verbose {
+        0 if service || env_level_set => log_level,
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    }
+}
+
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
-    let quiet_default = matches!(
-        cli.command,
-        Command::Task { .. }
-            | Command::Org { .. }
-            | Command::Token { .. }
-            | Command::Workstation { .. }
-            | Command::Migrate
-            | Command::Approval { command: Some(_) }
-            | Command::Doctrine { .. }
-            | Command::Schedule { .. }
+    let filter = log_filter(
+        cli.verbose,
+        cli.command.is_service(),
+        &config.log_level,
+        std::env::var_os("TANJIREN_LOG_LEVEL").is_some(),
     );
-    let level = if quiet_default && std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
-        "warn"
-    } else {
-        config.log_level.as_str()
-    };
-    tanjiren_shared::telemetry::init(&config.log_format, level);
+    tanjiren_shared::telemetry::init(&config.log_format, filter);
     match cli.command {
         Command::Up { no_worker } => launcher::up(&config, !no_worker).await,
         Command::Ingest => launcher::one(&config, launcher::Service::Ingest).await,
@@ -132,5 +161,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Artifact { command } => artifacts::run(&config, command).await,
         Command::Doctrine { command } => approvals::doctrine(&config, command).await,
         Command::Schedule { command } => schedules::run(&config, command).await,
+    }
+}
+
+/// Whether `e` means only that standard output was closed by its reader (the
+/// command stops quietly and exits 0).
+pub fn is_stdout_closed(e: &anyhow::Error) -> bool {
+    output::is_stdout_closed(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_commands_are_quiet_unless_asked() {
+        let cli = |args: &[&str]| Cli::try_parse_from([&["tanjiren"], args].concat()).unwrap();
+        for args in [
+            &["task", "list"][..],
+            &["task", "get", "01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c"],
+            &["artifact", "get", "01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c"],
+            &["approval", "pending"],
+            &["doctrine", "show"],
+            &["schedule", "list"],
+            &["token", "revoke", "01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c"],
+            &["org", "list"],
+            &["migrate"],
+            &["bootstrap"],
+        ] {
+            let c = cli(args);
+            assert!(!c.command.is_service(), "{args:?}");
+            assert_eq!(log_filter(c.verbose, false, "info", false), "warn", "{args:?}");
+        }
+        for args in [
+            &["up"][..],
+            &["ingest"],
+            &["approval"],
+            &["lease"],
+            &["scheduler"],
+            &["worker"],
+        ] {
+            assert!(cli(args).command.is_service(), "{args:?}");
+        }
+        // The flag is global: before or after the subcommand.
+        assert_eq!(cli(&["-v", "task", "list"]).verbose, 1);
+        assert_eq!(cli(&["task", "list", "-vv"]).verbose, 2);
+        assert_eq!(log_filter(1, false, "info", false), "info");
+        assert_eq!(log_filter(2, true, "info", false), "debug");
+        assert_eq!(log_filter(5, false, "info", false), "trace");
+        assert_eq!(log_filter(0, false, "tanjiren=debug", true), "tanjiren=debug");
+        assert_eq!(log_filter(0, true, "info", false), "info");
     }
 }

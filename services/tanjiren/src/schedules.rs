@@ -3,12 +3,13 @@
 //! the bearer token from `TANJIREN_TOKEN` or the token file.
 
 use crate::client::Client;
-use crate::task_args::TaskArgs;
+use crate::output::table;
+use crate::task_args::{RetryArgs, TaskArgs};
 use clap::Subcommand;
 use std::process::ExitCode;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::TaskId;
-use tanjiren_shared::model::{Mode, RetryPolicy};
+use tanjiren_shared::model::Mode;
 use tanjiren_shared::schedules::{
     CreateScheduleRequest, DeleteScheduleReply, GetScheduleRequest, ListSchedulesReply, ListSchedulesRequest,
     OverlapPolicy, RetryTaskReply, RetryTaskRequest, ScheduleDetail, ScheduleRef, ScheduleView, TaskTemplate,
@@ -62,12 +63,9 @@ pub struct CreateArgs {
     timezone: String,
     #[command(flatten)]
     task: TaskArgs,
-    /// Attempts per tick including the first (default: the organisation's, 3).
-    #[arg(long)]
-    max_attempts: Option<u32>,
-    /// An exit code that is never retried (repeatable).
-    #[arg(long = "no-retry-exit-code")]
-    no_retry_exit_codes: Vec<i32>,
+    /// The retry policy of every tick's task (default: the organisation's).
+    #[command(flatten)]
+    retry: RetryArgs,
     /// `skip` (no new task while the previous one is live) or `allow`.
     #[arg(long, default_value = "skip")]
     overlap: String,
@@ -90,19 +88,14 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
                 cron,
                 timezone,
                 task,
-                max_attempts,
-                no_retry_exit_codes,
+                retry,
                 overlap,
                 catch_up,
                 paused,
                 json,
             } = *args;
             let spec = task.into_spec(config)?;
-            let retry_policy = (max_attempts.is_some() || !no_retry_exit_codes.is_empty()).then(|| RetryPolicy {
-                max_attempts: max_attempts.unwrap_or(config.default_max_attempts),
-                non_retryable_exit_codes: no_retry_exit_codes,
-                ..RetryPolicy::default()
-            });
+            let retry_policy = retry.policy();
             let overlap: OverlapPolicy = overlap
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--overlap must be `skip` or `allow`"))?;
@@ -125,9 +118,9 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
             };
             let view: ScheduleView = client.call(client.subjects.schedules_create(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?)?;
             } else {
-                print_summary(&view);
+                print_summary(&view)?;
             }
         }
         ScheduleCommand::List { enabled, limit, json } => {
@@ -138,23 +131,27 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
             };
             let reply: ListSchedulesReply = client.call(client.subjects.schedules_list(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else {
-                for s in &reply.schedules {
-                    println!(
-                        "{}  {:<24} {:<7} {:<20} {:<16} next {}",
-                        s.schedule_id,
-                        s.name,
-                        if s.enabled { "enabled" } else { "paused" },
-                        s.cron,
-                        s.timezone,
-                        if s.enabled {
-                            s.next_run_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
-                        } else {
-                            "-".into()
-                        }
-                    );
-                }
+                let rows = reply
+                    .schedules
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.schedule_id.to_string(),
+                            s.name.clone(),
+                            if s.enabled { "enabled" } else { "paused" }.to_string(),
+                            s.cron.clone(),
+                            s.timezone.clone(),
+                            if s.enabled {
+                                s.next_run_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
+                            } else {
+                                "-".into()
+                            },
+                        ]
+                    })
+                    .collect();
+                table(&["SCHEDULE", "NAME", "STATE", "CRON", "TIMEZONE", "NEXT RUN"], rows)?;
             }
         }
         ScheduleCommand::Show {
@@ -171,33 +168,33 @@ pub async fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCo
             };
             let d: ScheduleDetail = client.call(client.subjects.schedules_get(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                outln!("{}", serde_json::to_string_pretty(&d)?)?;
             } else {
-                print_detail(&d);
+                print_detail(&d)?;
             }
         }
         ScheduleCommand::Pause { schedule } => {
             let v: ScheduleView = client
                 .call(client.subjects.schedules_pause(), &ScheduleRef { schedule })
                 .await?;
-            println!("{} ({}) paused", v.name, v.schedule_id);
+            outln!("{} ({}) paused", v.name, v.schedule_id)?;
         }
         ScheduleCommand::Resume { schedule } => {
             let v: ScheduleView = client
                 .call(client.subjects.schedules_resume(), &ScheduleRef { schedule })
                 .await?;
-            println!(
+            outln!(
                 "{} ({}) resumed; next run {}",
                 v.name,
                 v.schedule_id,
                 v.next_run_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
-            );
+            )?;
         }
         ScheduleCommand::Delete { schedule } => {
             let r: DeleteScheduleReply = client
                 .call(client.subjects.schedules_delete(), &ScheduleRef { schedule })
                 .await?;
-            println!("{} deleted", r.schedule_id);
+            outln!("{} deleted", r.schedule_id)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -210,45 +207,55 @@ pub async fn retry(config: &Config, id: TaskId, json: bool) -> anyhow::Result<Ex
         .call(client.subjects.tasks_retry(), &RetryTaskRequest { task_id: id })
         .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?)?;
     } else if r.created {
-        println!(
-            "{} (attempt {} of {}, retry of {}; {} / {})",
-            r.task_id, r.attempt, r.root_task_id, r.retry_of_task_id, r.status, r.approval_status
-        );
+        outln!(
+            "{} (attempt {}, retry of {}, root {}; {} / {})",
+            r.task_id,
+            r.attempt,
+            r.retry_of_task_id,
+            r.root_task_id,
+            r.status,
+            r.approval_status
+        )?;
     } else {
-        println!(
+        outln!(
             "{} already has its next attempt: {} (attempt {}, {})",
-            r.retry_of_task_id, r.task_id, r.attempt, r.status
-        );
+            r.retry_of_task_id,
+            r.task_id,
+            r.attempt,
+            r.status
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_summary(v: &ScheduleView) {
-    println!("schedule  {} ({})", v.name, v.schedule_id);
-    println!(
+fn print_summary(v: &ScheduleView) -> anyhow::Result<()> {
+    outln!("schedule  {} ({})", v.name, v.schedule_id)?;
+    outln!(
         "cron      {} in {}  (evaluated as `{}`)",
-        v.cron, v.timezone, v.cron_normalized
-    );
-    println!(
+        v.cron,
+        v.timezone,
+        v.cron_normalized
+    )?;
+    outln!(
         "state     {}, overlap {}, catch-up {} tick(s)",
         if v.enabled { "enabled" } else { "paused" },
         v.overlap,
         v.catch_up_ticks
-    );
+    )?;
     let what = match &v.template.mode {
         Mode::Command { command } => format!("command: {command}"),
         Mode::Prompt { prompt } => format!("prompt: {prompt}"),
         Mode::Investigate { questions } => format!("questions: {}", questions.join(" | ")),
     };
-    println!(
+    outln!(
         "task      {} on {}; {what}",
         v.template.intent,
         v.template.targets.join(", ")
-    );
+    )?;
     if let Some(p) = &v.template.retry_policy {
-        println!(
+        outln!(
             "retries   {} attempt(s), backoff {}-{} s{}",
             p.max_attempts,
             p.initial_backoff_secs,
@@ -258,41 +265,47 @@ fn print_summary(v: &ScheduleView) {
             } else {
                 format!(", never after exit code {:?}", p.non_retryable_exit_codes)
             }
-        );
+        )?;
     }
     match (v.enabled, v.next_run_at) {
-        (true, Some(t)) => println!("next run  {}", t.to_rfc3339()),
-        (true, None) => println!("next run  never"),
-        (false, _) => println!("next run  - (paused)"),
+        (true, Some(t)) => outln!("next run  {}", t.to_rfc3339())?,
+        (true, None) => outln!("next run  never")?,
+        (false, _) => outln!("next run  - (paused)")?,
     }
+    Ok(())
 }
 
-fn print_detail(d: &ScheduleDetail) {
-    print_summary(&d.schedule);
+fn print_detail(d: &ScheduleDetail) -> anyhow::Result<()> {
+    print_summary(&d.schedule)?;
     let tz: Option<chrono_tz::Tz> = d.schedule.timezone.parse().ok();
-    println!("upcoming");
+    outln!("upcoming")?;
     for t in &d.next_runs {
         match tz {
-            Some(z) => println!(
+            Some(z) => outln!(
                 "  {}  ({})",
                 t.to_rfc3339(),
                 t.with_timezone(&z).format("%Y-%m-%d %H:%M:%S %Z")
-            ),
-            None => println!("  {}", t.to_rfc3339()),
+            )?,
+            None => outln!("  {}", t.to_rfc3339())?,
         }
     }
     let c = &d.tick_counts;
-    println!(
+    outln!(
         "ledger    {} fired, {} skipped (overlap), {} missed, {} failed",
-        c.fired, c.skipped_overlap, c.missed, c.failed
-    );
+        c.fired,
+        c.skipped_overlap,
+        c.missed,
+        c.failed
+    )?;
     for t in &d.ticks {
-        println!(
+        outln!(
             "  {}  {:<15} {}{}",
             t.tick_at.to_rfc3339(),
-            t.outcome,
+            // `as_str`: a `&str` honours the width, the enum's Display does not.
+            t.outcome.as_str(),
             t.task_id.map(|id| id.to_string()).unwrap_or_default(),
             t.reason.as_ref().map(|r| format!("  {r}")).unwrap_or_default()
-        );
+        )?;
     }
+    Ok(())
 }

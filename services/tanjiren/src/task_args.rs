@@ -1,9 +1,10 @@
 //! The flags that describe a task — its mode and payload, intent, targets and
-//! timeouts — shared by `task create`, `schedule create` and `doctrine dry-run`.
+//! timeouts — shared by `task create`, `schedule create` and `doctrine dry-run`,
+//! and the retry flags shared by `task create` and `schedule create`.
 
 use anyhow::bail;
 use tanjiren_shared::config::Config;
-use tanjiren_shared::model::{Mode, TaskSpec};
+use tanjiren_shared::model::{Mode, RetryPolicy, TaskSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct TaskArgs {
@@ -62,6 +63,44 @@ impl TaskArgs {
             investigation_id: None,
             idempotency_key: None,
             retry_of_task_id: None,
+        })
+    }
+}
+
+/// The retry policy flags. Retries are opt-in: without `--max-attempts` the task
+/// gets the organisation default (`default_max_attempts`, 1 = never retried
+/// unless an operator raised it); the other flags refine a policy and need it.
+#[derive(Debug, clap::Args)]
+pub struct RetryArgs {
+    /// Attempts including the first (1-100): a retryable failure (non-zero exit,
+    /// execution timeout, lost lease) is tried again up to N-1 times.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Seconds before the first retry (default 1), doubled after each attempt.
+    #[arg(long, requires = "max_attempts")]
+    pub retry_backoff: Option<u32>,
+    /// Cap of the doubling backoff, in seconds (default 100, or the first backoff if larger).
+    #[arg(long, requires = "max_attempts")]
+    pub retry_max_backoff: Option<u32>,
+    /// An exit code that is never retried (repeatable).
+    #[arg(long = "no-retry-exit-code", requires = "max_attempts")]
+    pub no_retry_exit_codes: Vec<i32>,
+}
+
+impl RetryArgs {
+    /// The policy these flags ask for; `None` (the organisation default) without
+    /// `--max-attempts`. The services check the values.
+    pub fn policy(self) -> Option<RetryPolicy> {
+        let defaults = RetryPolicy::default();
+        self.max_attempts.map(|max_attempts| {
+            let initial = self.retry_backoff.unwrap_or(defaults.initial_backoff_secs);
+            RetryPolicy {
+                max_attempts,
+                initial_backoff_secs: initial,
+                // A first backoff above the default cap raises the cap with it.
+                max_backoff_secs: self.retry_max_backoff.unwrap_or(defaults.max_backoff_secs.max(initial)),
+                non_retryable_exit_codes: self.no_retry_exit_codes,
+            }
         })
     }
 }

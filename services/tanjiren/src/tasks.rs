@@ -1,9 +1,11 @@
-//! The operator CLI for tasks: create (optionally waiting for the outcome), get,
-//! list and logs (with `-f` to follow live output). It talks to the services over
-//! NATS with the bearer token from `TANJIREN_TOKEN` or the token file.
+//! The operator CLI for tasks: create (optionally waiting for the outcome — of
+//! the whole retry chain), get, list and logs (with `-f` to follow live output).
+//! It talks to the services over NATS with the bearer token from
+//! `TANJIREN_TOKEN` or the token file.
 
 use crate::client::Client;
-use crate::task_args::TaskArgs;
+use crate::output::{one_line, table};
+use crate::task_args::{RetryArgs, TaskArgs};
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
@@ -22,10 +24,13 @@ pub enum TaskCommand {
     Create {
         #[command(flatten)]
         task: TaskArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
         /// Retrying with the same key returns the same task.
         #[arg(long)]
         idempotency_key: Option<String>,
-        /// Wait for the task to finish, print it, and exit non-zero unless it completed.
+        /// Wait for the task to finish — following its automatic retries until the
+        /// last attempt ends — print that attempt, and exit non-zero unless it completed.
         #[arg(long)]
         wait: bool,
         /// Print JSON.
@@ -84,26 +89,32 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
     match cmd {
         TaskCommand::Create {
             task,
+            retry,
             idempotency_key,
             wait,
             json,
         } => {
             let spec = TaskSpec {
                 idempotency_key,
+                retry_policy: retry.policy(),
                 ..task.into_spec(config)?
             };
+            let max_attempts = spec.retry_policy.as_ref().map(|p| p.max_attempts);
             let reply: CreateTaskReply = client.call(client.subjects.tasks_create(), &spec).await?;
             if !wait {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&reply)?);
+                    outln!("{}", serde_json::to_string_pretty(&reply)?)?;
                 } else {
-                    println!("{}", reply.task_id);
+                    outln!("{}", reply.task_id)?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let task = wait_for_end(&client, reply.task_id).await?;
-            print_task(&task, json)?;
-            Ok(if task.status == TaskStatus::Completed {
+            let last = wait_for_chain(&client, reply.task_id, max_attempts).await?;
+            print_task(&last, json)?;
+            if !json && (last.attempt > 1 || max_attempts.is_some_and(|m| m > 1)) {
+                outln!("{}", chain_outcome(&last, max_attempts))?;
+            }
+            Ok(if last.status == TaskStatus::Completed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -130,18 +141,23 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             };
             let reply: ListTasksReply = client.call(client.subjects.tasks_list(), &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply)?);
+                outln!("{}", serde_json::to_string_pretty(&reply)?)?;
             } else {
-                for t in reply.tasks {
-                    println!(
-                        "{}  {:<9}  {:<11}  {}  {}",
-                        t.task_id,
-                        t.status,
-                        t.mode,
-                        t.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        one_line(&t.intent, 60)
-                    );
-                }
+                let rows = reply
+                    .tasks
+                    .into_iter()
+                    .map(|t| {
+                        vec![
+                            t.task_id.to_string(),
+                            t.status.to_string(),
+                            t.mode,
+                            t.attempt.to_string(),
+                            t.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            one_line(&t.intent, 60),
+                        ]
+                    })
+                    .collect();
+                table(&["TASK", "STATUS", "MODE", "ATTEMPT", "CREATED (UTC)", "INTENT"], rows)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -152,10 +168,12 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                     &CancelTaskRequest { task_id: id, reason },
                 )
                 .await?;
-            println!(
+            outln!(
                 "{} cancelled: {} running step(s) signalled, {} queued step(s) cancelled",
-                reply.task_id, reply.steps_signalled, reply.steps_cancelled
-            );
+                reply.task_id,
+                reply.steps_signalled,
+                reply.steps_cancelled
+            )?;
             if wait && reply.steps_signalled > 0 {
                 let start = std::time::Instant::now();
                 loop {
@@ -178,23 +196,73 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
     }
 }
 
-async fn wait_for_end(client: &Client, id: TaskId) -> anyhow::Result<TaskView> {
+/// Waits until the task's retry chain ends and returns its last attempt: an
+/// attempt that failed and has a next attempt (or a `retry_at`, the next attempt
+/// to come) is followed to that attempt; one that ended with neither is the last.
+/// Each failed attempt that is followed is announced on standard error.
+/// `max_attempts` is the policy the task was created with, when known.
+async fn wait_for_chain(client: &Client, first: TaskId, max_attempts: Option<u32>) -> anyhow::Result<TaskView> {
+    let mut id = first;
+    let mut announced: Option<TaskId> = None;
     loop {
         let t = client.get(id).await?;
         if t.status.is_terminal() {
-            return Ok(t);
+            let next = t.attempts.iter().find(|a| a.retry_of_task_id == Some(id)).cloned();
+            let coming = match (&next, t.retry_at) {
+                (Some(n), _) => format!("attempt {} is {}", n.attempt, n.task_id),
+                (None, Some(at)) => format!(
+                    "attempt {} in {:.1} s",
+                    t.attempt + 1,
+                    ((at - Utc::now()).num_milliseconds().max(0) as f64) / 1000.0
+                ),
+                // Neither a next attempt nor one to come: the chain ended here.
+                (None, None) => return Ok(t),
+            };
+            if announced != Some(id) {
+                errln!("{}; {coming}", attempt_outcome(&t, max_attempts));
+                announced = Some(id);
+            }
+            if let Some(n) = next {
+                id = n.task_id;
+                continue;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn one_line(s: &str, max: usize) -> String {
-    let s = s.replace('\n', " ");
-    if s.chars().count() > max {
-        format!("{}…", s.chars().take(max).collect::<String>())
-    } else {
-        s
+/// `attempt 2 of 3 failed: non_zero_exit (exit 1)` — how one ended attempt ended;
+/// `of N` when the policy is known.
+fn attempt_outcome(t: &TaskView, max_attempts: Option<u32>) -> String {
+    let of = max_attempts.map(|m| format!(" of {m}")).unwrap_or_default();
+    let how = match t.status {
+        TaskStatus::Failed => {
+            let codes: Vec<String> = t
+                .steps
+                .iter()
+                .filter_map(|s| s.exit_code.filter(|c| *c != 0))
+                .map(|c| format!("exit {c}"))
+                .collect();
+            let reason = t.failure_reason.as_deref().unwrap_or("failed");
+            if codes.is_empty() {
+                format!("failed: {reason}")
+            } else {
+                format!("failed: {reason} ({})", codes.join(", "))
+            }
+        }
+        status => status.to_string(),
+    };
+    format!("attempt {}{of} {how}", t.attempt)
+}
+
+/// The last line of `task create --wait` for a task that could be retried:
+/// which attempt ended the chain, and how.
+fn chain_outcome(last: &TaskView, max_attempts: Option<u32>) -> String {
+    let mut line = attempt_outcome(last, max_attempts);
+    if last.attempt > 1 {
+        line.push_str(&format!(" (root task {})", last.root_task_id));
     }
+    line
 }
 
 fn since(start: DateTime<Utc>, t: Option<DateTime<Utc>>) -> String {
@@ -204,11 +272,11 @@ fn since(start: DateTime<Utc>, t: Option<DateTime<Utc>>) -> String {
 
 fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(t)?);
+        outln!("{}", serde_json::to_string_pretty(t)?)?;
         return Ok(());
     }
-    println!("task      {}", t.task_id);
-    println!(
+    outln!("task      {}", t.task_id)?;
+    outln!(
         "status    {} (approval: {}){}",
         t.status,
         t.approval_status,
@@ -216,43 +284,50 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
             .as_ref()
             .map(|r| format!(", reason: {r}"))
             .unwrap_or_default()
-    );
-    println!("intent    {}", one_line(&t.intent, 100));
+    )?;
+    outln!("intent    {}", one_line(&t.intent, 100))?;
     match &t.mode {
-        Mode::Command { command } => println!("command   {}", one_line(command, 100)),
-        Mode::Prompt { prompt } => println!("prompt    {}", one_line(prompt, 100)),
-        Mode::Investigate { questions } => println!("questions {}", questions.join(" | ")),
+        Mode::Command { command } => outln!("command   {}", one_line(command, 100))?,
+        Mode::Prompt { prompt } => outln!("prompt    {}", one_line(prompt, 100))?,
+        Mode::Investigate { questions } => outln!("questions {}", questions.join(" | "))?,
     }
-    println!(
+    outln!(
         "timing    created {} by {}; queued {}; started {}; finished {}",
         t.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
         t.created_by,
         since(t.created_at, t.queued_at),
         since(t.created_at, t.started_at),
         since(t.created_at, t.finished_at)
-    );
-    crate::approvals::print_task_approval(t);
+    )?;
+    crate::approvals::print_task_approval(t)?;
     if t.status == TaskStatus::Cancelled {
         let confirmed = match t.stop_confirmed {
             Some(true) => "; every running step confirmed its stop",
             Some(false) => "; NOT every running step confirmed its stop",
             None => "",
         };
-        println!(
+        outln!(
             "cancelled by {}{}{confirmed}",
             t.cancelled_by.as_deref().unwrap_or("?"),
             t.cancel_reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
-        );
+        )?;
     }
     if t.attempt > 1 {
-        println!(
+        outln!(
             "attempt   {} (retry of {}, root {})",
             t.attempt,
             t.retry_of_task_id.map(|i| i.to_string()).unwrap_or_default(),
             t.root_task_id
-        );
+        )?;
     }
-    println!("steps     {}", t.steps.len());
+    if let Some(at) = t.retry_at {
+        outln!(
+            "retry     attempt {} at {}",
+            t.attempt + 1,
+            at.format("%Y-%m-%d %H:%M:%S%.3f UTC")
+        )?;
+    }
+    outln!("steps     {}", t.steps.len())?;
     for s in &t.steps {
         let name = s
             .workstation_name
@@ -264,37 +339,38 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "exit -".into());
         let dur = s.duration_ms.map(|d| format!("{d}ms")).unwrap_or_else(|| "-".into());
         let lease = lease_health(s, Utc::now());
-        println!(
+        outln!(
             "  {name:<20} {:<10} {exit:<8} {dur:<8} gen {}  {lease}{}",
-            s.status,
+            // `as_str`: a `&str` honours the width, the enum's Display does not.
+            s.status.as_str(),
             s.lease_generation,
             s.failure_reason
                 .as_ref()
                 .map(|r| format!("  reason: {r}"))
                 .unwrap_or_default()
-        );
+        )?;
         if let Some(at) = s.cancel_requested_at {
             match s.stop_confirmed_at {
-                Some(c) => println!(
+                Some(c) => outln!(
                     "    cancel sent {}, stop confirmed by the worker after {}ms",
                     at.format("%H:%M:%S"),
                     (c - at).num_milliseconds()
-                ),
-                None if s.status.is_terminal() => println!(
+                )?,
+                None if s.status.is_terminal() => outln!(
                     "    cancel sent {}, stop NOT confirmed by the worker (lease taken back)",
                     at.format("%H:%M:%S")
-                ),
-                None => println!(
+                )?,
+                None => outln!(
                     "    cancel sent {}, waiting for the worker to confirm the stop",
                     at.format("%H:%M:%S")
-                ),
+                )?,
             }
         }
         for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {
             if !tail.is_empty() {
-                println!("    {label}:");
+                outln!("    {label}:")?;
                 for line in tail.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
-                    println!("      {line}");
+                    outln!("      {line}")?;
                 }
             }
         }
@@ -323,16 +399,17 @@ fn lease_health(s: &tanjiren_shared::protocol::StepView, now: DateTime<Utc>) -> 
     }
 }
 
-fn print_line(step: StepId, multi: bool, l: &LogLine) {
+fn print_line(step: StepId, multi: bool, l: &LogLine) -> anyhow::Result<()> {
     let prefix = if multi {
         format!("[{}] ", &step.to_string()[..8])
     } else {
         String::new()
     };
     match l.stream {
-        LogStream::Stdout => println!("{prefix}{}", l.text),
-        LogStream::Stderr => eprintln!("{prefix}{}", l.text),
+        LogStream::Stdout => outln!("{prefix}{}", l.text)?,
+        LogStream::Stderr => errln!("{prefix}{}", l.text),
     }
+    Ok(())
 }
 
 /// Prints stored output, then (with `follow`) live batches until the task ends.
@@ -361,14 +438,14 @@ async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
                 } else {
                     String::new()
                 };
-                println!(
+                outln!(
                     "{prefix}{:>7}x  [{}] {}   (lines {}..{})",
                     s.count,
                     s.stream.as_str(),
                     s.exemplar,
                     s.first_seq,
                     s.last_seq
-                );
+                )?;
             }
             match page.signatures.last() {
                 Some(last) if page.signatures.len() == 1000 => after = last.first_seq,
@@ -387,9 +464,23 @@ async fn logs(client: &Client, id: TaskId, follow: bool) -> anyhow::Result<ExitC
         token: &client.token,
         poll: Duration::from_millis(500),
     };
-    follower
-        .run(id, follow, |step, l| print_line(step, multi, l))
-        .await
-        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
-    Ok(ExitCode::SUCCESS)
+    // A closed standard output stops the follower at once (also while it waits for live output).
+    let closed = tokio::sync::Notify::new();
+    let mut print_error: Option<anyhow::Error> = None;
+    let sink = |step, l: &LogLine| {
+        if print_error.is_none()
+            && let Err(e) = print_line(step, multi, l)
+        {
+            print_error = Some(e);
+            closed.notify_one();
+        }
+    };
+    tokio::select! {
+        r = follower.run(id, follow, sink) => r.map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?,
+        () = closed.notified() => {}
+    }
+    match print_error {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -44,12 +44,16 @@ pub async fn run(config: &Config, cmd: WorkstationCommand) -> anyhow::Result<Exi
             .bind(&org)
             .fetch_all(&pool)
             .await?;
-            let width = rows.iter().map(|r| r.1.len()).max().unwrap_or(4).max(4);
-            println!("{:<36}  {:<width$}  {:>11}  LAST SEEN", "ID", "NAME", "CREDENTIALS");
-            for (id, name, credentials, seen) in rows {
-                let seen = seen.map(|s| s.to_rfc3339()).unwrap_or_else(|| "never".into());
-                println!("{id}  {name:<width$}  {credentials:>11}  {seen}");
-            }
+            let rows = rows
+                .into_iter()
+                .map(|(id, name, credentials, seen)| {
+                    let seen = seen
+                        .map(|s| s.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_else(|| "never".into());
+                    vec![id.to_string(), name, credentials.to_string(), seen]
+                })
+                .collect();
+            crate::output::table(&["ID", "NAME", "CREDENTIALS", "LAST SEEN (UTC)"], rows)?;
         }
         WorkstationCommand::Revoke { name, org } => {
             let revoked = sqlx::query(
@@ -65,7 +69,7 @@ pub async fn run(config: &Config, cmd: WorkstationCommand) -> anyhow::Result<Exi
             if revoked == 0 {
                 bail!("workstation `{name}` of `{org}` has no live credential");
             }
-            println!("revoked {revoked} credential(s) of workstation `{name}`");
+            outln!("revoked {revoked} credential(s) of workstation `{name}`")?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
-//! Schedules on the real servers with a controlled clock: every test drives
-//! `Scheduler::tick(now)` itself (no scheduler loop runs), so simulated minutes and
-//! daylight-saving nights pass in milliseconds. Exactly once per tick with three
+//! Schedules on the real servers with a controlled clock: the tests drive
+//! `Scheduler::tick(now)` themselves, so simulated minutes and daylight-saving
+//! nights pass in milliseconds; one runs two real scheduler loops on the wall
+//! clock to show they share the due schedules. Exactly once per tick with several
 //! replicas and with a replica dying mid-tick; overlap `skip` and catch-up; DST in
 //! Europe/Berlin; the schedule subjects, and bad input refused with nothing stored.
 
@@ -154,6 +155,69 @@ async fn three_replicas_fire_each_of_1000_schedules_exactly_once_per_second_for_
         (0..30).map(|s| t0 + Duration::seconds(s)).collect::<Vec<_>>()
     );
     eprintln!("30,000 ticks by three replicas in {elapsed:?}");
+    env.finish(Vec::new()).await;
+}
+
+#[tokio::test]
+async fn two_running_scheduler_replicas_share_each_burst_of_due_schedules_and_fire_every_tick_once() {
+    // Real scheduler loops on the wall clock, not driven ticks: the replicas wake
+    // on their own, so this is what two `tanjiren scheduler` processes do.
+    let env = env().await;
+    env.workstation("burst-1").await;
+    let owner = env.principal(&env.owner_token).await;
+    const SCHEDULES: usize = 160;
+    let mut ids = Vec::new();
+    for i in 0..SCHEDULES {
+        let mut req = request(&format!("burst-{i}"), "* * * * * *", "UTC", "burst-1");
+        // A slow machine may fall behind a tick: it still fires (no `missed`), once.
+        req.catch_up_ticks = 100;
+        ids.push(create(&env, &owner, &req, Utc::now()).await.schedule_id.as_uuid());
+    }
+    let replicas = vec![env.start(Svc::Scheduler).await, env.start(Svc::Scheduler).await];
+    tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
+    let mut fired_by = Vec::new();
+    for r in replicas {
+        let metrics = r.conns.metrics.clone();
+        r.stop().await; // a tick under way finishes first
+        fired_by.push(metrics.get("tanjiren_schedule_ticks_total", &[("outcome", "fired")]));
+    }
+
+    // Every tick of every schedule, from its first to its last, fired exactly once.
+    let rows: Vec<(Uuid, DateTime<Utc>, String)> =
+        sqlx::query_as("SELECT schedule_id, tick_at, outcome FROM schedule_ticks ORDER BY schedule_id, tick_at")
+            .fetch_all(&env.conns.db)
+            .await
+            .unwrap();
+    assert!(rows.iter().all(|(_, _, o)| o == "fired"), "only fired ticks expected");
+    let mut per_schedule: HashMap<Uuid, Vec<DateTime<Utc>>> = HashMap::new();
+    for (s, t, _) in &rows {
+        per_schedule.entry(*s).or_default().push(*t);
+    }
+    assert_eq!(per_schedule.len(), SCHEDULES, "every schedule fired");
+    for (s, ticks) in &per_schedule {
+        assert!(ticks.len() >= 3, "{s}: {ticks:?}");
+        assert!(
+            ticks.windows(2).all(|w| w[1] - w[0] == Duration::seconds(1)),
+            "{s}: a tick was skipped or doubled: {ticks:?}"
+        );
+    }
+    assert_eq!(tasks_per_schedule(&env).await.values().sum::<i64>(), rows.len() as i64);
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT idempotency_key) FROM tasks WHERE schedule_id IS NOT NULL")
+            .fetch_one(&env.conns.db)
+            .await
+            .unwrap();
+    assert_eq!(keys, rows.len() as i64);
+
+    // Both replicas fired a real share of the ticks, not the first to wake all of them.
+    assert_eq!(fired_by.iter().sum::<f64>(), rows.len() as f64, "{fired_by:?}");
+    eprintln!("{} ticks fired by two replicas: {fired_by:?}", rows.len());
+    let fair = rows.len() as f64 * 0.15;
+    assert!(
+        fired_by.iter().all(|n| *n >= fair),
+        "fired per replica {fired_by:?} of {}",
+        rows.len()
+    );
     env.finish(Vec::new()).await;
 }
 
