@@ -29,6 +29,7 @@ impl Install {
             ("TANJIREN_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             ("TANJIREN_WORKSTATION_NAME".into(), format!("cli-host-{id}")),
             ("XDG_CONFIG_HOME".into(), home.display().to_string()),
+            ("XDG_STATE_HOME".into(), home.display().to_string()),
         ];
         Self { env, db, home }
     }
@@ -197,7 +198,54 @@ fn up_then_a_task_from_the_cli_completes_with_its_output() {
         .unwrap();
     assert!(text(&unauth).contains("unauthorized"), "{}", text(&unauth));
 
+    // `up` enrolled this machine with the owner's token; its worker runs on a
+    // workstation credential saved privately under XDG_STATE_HOME.
+    let host = install
+        .env
+        .iter()
+        .find(|(k, _)| k == "TANJIREN_WORKSTATION_NAME")
+        .unwrap()
+        .1
+        .clone();
+    let saved = install.home.join("tanjiren").join("credentials").join(&host);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777, 0o600);
+    let listed = text(&install.run(&["workstation", "list"]));
+    let row = listed
+        .lines()
+        .find(|l| l.contains(&host))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(
+        row.split_whitespace().nth(2),
+        Some("1"),
+        "one live credential: {listed}"
+    );
+
     // SIGTERM drains and exits cleanly.
+    stop(&mut up);
+
+    // A restart reuses the saved credential; after a revoke the worker enrols again.
+    let mut up = install.up();
+    stop(&mut up);
+    let listed = text(&install.run(&["workstation", "list"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&host) && l.split_whitespace().nth(2) == Some("1")),
+        "{listed}"
+    );
+    let revoked = install.run(&["workstation", "revoke", &host]);
+    assert!(text(&revoked).contains("revoked 1 credential"), "{}", text(&revoked));
+    let again = install.run(&["workstation", "revoke", &host]);
+    assert!(!again.status.success(), "nothing left to revoke: {}", text(&again));
+    let mut up = install.up();
+    let done = install.run(&["task", "create", "--command", "echo re-enrolled", "--wait"]);
+    assert!(text(&done).contains("re-enrolled"), "{}", text(&done));
+    stop(&mut up);
+}
+
+/// SIGTERM, then waits for a clean exit.
+fn stop(up: &mut Child) {
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
         .status()
