@@ -124,6 +124,10 @@ pub struct ListArtifactsRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListArtifactsReply {
     pub artifacts: Vec<ArtifactView>,
+    /// Set when more artifacts follow this page (which ends at `limit` or at its
+    /// byte budget): pass it as `after` for the next page.
+    #[serde(default)]
+    pub next_after: Option<Uuid>,
 }
 
 /// `artifacts.get` request.

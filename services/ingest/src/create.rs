@@ -372,6 +372,7 @@ pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<
         let reply = if inserted.contains(&r.id.as_uuid()) {
             CreateTaskReply {
                 task_id: r.id,
+                org_id: r.org_id,
                 status: TaskStatus::Planned,
                 approval_status: ApprovalStatus::Unevaluated,
                 created: true,
@@ -383,6 +384,7 @@ pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<
                 .ok_or_else(|| WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"))?;
             CreateTaskReply {
                 task_id: TaskId::from(*id),
+                org_id: r.org_id,
                 status: status.parse().map_err(|_| WireError::internal("bad stored status"))?,
                 approval_status: approval
                     .parse()

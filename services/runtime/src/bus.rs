@@ -273,6 +273,12 @@ async fn admit<Req: DeserializeOwned>(
     Ok(Incoming { principal, body })
 }
 
+/// The byte budget of one list page on this connection: [`tanjiren_shared::codec::MAX_PAGE_BYTES`],
+/// or half the server's max payload if that is smaller.
+pub fn page_budget(nats: &async_nats::Client) -> usize {
+    tanjiren_shared::codec::page_budget(nats.max_payload())
+}
+
 /// Room left in a message for the reply's headers (`Content-Type` on JSON replies).
 const HEADER_ROOM: usize = 256;
 

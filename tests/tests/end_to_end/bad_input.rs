@@ -188,7 +188,7 @@ async fn every_bad_create_gets_a_typed_error_and_changes_nothing() {
         .call::<_, TaskView>(
             &env.conns.subjects.tasks_get(),
             &other,
-            &GetTaskRequest { task_id: good.task_id },
+            &GetTaskRequest::new(good.task_id),
         )
         .await
         .unwrap_err();
