@@ -159,7 +159,13 @@ impl Encoding {
 fn render_path(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
-    for segment in path.iter() {
+    let segments: Vec<&Segment> = path.iter().collect();
+    // A trailing unknown segment is a map key that failed to decode: the map names it.
+    let known = match segments.last() {
+        Some(Segment::Unknown) => &segments[..segments.len() - 1],
+        _ => &segments[..],
+    };
+    for segment in known {
         match segment {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
             Segment::Map { key } | Segment::Enum { variant: key } => {

@@ -418,10 +418,11 @@ impl<'de, A: EnumAccess<'de>> EnumAccess<'de> for Enum<A> {
 
     fn variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<(T::Value, Self::Variant), A::Error> {
         let policy = self.policy;
+        // A variant name is read like a value: `view: must not contain NUL`.
         let (value, variant) = self.data.variant_seed(Seed {
             seed,
             policy,
-            key: true,
+            key: false,
         })?;
         Ok((value, Variant { variant, policy }))
     }
