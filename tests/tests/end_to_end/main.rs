@@ -10,6 +10,7 @@ mod idempotency;
 mod leases;
 mod lifecycle;
 mod logs;
+mod output_bytes;
 mod query_plans;
 mod reconnect;
 mod replicas;
