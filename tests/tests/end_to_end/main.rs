@@ -9,6 +9,7 @@ mod fencing;
 mod idempotency;
 mod leases;
 mod lifecycle;
+mod limits;
 mod logs;
 mod output_bytes;
 mod query_plans;
