@@ -470,6 +470,10 @@ pub struct PendingApprovalsRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingApprovalsReply {
     pub pending: Vec<PendingApproval>,
+    /// True when more tasks are pending than fit this reply (`limit` or its byte
+    /// budget): those shown are the most urgent; decide them, or ask for fewer.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// A task waiting for a decision.
@@ -503,6 +507,10 @@ pub struct ListApprovalsRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListApprovalsReply {
     pub approvals: Vec<ApprovalRecord>,
+    /// Set when more decisions follow this page (which ends at `limit` or at its
+    /// byte budget): pass it as `before` for the next page.
+    #[serde(default)]
+    pub next_before: Option<Uuid>,
 }
 
 /// `doctrine.get` request: the version in force, or an older one.
