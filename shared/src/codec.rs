@@ -418,7 +418,7 @@ mod tests {
         let (used, cut) = fit_page(&mut items, 10_500);
         assert!(cut && items.len() == 10 && used <= 10_500, "{} {used}", items.len());
         let mut one = vec!["y".repeat(50_000)];
-        assert_eq!(fit_page(&mut one, 10).1, false);
+        assert!(!fit_page(&mut one, 10).1);
         assert_eq!(one.len(), 1);
         // JSON escaping counts: a control character takes six bytes.
         assert_eq!(json_size("\u{1}"), 8);

@@ -57,7 +57,12 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         )
         .await?;
     router
-        .route(s.ingest_artifacts(), Access::Workers, artifacts::worker_add)
+        .route_with(
+            s.ingest_artifacts(),
+            Access::Workers,
+            TextPolicy::ReplaceNul,
+            artifacts::worker_add,
+        )
         .await?;
     router
         .route(s.artifacts_add(), Access::Operators, artifacts::add)

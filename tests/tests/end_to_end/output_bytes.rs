@@ -140,6 +140,24 @@ async fn ingest_cleans_nul_in_lines_and_tails_from_any_worker() {
         .await
         .unwrap();
     }
+    // What a step produced as an artifact (an agent's answer) is output too.
+    let artifact = serde_json::json!({"step_id": step, "lease_generation": 1, "kind": "evidence",
+        "title": "answer\0", "body": "a\0b"});
+    let added = crate::bad_input::raw_on(
+        &env,
+        &env.conns.subjects.ingest_artifacts(),
+        Some(&env.worker_token),
+        true,
+        crate::bad_input::encode(&artifact, true),
+    )
+    .await
+    .unwrap();
+    let stored: (String, String) = sqlx::query_as("SELECT title, body FROM artifacts WHERE id = $1")
+        .bind(added["artifact_id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&env.conns.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, ("answer\u{FFFD}".to_string(), "a\u{FFFD}b".to_string()));
     let texts: Vec<String> = all_lines(&env, task).await.into_iter().map(|l| l.line.text).collect();
     assert_eq!(texts, ["x\u{FFFD}y1", "x\u{FFFD}y2"]);
     let s = &env.get(task).await.unwrap().steps[0];
