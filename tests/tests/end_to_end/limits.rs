@@ -529,3 +529,93 @@ async fn request_fields_have_documented_limits() {
     assert_eq!(view.steps[0].lease_owner.as_deref(), Some("test-worker"));
     env.finish(services).await;
 }
+
+#[tokio::test]
+async fn approval_and_schedule_lists_are_bounded_in_bytes() {
+    use serde_json::json;
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    env.workstation("ws-big").await;
+    let s = &env.conns.subjects;
+    // 60 KB commands of `"`: 120 KB each in JSON, twelve of them 1.4 MB.
+    let big = |i: usize| format!("echo {i} {}", "\"".repeat(60_000));
+    for i in 0..12 {
+        let template = json!({"intent": format!("t{i}"), "mode": "command", "command": big(i), "targets": ["ws-big"]});
+        let body = json!({"name": format!("big-{i}"), "cron": "@daily", "template": template});
+        raw_on(
+            &env,
+            &s.schedules_create(),
+            Some(&env.owner_token),
+            false,
+            encode(&body, false),
+        )
+        .await
+        .unwrap();
+    }
+    let mut req = json!({"limit": 500});
+    let (mut names, mut pages) = (Vec::new(), 0);
+    loop {
+        let v = raw_on(
+            &env,
+            &s.schedules_list(),
+            Some(&env.owner_token),
+            true,
+            encode(&req, true),
+        )
+        .await
+        .expect("a page, not a timeout");
+        pages += 1;
+        names.extend(
+            v["schedules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string()),
+        );
+        match v["next_before"].as_str() {
+            Some(b) => req["before"] = json!(b),
+            None => break,
+        }
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(names, (0..12).rev().map(|i| format!("big-{i}")).collect::<Vec<_>>());
+
+    // Twelve big tasks waiting for approval: the most urgent that fit, and `truncated`.
+    let doctrine =
+        json!({"doctrine": {"rules": [{"name": "all", "class": "sensitive_write", "match": {"modes": ["command"]}}]}});
+    raw_on(
+        &env,
+        &s.doctrine_publish(),
+        Some(&env.owner_token),
+        false,
+        encode(&doctrine, false),
+    )
+    .await
+    .unwrap();
+    for i in 0..12 {
+        let mut spec = command(&big(i), &["ws-big"]);
+        spec.intent = format!("big {i}");
+        env.create(&spec).await.unwrap();
+    }
+    let mut waited = 0;
+    let pending = loop {
+        let v = raw_on(
+            &env,
+            &s.approvals_pending(),
+            Some(&env.owner_token),
+            true,
+            encode(&json!({"limit": 500}), true),
+        )
+        .await
+        .expect("a reply, not a timeout");
+        if v["truncated"] == true || waited > 200 {
+            break v;
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(pending["truncated"], true, "{}", &pending.to_string()[..200]);
+    let shown = pending["pending"].as_array().unwrap().len();
+    assert!((1..12).contains(&shown), "{shown}");
+    env.finish(services).await;
+}
