@@ -82,6 +82,45 @@ impl fmt::Debug for ApprovalToken {
     }
 }
 
+/// The digest that tells two creates with one idempotency key apart: the same
+/// key with the same digest is a repeat (the task is returned, `created: false`),
+/// with another digest a `conflict`. It extends [`payload_digest`] (intent, mode
+/// and payload, resolved targets) with everything else the request decides: the
+/// effective timeouts, the retry policy, the investigation and the retried task.
+/// Computed the same way from a new request and from the stored task.
+pub fn request_digest(facts: &RequestFacts<'_>) -> String {
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        v: u8,
+        payload: String,
+        #[serde(flatten)]
+        facts: &'a RequestFacts<'a>,
+    }
+    let bytes = serde_json::to_vec(&Canonical {
+        v: 1,
+        payload: payload_digest(facts.intent, facts.mode, facts.targets),
+        facts,
+    })
+    .expect("in-memory values serialise");
+    format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+}
+
+/// What [`request_digest`] covers, borrowed from a request or a stored task.
+#[derive(Debug, Serialize)]
+pub struct RequestFacts<'a> {
+    #[serde(skip)]
+    pub intent: &'a str,
+    #[serde(skip)]
+    pub mode: &'a Mode,
+    #[serde(skip)]
+    pub targets: &'a [WorkstationId],
+    pub timeout_secs: i64,
+    pub queue_timeout_secs: i64,
+    pub retry_policy: Option<&'a crate::model::RetryPolicy>,
+    pub investigation_id: Option<Uuid>,
+    pub retry_of_task_id: Option<TaskId>,
+}
+
 /// The digest of what a task will do, computed when it is planned and stored with
 /// it: an approval token is bound to it, so a token approves exactly this payload.
 /// Covers the intent, the mode with its payload and the resolved targets in order.
@@ -431,6 +470,10 @@ pub struct PendingApprovalsRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingApprovalsReply {
     pub pending: Vec<PendingApproval>,
+    /// True when more tasks are pending than fit this reply (`limit` or its byte
+    /// budget): those shown are the most urgent; decide them, or ask for fewer.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// A task waiting for a decision.
@@ -464,6 +507,10 @@ pub struct ListApprovalsRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListApprovalsReply {
     pub approvals: Vec<ApprovalRecord>,
+    /// Set when more decisions follow this page (which ends at `limit` or at its
+    /// byte budget): pass it as `before` for the next page.
+    #[serde(default)]
+    pub next_before: Option<Uuid>,
 }
 
 /// `doctrine.get` request: the version in force, or an older one.
@@ -635,6 +682,53 @@ mod tests {
         let canonical = r#"{"v":1,"intent":"restart nginx","mode":{"mode":"command","command":"systemctl restart nginx"},"targets":["01936f2d-1c44-7a90-8e12-3d4f5a6b7c8d"]}"#;
         let expected = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
         assert_eq!(payload_digest("restart nginx", &m, &[ws]), expected);
+    }
+
+    #[test]
+    fn request_digest_covers_the_whole_request() {
+        let m = Mode::Command { command: "ls".into() };
+        let ws = [WorkstationId::new()];
+        let policy = crate::model::RetryPolicy::default();
+        let facts = || RequestFacts {
+            intent: "list",
+            mode: &m,
+            targets: &ws,
+            timeout_secs: 60,
+            queue_timeout_secs: 3600,
+            retry_policy: None,
+            investigation_id: None,
+            retry_of_task_id: None,
+        };
+        let d = request_digest(&facts());
+        assert_eq!(d, request_digest(&facts()));
+        assert_ne!(
+            d,
+            request_digest(&RequestFacts {
+                intent: "list!",
+                ..facts()
+            })
+        );
+        assert_ne!(
+            d,
+            request_digest(&RequestFacts {
+                timeout_secs: 61,
+                ..facts()
+            })
+        );
+        assert_ne!(
+            d,
+            request_digest(&RequestFacts {
+                retry_policy: Some(&policy),
+                ..facts()
+            })
+        );
+        assert_ne!(
+            d,
+            request_digest(&RequestFacts {
+                targets: &[],
+                ..facts()
+            })
+        );
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub struct WorkerArtifactRequest {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
     pub kind: ArtifactKind,
     #[serde(flatten)]
@@ -126,6 +127,10 @@ pub struct ListArtifactsRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListArtifactsReply {
     pub artifacts: Vec<ArtifactView>,
+    /// Set when more artifacts follow this page (which ends at `limit` or at its
+    /// byte budget): pass it as `after` for the next page.
+    #[serde(default)]
+    pub next_after: Option<Uuid>,
 }
 
 /// `artifacts.get` request.

@@ -1,11 +1,21 @@
 //! The wire codec: MessagePack with named fields by default, JSON when the
 //! message's `Content-Type` header is `application/json`. Replies use the
 //! envelope `{ok: …}` or `{error: {code, message}}` in the caller's encoding.
+//!
+//! Requests are decoded by [`Encoding::decode_request`], the one decoding rule
+//! of every served subject (see [`strict`]): structs only as maps, no NUL in
+//! text, and an error that names the field path. Replies and events are read
+//! with the lenient [`Encoding::decode`]. The size of a reply is bounded here
+//! too: [`MAX_PAGE_BYTES`] and [`fit_page`] for list pages.
 
-use crate::error::WireError;
+mod strict;
+
+use crate::error::{WireError, quote};
 #[cfg(test)]
 use crate::ids::TaskId;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub use strict::TextPolicy;
 
 /// The header that selects the encoding, and the value that selects JSON.
 pub const CONTENT_TYPE: &str = "Content-Type";
@@ -55,6 +65,83 @@ impl Encoding {
         }
     }
 
+    /// Decodes a request under the decoding rule (module [`strict`]): a struct sent
+    /// as a positional array is `malformed_payload`; NUL in any string is
+    /// `invalid_request` (or replaced by U+FFFD under [`TextPolicy::ReplaceNul`]);
+    /// a field validator's [`refuse`] becomes its own error. Every error names the
+    /// field path (`labels.env`, `questions[2]`, `retry_policy`).
+    ///
+    /// The path costs an allocation per map key, so it is found only for a
+    /// payload that failed: the decode is then run a second time with
+    /// `serde_path_to_error` to locate the error.
+    pub fn decode_request<T: DeserializeOwned>(&self, bytes: &[u8], policy: TextPolicy) -> Result<T, WireError> {
+        strict::clear();
+        let first = match self.decode_strict::<T>(bytes, policy) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        strict::clear();
+        let located = self.decode_located::<T>(bytes, policy);
+        let refusal = strict::take();
+        let (path, message) = match located {
+            Err((path, message)) => (path, message),
+            Ok(()) => (String::new(), first),
+        };
+        if let Some(r) = refusal {
+            let mut e = r.error;
+            if r.prefix_path {
+                let field = if path.is_empty() { "payload".to_string() } else { path };
+                e = WireError::new(e.code, format!("{field}: {}", e.message));
+            }
+            return Err(e);
+        }
+        let what = match self {
+            Encoding::MsgPack => "MessagePack",
+            Encoding::Json => "JSON",
+        };
+        Err(WireError::malformed(if path.is_empty() {
+            format!("invalid {what} payload: {message}")
+        } else {
+            format!("invalid {what} payload: {path}: {message}")
+        }))
+    }
+
+    fn decode_strict<T: DeserializeOwned>(&self, bytes: &[u8], policy: TextPolicy) -> Result<T, String> {
+        match self {
+            Encoding::MsgPack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+                T::deserialize(strict::Strict::new(&mut de, policy)).map_err(|e| e.to_string())
+            }
+            Encoding::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                let v = T::deserialize(strict::Strict::new(&mut de, policy)).map_err(|e| e.to_string())?;
+                de.end().map_err(|e| e.to_string())?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// The same decode with the path tracked; `Err((path, message))` where it failed.
+    fn decode_located<T: DeserializeOwned>(&self, bytes: &[u8], policy: TextPolicy) -> Result<(), (String, String)> {
+        fn located<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> (String, String) {
+            (render_path(e.path()), e.inner().to_string())
+        }
+        match self {
+            Encoding::MsgPack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+                serde_path_to_error::deserialize::<_, T>(strict::Strict::new(&mut de, policy)).map_err(located)?;
+            }
+            Encoding::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                serde_path_to_error::deserialize::<_, T>(strict::Strict::new(&mut de, policy)).map_err(located)?;
+                de.end().map_err(|e| (String::new(), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a reply, an event or any message Tanjiren wrote itself, without the
+    /// request rule (a reader must not choke on what a newer peer sends).
     pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, WireError> {
         match self {
             Encoding::MsgPack => {
@@ -66,6 +153,93 @@ impl Encoding {
             }
         }
     }
+}
+
+/// `questions[2]`, `labels.env`, `retry_policy`: a field path with every key quoted short.
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let segments: Vec<&Segment> = path.iter().collect();
+    // A trailing unknown segment is a map key that failed to decode: the map names it.
+    let known = match segments.last() {
+        Some(Segment::Unknown) => &segments[..segments.len() - 1],
+        _ => &segments[..],
+    };
+    for segment in known {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&quote(key));
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
+}
+
+/// Refuses a value from inside a field's `Deserialize` (a validator used with
+/// `#[serde(deserialize_with = …)]`): the request is answered with `error`,
+/// message as given (it names its own field), instead of `malformed_payload`.
+/// Only [`Encoding::decode_request`] gives the refusal its code; elsewhere it is
+/// an ordinary decoding error.
+pub fn refuse<E: serde::de::Error>(error: WireError) -> E {
+    strict::record(strict::Refusal {
+        error,
+        prefix_path: false,
+    })
+}
+
+/// Most bytes of items one page of a list reply carries, measured as JSON (which
+/// is never much smaller than the MessagePack form): half of NATS's default max
+/// payload (1 MiB), leaving room for the envelope and the rest of the reply.
+/// A page that reaches it ends early with a cursor to go on.
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+
+/// The page budget on a connection whose server accepts `max_payload` bytes:
+/// [`MAX_PAGE_BYTES`], or half the server's limit if that is smaller.
+pub fn page_budget(max_payload: usize) -> usize {
+    MAX_PAGE_BYTES.min(max_payload / 2)
+}
+
+/// The size of `value` encoded as JSON, in bytes (counted, not allocated).
+pub fn json_size<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, value).expect("json encoding of an in-memory value");
+    c.0
+}
+
+/// Keeps the longest prefix of `items` whose JSON size fits in `budget` bytes —
+/// always at least one item, so a page makes progress — and drops the rest.
+/// Returns how many bytes the kept items take and whether any were dropped.
+pub fn fit_page<T: Serialize>(items: &mut Vec<T>, budget: usize) -> (usize, bool) {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        let size = json_size(item) + 1;
+        if i > 0 && used + size > budget {
+            items.truncate(i);
+            return (used, true);
+        }
+        used += size;
+    }
+    (used, false)
 }
 
 /// Every reply: exactly one of `ok` or `error`.
@@ -102,6 +276,155 @@ pub struct Ignored {}
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Inner {
+        a: u32,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Outer {
+        name: String,
+        #[serde(default)]
+        inner: Option<Inner>,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        #[serde(default)]
+        questions: Vec<String>,
+        #[serde(default)]
+        doc: Option<serde_json::Value>,
+    }
+
+    fn both<T: DeserializeOwned + std::fmt::Debug>(v: serde_json::Value) -> Vec<Result<T, WireError>> {
+        let json = serde_json::to_vec(&v).unwrap();
+        let mp = rmp_serde::to_vec_named(&v).unwrap();
+        vec![
+            Encoding::Json.decode_request::<T>(&json, TextPolicy::Refuse),
+            Encoding::MsgPack.decode_request::<T>(&mp, TextPolicy::Refuse),
+        ]
+    }
+
+    #[test]
+    fn a_struct_sent_as_a_positional_array_is_malformed_and_named() {
+        for r in both::<Outer>(serde_json::json!(["x"])) {
+            let e = r.unwrap_err();
+            assert_eq!(e.code, ErrorCode::MalformedPayload, "{e:?}");
+            assert!(e.message.starts_with("payload: expected an object"), "{}", e.message);
+        }
+        for r in both::<Outer>(serde_json::json!({"name": "x", "inner": [1]})) {
+            let e = r.unwrap_err();
+            assert_eq!(e.code, ErrorCode::MalformedPayload, "{e:?}");
+            assert!(e.message.starts_with("inner: expected an object"), "{}", e.message);
+        }
+        // Sequences where a list is expected are fine, and so are maps.
+        for r in both::<Outer>(serde_json::json!({"name": "x", "inner": {"a": 1}, "questions": ["q"]})) {
+            assert_eq!(r.unwrap().inner, Some(Inner { a: 1 }));
+        }
+    }
+
+    #[test]
+    fn nul_in_any_string_is_refused_with_its_path() {
+        let cases = [
+            (serde_json::json!({"name": "a\0b"}), "name: must not contain NUL"),
+            (
+                serde_json::json!({"name": "x", "labels": {"env": "pro\0d"}}),
+                "labels.env: must not contain NUL",
+            ),
+            (
+                serde_json::json!({"name": "x", "labels": {"e\0nv": "prod"}}),
+                "a key must not contain NUL",
+            ),
+            (
+                serde_json::json!({"name": "x", "questions": ["a", "b", "c\0"]}),
+                "questions[2]: must not contain NUL",
+            ),
+            (
+                serde_json::json!({"name": "x", "doc": {"rules": [{"d": "\0"}]}}),
+                "doc.rules[0].d: must not contain NUL",
+            ),
+        ];
+        for (v, expected) in cases {
+            for r in both::<Outer>(v.clone()) {
+                let e = r.unwrap_err();
+                assert_eq!(e.code, ErrorCode::InvalidRequest, "{v}: {e:?}");
+                assert!(
+                    e.message.contains(expected),
+                    "{v}: `{}` should contain `{expected}`",
+                    e.message
+                );
+            }
+        }
+        // An unknown field is skipped, never looked at.
+        for r in both::<Outer>(serde_json::json!({"name": "x", "extra": "\0"})) {
+            assert_eq!(r.unwrap().name, "x");
+        }
+    }
+
+    #[test]
+    fn worker_output_has_nul_replaced_instead() {
+        let v = serde_json::json!({"name": "a\0b", "questions": ["\0"]});
+        for enc in [Encoding::Json, Encoding::MsgPack] {
+            let bytes = match enc {
+                Encoding::Json => serde_json::to_vec(&v).unwrap(),
+                Encoding::MsgPack => rmp_serde::to_vec_named(&v).unwrap(),
+            };
+            let o: Outer = enc.decode_request(&bytes, TextPolicy::ReplaceNul).unwrap();
+            assert_eq!(o.name, "a\u{FFFD}b");
+            assert_eq!(o.questions, ["\u{FFFD}"]);
+        }
+    }
+
+    #[test]
+    fn ordinary_errors_name_the_path_and_stay_short() {
+        let huge = "z".repeat(600 * 1024);
+        for r in both::<Outer>(serde_json::json!({"name": "x", "inner": {"a": huge}})) {
+            let e = r.unwrap_err();
+            assert_eq!(e.code, ErrorCode::MalformedPayload);
+            assert!(e.message.contains("payload: inner.a: "), "{}", e.message);
+            assert!(e.message.len() <= crate::error::MAX_MESSAGE_BYTES);
+        }
+        // A refusal from a field validator keeps its own code and message.
+        #[derive(Debug, Deserialize)]
+        struct Checked {
+            #[serde(deserialize_with = "short")]
+            #[allow(dead_code)]
+            id: String,
+        }
+        fn short<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+            let s = String::deserialize(d)?;
+            if s.len() > 3 {
+                return Err(refuse(WireError::too_large("id: at most 3 bytes")));
+            }
+            Ok(s)
+        }
+        for r in both::<Checked>(serde_json::json!({"id": "abcdef"})) {
+            let e = r.unwrap_err();
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (ErrorCode::TooLarge, "id: at most 3 bytes")
+            );
+        }
+        // Trailing garbage after a JSON document is still malformed.
+        let e = Encoding::Json
+            .decode_request::<Inner>(br#"{"a": 1} x"#, TextPolicy::Refuse)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::MalformedPayload);
+    }
+
+    #[test]
+    fn pages_fit_their_byte_budget_and_always_make_progress() {
+        let mut items: Vec<String> = (0..100).map(|_| "x".repeat(1000)).collect();
+        let (used, cut) = fit_page(&mut items, 10_500);
+        assert!(cut && items.len() == 10 && used <= 10_500, "{} {used}", items.len());
+        let mut one = vec!["y".repeat(50_000)];
+        assert!(!fit_page(&mut one, 10).1);
+        assert_eq!(one.len(), 1);
+        // JSON escaping counts: a control character takes six bytes.
+        assert_eq!(json_size("\u{1}"), 8);
+        assert_eq!(page_budget(1 << 20), MAX_PAGE_BYTES);
+        assert_eq!(page_budget(64 * 1024), 32 * 1024);
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Sample {

@@ -29,6 +29,11 @@ use std::str::FromStr;
 pub const MAX_RULES: usize = 500;
 /// Longest regular expression accepted, in bytes.
 pub const MAX_PATTERN_BYTES: usize = 4096;
+/// Largest doctrine document, in bytes of its JSON form: `doctrine.get` returns it
+/// whole, so it must fit a reply with room to spare.
+pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+/// Most workstation names one rule's `match.workstations` may list.
+pub const MAX_RULE_WORKSTATIONS: usize = 1000;
 /// Largest compiled regular expression accepted (bounds memory and matching time).
 const MAX_COMPILED_REGEX_BYTES: usize = 1 << 20;
 /// Label value that matches any value of the key (the label only has to be present).
@@ -237,6 +242,12 @@ impl Doctrine {
                 "must be an object with a `rules` list, e.g. {\"rules\": []}",
             ));
         };
+        let size = crate::codec::json_size(value);
+        if size > MAX_DOCUMENT_BYTES {
+            return Err(DoctrineError::doctrine(format!(
+                "the document is {size} bytes as JSON, more than the limit of {MAX_DOCUMENT_BYTES}"
+            )));
+        }
         if let Some(unknown) = top.keys().find(|k| !matches!(k.as_str(), "rules" | "description")) {
             return Err(DoctrineError::doctrine(format!(
                 "unknown field `{unknown}`; expected `rules` or `description`"
@@ -401,8 +412,17 @@ fn compile_rule(spec: &RuleSpec) -> Result<Rule, String> {
         if names.is_empty() {
             return Err("match.workstations: must not be empty".into());
         }
+        if names.len() > MAX_RULE_WORKSTATIONS {
+            return Err(format!(
+                "match.workstations: {} names exceed the limit of {MAX_RULE_WORKSTATIONS}",
+                names.len()
+            ));
+        }
         if let Some(bad) = names.iter().find(|n| validate_workstation_name(n).is_err()) {
-            return Err(format!("match.workstations: `{bad}` is not a valid workstation name"));
+            return Err(format!(
+                "match.workstations: `{}` is not a valid workstation name",
+                crate::error::quote(bad)
+            ));
         }
     }
     if let Some(labels) = &c.labels {
@@ -412,6 +432,8 @@ fn compile_rule(spec: &RuleSpec) -> Result<Rule, String> {
         if labels.keys().any(|k| k.trim().is_empty()) {
             return Err("match.labels: a label key must not be empty".into());
         }
+        // A workstation can only carry labels within the registration limits.
+        crate::model::validate_labels("match.labels", labels.iter()).map_err(|e| e.message)?;
     }
     Ok(Rule {
         name: spec.name.clone(),

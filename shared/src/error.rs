@@ -71,20 +71,57 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// The error half of every reply: `{"code": "...", "message": "..."}`.
+/// Longest `message` a [`WireError`] carries, in bytes of UTF-8. Longer messages
+/// (typically ones that echo an offending value back, or a serde error quoting
+/// a huge string) are cut on a char boundary and end with `…`: a reply must
+/// stay far below NATS's max payload however large the bad input was.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// How much of an offending value a message quotes (see [`quote`]).
+pub const QUOTE_BYTES: usize = 64;
+
+/// The error half of every reply: `{"code": "...", "message": "..."}`, and for
+/// some errors a `details` object (absent otherwise). Built only through
+/// [`WireError::new`] and its shorthands, which bound the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
+    /// Machine-readable facts about the error, for the codes that have them
+    /// (`conflict` on an idempotency key: the task holding the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<ErrorDetails>,
+}
+
+/// Structured facts attached to an error (documented in `docs/protocol.md` §3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetails {
+    /// The task the error is about: for `conflict` on `tasks.create` / `tasks.submit`,
+    /// the task that already holds the idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<crate::ids::TaskId>,
 }
 
 impl WireError {
+    /// An error with `message` cut to [`MAX_MESSAGE_BYTES`] (the one place that bound applies).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
-            message: message.into(),
+            message: bounded(message.into()),
+            details: None,
         }
+    }
+    /// The same error carrying `details`.
+    pub fn with_details(mut self, details: ErrorDetails) -> Self {
+        self.details = Some(details);
+        self
+    }
+    /// The same error with its message cut to [`MAX_MESSAGE_BYTES`] again (for an
+    /// error decoded from a peer, which may not have bounded it).
+    pub fn bounded(mut self) -> Self {
+        self.message = bounded(std::mem::take(&mut self.message));
+        self
     }
     pub fn malformed(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::MalformedPayload, message)
@@ -104,10 +141,89 @@ impl WireError {
     pub fn stale_lease(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::StaleLease, message)
     }
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::TooLarge, message)
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unavailable, message)
+    }
+}
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        const ELLIPSIS: &str = "…";
+        let mut end = MAX_MESSAGE_BYTES - ELLIPSIS.len();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(ELLIPSIS);
+    }
+    message
+}
+
+/// A short, printable rendering of an offending value for an error message: at
+/// most [`QUOTE_BYTES`] of it (cut on a char boundary, `…` appended), control
+/// characters escaped, so a message never echoes a huge or binary value.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(QUOTE_BYTES) + 8);
+    for (i, c) in value.char_indices() {
+        if i >= QUOTE_BYTES {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_on_a_char_boundary() {
+        let e = WireError::invalid("é".repeat(10_000));
+        assert!(e.message.len() <= MAX_MESSAGE_BYTES, "{}", e.message.len());
+        assert!(e.message.ends_with('…'));
+        let short = WireError::invalid("name: bad");
+        assert_eq!(short.message, "name: bad");
+        // A peer's unbounded error is bounded again.
+        let peer = WireError {
+            code: ErrorCode::Internal,
+            message: "x".repeat(5000),
+            details: None,
+        };
+        assert!(peer.bounded().message.len() <= MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn quote_shortens_and_escapes() {
+        assert_eq!(quote("build-01"), "build-01");
+        assert_eq!(quote("a\0b\n"), r"a\u{0}b\n");
+        let q = quote(&"y".repeat(10_000));
+        assert!(q.len() <= QUOTE_BYTES + '…'.len_utf8() && q.ends_with('…'));
+    }
+
+    #[test]
+    fn details_are_omitted_when_absent() {
+        let e = WireError::conflict("taken");
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"code":"conflict","message":"taken"}"#
+        );
+        let id = crate::ids::TaskId::new();
+        let e = e.with_details(ErrorDetails { task_id: Some(id) });
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["details"]["task_id"], id.to_string());
+        let back: WireError = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
     }
 }

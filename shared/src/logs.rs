@@ -127,15 +127,26 @@ pub fn sanitise_line(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Decodes raw output bytes lossily: invalid sequences become U+FFFD and the
-/// line is marked with [`INVALID_UTF8_MARK`] so a reader knows it was changed.
+/// line is marked with [`INVALID_UTF8_MARK`] so a reader knows it was changed;
+/// NUL (valid UTF-8, but not storable in Postgres text) becomes U+FFFD as in
+/// [`sanitise_line`]. Output is never a reason to refuse anything.
 pub fn lossy_line(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_string(),
+        Ok(s) => replace_nul(s.to_string()),
         Err(_) => {
-            let mut s = String::from_utf8_lossy(bytes).into_owned();
+            let mut s = replace_nul(String::from_utf8_lossy(bytes).into_owned());
             s.push_str(INVALID_UTF8_MARK);
             s
         }
+    }
+}
+
+/// `text` with every NUL replaced by U+FFFD (no copy when there is none).
+pub fn replace_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -282,6 +293,8 @@ mod tests {
     #[test]
     fn invalid_utf8_is_kept_lossily_and_marked() {
         assert_eq!(lossy_line(b"ok"), "ok");
+        assert_eq!(lossy_line(b"a\0b"), "a\u{FFFD}b");
+        assert_eq!(lossy_line(b"\0\xff"), format!("\u{FFFD}\u{FFFD}{INVALID_UTF8_MARK}"));
         assert_eq!(
             lossy_line(b"bad \xff byte"),
             format!("bad \u{FFFD} byte{INVALID_UTF8_MARK}")

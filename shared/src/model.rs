@@ -185,6 +185,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Most exit codes a retry policy may list as never retried.
+pub const MAX_NON_RETRYABLE_EXIT_CODES: usize = 256;
+
 /// Limits applied when validating a create request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskLimits {
@@ -349,6 +352,12 @@ impl TaskSpec {
                     "retry_policy.initial_backoff_secs: must be ≥ 1 and ≤ max_backoff_secs",
                 ));
             }
+            if p.non_retryable_exit_codes.len() > MAX_NON_RETRYABLE_EXIT_CODES {
+                return Err(too_large(format!(
+                    "retry_policy.non_retryable_exit_codes: {} codes exceed the limit of {MAX_NON_RETRYABLE_EXIT_CODES}",
+                    p.non_retryable_exit_codes.len()
+                )));
+            }
         }
         if let Some(k) = &self.idempotency_key
             && (k.is_empty() || k.len() > 200)
@@ -381,10 +390,120 @@ pub fn validate_workstation_name(name: &str) -> Result<(), WireError> {
     }
 }
 
+/// Longest `worker_id`, in bytes (the Tanjiren worker uses `{workstation name}-{8
+/// random characters}`, at most 137).
+pub const MAX_WORKER_ID_BYTES: usize = 200;
+
+/// A worker id (`lease.claim`, `lease.heartbeat`, `lease.release`): 1 to
+/// [`MAX_WORKER_ID_BYTES`] bytes of printable ASCII without spaces (`!` to `~`).
+/// It is stored as the step's `lease_owner` and shown to operators, so it is
+/// kept short and printable. Error: `invalid_request` naming `worker_id`.
+pub fn validate_worker_id(worker_id: &str) -> Result<(), WireError> {
+    let ok = !worker_id.is_empty()
+        && worker_id.len() <= MAX_WORKER_ID_BYTES
+        && worker_id.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::invalid(format!(
+            "worker_id: must be 1-{MAX_WORKER_ID_BYTES} bytes of printable ASCII without spaces (got {} bytes)",
+            worker_id.len()
+        )))
+    }
+}
+
+/// `#[serde(deserialize_with)]` for a `worker_id` field: [`validate_worker_id`] at decoding,
+/// so every subject that carries one refuses a bad one before its handler runs.
+pub fn deserialize_worker_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let id = String::deserialize(d)?;
+    validate_worker_id(&id).map_err(crate::codec::refuse)?;
+    Ok(id)
+}
+
+/// Most labels a workstation may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key, in bytes; keys are `A–Z a–z 0–9 . _ - /`.
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+/// Longest label value, in bytes (any text without NUL; may be empty).
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+
+/// Workstation labels (registration) and the labels a doctrine rule matches:
+/// at most [`MAX_LABELS`], keys 1–[`MAX_LABEL_KEY_BYTES`] bytes of `A–Z a–z 0–9 . _ - /`,
+/// values at most [`MAX_LABEL_VALUE_BYTES`] bytes. Too many labels or a value too long:
+/// `too_large`; a bad key: `invalid_request`. Messages name `field` and quote short.
+pub fn validate_labels<'a>(
+    field: &str,
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), WireError> {
+    if labels.len() > MAX_LABELS {
+        return Err(too_large(format!(
+            "{field}: {} labels exceed the limit of {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY_BYTES
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(WireError::invalid(format!(
+                "{field}: key `{}` must be 1-{MAX_LABEL_KEY_BYTES} bytes of A-Z, a-z, 0-9, '.', '_', '-' or '/'",
+                crate::error::quote(key)
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(too_large(format!(
+                "{field}.{key}: {} bytes exceeds the limit of {MAX_LABEL_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
+
+    #[test]
+    fn worker_ids_are_short_and_printable() {
+        assert!(validate_worker_id("build-01-7f3a9c1e").is_ok());
+        assert!(validate_worker_id(&"w".repeat(MAX_WORKER_ID_BYTES)).is_ok());
+        for bad in ["", "a b", "tab\there", "é", &"w".repeat(MAX_WORKER_ID_BYTES + 1)] {
+            let e = validate_worker_id(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.starts_with("worker_id: "), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn labels_have_bounded_count_keys_and_values() {
+        let ok: std::collections::BTreeMap<String, String> =
+            [("env".into(), "production".into()), ("team/owner".into(), "".into())].into();
+        assert!(validate_labels("labels", ok.iter()).is_ok());
+        let many: std::collections::BTreeMap<String, String> =
+            (0..=MAX_LABELS).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert_eq!(
+            validate_labels("labels", many.iter()).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+        let long: std::collections::BTreeMap<String, String> =
+            [("env".into(), "v".repeat(MAX_LABEL_VALUE_BYTES + 1))].into();
+        let e = validate_labels("labels", long.iter()).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.starts_with("labels.env: ")),
+            (ErrorCode::TooLarge, true)
+        );
+        for key in ["", "a b", &"k".repeat(MAX_LABEL_KEY_BYTES + 1)] {
+            let bad: std::collections::BTreeMap<String, String> = [(key.to_string(), "v".into())].into();
+            let e = validate_labels("labels", bad.iter()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{key:?}");
+            assert!(e.message.len() < 200);
+        }
+    }
 
     fn spec() -> TaskSpec {
         TaskSpec {

@@ -18,6 +18,9 @@ pub type CreateTaskRequest = TaskSpec;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateTaskReply {
     pub task_id: TaskId,
+    /// The task's organisation (the caller's): the `{org}` of its event subjects,
+    /// so an integration can subscribe to `events.{org}.>` before anything happens.
+    pub org_id: OrgId,
     pub status: TaskStatus,
     pub approval_status: ApprovalStatus,
     /// False when an earlier create with the same idempotency key made this task.
@@ -42,6 +45,20 @@ pub struct SubmitOutcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GetTaskRequest {
     pub task_id: TaskId,
+    /// Only steps with an id greater than this one: the next page of a task whose
+    /// steps did not fit one reply (pass its `next_steps_after`).
+    #[serde(default)]
+    pub steps_after: Option<StepId>,
+}
+
+impl GetTaskRequest {
+    /// The whole task (its first page of steps).
+    pub fn new(task_id: TaskId) -> Self {
+        Self {
+            task_id,
+            steps_after: None,
+        }
+    }
 }
 
 /// A task as operators and integrations see it.
@@ -105,6 +122,16 @@ pub struct TaskView {
     /// Artifacts of every attempt of this task's chain (same `root_task_id`), oldest first.
     #[serde(default)]
     pub artifacts: Vec<crate::artifacts::ArtifactView>,
+    /// Set when `steps` stopped early to keep the reply within its byte budget:
+    /// ask again with `steps_after` = this for the next steps.
+    #[serde(default)]
+    pub next_steps_after: Option<StepId>,
+    /// True when `attempts` was cut to fit the reply: `tasks.list` with `root_task_id` pages them.
+    #[serde(default)]
+    pub attempts_truncated: bool,
+    /// True when `artifacts` was cut to fit the reply: `artifacts.list` with `task_id` pages them.
+    #[serde(default)]
+    pub artifacts_truncated: bool,
 }
 
 /// One step: a workstation's share of the execution.
@@ -208,6 +235,10 @@ pub struct ListTasksRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListTasksReply {
     pub tasks: Vec<TaskSummary>,
+    /// Set when more tasks match: pass it as `before` for the next page. A page
+    /// ends at `limit` tasks or at its byte budget, whichever comes first.
+    #[serde(default)]
+    pub next_before: Option<TaskId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -292,6 +323,13 @@ pub struct TaskLogsReply {
     /// The `dedup` view (empty for `raw`): ordered by step, then first occurrence.
     #[serde(default)]
     pub signatures: Vec<LogSignatureView>,
+    /// Set (with `next_after_seq`) when more entries follow this page, which ends at
+    /// `limit` entries or at its byte budget: pass both as `after_step_id` and
+    /// `after_seq` for the next page. Absent on the last page.
+    #[serde(default)]
+    pub next_after_step_id: Option<StepId>,
+    #[serde(default)]
+    pub next_after_seq: Option<i64>,
 }
 
 /// One deduplicated line: a signature with its count, first and last occurrence
@@ -331,8 +369,15 @@ pub struct LiveLogBatch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RegisterWorkstationRequest {
     pub name: String,
-    #[serde(default)]
+    /// Bounded at decoding by [`crate::model::validate_labels`].
+    #[serde(default, deserialize_with = "registration_labels")]
     pub labels: BTreeMap<String, String>,
+}
+
+fn registration_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let labels = BTreeMap::<String, String>::deserialize(d)?;
+    crate::model::validate_labels("labels", labels.iter()).map_err(crate::codec::refuse)?;
+    Ok(labels)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -369,7 +414,9 @@ pub struct ClaimRequest {
     pub step_id: StepId,
     /// The generation seen in the assignment (compare-and-swap).
     pub lease_generation: i64,
-    /// Who will hold the lease: unique per worker process.
+    /// Who will hold the lease: unique per worker process
+    /// ([`crate::model::validate_worker_id`], checked at decoding).
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
 }
 
@@ -397,18 +444,34 @@ pub struct HeldLease {
     pub lease_generation: i64,
 }
 
+/// Most leases one heartbeat may report (`too_large` beyond).
+pub const MAX_HEARTBEAT_LEASES: usize = 1000;
+
 /// `lease.heartbeat` request: one per worker, covering every lease it holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
     /// Optional: the credential names the workstation; when given it must match it.
     #[serde(default)]
     pub workstation_id: Option<WorkstationId>,
-    #[serde(default)]
+    /// At most [`MAX_HEARTBEAT_LEASES`], checked at decoding.
+    #[serde(default, deserialize_with = "heartbeat_leases")]
     pub leases: Vec<HeldLease>,
     /// How many more steps the worker can take now (0 = send no offers).
     #[serde(default)]
     pub capacity: u32,
+}
+
+fn heartbeat_leases<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeldLease>, D::Error> {
+    let leases = Vec::<HeldLease>::deserialize(d)?;
+    if leases.len() > MAX_HEARTBEAT_LEASES {
+        return Err(crate::codec::refuse(crate::WireError::too_large(format!(
+            "leases: {} leases exceed the limit of {MAX_HEARTBEAT_LEASES} per heartbeat",
+            leases.len()
+        ))));
+    }
+    Ok(leases)
 }
 
 /// The fate of one lease in a heartbeat reply.
@@ -435,6 +498,7 @@ pub struct HeartbeatReply {
 pub struct ReleaseRequest {
     pub step_id: StepId,
     pub lease_generation: i64,
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
 }
 
@@ -450,8 +514,23 @@ pub struct LogBatch {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
+    /// Each line's `seq` must be ≥ 1 (checked at decoding: `tasks.logs` pages
+    /// from `after_seq` 0, so a line at 0 or below would never be shown).
+    #[serde(deserialize_with = "log_lines")]
     pub lines: Vec<LogLine>,
+}
+
+fn log_lines<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<LogLine>, D::Error> {
+    let lines = Vec::<LogLine>::deserialize(d)?;
+    if let Some((i, l)) = lines.iter().enumerate().find(|(_, l)| l.seq < 1) {
+        return Err(crate::codec::refuse(crate::WireError::invalid(format!(
+            "lines[{i}].seq: must be at least 1 (got {})",
+            l.seq
+        ))));
+    }
+    Ok(lines)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -480,6 +559,7 @@ pub struct ProgressReport {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
+    #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
     #[serde(default)]
     pub stdout_tail: Option<String>,

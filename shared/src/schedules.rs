@@ -141,6 +141,11 @@ fn one() -> u32 {
     1
 }
 
+/// Longest cron expression accepted, in bytes.
+pub const MAX_CRON_BYTES: usize = 256;
+/// Longest time-zone name accepted, in bytes (IANA names are far shorter).
+pub const MAX_TIMEZONE_BYTES: usize = 64;
+
 /// A create request that passed every check that needs no database.
 #[derive(Clone, Debug)]
 pub struct ValidSchedule {
@@ -158,6 +163,18 @@ impl CreateScheduleRequest {
         now: DateTime<Utc>,
     ) -> Result<ValidSchedule, WireError> {
         validate_schedule_name(&self.name)?;
+        if self.cron.len() > MAX_CRON_BYTES {
+            return Err(WireError::invalid(format!(
+                "cron: {} bytes, more than the limit of {MAX_CRON_BYTES}",
+                self.cron.len()
+            )));
+        }
+        if self.timezone.len() > MAX_TIMEZONE_BYTES {
+            return Err(WireError::invalid(format!(
+                "timezone: {} bytes, more than the limit of {MAX_TIMEZONE_BYTES}",
+                self.timezone.len()
+            )));
+        }
         let cron = CronExpr::parse(&self.cron).map_err(|e| WireError::invalid(e.to_string()))?;
         let zone = parse_zone(&self.timezone).map_err(|e| WireError::invalid(e.to_string()))?;
         cron.check_min_interval(zone, now, min_interval_secs)
@@ -268,6 +285,10 @@ pub struct ScheduleDetail {
     pub next_runs: Vec<DateTime<Utc>>,
     pub ticks: Vec<ScheduleTick>,
     pub tick_counts: TickCounts,
+    /// Set when more ledger rows follow (`ticks_limit` reached, or the reply's byte
+    /// budget): pass it as `ticks_before` for the next page.
+    #[serde(default)]
+    pub next_ticks_before: Option<DateTime<Utc>>,
 }
 
 /// `schedules.list` request: newest first.
@@ -286,6 +307,10 @@ pub struct ListSchedulesRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListSchedulesReply {
     pub schedules: Vec<ScheduleView>,
+    /// Set when more schedules follow this page (which ends at `limit` or at its
+    /// byte budget): pass it as `before` for the next page.
+    #[serde(default)]
+    pub next_before: Option<ScheduleId>,
 }
 
 /// `schedules.delete` reply.

@@ -294,7 +294,7 @@ impl TestEnv {
         self.call(
             &self.conns.subjects.tasks_get(),
             &self.owner_token,
-            &GetTaskRequest { task_id: task },
+            &GetTaskRequest::new(task),
         )
         .await
     }

@@ -1,14 +1,16 @@
 //! The approvals read side: tasks waiting for a decision (nearest deadline first)
 //! and stored decisions (newest first), always scoped to the caller's
-//! organisation. Read-only.
+//! organisation. Read-only. Each reply is bounded in bytes as well as in count.
 
 use sqlx::types::Json;
 use tanjiren_runtime::approval_records::{APPROVAL_COLUMNS, ApprovalRow, SNAPSHOT_COLUMNS, SnapshotRow};
+use tanjiren_runtime::bus::page_budget;
 use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{
     ListApprovalsReply, ListApprovalsRequest, PendingApproval, PendingApprovalsReply, PendingApprovalsRequest,
 };
+use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use uuid::Uuid;
@@ -43,7 +45,7 @@ async fn pending_one(
          ORDER BY approval_deadline, id LIMIT $2"
     )))
     .bind(org.as_uuid())
-    .bind(limit)
+    .bind(limit + 1)
     .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
@@ -61,7 +63,10 @@ async fn pending_one(
             snapshot,
         });
     }
-    Ok(PendingApprovalsReply { pending })
+    let mut truncated = pending.len() as i64 > limit;
+    pending.truncate(limit as usize);
+    truncated |= fit_page(&mut pending, page_budget(&conns.nats)).1;
+    Ok(PendingApprovalsReply { pending, truncated })
 }
 
 pub(crate) async fn list(
@@ -87,14 +92,17 @@ async fn list_one(
     .bind(req.task_id.map(|t| t.as_uuid()))
     .bind(req.decision.map(|d| d.as_str()))
     .bind(req.before)
-    .bind(limit)
+    .bind(limit + 1)
     .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
-    Ok(ListApprovalsReply {
-        approvals: rows
-            .into_iter()
-            .map(ApprovalRow::into_record)
-            .collect::<Result<_, _>>()?,
-    })
+    let mut approvals: Vec<_> = rows
+        .into_iter()
+        .map(ApprovalRow::into_record)
+        .collect::<Result<_, _>>()?;
+    let mut more = approvals.len() as i64 > limit;
+    approvals.truncate(limit as usize);
+    more |= fit_page(&mut approvals, page_budget(&conns.nats)).1;
+    let next_before = approvals.last().filter(|_| more).map(|a| a.approval_id);
+    Ok(ListApprovalsReply { approvals, next_before })
 }

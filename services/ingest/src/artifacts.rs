@@ -8,12 +8,14 @@
 use crate::worker_writes::StepFence;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
+use tanjiren_runtime::bus::page_budget;
 use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{
     AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView, GetArtifactRequest,
     ListArtifactsReply, ListArtifactsRequest, WorkerArtifactRequest, validate,
 };
+use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId};
 use uuid::Uuid;
 
@@ -296,7 +298,11 @@ async fn list_one(
     req: &ListArtifactsRequest,
 ) -> Result<ListArtifactsReply, WireError> {
     let limit = req.limit.unwrap_or(50).clamp(1, 500) as i64;
-    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {COLUMNS} FROM artifacts WHERE org_id = "));
+    let budget = page_budget(&conns.nats);
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT * FROM (SELECT p.*, sum(size) OVER (ORDER BY id) - size AS size_before, count(*) OVER () AS total FROM (
+         SELECT {COLUMNS}, {SIZE} AS size FROM artifacts WHERE org_id = "
+    ));
     q.push_bind(org.as_uuid());
     match (req.task_id, req.investigation_id) {
         (Some(t), None) => {
@@ -322,11 +328,32 @@ async fn list_one(
     if let Some(after) = req.after {
         q.push(" AND id > ").push_bind(after);
     }
-    q.push(" ORDER BY id LIMIT ").push_bind(limit);
-    let rows: Vec<ArtifactRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
-    Ok(ListArtifactsReply {
-        artifacts: rows.into_iter().map(ArtifactRow::view).collect::<Result<_, _>>()?,
-    })
+    // One more than asked for (whether another page follows), and rows only while
+    // the bytes before them fit the budget (see `read::bounded_page`).
+    q.push(" ORDER BY id LIMIT ").push_bind(limit + 1);
+    q.push(") p) q WHERE size_before < ").push_bind(budget as i64);
+    q.push(" ORDER BY id");
+    let rows: Vec<SizedArtifactRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
+    let mut more = rows.first().is_some_and(|r| r.total > rows.len() as i64) || rows.len() as i64 > limit;
+    let mut artifacts: Vec<ArtifactView> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|r| r.row.view())
+        .collect::<Result<_, _>>()?;
+    more |= fit_page(&mut artifacts, budget).1;
+    let next_after = artifacts.last().filter(|_| more).map(|a| a.artifact_id);
+    Ok(ListArtifactsReply { artifacts, next_after })
+}
+
+/// The stored bytes of an artifact, as counted against a page's budget.
+const SIZE: &str = "(octet_length(title) + octet_length(body) + coalesce(octet_length(url), 0))::int8";
+
+/// An artifact row with the page accounting of `read::bounded_page`.
+#[derive(sqlx::FromRow)]
+struct SizedArtifactRow {
+    #[sqlx(flatten)]
+    row: ArtifactRow,
+    total: i64,
 }
 
 pub(crate) async fn get(
@@ -357,13 +384,20 @@ pub(crate) async fn chain_artifacts(
     org: OrgId,
     root: Uuid,
 ) -> Result<Vec<ArtifactView>, WireError> {
-    let rows: Vec<ArtifactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM artifacts WHERE root_task_id = $1 AND org_id = $2 ORDER BY id LIMIT 500"
-    )))
-    .bind(root)
-    .bind(org.as_uuid())
-    .fetch_all(&conns.db)
-    .await
-    .map_err(db_error)?;
+    // Only what can fit a reply is read (`tasks.get` cuts the list to its budget).
+    let sql = crate::read::bounded_page(
+        &format!(
+            "SELECT {COLUMNS}, {SIZE} AS size FROM artifacts WHERE root_task_id = $1 AND org_id = $2 ORDER BY id LIMIT 500"
+        ),
+        "id",
+        "$3",
+    );
+    let rows: Vec<ArtifactRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(root)
+        .bind(org.as_uuid())
+        .bind(page_budget(&conns.nats) as i64)
+        .fetch_all(&conns.db)
+        .await
+        .map_err(db_error)?;
     rows.into_iter().map(ArtifactRow::view).collect()
 }

@@ -1,7 +1,9 @@
 //! Task creation: validate, resolve targets (by id or name) within the caller's
 //! organisation, and insert a whole batch of tasks `planned` in one statement.
 //! An idempotency key already used in the organisation returns the existing
-//! task (`created: false`) instead of making a second one.
+//! task (`created: false`) instead of making a second one — if the request is
+//! the same (its [`request_digest`] matches the stored task's); a different
+//! request under a used key is a `conflict` naming the task that holds it.
 //!
 //! This is the one path that creates tasks. `tasks.create` and `tasks.submit` use
 //! [`create_tasks`]; the scheduler (schedule ticks, retries) runs the same two
@@ -13,9 +15,11 @@ use sqlx::types::Json;
 use std::collections::HashMap;
 use tanjiren_runtime::events::publish_task_event;
 use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::approvals::{RequestFacts, request_digest};
 use tanjiren_shared::config::Config;
+use tanjiren_shared::error::{ErrorDetails, quote};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
-use tanjiren_shared::model::{ApprovalStatus, TaskLimits, TaskSpec, TaskStatus};
+use tanjiren_shared::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
@@ -86,13 +90,13 @@ pub async fn create_tasks(
     match insert(conns, &rows).await {
         Ok(replies) => {
             for (index, reply) in replies {
-                results[index] = Some(Ok(reply));
+                results[index] = Some(reply);
             }
         }
         Err(e) if rows.len() > 1 && !e.code.is_retryable() => {
             // One bad row must not fail its neighbours: insert them one by one.
             for (index, row) in rows {
-                let r = insert(conns, &[(index, row)]).await.map(|mut v| v.remove(0).1);
+                let r = insert(conns, &[(index, row)]).await.and_then(|mut v| v.remove(0).1);
                 results[index] = Some(r);
             }
         }
@@ -240,21 +244,117 @@ fn build_row(
     })
 }
 
-/// Inserts rows; returns one reply per row (request index, reply). The insert is one
+/// Inserts rows; returns one result per row (request index, reply): a row whose key
+/// is held by a task made from another request is a `conflict`. The insert is one
 /// statement and commits on its own (no BEGIN/COMMIT round trips); the look-up of
 /// keys held by other tasks reads only committed rows, so it needs no transaction either.
-async fn insert(conns: &Connections, rows: &[(usize, NewTask)]) -> Result<Vec<(usize, CreateTaskReply)>, WireError> {
+async fn insert(
+    conns: &Connections,
+    rows: &[(usize, NewTask)],
+) -> Result<Vec<(usize, Result<CreateTaskReply, WireError>)>, WireError> {
     let mut conn = conns.db.acquire().await.map_err(db_error)?;
     let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
-    let replies = insert_tasks(&mut conn, &tasks).await?;
-    Ok(rows.iter().map(|(i, _)| *i).zip(replies).collect())
+    let outcomes = insert_rows(&mut conn, &tasks).await?;
+    Ok(rows
+        .iter()
+        .zip(outcomes)
+        .map(|((i, row), o)| {
+            let r = match o {
+                Inserted::Existing {
+                    reply,
+                    same_request: false,
+                } => Err(key_conflict(row, reply.task_id)),
+                Inserted::Created(reply) | Inserted::Existing { reply, .. } => Ok(reply),
+            };
+            (*i, r)
+        })
+        .collect())
+}
+
+/// `conflict`: `row`'s idempotency key already made `holder` from a different request.
+fn key_conflict(row: &NewTask, holder: TaskId) -> WireError {
+    WireError::conflict(format!(
+        "idempotency_key: `{}` already made task {holder} from a different request; \
+         repeat that request unchanged to get its task, or use a new key",
+        quote(row.spec.idempotency_key.as_deref().unwrap_or_default())
+    ))
+    .with_details(ErrorDetails { task_id: Some(holder) })
+}
+
+/// The [`request_digest`] of a row about to be inserted.
+fn row_digest(r: &NewTask) -> String {
+    request_digest(&RequestFacts {
+        intent: &r.spec.intent,
+        mode: &r.spec.mode,
+        targets: &r.targets,
+        timeout_secs: r.timeout_secs,
+        queue_timeout_secs: r.queue_timeout_secs,
+        retry_policy: r.spec.retry_policy.as_ref(),
+        investigation_id: r.spec.investigation_id,
+        retry_of_task_id: r.spec.retry_of_task_id,
+    })
+}
+
+/// What became of one row of [`insert_rows`].
+enum Inserted {
+    Created(CreateTaskReply),
+    /// The key was taken: the task holding it, and whether it was made from the same request.
+    Existing {
+        reply: CreateTaskReply,
+        same_request: bool,
+    },
 }
 
 /// Inserts `rows` `planned` in one statement inside the caller's transaction; one
 /// reply per row, in order. A row whose idempotency key is already used in its
 /// organisation is not inserted: its reply names the task holding the key
 /// (`created: false`). Publish with [`publish_planned`] after the commit.
+/// (The scheduler's keys — one per tick or failed task — only ever repeat a request.)
 pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<CreateTaskReply>, WireError> {
+    Ok(insert_rows(conn, rows)
+        .await?
+        .into_iter()
+        .map(|o| match o {
+            Inserted::Created(reply) | Inserted::Existing { reply, .. } => reply,
+        })
+        .collect())
+}
+
+/// A task holding an idempotency key, with what its request digest is made of.
+#[derive(sqlx::FromRow)]
+struct KeyHolder {
+    org_id: Uuid,
+    idempotency_key: String,
+    id: Uuid,
+    status: String,
+    approval_status: String,
+    intent: String,
+    payload: Json<Mode>,
+    targets: Vec<Uuid>,
+    timeout_secs: i64,
+    queue_timeout_secs: i64,
+    retry_policy: Option<Json<RetryPolicy>>,
+    investigation_id: Option<Uuid>,
+    retry_of_task_id: Option<Uuid>,
+}
+
+impl KeyHolder {
+    fn digest(&self) -> String {
+        let targets: Vec<WorkstationId> = self.targets.iter().copied().map(WorkstationId::from).collect();
+        request_digest(&RequestFacts {
+            intent: &self.intent,
+            mode: &self.payload.0,
+            targets: &targets,
+            timeout_secs: self.timeout_secs,
+            queue_timeout_secs: self.queue_timeout_secs,
+            retry_policy: self.retry_policy.as_ref().map(|p| &p.0),
+            investigation_id: self.investigation_id,
+            retry_of_task_id: self.retry_of_task_id.map(TaskId::from),
+        })
+    }
+}
+
+async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<Inserted>, WireError> {
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut orgs = Vec::with_capacity(n);
@@ -349,11 +449,12 @@ pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<
             lookup_keys.push(r.spec.idempotency_key.clone().expect("only keyed rows can conflict"));
         }
     }
-    let existing: HashMap<(Uuid, String), (Uuid, String, String)> = if lookup_keys.is_empty() {
+    let existing: HashMap<(Uuid, String), KeyHolder> = if lookup_keys.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query_as::<_, (Uuid, String, Uuid, String, String)>(
-            "SELECT t.org_id, t.idempotency_key, t.id, t.status, t.approval_status
+        sqlx::query_as::<_, KeyHolder>(
+            "SELECT t.org_id, t.idempotency_key, t.id, t.status, t.approval_status, t.intent, t.payload, t.targets,
+                    t.timeout_secs, t.queue_timeout_secs, t.retry_policy, t.investigation_id, t.retry_of_task_id
              FROM tasks t JOIN unnest($1::uuid[], $2::text[]) AS k(org_id, key)
                ON t.org_id = k.org_id AND t.idempotency_key = k.key",
         )
@@ -363,31 +464,40 @@ pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<
         .await
         .map_err(db_error)?
         .into_iter()
-        .map(|(org, key, id, status, approval)| ((org, key), (id, status, approval)))
+        .map(|h| ((h.org_id, h.idempotency_key.clone()), h))
         .collect()
     };
 
     let mut replies = Vec::with_capacity(n);
     for r in rows {
         let reply = if inserted.contains(&r.id.as_uuid()) {
-            CreateTaskReply {
+            Inserted::Created(CreateTaskReply {
                 task_id: r.id,
+                org_id: r.org_id,
                 status: TaskStatus::Planned,
                 approval_status: ApprovalStatus::Unevaluated,
                 created: true,
-            }
+            })
         } else {
             let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
-            let (id, status, approval) = existing
+            let holder = existing
                 .get(&key)
                 .ok_or_else(|| WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"))?;
-            CreateTaskReply {
-                task_id: TaskId::from(*id),
-                status: status.parse().map_err(|_| WireError::internal("bad stored status"))?,
-                approval_status: approval
-                    .parse()
-                    .map_err(|_| WireError::internal("bad stored approval status"))?,
-                created: false,
+            Inserted::Existing {
+                reply: CreateTaskReply {
+                    task_id: TaskId::from(holder.id),
+                    org_id: r.org_id,
+                    status: holder
+                        .status
+                        .parse()
+                        .map_err(|_| WireError::internal("bad stored status"))?,
+                    approval_status: holder
+                        .approval_status
+                        .parse()
+                        .map_err(|_| WireError::internal("bad stored approval status"))?,
+                    created: false,
+                },
+                same_request: holder.digest() == row_digest(r),
             }
         };
         replies.push(reply);

@@ -15,6 +15,7 @@ mod summary;
 mod worker_writes;
 
 use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
+use tanjiren_shared::codec::TextPolicy;
 
 pub use create::{NewTask, create_tasks, insert_tasks, prepare_tasks, publish_planned, task_limits};
 pub use summary::{Swept, sweep_summaries, write_summaries};
@@ -38,14 +39,30 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     router
         .route(s.workstations_register(), Access::Enrol, worker_writes::register)
         .await?;
+    // Worker output is whatever a command printed: NUL in it is cleaned, never refused.
     router
-        .route(s.ingest_logs(), Access::Workstation, worker_writes::logs)
+        .route_with(
+            s.ingest_logs(),
+            Access::Workstation,
+            TextPolicy::ReplaceNul,
+            worker_writes::logs,
+        )
         .await?;
     router
-        .route(s.ingest_progress(), Access::Workstation, worker_writes::progress)
+        .route_with(
+            s.ingest_progress(),
+            Access::Workstation,
+            TextPolicy::ReplaceNul,
+            worker_writes::progress,
+        )
         .await?;
     router
-        .route(s.ingest_artifacts(), Access::Workstation, artifacts::worker_add)
+        .route_with(
+            s.ingest_artifacts(),
+            Access::Workstation,
+            TextPolicy::ReplaceNul,
+            artifacts::worker_add,
+        )
         .await?;
     router
         .route(s.artifacts_add(), Access::Operators, artifacts::add)

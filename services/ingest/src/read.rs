@@ -1,12 +1,16 @@
 //! The read side: one task with its steps, filtered lists (newest first, keyset
 //! pages) and stored output. Every query is scoped to the caller's organisation:
-//! another organisation's task is `not_found`, never shown.
+//! another organisation's task is `not_found`, never shown. Every reply is
+//! bounded in bytes as well as in count ([`page_budget`]): a page that reaches
+//! its budget ends early and says where to go on.
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tanjiren_runtime::approval_records::task_approvals;
+use tanjiren_runtime::bus::page_budget;
 use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
+use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::{
@@ -97,13 +101,21 @@ const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, 
 
 pub(crate) async fn get(conns: Connections, batch: Vec<Incoming<GetTaskRequest>>) -> Vec<Result<TaskView, WireError>> {
     each(&conns, batch, async |c, org, r: &GetTaskRequest| {
-        get_task(c, org, r.task_id).await
+        get_task(c, org, r.task_id, r.steps_after).await
     })
     .await
 }
 
-/// One task with its steps, or `not_found` if it is not in `org`.
-pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Result<TaskView, WireError> {
+/// One task with its steps (those after `steps_after`), or `not_found` if it is not
+/// in `org`. The view is kept within the page budget: the steps are paged
+/// (`next_steps_after`), and the attempts and artifacts lists are cut when
+/// they do not fit (`attempts_truncated`, `artifacts_truncated`).
+pub async fn get_task(
+    conns: &Connections,
+    org: OrgId,
+    task_id: TaskId,
+    steps_after: Option<StepId>,
+) -> Result<TaskView, WireError> {
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND org_id = $2");
     let row: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(task_id.as_uuid())
@@ -168,7 +180,8 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
         .into_iter()
         .map(TaskRow::summary)
         .collect::<Result<Vec<_>, WireError>>()?;
-    Ok(TaskView {
+    let artifacts = crate::artifacts::chain_artifacts(conns, org, row.root_task_id).await?;
+    let mut view = TaskView {
         task_id: row.id.into(),
         org_id: row.org_id.into(),
         intent: row.intent,
@@ -197,10 +210,46 @@ pub async fn get_task(conns: &Connections, org: OrgId, task_id: TaskId) -> Resul
         approvals,
         schedule_id: row.schedule_id.map(ScheduleId::from),
         retry_at: row.retry_at,
-        attempts,
-        steps,
-        artifacts: crate::artifacts::chain_artifacts(conns, org, row.root_task_id).await?,
-    })
+        attempts: vec![],
+        steps: vec![],
+        artifacts: vec![],
+        next_steps_after: None,
+        attempts_truncated: false,
+        artifacts_truncated: false,
+    };
+    // The task itself is bounded by validation; its lists fill the rest of the
+    // budget in order of use: steps (at least one), attempts, artifacts.
+    let mut left = page_budget(&conns.nats).saturating_sub(json_size(&view));
+    let mut steps: Vec<StepView> = steps
+        .into_iter()
+        .filter(|s| steps_after.is_none_or(|after| s.step_id > after))
+        .collect();
+    let (used, cut) = fit_page(&mut steps, left);
+    left = left.saturating_sub(used);
+    if cut {
+        view.next_steps_after = steps.last().map(|s| s.step_id);
+    }
+    view.steps = steps;
+    view.attempts = fit_within(attempts, &mut left, &mut view.attempts_truncated);
+    view.artifacts = fit_within(artifacts, &mut left, &mut view.artifacts_truncated);
+    Ok(view)
+}
+
+/// The prefix of `items` that fits in `left` bytes (possibly none); sets `cut` when
+/// anything was left out and takes what was used from `left`.
+fn fit_within<T: serde::Serialize>(mut items: Vec<T>, left: &mut usize, cut: &mut bool) -> Vec<T> {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        let size = json_size(item) + 1;
+        if used + size > *left {
+            items.truncate(i);
+            *cut = true;
+            break;
+        }
+        used += size;
+    }
+    *left -= used;
+    items
 }
 
 /// The smallest UUIDv7 of the millisecond `at` (every id created at or after it is ≥).
@@ -281,13 +330,18 @@ async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> 
         q.push(" AND id < ")
             .push_bind(v7_floor(before + chrono::Duration::minutes(1)));
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    // One more than asked for: whether another page follows.
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
     let rows: Vec<TaskRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
-    let tasks = rows
+    let mut tasks = rows
         .into_iter()
         .map(TaskRow::summary)
         .collect::<Result<Vec<_>, WireError>>()?;
-    Ok(ListTasksReply { tasks })
+    let mut more = tasks.len() as i64 > limit;
+    tasks.truncate(limit as usize);
+    more |= fit_page(&mut tasks, page_budget(&conns.nats)).1;
+    let next_before = if more { tasks.last().map(|t| t.task_id) } else { None };
+    Ok(ListTasksReply { tasks, next_before })
 }
 
 pub(crate) async fn logs(
@@ -308,48 +362,83 @@ async fn task_logs(conns: &Connections, org: OrgId, req: &TaskLogsRequest) -> Re
         return Err(WireError::not_found(format!("no task {}", req.task_id)));
     }
     let limit = req.limit.unwrap_or(1000).clamp(1, 10_000) as i64;
+    let budget = page_budget(&conns.nats);
     if req.view == LogView::Dedup {
-        return dedup_logs(conns, req, limit).await;
+        return dedup_logs(conns, req, limit, budget).await;
     }
     // Per step, `seq > after_seq`; across steps, keyset paging on (step_id, seq).
-    let sql = if req.after_step_id.is_some() {
-        "SELECT step_id, seq, stream, line, at FROM task_logs
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND (step_id, seq) > ($5, $3)
-         ORDER BY step_id, seq LIMIT $4"
+    let filter = if req.after_step_id.is_some() {
+        "(step_id, seq) > ($5, $3)"
     } else {
-        "SELECT step_id, seq, stream, line, at FROM task_logs
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND seq > $3 AND $5::uuid IS NULL
-         ORDER BY step_id, seq LIMIT $4"
+        "seq > $3 AND $5::uuid IS NULL"
     };
-    let rows: Vec<(Uuid, i64, String, String, DateTime<Utc>)> = sqlx::query_as(sql)
+    let sql = bounded_page(
+        &format!(
+            "SELECT step_id, seq, stream, line, at, octet_length(line)::int8 AS size FROM task_logs
+             WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND {filter}
+             ORDER BY step_id, seq LIMIT $4"
+        ),
+        "step_id, seq",
+        "$6",
+    );
+    let rows: Vec<LineRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(req.task_id.as_uuid())
         .bind(req.step_id.map(|s| s.as_uuid()))
         .bind(req.after_seq.unwrap_or(0))
-        .bind(limit)
+        .bind(limit + 1)
         .bind(req.after_step_id.map(|s| s.as_uuid()))
+        .bind(budget as i64)
         .fetch_all(&conns.db)
         .await
         .map_err(db_error)?;
-    let lines = rows
+    let more_rows = rows.first().is_some_and(|r| r.total > rows.len() as i64);
+    let mut lines: Vec<StepLogLine> = rows
         .into_iter()
-        .map(|(step, seq, stream, text, at)| StepLogLine {
-            step_id: StepId::from(step),
+        .map(|r| StepLogLine {
+            step_id: StepId::from(r.step_id),
             line: LogLine {
-                seq,
-                stream: if stream == "stderr" {
-                    LogStream::Stderr
-                } else {
-                    LogStream::Stdout
-                },
-                text,
-                at,
+                seq: r.seq,
+                stream: stream(&r.stream),
+                text: r.line,
+                at: r.at,
             },
         })
         .collect();
+    let more = more_rows | (lines.len() as i64 > limit);
+    lines.truncate(limit as usize);
+    let more = more | fit_page(&mut lines, budget).1;
+    let next = lines.last().filter(|_| more).map(|l| (l.step_id, l.line.seq));
     Ok(TaskLogsReply {
         lines,
         signatures: vec![],
+        next_after_step_id: next.map(|n| n.0),
+        next_after_seq: next.map(|n| n.1),
     })
+}
+
+/// Wraps a page query (which selects a `size` column, orders by `order` and ends
+/// with its `LIMIT`) so Postgres returns rows only while the sizes before each row
+/// stay under `budget` (a bind parameter, e.g. `$6`) bytes — at least the first row, and never a page's worth of
+/// 64 KiB lines pulled into memory to be dropped. Every row carries `total`, the
+/// number of rows of the page before that cut. The exact JSON bound is applied
+/// afterwards ([`fit_page`]).
+pub(crate) fn bounded_page(page: &str, order: &str, budget: &str) -> String {
+    format!(
+        "SELECT * FROM (
+            SELECT p.*, sum(size) OVER (ORDER BY {order}) - size AS size_before, count(*) OVER () AS total
+            FROM ({page}) p
+         ) q WHERE size_before < {budget} ORDER BY {order}"
+    )
+}
+
+#[derive(sqlx::FromRow)]
+struct LineRow {
+    step_id: Uuid,
+    seq: i64,
+    stream: String,
+    line: String,
+    at: DateTime<Utc>,
+    total: i64,
 }
 
 fn stream(s: &str) -> LogStream {
@@ -371,32 +460,45 @@ struct SignatureRow {
     last_seq: i64,
     first_at: DateTime<Utc>,
     last_at: DateTime<Utc>,
+    total: i64,
 }
 
 /// The deduplicated view: one entry per signature, by step then first occurrence;
 /// `after_seq` pages on `first_seq` (with `after_step_id`, on (step, `first_seq`)).
-async fn dedup_logs(conns: &Connections, req: &TaskLogsRequest, limit: i64) -> Result<TaskLogsReply, WireError> {
-    let sql = if req.after_step_id.is_some() {
-        "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at
-         FROM task_log_signatures
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND (step_id, first_seq) > ($5, $3)
-         ORDER BY step_id, first_seq LIMIT $4"
+async fn dedup_logs(
+    conns: &Connections,
+    req: &TaskLogsRequest,
+    limit: i64,
+    budget: usize,
+) -> Result<TaskLogsReply, WireError> {
+    let filter = if req.after_step_id.is_some() {
+        "(step_id, first_seq) > ($5, $3)"
     } else {
-        "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at
-         FROM task_log_signatures
-         WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND first_seq > $3 AND $5::uuid IS NULL
-         ORDER BY step_id, first_seq LIMIT $4"
+        "first_seq > $3 AND $5::uuid IS NULL"
     };
-    let rows: Vec<SignatureRow> = sqlx::query_as(sql)
+    let sql = bounded_page(
+        &format!(
+            "SELECT step_id, stream, signature, exemplar, count, first_seq, last_seq, first_at, last_at,
+                    (octet_length(exemplar) + octet_length(signature))::int8 AS size
+             FROM task_log_signatures
+             WHERE task_id = $1 AND ($2::uuid IS NULL OR step_id = $2) AND {filter}
+             ORDER BY step_id, first_seq LIMIT $4"
+        ),
+        "step_id, first_seq",
+        "$6",
+    );
+    let rows: Vec<SignatureRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(req.task_id.as_uuid())
         .bind(req.step_id.map(|s| s.as_uuid()))
         .bind(req.after_seq.unwrap_or(0))
-        .bind(limit)
+        .bind(limit + 1)
         .bind(req.after_step_id.map(|s| s.as_uuid()))
+        .bind(budget as i64)
         .fetch_all(&conns.db)
         .await
         .map_err(db_error)?;
-    let signatures = rows
+    let more_rows = rows.first().is_some_and(|r| r.total > rows.len() as i64);
+    let mut signatures: Vec<LogSignatureView> = rows
         .into_iter()
         .map(|r| LogSignatureView {
             step_id: r.step_id.into(),
@@ -410,8 +512,14 @@ async fn dedup_logs(conns: &Connections, req: &TaskLogsRequest, limit: i64) -> R
             last_at: r.last_at,
         })
         .collect();
+    let more = more_rows | (signatures.len() as i64 > limit);
+    signatures.truncate(limit as usize);
+    let more = more | fit_page(&mut signatures, budget).1;
+    let next = signatures.last().filter(|_| more).map(|s| (s.step_id, s.first_seq));
     Ok(TaskLogsReply {
         lines: vec![],
         signatures,
+        next_after_step_id: next.map(|n| n.0),
+        next_after_seq: next.map(|n| n.1),
     })
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tanjiren_runtime::auth::Authenticator;
 use tanjiren_runtime::streams::{durable_messages, ensure_streams};
 use tanjiren_runtime::{Connections, Shutdown, StartupError};
-use tanjiren_shared::codec::{CONTENT_TYPE, Encoding};
+use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, TextPolicy};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal, SubmitOutcome};
@@ -91,7 +91,7 @@ async fn process(conns: &Connections, auth: &Authenticator, batch: Vec<async_nat
             continue;
         }
         let encoding = Encoding::from_content_type(header(CONTENT_TYPE).as_deref());
-        match encoding.decode::<TaskSpec>(&msg.payload) {
+        match encoding.decode_request::<TaskSpec>(&msg.payload, TextPolicy::Refuse) {
             Ok(spec) => {
                 accepted.push(msg);
                 requests.push((principal, spec));

@@ -387,15 +387,13 @@ struct StepUpdate {
     failure_reason: Option<String>,
 }
 
+/// The last [`MAX_TAIL_BYTES`] of a tail, NUL replaced (whether cut or not).
 fn tail(s: &str) -> String {
-    if s.len() <= MAX_TAIL_BYTES {
-        return s.to_string();
-    }
-    let mut start = s.len() - MAX_TAIL_BYTES;
+    let mut start = s.len().saturating_sub(MAX_TAIL_BYTES);
     while !s.is_char_boundary(start) {
         start += 1;
     }
-    s[start..].replace('\0', "\u{FFFD}")
+    tanjiren_shared::logs::replace_nul(s[start..].to_string())
 }
 
 async fn store_progress(

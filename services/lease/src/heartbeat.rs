@@ -16,6 +16,7 @@ use crate::keys::{self, KeyOp};
 use sqlx::types::Json;
 use std::collections::{HashMap, HashSet};
 use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, acting_workstation, check_write};
 use tanjiren_shared::model::{Mode, StepStatus};
@@ -218,6 +219,10 @@ async fn heartbeat(
                     }
                 })
                 .collect();
+            // Offers fill what the renewals leave of a page; an offer left out comes
+            // with the next beat (or by dispatch), so a reply never outgrows the server.
+            let budget = tanjiren_runtime::bus::page_budget(&conns.nats).saturating_sub(json_size(&leases));
+            fit_page(&mut offers, budget);
             Ok(HeartbeatReply { leases, offers })
         })
         .collect();

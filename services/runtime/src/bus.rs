@@ -4,9 +4,13 @@
 //! every request already waiting into one batch so a service can commit many
 //! requests in one transaction (group commit). Each request is decoded in the
 //! caller's encoding and authenticated before the handler sees it; bad ones get
-//! a typed error at once. Every request gets exactly one reply — a handler panic
-//! becomes an `internal` error, never silence. On shutdown the subscription is
-//! drained: what was received is finished and answered, nothing new is taken.
+//! a typed error at once. Decoding applies the one request rule of
+//! [`Encoding::decode_request`] (structs as maps, no NUL in text, errors that
+//! name the field) to every subject. Every request gets exactly one reply — a
+//! handler panic becomes an `internal` error, and a reply larger than the
+//! server's max payload a `too_large` error, never silence. On shutdown the
+//! subscription is drained: what was received is finished and answered,
+//! nothing new is taken.
 
 use crate::auth::Authenticator;
 use crate::metrics::Metrics;
@@ -20,7 +24,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, Reply};
+use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, Reply, TextPolicy};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
@@ -94,6 +98,8 @@ pub struct ServeOptions {
     pub batch_max_bytes: usize,
     /// Handler calls running at once.
     pub concurrent_batches: usize,
+    /// What decoding does with NUL in text: refuse (every subject but worker output).
+    pub text: TextPolicy,
 }
 
 impl ServeOptions {
@@ -106,6 +112,7 @@ impl ServeOptions {
             batch_max,
             batch_max_bytes: conns.config.batch_max_bytes,
             concurrent_batches: (conns.config.max_in_flight / batch_max).max(1),
+            text: TextPolicy::Refuse,
         }
     }
 }
@@ -203,8 +210,9 @@ where
             let metrics = metrics.clone();
             let name = name.clone();
             let access = opts.access;
+            let text = opts.text;
             tokio::spawn(async move {
-                process_batch(&nats, &auth, access, &*handler, &metrics, &name, batch).await;
+                process_batch(&nats, &auth, (access, text), &*handler, &metrics, &name, batch).await;
                 drop(permit);
             });
         }
@@ -216,7 +224,7 @@ where
 async fn process_batch<Req, Resp, H, Fut>(
     nats: &async_nats::Client,
     auth: &Authenticator,
-    access: Access,
+    (access, text): (Access, TextPolicy),
     handler: &H,
     metrics: &Metrics,
     name: &str,
@@ -232,7 +240,7 @@ async fn process_batch<Req, Resp, H, Fut>(
     for msg in batch {
         let encoding = Encoding::from_content_type(header(&msg, CONTENT_TYPE));
         let reply_to = msg.reply.clone();
-        match admit::<Req>(auth, access, &msg, encoding).await {
+        match admit::<Req>(auth, access, text, &msg, encoding).await {
             Ok(incoming) => {
                 accepted.push(incoming);
                 pending.push(Pending {
@@ -277,6 +285,7 @@ async fn process_batch<Req, Resp, H, Fut>(
 async fn admit<Req: DeserializeOwned>(
     auth: &Authenticator,
     access: Access,
+    text: TextPolicy,
     msg: &async_nats::Message,
     encoding: Encoding,
 ) -> Result<Incoming<Req>, WireError> {
@@ -284,9 +293,18 @@ async fn admit<Req: DeserializeOwned>(
     if !access.allows(&principal) {
         return Err(access.refusal(&principal));
     }
-    let body = encoding.decode::<Req>(&msg.payload)?;
+    let body = encoding.decode_request::<Req>(&msg.payload, text)?;
     Ok(Incoming { principal, body })
 }
+
+/// The byte budget of one list page on this connection: [`tanjiren_shared::codec::MAX_PAGE_BYTES`],
+/// or half the server's max payload if that is smaller.
+pub fn page_budget(nats: &async_nats::Client) -> usize {
+    tanjiren_shared::codec::page_budget(nats.max_payload())
+}
+
+/// Room left in a message for the reply's headers (`Content-Type` on JSON replies).
+const HEADER_ROOM: usize = 256;
 
 async fn respond<Resp: Serialize>(
     nats: &async_nats::Client,
@@ -296,10 +314,7 @@ async fn respond<Resp: Serialize>(
     encoding: Encoding,
     result: Result<Resp, WireError>,
 ) {
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.code.as_str(),
-    };
+    let (body, outcome) = reply_body(encoding, result, nats.max_payload());
     metrics.inc(
         "tanjiren_requests_total",
         "Requests answered, by subject and outcome.",
@@ -307,7 +322,6 @@ async fn respond<Resp: Serialize>(
         1,
     );
     let Some(reply) = reply else { return };
-    let body = encoding.encode(&Reply::from(result));
     let sent = match encoding {
         Encoding::MsgPack => nats.publish(reply, body.into()).await,
         Encoding::Json => {
@@ -319,6 +333,31 @@ async fn respond<Resp: Serialize>(
     if let Err(e) = sent {
         tracing::warn!(subject = name, error = %e, "could not send reply");
     }
+}
+
+/// The encoded reply and its outcome label. A reply the server would refuse
+/// (over `max_payload` bytes with its headers) becomes a `too_large` error that
+/// tells the caller to narrow the request: the safety net behind every page bound.
+pub fn reply_body<Resp: Serialize>(
+    encoding: Encoding,
+    result: Result<Resp, WireError>,
+    max_payload: usize,
+) -> (Vec<u8>, &'static str) {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    let body = encoding.encode(&Reply::from(result));
+    let limit = max_payload.saturating_sub(HEADER_ROOM);
+    if body.len() <= limit {
+        return (body, outcome);
+    }
+    let e = WireError::too_large(format!(
+        "the reply would be {} bytes, more than the {limit} bytes this NATS server accepts; \
+         narrow the request (a smaller `limit`, the next page, a filter)",
+        body.len()
+    ));
+    (encoding.encode(&Reply::<()>::Error(e)), ErrorCode::TooLarge.as_str())
 }
 
 fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
@@ -394,7 +433,26 @@ impl<'a> Router<'a> {
         H: Fn(Connections, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
     {
-        let opts = ServeOptions::new(self.conns, subject, self.queue_group, access);
+        self.route_with(subject, access, TextPolicy::Refuse, handler).await
+    }
+
+    /// Like [`Router::route`], with the decoding's NUL policy chosen: worker output
+    /// subjects ([`TextPolicy::ReplaceNul`]) clean text instead of refusing it.
+    pub async fn route_with<Req, Resp, H, Fut>(
+        &mut self,
+        subject: String,
+        access: Access,
+        text: TextPolicy,
+        handler: H,
+    ) -> Result<(), StartupError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        H: Fn(Connections, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
+    {
+        let mut opts = ServeOptions::new(self.conns, subject, self.queue_group, access);
+        opts.text = text;
         let conns = self.conns.clone();
         let served = serve(
             self.conns,
@@ -430,4 +488,25 @@ pub async fn each<Req, Resp>(
         out.push(handler(conns, req.principal.org_id, &req.body).await);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_over_the_servers_limit_becomes_too_large() {
+        let big = "x".repeat(10_000);
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let (body, outcome) = reply_body(enc, Ok::<_, WireError>(big.clone()), 1 << 20);
+            assert_eq!(outcome, "ok");
+            assert!(body.len() > 10_000);
+            let (body, outcome) = reply_body(enc, Ok::<_, WireError>(big.clone()), 4096);
+            assert_eq!(outcome, "too_large");
+            let e = enc.decode::<Reply<String>>(&body).unwrap().into_result().unwrap_err();
+            assert_eq!(e.code, ErrorCode::TooLarge);
+            assert!(e.message.contains("narrow the request"), "{}", e.message);
+            assert!(body.len() <= 4096 - HEADER_ROOM);
+        }
+    }
 }

@@ -32,7 +32,7 @@ impl LogFollower<'_> {
             self.nats,
             &self.subjects.tasks_get(),
             self.token,
-            &GetTaskRequest { task_id: task },
+            &GetTaskRequest::new(task),
             TIMEOUT,
         )
         .await
@@ -93,31 +93,47 @@ impl LogFollower<'_> {
         Ok(())
     }
 
-    /// Reads the stored lines after each step's last delivered one.
+    /// Every step of the task, following `tasks.get`'s step pages.
+    async fn steps(&self, task: TaskId) -> Result<Vec<StepId>, WireError> {
+        let mut steps = Vec::new();
+        let mut req = GetTaskRequest::new(task);
+        loop {
+            let view: TaskView = call(self.nats, &self.subjects.tasks_get(), self.token, &req, TIMEOUT).await?;
+            steps.extend(view.steps.iter().map(|s| s.step_id));
+            match view.next_steps_after {
+                Some(after) => req.steps_after = Some(after),
+                None => return Ok(steps),
+            }
+        }
+    }
+
+    /// Reads the stored lines after each step's last delivered one, page by page
+    /// (a page ends at its line limit or its byte budget; the reply's cursor says
+    /// whether more follow).
     async fn stored(
         &self,
         task: TaskId,
         last: &mut HashMap<StepId, i64>,
         sink: &mut impl FnMut(StepId, &LogLine),
     ) -> Result<(), WireError> {
-        for step in self.get(task).await?.steps {
+        for step in self.steps(task).await? {
             loop {
                 let req = TaskLogsRequest {
                     task_id: task,
-                    step_id: Some(step.step_id),
-                    after_seq: Some(*last.get(&step.step_id).unwrap_or(&0)),
+                    step_id: Some(step),
+                    after_seq: Some(*last.get(&step).unwrap_or(&0)),
                     after_step_id: None,
                     limit: Some(1000),
                     view: Default::default(),
                 };
                 let page: TaskLogsReply =
                     call(self.nats, &self.subjects.tasks_logs(), self.token, &req, TIMEOUT).await?;
-                if page.lines.is_empty() {
-                    break;
-                }
                 for l in &page.lines {
                     sink(l.step_id, &l.line);
                     last.insert(l.step_id, l.line.seq);
+                }
+                if page.next_after_seq.is_none() || page.lines.is_empty() {
+                    break;
                 }
             }
         }

@@ -7,8 +7,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tanjiren_ingest::prepare_tasks;
+use tanjiren_runtime::bus::page_budget;
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::WireError;
+use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, TaskId};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::schedule::{CronExpr, parse_zone};
@@ -214,11 +216,14 @@ pub async fn list(
     if let Some(b) = req.before {
         q.push(" AND id < ").push_bind(b.as_uuid());
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
     let rows: Vec<ScheduleRow> = q.build_query_as().fetch_all(&conns.db).await.map_err(db_error)?;
-    Ok(ListSchedulesReply {
-        schedules: rows.into_iter().map(ScheduleRow::view).collect::<Result<_, _>>()?,
-    })
+    let mut schedules: Vec<ScheduleView> = rows.into_iter().map(ScheduleRow::view).collect::<Result<_, _>>()?;
+    let mut more = schedules.len() as i64 > limit;
+    schedules.truncate(limit as usize);
+    more |= fit_page(&mut schedules, page_budget(&conns.nats)).1;
+    let next_before = schedules.last().filter(|_| more).map(|s| s.schedule_id);
+    Ok(ListSchedulesReply { schedules, next_before })
 }
 
 /// One schedule with its next runs from `now` and its ledger, newest tick first.
@@ -241,7 +246,7 @@ pub async fn get(
     )
     .bind(row.id)
     .bind(req.ticks_before)
-    .bind(limit)
+    .bind(limit + 1)
     .fetch_all(&conns.db)
     .await
     .map_err(db_error)?;
@@ -275,12 +280,21 @@ pub async fn get(
             _ => tick_counts.failed += n,
         }
     }
-    Ok(ScheduleDetail {
+    let mut detail = ScheduleDetail {
         schedule: row.view()?,
         next_runs,
-        ticks,
+        ticks: vec![],
         tick_counts,
-    })
+        next_ticks_before: None,
+    };
+    // The ledger fills what the schedule leaves of the reply's budget.
+    let mut ticks = ticks;
+    let mut more = ticks.len() as i64 > limit;
+    ticks.truncate(limit as usize);
+    more |= fit_page(&mut ticks, page_budget(&conns.nats).saturating_sub(json_size(&detail))).1;
+    detail.next_ticks_before = ticks.last().filter(|_| more).map(|t| t.tick_at);
+    detail.ticks = ticks;
+    Ok(detail)
 }
 
 /// Pause (`enabled = false`) or resume. Resuming computes the next tick after `now`:

@@ -47,7 +47,6 @@ impl Client {
     }
 
     pub async fn get(&self, id: TaskId) -> anyhow::Result<TaskView> {
-        self.call(self.subjects.tasks_get(), &GetTaskRequest { task_id: id })
-            .await
+        self.call(self.subjects.tasks_get(), &GetTaskRequest::new(id)).await
     }
 }

@@ -447,8 +447,9 @@ async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
                     s.last_seq
                 )?;
             }
-            match page.signatures.last() {
-                Some(last) if page.signatures.len() == 1000 => after = last.first_seq,
+            // A page ends at its limit or at its byte budget; the cursor says whether more follow.
+            match page.next_after_seq {
+                Some(next) if !page.signatures.is_empty() => after = next,
                 _ => break,
             }
         }

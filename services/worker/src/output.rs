@@ -1,6 +1,8 @@
 //! What happens to a step's output between the pipe and the wire, as pure code:
-//! splitting raw bytes into bounded lines, keeping the last few KiB of each
-//! stream as a tail, and deciding when a batch of lines is due to be sent.
+//! splitting raw bytes into bounded lines, made storable (invalid UTF-8 and NUL
+//! become U+FFFD: output is never a reason for a step to fail), keeping the last
+//! few KiB of each stream as a tail, and deciding when a batch of lines is due
+//! to be sent.
 //! Nothing here does IO or reads a clock; callers pass the time in, so every
 //! rule is unit-tested.
 
@@ -75,7 +77,10 @@ impl LineSplitter {
         self.partial.extend_from_slice(&part[..room]);
         let kept = std::mem::take(&mut self.partial);
         let cut = utf8_safe_len(&kept);
-        out.push(format!("{}{TRUNCATED_MARK}", String::from_utf8_lossy(&kept[..cut])));
+        out.push(format!(
+            "{}{TRUNCATED_MARK}",
+            tanjiren_shared::logs::lossy_line(&kept[..cut])
+        ));
         self.discarding = true;
     }
 
@@ -89,7 +94,7 @@ impl LineSplitter {
 
 fn line_text(bytes: &[u8]) -> String {
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-    // Invalid UTF-8 is kept lossily (U+FFFD) and the line is marked.
+    // Invalid UTF-8 is kept lossily (U+FFFD) and the line is marked; NUL becomes U+FFFD.
     tanjiren_shared::logs::lossy_line(bytes)
 }
 
@@ -321,6 +326,31 @@ mod tests {
                 tanjiren_shared::logs::INVALID_UTF8_MARK
             )]
         );
+    }
+
+    #[test]
+    fn nul_and_binary_output_become_storable_text() {
+        let lines = split_all(100, &[b"a\0b\n\0\xff\n"]);
+        assert_eq!(
+            lines,
+            [
+                "a\u{FFFD}b".to_string(),
+                format!("\u{FFFD}\u{FFFD}{}", tanjiren_shared::logs::INVALID_UTF8_MARK)
+            ]
+        );
+        // Random bytes, cut lines included: nothing with a NUL reaches the wire or the tails.
+        let noise: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert!(noise.contains(&0));
+        let lines = split_all(1000, &[&noise]);
+        assert!(!lines.is_empty());
+        let mut tails = StreamTails::new(TAIL_BYTES);
+        for l in &lines {
+            assert!(!l.contains('\0'));
+            tails.push(LogStream::Stdout, l);
+        }
+        assert!(!tails.stdout.as_str().contains('\0'));
     }
 
     #[test]

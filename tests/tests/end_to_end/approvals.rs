@@ -1073,7 +1073,7 @@ async fn wait_evaluated_as(env: &TestEnv, token: &str, task: TaskId) -> Approval
             .call(
                 &env.conns.subjects.tasks_get(),
                 token,
-                &tanjiren_shared::protocol::GetTaskRequest { task_id: task },
+                &tanjiren_shared::protocol::GetTaskRequest::new(task),
             )
             .await
             .unwrap();

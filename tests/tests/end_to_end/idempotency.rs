@@ -115,3 +115,101 @@ async fn a_submission_made_while_ingest_is_down_is_created_once_when_it_is_back(
     w.stop().await;
     env.finish(services).await;
 }
+
+#[tokio::test]
+async fn the_same_key_with_a_different_request_is_a_conflict_naming_the_task() {
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    env.workstation("ws-key").await;
+    let mut spec = command("echo one", &["ws-key"]);
+    spec.idempotency_key = Some("deploy-7".into());
+    let first = env.create(&spec).await.unwrap();
+    assert!(first.created);
+    assert_eq!(
+        first.org_id, env.org,
+        "the reply names the organisation of the event subjects"
+    );
+    // The same request again: the same task.
+    let again = env.create(&spec).await.unwrap();
+    assert_eq!(
+        (again.task_id, again.created, again.org_id),
+        (first.task_id, false, env.org)
+    );
+
+    // Anything else under the same key: `conflict`, with the task holding the key.
+    let mut other_command = spec.clone();
+    other_command.mode = tanjiren_shared::model::Mode::Command {
+        command: "echo two".into(),
+    };
+    let mut other_timeout = spec.clone();
+    other_timeout.timeout_secs = Some(5);
+    let mut other_policy = spec.clone();
+    other_policy.retry_policy = Some(tanjiren_shared::model::RetryPolicy::default());
+    for changed in [other_command, other_timeout, other_policy] {
+        let e = env.create(&changed).await.unwrap_err();
+        assert_eq!(e.code, tanjiren_shared::ErrorCode::Conflict, "{e:?}");
+        assert!(e.message.contains(&first.task_id.to_string()), "{}", e.message);
+        assert_eq!(e.details.and_then(|d| d.task_id), Some(first.task_id));
+    }
+    // In JSON the envelope stays `{error: {code, message}}`, with `details` beside them.
+    let mut h = HeaderMap::new();
+    h.insert("Authorization", format!("Bearer {}", env.owner_token).as_str());
+    h.insert("Content-Type", "application/json");
+    let mut changed = spec.clone();
+    changed.intent = "something else".into();
+    let msg = env
+        .conns
+        .nats
+        .send_request(
+            env.conns.subjects.tasks_create(),
+            async_nats::Request::new()
+                .headers(h)
+                .payload(serde_json::to_vec(&changed).unwrap().into()),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(v["error"]["code"], "conflict");
+    assert_eq!(v["error"]["details"]["task_id"], first.task_id.to_string());
+    assert_eq!(env.count("tasks").await, 1);
+
+    // The durable path answers the same in its outcome.
+    let mut outcomes = env
+        .conns
+        .nats
+        .subscribe(env.conns.subjects.submit_outcome(env.org))
+        .await
+        .unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Authorization", format!("Bearer {}", env.owner_token).as_str());
+    let js = async_nats::jetstream::new(env.conns.nats.clone());
+    for s in [&spec, &changed] {
+        js.publish_with_headers(
+            env.conns.subjects.tasks_submit(),
+            h.clone(),
+            Encoding::MsgPack.encode(s).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(15), outcomes.next())
+            .await
+            .expect("an outcome")
+            .unwrap();
+        seen.push(Encoding::MsgPack.decode::<SubmitOutcome>(&m.payload).unwrap());
+    }
+    let same = seen.iter().find(|o| o.error.is_none()).expect("the repeat is found");
+    assert_eq!((same.task_id, same.created), (Some(first.task_id), false));
+    let refused = seen
+        .iter()
+        .find_map(|o| o.error.clone())
+        .expect("the changed one is refused");
+    assert_eq!(refused.code, tanjiren_shared::ErrorCode::Conflict);
+    assert_eq!(refused.details.and_then(|d| d.task_id), Some(first.task_id));
+    assert_eq!(env.count("tasks").await, 1);
+    env.finish(services).await;
+}

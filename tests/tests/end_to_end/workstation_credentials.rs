@@ -211,7 +211,7 @@ async fn a_credential_of_another_workstation_can_neither_claim_nor_write() {
 
     // A workstation credential may use nothing but the worker subjects.
     let e = env
-        .call::<_, TaskView>(&s.tasks_get(), &cred_a, &GetTaskRequest { task_id: task })
+        .call::<_, TaskView>(&s.tasks_get(), &cred_a, &GetTaskRequest::new(task))
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::Forbidden);
