@@ -342,6 +342,8 @@ struct StepUpdate {
     status: Option<String>,
     exit_code: Option<i32>,
     failure_reason: Option<String>,
+    /// With a result: whether nothing the step started is left (`processes_left == 0`).
+    stopped_all: Option<bool>,
 }
 
 fn tail(s: &str) -> String {
@@ -426,6 +428,7 @@ async fn store_progress(
                 (None, StepStatus::Failed) => Some("failed".into()),
                 (None, _) => None,
             };
+            u.stopped_all = Some(r.processes_left == 0);
             finished_tasks.insert(fence.task_id);
         }
         results.push(Ok(fence.task_id));
@@ -434,6 +437,7 @@ async fn store_progress(
     if !updates.is_empty() {
         let mut ids = vec![];
         let (mut outs, mut errs, mut statuses, mut codes, mut reasons) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut stopped_all = vec![];
         for (id, u) in updates {
             ids.push(id);
             outs.push(u.stdout_tail);
@@ -441,6 +445,7 @@ async fn store_progress(
             statuses.push(u.status);
             codes.push(u.exit_code);
             reasons.push(u.failure_reason);
+            stopped_all.push(u.stopped_all);
         }
         sqlx::query(
             "UPDATE steps s SET
@@ -451,9 +456,10 @@ async fn store_progress(
                 failure_reason = CASE WHEN u.status IS NULL THEN s.failure_reason ELSE u.failure_reason END,
                 finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END,
                 stop_confirmed_at = CASE WHEN u.status IS NOT NULL AND s.cancel_requested_at IS NOT NULL
+                                              AND u.stopped_all
                                          THEN now() ELSE s.stop_confirmed_at END
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
-                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason)
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::bool[])
+                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason, stopped_all)
              WHERE s.id = u.id",
         )
         .bind(&ids)
@@ -462,6 +468,7 @@ async fn store_progress(
         .bind(&statuses)
         .bind(&codes)
         .bind(&reasons)
+        .bind(&stopped_all)
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -7,11 +7,16 @@
 
 mod agent;
 mod bus;
+mod cgroup;
+mod containment;
 mod executor;
+pub mod guard;
 mod heartbeat;
 mod lease;
 mod log_shipper;
 mod output;
+mod procfs;
+mod record;
 mod shell;
 mod step;
 
@@ -96,6 +101,8 @@ pub async fn start(
             e.message.trim_start_matches("name: ")
         )))
     })?;
+    // Nothing a step started may outlive it, not even the worker that ran it.
+    executor.stop_leftovers().await;
     let nats = tanjiren_runtime::startup::connect_nats(config, "tanjiren-worker").await?;
     let bus = Bus::new(nats.clone(), config.subjects(), config.token.trim());
     let registered = register(&bus, &name, &shutdown)

@@ -15,3 +15,4 @@ mod reconnect;
 mod replicas;
 mod retries;
 mod schedules;
+mod stop_confirmed;
