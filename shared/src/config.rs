@@ -392,7 +392,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (c.step_guard.as_str(), c.step_cgroup.as_str(), c.worker_state_dir.as_str()),
+            (
+                c.step_guard.as_str(),
+                c.step_cgroup.as_str(),
+                c.worker_state_dir.as_str()
+            ),
             ("/usr/bin/tanjiren", "off", "/srv/tanjiren")
         );
         let e = Config::layered(None, None, env(&[("TANJIREN_STEP_GUARD", "tanjiren")])).unwrap_err();

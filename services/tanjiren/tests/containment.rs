@@ -57,7 +57,10 @@ fn live_processes() -> Vec<(u32, String)> {
         })
         .filter_map(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string()))
+            Some((
+                pid,
+                String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string(),
+            ))
         })
         .collect()
 }
@@ -96,15 +99,22 @@ async fn wait_gone(m: &str, within: Duration, why: &str) -> Duration {
         if left.is_empty() {
             return started.elapsed();
         }
-        assert!(started.elapsed() < within, "{why}: still running after {within:?}: {left:#?}");
+        assert!(
+            started.elapsed() < within,
+            "{why}: still running after {within:?}: {left:#?}"
+        );
         tokio::time::sleep(ms(25)).await;
     }
 }
 
 /// The command every test runs: one plain background child, one that left the
 /// session, and one double-forked out of a new session (its parent exits at once).
+/// The shell says when SIGTERM reaches it (it must, before any SIGKILL).
 fn detaching_command(m: &str) -> String {
-    format!("echo started; sleep {m} & setsid sleep {m} & (setsid sh -c 'sleep {m} & :' &); wait")
+    format!(
+        "trap 'echo got-term; exit 143' TERM; echo started; \
+         sleep {m} & setsid sleep {m} & (setsid sh -c 'sleep {m} & :' &); wait"
+    )
 }
 
 /// How a worker contains its steps in a test.
@@ -156,7 +166,10 @@ impl Cleanup {
     }
 
     fn spawn_worker(&mut self, env: &TestEnv, name: &str, state_dir: &Path, mode: Mode) -> WorkerProcess {
-        let log = std::env::temp_dir().join(format!("tanjiren-containment-{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let log = std::env::temp_dir().join(format!(
+            "tanjiren-containment-{name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
         let out = File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tanjiren"));
         cmd.arg("worker");
@@ -200,9 +213,9 @@ impl Drop for Cleanup {
         for m in &self.markers {
             for (pid, _) in processes_with(m) {
                 let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+                    .args(["-9", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         for d in &self.dirs {
@@ -253,7 +266,11 @@ fn step_cgroup_dir(t: &TaskView) -> Option<PathBuf> {
         .nth(4)?
         .to_string();
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim_start_matches('/')
+        .to_string();
     // Named by the step and the generation it was dispatched with (0: its first claim).
     Some(
         Path::new(&mount)
@@ -263,7 +280,11 @@ fn step_cgroup_dir(t: &TaskView) -> Option<PathBuf> {
 }
 
 async fn running_step(env: &TestEnv, ws: &str, m: &str) -> TaskId {
-    let task = env.create(&command(&detaching_command(m), &[ws])).await.unwrap().task_id;
+    let task = env
+        .create(&command(&detaching_command(m), &[ws]))
+        .await
+        .unwrap()
+        .task_id;
     wait_sleeps(m, 3).await;
     task
 }
@@ -303,10 +324,18 @@ async fn killed_worker_takes_its_step_along(mode: Mode) {
     )
     .await;
     eprintln!("kill -9 ({mode:?}) → every process of the step gone after {took:?}");
+    assert!(
+        took < ms(KILL_GRACE_MS),
+        "SIGTERM alone ends this step, so it must be gone before the SIGKILL grace: {took:?}"
+    );
     // The guard removes what it verified empty: the record, and the cgroup.
     let deadline = Instant::now() + Duration::from_secs(3);
     while !records(&state).is_empty() || cgroup.as_ref().is_some_and(|c| mode.cgroup && c.exists()) {
-        assert!(Instant::now() < deadline, "record {:?} / cgroup {cgroup:?} left", records(&state));
+        assert!(
+            Instant::now() < deadline,
+            "record {:?} / cgroup {cgroup:?} left",
+            records(&state)
+        );
         tokio::time::sleep(ms(25)).await;
     }
     // The reconciler fails the step as usual; the retry cannot run alongside a survivor.
@@ -358,19 +387,23 @@ async fn cancel_stops_everything_before_confirming(mode: Mode) {
         .await
         .unwrap();
     assert_eq!(reply.steps_signalled, 1, "{reply:?}");
-    let t = wait_task(&env, task, "stop reported", |t| {
-        t.steps[0].status.is_terminal()
-    })
-    .await;
+    let t = wait_task(&env, task, "stop reported", |t| t.steps[0].status.is_terminal()).await;
     // Checked the moment the confirmation is visible: nothing may be left by then.
     let left = processes_with(&m);
     assert_eq!(t.status, TaskStatus::Cancelled, "{t:#?}");
     assert_eq!(t.steps[0].status, StepStatus::Cancelled, "{t:#?}");
     assert_eq!(t.stop_confirmed, Some(true), "{t:#?}");
     assert!(t.steps[0].stop_confirmed_at.is_some(), "{t:#?}");
+    assert!(
+        t.steps[0].stdout_tail.contains("got-term"),
+        "the shell got SIGTERM before anything else: {t:#?}"
+    );
     let guard_left: Vec<_> = left.iter().filter(|(_, c)| c.contains(" step-guard ")).collect();
     let others: Vec<_> = left.iter().filter(|(_, c)| !c.contains(" step-guard ")).collect();
-    assert!(others.is_empty(), "stop confirmed while processes of the step run: {others:#?}");
+    assert!(
+        others.is_empty(),
+        "stop confirmed while processes of the step run: {others:#?}"
+    );
     // The guard itself exits right after the worker lets go of it.
     if !guard_left.is_empty() {
         wait_gone(&m, Duration::from_secs(3), "the step guard after the step").await;
@@ -432,7 +465,11 @@ async fn restart_stops_leftovers_before_taking_work(cgroup: bool) {
     first.kill9();
     // Without a guard only the shell (PR_SET_PDEATHSIG) dies with the worker.
     tokio::time::sleep(ms(500)).await;
-    assert_eq!(sleeps(&m).len(), 3, "without a guard the detached sleeps outlive the worker");
+    assert_eq!(
+        sleeps(&m).len(),
+        3,
+        "without a guard the detached sleeps outlive the worker"
+    );
 
     let second = procs.spawn_worker(&env, &ws, &state, mode);
     wait_ready(&second).await;
@@ -441,7 +478,10 @@ async fn restart_stops_leftovers_before_taking_work(cgroup: bool) {
         .find("stopping what a step of a previous worker left running")
         .unwrap_or_else(|| panic!("the new worker did not say what it stopped:\n{log}"));
     let ready = log.find("worker ready").unwrap();
-    assert!(stopping < ready, "leftovers are stopped before the worker takes work:\n{log}");
+    assert!(
+        stopping < ready,
+        "leftovers are stopped before the worker takes work:\n{log}"
+    );
     assert!(log.contains("stopped what a previous worker left running"), "{log}");
     assert!(
         processes_with(&m).is_empty(),

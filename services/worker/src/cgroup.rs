@@ -176,12 +176,16 @@ mod tests {
         let m = parse_v2_mount(HYBRID).unwrap();
         assert_eq!(m.mount_point, PathBuf::from("/sys/fs/cgroup/unified"));
         assert_eq!(m.root, "/");
-        assert_eq!(parse_v2_mount("33 31 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw"), None);
+        assert_eq!(
+            parse_v2_mount("33 31 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw"),
+            None
+        );
     }
 
     #[test]
     fn pure_v2_and_escaped_mount_points() {
-        let pure = "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let pure =
+            "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         let m = parse_v2_mount(pure).unwrap();
         assert_eq!(m.mount_point, PathBuf::from("/sys/fs/cgroup"));
         let spaced = "29 23 0:26 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";

@@ -108,19 +108,45 @@ impl Scope {
     }
 }
 
+/// What a child needs set up between `fork` and `exec` (see [`prepare_exec`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ExecSetup {
+    /// `cgroup.procs` of the cgroup to enter, open for writing.
+    pub cgroup_procs: Option<RawFd>,
+    /// SIGKILL the child when the thread that spawned it dies…
+    pub pdeathsig: bool,
+    /// …and do not start at all if the parent is no longer this process by then.
+    pub expected_parent: Option<i32>,
+    /// Start with no signal blocked (the signal mask survives `exec`; the guard blocks
+    /// the signals it reads from a signalfd).
+    pub unblock_signals: bool,
+}
+
 /// Sets up a child between `fork` and `exec`: moves it into a cgroup (by writing `0`
-/// to that cgroup's `cgroup.procs`, open as `cgroup_procs`), and with `pdeathsig`
-/// asks for SIGKILL when the thread that spawned it dies — unless the parent is no
-/// longer `expected_parent` by then, in which case the child does not start at all.
+/// to that cgroup's `cgroup.procs`), asks for a parent-death signal, clears the
+/// signal mask — as `setup` says.
 #[allow(unsafe_code)]
-pub(crate) fn prepare_exec(
-    command: &mut std::process::Command,
-    cgroup_procs: Option<RawFd>,
-    pdeathsig: bool,
-    expected_parent: Option<i32>,
-) {
+pub(crate) fn prepare_exec(command: &mut std::process::Command, setup: ExecSetup) {
     use std::os::unix::process::CommandExt;
+    let ExecSetup {
+        cgroup_procs,
+        pdeathsig,
+        expected_parent,
+        unblock_signals,
+    } = setup;
     let hook = move || -> io::Result<()> {
+        if unblock_signals {
+            // SAFETY: sigemptyset fills a sigset_t on our stack and sigprocmask(2) reads
+            // it; both are async-signal-safe and allocate nothing.
+            let r = unsafe {
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut())
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         if let Some(fd) = cgroup_procs {
             // SAFETY: write(2) on a descriptor the parent opened and keeps open until
             // the spawn returns, from a static buffer: async-signal-safe, no allocation.
@@ -140,11 +166,12 @@ pub(crate) fn prepare_exec(
         }
         Ok(())
     };
-    if cgroup_procs.is_none() && !pdeathsig {
+    if cgroup_procs.is_none() && !pdeathsig && !unblock_signals {
         return;
     }
-    // SAFETY: the hook only makes async-signal-safe system calls (write, prctl,
-    // getppid) and builds an io::Error from an errno, which does not allocate.
+    // SAFETY: the hook only makes async-signal-safe calls (sigemptyset, sigprocmask,
+    // write, prctl, getppid) and builds an io::Error from an errno, which does not
+    // allocate.
     unsafe {
         command.pre_exec(hook);
     }
@@ -288,7 +315,9 @@ impl Containment {
         let records = self.records.as_ref()?;
         records
             .write(record)
-            .inspect_err(|e| tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the step's record"))
+            .inspect_err(
+                |e| tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the step's record"),
+            )
             .ok()
     }
 
@@ -300,18 +329,34 @@ impl Containment {
         mut scope: Scope,
     ) -> io::Result<(StepProcess, ChildStdout, ChildStderr)> {
         let mut command = Command::new(req.shell);
-        command.arg("-c").arg(req.command).stdin(Stdio::null()).kill_on_drop(true);
+        command
+            .arg("-c")
+            .arg(req.command)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         step_command(&mut command, req);
         let procs = scope.cgroup.as_ref().map(Cgroup::procs_for_exec).transpose()?;
         let me = std::process::id() as i32;
-        prepare_exec(command.as_std_mut(), procs.as_ref().map(|f| f.as_raw_fd()), true, Some(me));
+        prepare_exec(
+            command.as_std_mut(),
+            ExecSetup {
+                cgroup_procs: procs.as_ref().map(|f| f.as_raw_fd()),
+                pdeathsig: true,
+                expected_parent: Some(me),
+                unblock_signals: true,
+            },
+        );
         let mut child = command.spawn()?;
         drop(procs);
         let pid = child_pid(&child)?;
         scope.pgid = Some(pid);
         let shell = shell_identity(pid);
         let (stdout, stderr) = pipes(&mut child)?;
-        Ok((StepProcess::new(child, None, None, shell, scope, self.kill_grace), stdout, stderr))
+        Ok((
+            StepProcess::new(child, None, None, shell, scope, self.kill_grace),
+            stdout,
+            stderr,
+        ))
     }
 
     /// The guard as the worker's child and the shell as the guard's.
@@ -341,7 +386,10 @@ impl Containment {
             .kill_on_drop(false);
         step_command(&mut command, req);
         let mut child = command.spawn().map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot start the step guard `{}`: {e}", program.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot start the step guard `{}`: {e}", program.display()),
+            )
         })?;
         ours.set_nonblocking(true)?;
         let mut link = GuardLink::new(tokio::net::UnixStream::from_std(ours)?);
@@ -385,8 +433,10 @@ impl Containment {
     pub async fn stop_leftovers(&self) {
         let Some(records) = &self.records else { return };
         let boot = procfs::boot_id();
-        let stops = records.all().into_iter().filter_map(|(path, r)| {
-            match r.owner(&boot, Identity::is_alive) {
+        let stops = records
+            .all()
+            .into_iter()
+            .filter_map(|(path, r)| match r.owner(&boot, Identity::is_alive) {
                 Owner::Alive => None,
                 Owner::EarlierBoot => {
                     tracing::debug!(step_id = %r.step_id, "record from an earlier boot removed");
@@ -394,8 +444,7 @@ impl Containment {
                     None
                 }
                 Owner::Gone => Some(self.stop_leftover(path, r)),
-            }
-        });
+            });
         futures::future::join_all(stops).await;
     }
 
@@ -415,7 +464,10 @@ impl Containment {
         // Without a cgroup, whatever the cookie and the verified guard/leader reach.
         let mut found = scope.members();
         if cgroup.is_some() {
-            let loose = Scope { cgroup: None, ..scope.clone() };
+            let loose = Scope {
+                cgroup: None,
+                ..scope.clone()
+            };
             for m in loose.members() {
                 if !found.contains(&m) {
                     found.push(m);
@@ -438,7 +490,10 @@ impl Containment {
             processes = ?listed,
             "stopping what a step of a previous worker left running"
         );
-        let loose = Scope { cgroup: None, ..scope.clone() };
+        let loose = Scope {
+            cgroup: None,
+            ..scope.clone()
+        };
         let left = stop_scopes(&[scope, loose], self.kill_grace).await;
         if left.is_empty() {
             if let Some(c) = &cgroup {
@@ -594,8 +649,18 @@ fn probe_cgroup_parent(parent: &Path, shell: &str) -> io::Result<()> {
     let result = (|| {
         let procs = cg.procs_for_exec()?;
         let mut probe = std::process::Command::new(shell);
-        probe.args(["-c", "exit 0"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        prepare_exec(&mut probe, Some(procs.as_raw_fd()), false, None);
+        probe
+            .args(["-c", "exit 0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        prepare_exec(
+            &mut probe,
+            ExecSetup {
+                cgroup_procs: Some(procs.as_raw_fd()),
+                ..ExecSetup::default()
+            },
+        );
         let status = probe.spawn()?.wait()?;
         drop(procs);
         if status.success() {
@@ -638,7 +703,10 @@ struct GuardLink {
 
 impl GuardLink {
     fn new(stream: tokio::net::UnixStream) -> Self {
-        Self { stream, buf: Vec::new() }
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// The next message; None once the guard closed its end (it exited).
@@ -895,7 +963,10 @@ mod tests {
         assert!(left.try_wait().unwrap().is_some(), "its shell too");
         assert!(!dead_path.exists() && !stale_path.exists() && !old_path.exists());
         assert!(innocent.try_wait().unwrap().is_none(), "a reused pid is not killed");
-        assert!(live.try_wait().unwrap().is_none(), "a live worker's step is not touched");
+        assert!(
+            live.try_wait().unwrap().is_none(),
+            "a live worker's step is not touched"
+        );
         assert!(live_path.exists());
         for mut p in [innocent, live] {
             p.kill().unwrap();

@@ -18,7 +18,7 @@
 //! not start, `exited <raw wait status>` when the shell ends.
 
 use crate::cgroup::Cgroup;
-use crate::containment::{KILL_WAIT, Scope, prepare_exec};
+use crate::containment::{ExecSetup, KILL_WAIT, Scope, prepare_exec};
 use crate::procfs::{self, Identity};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
@@ -46,10 +46,14 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 /// One message from the guard to the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum GuardMessage {
-    Started { shell: Identity },
+    Started {
+        shell: Identity,
+    },
     Error(String),
     /// The shell's raw wait status (`ExitStatus::from_raw`).
-    Exited { raw_status: i32 },
+    Exited {
+        raw_status: i32,
+    },
 }
 
 impl GuardMessage {
@@ -139,9 +143,15 @@ impl GuardArgs {
             let value = it
                 .next()
                 .ok_or_else(|| format!("{} needs a value", flag.to_string_lossy()))?;
-            let text = || value.to_str().ok_or_else(|| format!("{} is not UTF-8", flag.to_string_lossy()));
+            let text = || {
+                value
+                    .to_str()
+                    .ok_or_else(|| format!("{} is not UTF-8", flag.to_string_lossy()))
+            };
             match flag.to_str() {
-                Some("--worker-pid") => worker_pid = Some(text()?.parse::<i32>().map_err(|e| format!("--worker-pid: {e}"))?),
+                Some("--worker-pid") => {
+                    worker_pid = Some(text()?.parse::<i32>().map_err(|e| format!("--worker-pid: {e}"))?)
+                }
                 Some("--step") => step_id = Some(text()?.to_string()),
                 Some("--grace-ms") => grace_ms = Some(text()?.parse::<u64>().map_err(|e| format!("--grace-ms: {e}"))?),
                 Some("--cgroup") => cgroup = Some(PathBuf::from(value)),
@@ -205,7 +215,13 @@ fn send(message: &GuardMessage) {
 fn guard(args: &GuardArgs) -> io::Result<u8> {
     nix::sys::prctl::set_child_subreaper(true)?;
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         mask.add(s);
     }
     mask.thread_block()?;
@@ -224,11 +240,15 @@ fn guard(args: &GuardArgs) -> io::Result<u8> {
         }
     };
     let mut command = std::process::Command::new(&args.program[0]);
-    command
-        .args(&args.program[1..])
-        .process_group(0)
-        .stdin(Stdio::null());
-    prepare_exec(&mut command, procs.as_ref().map(|f| f.as_raw_fd()), false, None);
+    command.args(&args.program[1..]).process_group(0).stdin(Stdio::null());
+    prepare_exec(
+        &mut command,
+        ExecSetup {
+            cgroup_procs: procs.as_ref().map(|f| f.as_raw_fd()),
+            unblock_signals: true,
+            ..ExecSetup::default()
+        },
+    );
     let child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -246,12 +266,10 @@ fn guard(args: &GuardArgs) -> io::Result<u8> {
     let shell_pid = child.id() as i32;
     // Reaped below with waitpid(-1), like every orphan that lands here.
     drop(child);
-    let shell = procfs::read_stat(shell_pid)
-        .map(|s| s.identity())
-        .unwrap_or(Identity {
-            pid: shell_pid,
-            start_ticks: 0,
-        });
+    let shell = procfs::read_stat(shell_pid).map(|s| s.identity()).unwrap_or(Identity {
+        pid: shell_pid,
+        start_ticks: 0,
+    });
     send(&GuardMessage::Started { shell });
 
     let me = Identity::current()?;
@@ -267,7 +285,12 @@ fn guard(args: &GuardArgs) -> io::Result<u8> {
     watch_worker(args.worker_pid, &signals, shell_pid, &mut shell_reported);
 
     // The worker is gone, or done with the step: nothing of it may stay.
-    let left = stop_blocking(&scope, Duration::from_millis(args.grace_ms), shell_pid, &mut shell_reported);
+    let left = stop_blocking(
+        &scope,
+        Duration::from_millis(args.grace_ms),
+        shell_pid,
+        &mut shell_reported,
+    );
     if !left.is_empty() {
         return Ok(4);
     }
@@ -307,7 +330,13 @@ fn watch_worker(worker_pid: i32, signals: &SignalFd, shell_pid: i32, shell_repor
         let mut stop = false;
         if signalled {
             while let Ok(Some(info)) = signals.read_signal() {
-                if info.ssi_signo != Signal::SIGCHLD as u32 {
+                // PR_SET_PDEATHSIG also fires when the worker *thread* that started the
+                // guard exits while the worker lives on (the signal then comes from the
+                // worker, still our parent): not a reason to stop. The worker never
+                // signals its guards otherwise.
+                let from_live_worker = i32::try_from(info.ssi_pid).ok() == Some(worker_pid)
+                    && nix::unistd::getppid().as_raw() == worker_pid;
+                if info.ssi_signo != Signal::SIGCHLD as u32 && !from_live_worker {
                     stop = true;
                 }
             }
@@ -388,10 +417,7 @@ mod tests {
             assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "{line:?}");
             assert_eq!(GuardMessage::parse(&line), Some(m));
         }
-        assert_eq!(
-            GuardMessage::Error("two\nlines".into()).to_line(),
-            "error two lines\n"
-        );
+        assert_eq!(GuardMessage::Error("two\nlines".into()).to_line(), "error two lines\n");
         assert_eq!(GuardMessage::parse("exited soon\n"), None);
         assert_eq!(GuardMessage::parse("hello 1\n"), None);
         assert_eq!(GuardMessage::parse("started 1\n"), None);

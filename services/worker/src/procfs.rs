@@ -228,7 +228,10 @@ mod tests {
     fn stat_parsing_handles_odd_names_and_reads_the_start_time() {
         let line = "42 (a) b (c) S 1 777 777 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 100";
         let s = parse_stat(line).unwrap();
-        assert_eq!((s.pid, s.state, s.ppid, s.pgrp, s.start_ticks), (42, 'S', 1, 777, 98765));
+        assert_eq!(
+            (s.pid, s.state, s.ppid, s.pgrp, s.start_ticks),
+            (42, 'S', 1, 777, 98765)
+        );
         assert!(s.is_live());
         let zombie = "43 (x) Z 1 777 777 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
         assert!(!parse_stat(zombie).unwrap().is_live());
@@ -278,7 +281,10 @@ mod tests {
             pid,
             start_ticks: id.start_ticks + 7,
         };
-        assert!(!signal_verified(other, libc::SIGKILL), "wrong start time: not signalled");
+        assert!(
+            !signal_verified(other, libc::SIGKILL),
+            "wrong start time: not signalled"
+        );
         assert!(id.is_alive());
         assert!(signal_verified(id, libc::SIGKILL));
         let status = child.wait().unwrap();

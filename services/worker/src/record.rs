@@ -119,7 +119,9 @@ impl Records {
             }
             match std::fs::read(&path).map(|b| serde_json::from_slice::<StepRecord>(&b)) {
                 Ok(Ok(r)) if r.version == RECORD_VERSION => found.push((path, r)),
-                Ok(Ok(r)) => tracing::warn!(path = %path.display(), version = r.version, "step record of another version left alone"),
+                Ok(Ok(r)) => {
+                    tracing::warn!(path = %path.display(), version = r.version, "step record of another version left alone")
+                }
                 Ok(Err(e)) => tracing::warn!(path = %path.display(), error = %e, "unreadable step record left alone"),
                 Err(e) => tracing::debug!(path = %path.display(), error = %e, "step record vanished while reading"),
             }
@@ -186,7 +188,11 @@ mod tests {
         assert_eq!(r.owner("b1", |id| *id == worker), Owner::Alive);
         // Same pid, another start time: the pid was reused, the worker is gone.
         assert_eq!(
-            r.owner("b1", |id| *id == Identity { pid: 7, start_ticks: 10 }),
+            r.owner("b1", |id| *id
+                == Identity {
+                    pid: 7,
+                    start_ticks: 10
+                }),
             Owner::Gone
         );
         assert_eq!(r.owner("b1", |_| false), Owner::Gone);

@@ -174,7 +174,10 @@ impl ShellExecutor {
                 "processes of the step outlived SIGTERM; sending SIGKILL"
             );
             if !wait_until_gone(step, pumps.as_mut(), KILL_WAIT, Some(libc::SIGKILL)).await {
-                tracing::warn!(shell_pid = step.shell_pid(), "processes of the step still present after SIGKILL");
+                tracing::warn!(
+                    shell_pid = step.shell_pid(),
+                    "processes of the step still present after SIGKILL"
+                );
             }
         }
         stop_at_idle.cancel();
@@ -697,14 +700,17 @@ mod tests {
     async fn what_a_successful_command_leaves_running_is_stopped() {
         let m = marker(301);
         let _cleanup = KillOnDrop(m.clone());
-        let command = format!(
-            "nohup sleep {m} >/dev/null 2>&1 & setsid sleep {m} </dev/null >/dev/null 2>&1 & echo done"
-        );
+        let command =
+            format!("nohup sleep {m} >/dev/null 2>&1 & setsid sleep {m} </dev/null >/dev/null 2>&1 & echo done");
         let started = std::time::Instant::now();
         let (r, lines) = run(&sh(1000), &assignment(&command, 60), CancellationToken::new()).await;
         assert_eq!(r, succeeded());
         assert_eq!(texts(&lines, LogStream::Stdout), ["done"]);
-        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
         assert_eq!(processes_with(&m), Vec::<i32>::new());
     }
 
@@ -741,7 +747,10 @@ mod tests {
         let out = texts(&lines, LogStream::Stdout).join("\n");
         let cgroup_name = format!("tanjiren-step-{}-1", a.step_id);
         assert!(out.contains(&format!("\"step_id\": \"{}\"", a.step_id)), "{out}");
-        assert!(out.contains(&cgroup_name), "the record and /proc/self/cgroup name the step's cgroup: {out}");
+        assert!(
+            out.contains(&cgroup_name),
+            "the record and /proc/self/cgroup name the step's cgroup: {out}"
+        );
         assert_eq!(processes_with(&m), Vec::<i32>::new(), "the cgroup was emptied");
         let parent = crate::cgroup::own_cgroup_dir().unwrap();
         assert!(!parent.join(&cgroup_name).exists(), "the empty cgroup was removed");
