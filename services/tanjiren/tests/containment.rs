@@ -515,3 +515,76 @@ async fn a_restarted_worker_stops_what_its_killed_predecessor_left_before_taking
 async fn a_restarted_worker_stops_what_its_killed_predecessor_left_before_taking_work_without_a_cgroup() {
     restart_stops_leftovers_before_taking_work(false).await;
 }
+
+/// A cancel that cannot stop everything says so: a process frozen by the cgroup v1
+/// freezer survives SIGKILL, the worker reports it (`processes_left`), and the task
+/// shows `stop_confirmed: false`.
+#[tokio::test]
+async fn a_cancel_that_leaves_a_process_alive_is_not_confirmed() {
+    let freezer = Path::new("/sys/fs/cgroup/freezer");
+    if !freezer.join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v1 freezer to hold a process through SIGKILL");
+        return;
+    }
+    let env = TestEnv::with(short_leases).await;
+    let services = env.start_all().await;
+    let mut procs = Cleanup::default();
+    let m = procs.marker(304);
+    let state = procs.state_dir();
+    let frozen = freezer.join(format!("tanjiren-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&frozen).unwrap();
+    struct Thaw(PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        }
+    }
+    let thaw = Thaw(frozen.clone());
+    let w = procs.spawn_worker(
+        &env,
+        "frozen-ws",
+        &state,
+        Mode {
+            guard: true,
+            cgroup: true,
+        },
+    );
+    wait_ready(&w).await;
+    let task = env
+        .create(&command(
+            &format!(
+                "sleep {m} & p=$!; until [ \"$(cat /proc/$p/comm)\" = sleep ]; do :; done; \
+             echo $p > {dir}/cgroup.procs && echo FROZEN > {dir}/freezer.state && echo frozen; wait",
+                dir = frozen.display()
+            ),
+            &["frozen-ws"],
+        ))
+        .await
+        .unwrap()
+        .task_id;
+    wait_sleeps(&m, 1).await;
+    wait_task(&env, task, "frozen", |t| t.steps[0].stdout_tail.contains("frozen")).await;
+    let _: CancelTaskReply = env
+        .call(
+            &env.conns.subjects.tasks_cancel(),
+            &env.owner_token,
+            &CancelTaskRequest {
+                task_id: task,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    let t = wait_task(&env, task, "stop reported", |t| t.steps[0].status.is_terminal()).await;
+    assert_eq!(t.steps[0].status, StepStatus::Cancelled, "{t:#?}");
+    assert_eq!(t.steps[0].stop_confirmed_at, None, "a process is left: {t:#?}");
+    assert_eq!(t.stop_confirmed, Some(false), "{t:#?}");
+    assert_eq!(sleeps(&m).len(), 1, "the frozen sleep is still there");
+    assert_eq!(records(&state).len(), 1, "its record is kept for a later worker");
+
+    drop(thaw);
+    wait_gone(&m, Duration::from_secs(10), "the thawed sleep, already SIGKILLed").await;
+    std::fs::remove_dir(&frozen).unwrap();
+    drop(procs);
+    env.finish(services).await;
+}

@@ -818,15 +818,24 @@ impl StepProcess {
     /// nothing is left. Returns how many processes of the step are still alive.
     pub async fn release(mut self) -> u32 {
         self.released = true;
+        // Normally the step is empty by now and the guard exits at once. If processes
+        // survived the worker's SIGKILL, the guard tries again on its own; the result
+        // does not wait for that beyond a moment.
+        let settled = self.scope.members().is_empty();
         drop(self.link.take());
         if self.guard.is_some() {
-            let limit = self.kill_grace + KILL_WAIT + Duration::from_secs(1);
+            let limit = if settled {
+                self.kill_grace + KILL_WAIT + Duration::from_secs(1)
+            } else {
+                Duration::from_secs(1)
+            };
             match tokio::time::timeout(limit, self.child.wait()).await {
                 Ok(Ok(status)) if !status.success() => {
                     tracing::warn!(%status, "the step guard reported processes it could not stop");
                 }
                 Ok(_) => {}
-                Err(_) => tracing::warn!("the step guard did not exit in time"),
+                Err(_) if settled => tracing::warn!("the step guard did not exit in time"),
+                Err(_) => {}
             }
         }
         let left = self.scope.members();

@@ -714,6 +714,45 @@ mod tests {
         assert_eq!(processes_with(&m), Vec::<i32>::new());
     }
 
+    /// A process that survives SIGKILL (frozen by the cgroup v1 freezer, which holds
+    /// even fatal signals until thawed) is reported, not passed over.
+    #[tokio::test]
+    async fn a_process_that_survives_sigkill_is_reported() {
+        let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+        if !freezer.join("cgroup.procs").exists() || !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: no cgroup v1 freezer to hold a process through SIGKILL");
+            return;
+        }
+        let frozen = freezer.join(format!("tanjiren-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&frozen).unwrap();
+        let m = marker(303);
+        let _cleanup = KillOnDrop(m.clone());
+        let command = format!(
+            "sleep {m} & p=$!; until [ \"$(cat /proc/$p/comm)\" = sleep ]; do :; done; \
+             echo $p > {dir}/cgroup.procs && echo FROZEN > {dir}/freezer.state && echo frozen; wait",
+            dir = frozen.display()
+        );
+        let (r, lines) = run(&sh(200), &assignment(&command, 1), CancellationToken::new()).await;
+        let thaw = || std::fs::write(frozen.join("freezer.state"), "THAWED");
+        thaw().unwrap();
+        assert_eq!(texts(&lines, LogStream::Stdout), ["frozen"]);
+        assert_eq!(r.failure_reason, Some(FailureReason::Timeout), "{r:?}");
+        assert_eq!(r.processes_left, 1, "{r:?}");
+        assert_eq!(
+            r.message.as_deref(),
+            Some("killed after 1 s; 1 process(es) of the step survived SIGKILL")
+        );
+        // Thawed, the SIGKILL already sent takes effect.
+        for _ in 0..100 {
+            if processes_with(&m).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(processes_with(&m), Vec::<i32>::new());
+        std::fs::remove_dir(&frozen).unwrap();
+    }
+
     /// The cgroup catches what the other means cannot see: a process that left the
     /// session and cleared its environment. The step's record on disk names the cgroup
     /// while the step runs and is gone afterwards, and so is the cgroup.
