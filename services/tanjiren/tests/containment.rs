@@ -3,8 +3,10 @@
 //! including ones that called `setsid` — die with it (the step guard), a cancel
 //! stops them all before the worker confirms the stop, and a worker restarted
 //! after `kill -9` without a guard stops what its predecessor left before it takes
-//! work (the record on disk), while a live worker's step is left alone. Each
-//! scenario runs with a cgroup per step (this host allows one) and without.
+//! work (the record on disk), while a live worker's step is left alone; a guard
+//! killed alone leaves the worker to stop the step; a process that survives
+//! SIGKILL keeps the stop unconfirmed. Each scenario runs with a cgroup per step
+//! (this host allows one) and without.
 //!
 //! Processes are found by a per-test marker in their command line
 //! (`sleep 300.123456789`); every process a test starts is killed when it ends.
@@ -585,6 +587,49 @@ async fn a_cancel_that_leaves_a_process_alive_is_not_confirmed() {
     drop(thaw);
     wait_gone(&m, Duration::from_secs(10), "the thawed sleep, already SIGKILLed").await;
     std::fs::remove_dir(&frozen).unwrap();
+    drop(procs);
+    env.finish(services).await;
+}
+
+/// A guard killed on its own (the worker lives) is noticed by the worker, which
+/// fails the step and stops every process of it itself.
+#[tokio::test]
+async fn a_killed_guard_leaves_the_worker_to_stop_the_step() {
+    let env = TestEnv::with(short_leases).await;
+    let services = env.start_all().await;
+    let mut procs = Cleanup::default();
+    let m = procs.marker(305);
+    let state = procs.state_dir();
+    let w = procs.spawn_worker(
+        &env,
+        "guardless-ws",
+        &state,
+        Mode {
+            guard: true,
+            cgroup: false,
+        },
+    );
+    wait_ready(&w).await;
+    let task = running_step(&env, "guardless-ws", &m).await;
+    let guard: Vec<u32> = processes_with(&m)
+        .into_iter()
+        .filter(|(_, c)| c.contains(" step-guard "))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(guard.len(), 1, "{:#?}", processes_with(&m));
+    let status = Command::new("kill")
+        .args(["-9", &guard[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let t = wait_task(&env, task, "step ended", |t| t.steps[0].status.is_terminal()).await;
+    assert_eq!(t.steps[0].status, StepStatus::Failed, "{t:#?}");
+    assert!(
+        processes_with(&m).is_empty(),
+        "the worker stopped the step before reporting: {:#?}",
+        processes_with(&m)
+    );
     drop(procs);
     env.finish(services).await;
 }
