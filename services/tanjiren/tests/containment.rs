@@ -221,6 +221,21 @@ impl Drop for Cleanup {
             }
         }
         for d in &self.dirs {
+            // Steps of workers killed without a guard keep their (now empty) cgroups.
+            for name in records(d) {
+                let cgroup = std::fs::read(d.join("steps").join(&name))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|r| r["cgroup"].as_str().map(PathBuf::from));
+                if let Some(c) = cgroup {
+                    for _ in 0..40 {
+                        if std::fs::remove_dir(&c).is_ok() || !c.exists() {
+                            break;
+                        }
+                        std::thread::sleep(ms(25));
+                    }
+                }
+            }
             let _ = std::fs::remove_dir_all(d);
         }
     }

@@ -295,7 +295,14 @@ fn guard(args: &GuardArgs) -> io::Result<u8> {
         return Ok(4);
     }
     if let Some(c) = &cgroup {
-        let _ = c.remove();
+        // The cgroup stays busy until its last processes are reaped, which may lag.
+        for _ in 0..50 {
+            reap(shell_pid, &mut shell_reported);
+            if c.remove().is_ok() {
+                break;
+            }
+            std::thread::sleep(STOP_POLL);
+        }
     }
     if let Some(r) = &args.record {
         let _ = std::fs::remove_file(r);
