@@ -102,7 +102,11 @@ pub(crate) struct Cgroup {
 impl Cgroup {
     /// Creates `parent/name` (a new, empty cgroup).
     pub fn create(parent: &Path, name: &str) -> io::Result<Self> {
-        let dir = parent.join(name);
+        Self::create_at(parent.join(name))
+    }
+
+    /// Creates the cgroup directory `dir` (its parent must be a cgroup v2 directory).
+    pub fn create_at(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir(&dir)?;
         Ok(Self { dir })
     }

@@ -260,26 +260,32 @@ impl Containment {
         let a = req.assignment;
         let step_id = a.step_id.to_string();
         let since_ticks = procfs::ticks_since_boot_now();
-        let cgroup = self.cgroup_parent.as_ref().and_then(|parent| {
-            let name = format!("tanjiren-step-{step_id}-{}", a.lease_generation);
-            Cgroup::create(parent, &name)
-                .inspect_err(|e| tracing::warn!(parent = %parent.display(), error = %e, "cannot create the step's cgroup; running it without one"))
-                .ok()
-        });
-        let mut record = StepRecord {
+        let planned = self
+            .cgroup_parent
+            .as_ref()
+            .map(|parent| parent.join(format!("tanjiren-step-{step_id}-{}", a.lease_generation)));
+        // Written before anything exists, so that nothing can exist without a record.
+        // Without a readable identity of this worker there is no record at all: one that
+        // named the worker wrongly would let another worker take it for dead.
+        let mut record = Identity::current().ok().map(|worker| StepRecord {
             version: record::RECORD_VERSION,
             step_id: step_id.clone(),
             task_id: a.task_id.to_string(),
             lease_generation: a.lease_generation,
             boot_id: procfs::boot_id(),
-            worker: Identity::current()?,
+            worker,
             started_at: chrono::Utc::now(),
             since_ticks,
-            cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
+            cgroup: planned.clone(),
             guard: None,
             shell: None,
-        };
-        let record_path = self.write_record(&record);
+        });
+        let record_path = record.as_ref().and_then(|r| self.write_record(r));
+        let cgroup = planned.and_then(|dir| {
+            Cgroup::create_at(dir.clone())
+                .inspect_err(|e| tracing::warn!(cgroup = %dir.display(), error = %e, "cannot create the step's cgroup; running it without one"))
+                .ok()
+        });
         let base = Scope {
             cgroup: cgroup.clone(),
             root: None,
@@ -304,9 +310,14 @@ impl Containment {
                 return Err(e);
             }
         };
-        record.guard = process.guard;
-        record.shell = Some(process.shell);
-        self.write_record(&record);
+        if let Some(r) = &mut record
+            && record_path.is_some()
+        {
+            r.cgroup = cgroup.as_ref().map(|c| c.dir().to_path_buf());
+            r.guard = process.guard;
+            r.shell = Some(process.shell);
+            self.write_record(r);
+        }
         process.record = record_path;
         Ok((process, stdout, stderr))
     }
