@@ -84,7 +84,7 @@ pub struct Config {
     pub workstation_name: String,
     /// Worker: the file holding this workstation's credential (mode 0600), written
     /// at enrolment and read on every start; empty means
-    /// `$XDG_STATE_HOME/tanjiren/credentials/<workstation>` (or `~/.local/state/…`).
+    /// `<worker_state_dir>/credentials/<workstation>`.
     pub worker_credential_file: String,
     /// Worker: steps run at the same time.
     pub worker_concurrency: usize,
@@ -92,6 +92,17 @@ pub struct Config {
     pub worker_shell: String,
     /// Worker: time between SIGTERM and SIGKILL when stopping a step.
     pub kill_grace_ms: u64,
+    /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
+    /// step's processes when the worker dies: `auto` (the `tanjiren` binary itself),
+    /// `off`, or a path.
+    pub step_guard: String,
+    /// Worker: where each step gets its own cgroup v2: `auto` (below the worker's own
+    /// cgroup, when the unified hierarchy is mounted and writable), `off`, or a
+    /// cgroup v2 directory.
+    pub step_cgroup: String,
+    /// Worker: directory of the records of running steps; empty means
+    /// `/var/lib/tanjiren` for root, else `$XDG_STATE_HOME/tanjiren` (or `~/.local/state/tanjiren`).
+    pub worker_state_dir: String,
     /// Worker: a log batch is sent when it reaches this many lines…
     pub log_batch_max_lines: usize,
     /// …or this many bytes…
@@ -140,6 +151,9 @@ impl Default for Config {
             worker_concurrency: 4,
             worker_shell: "/bin/sh".into(),
             kill_grace_ms: 10_000,
+            step_guard: "auto".into(),
+            step_cgroup: "auto".into(),
+            worker_state_dir: String::new(),
             log_batch_max_lines: 500,
             log_batch_max_bytes: 256 * 1024,
             log_flush_ms: 100,
@@ -262,6 +276,14 @@ impl Config {
                 "default_max_attempts must be between 1 and 100".into(),
             ));
         }
+        for (knob, value) in [("step_guard", &self.step_guard), ("step_cgroup", &self.step_cgroup)] {
+            let v = value.trim();
+            if !(v == "auto" || v == "off" || v.starts_with('/')) {
+                return Err(ConfigError::Invalid(format!(
+                    "{knob} must be `auto`, `off` or an absolute path, not `{value}`"
+                )));
+            }
+        }
         if self.batch_max == 0 || self.batch_max_bytes == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "batch_max, batch_max_bytes, max_in_flight and worker_concurrency must be ≥ 1".into(),
@@ -293,18 +315,6 @@ impl Config {
             .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))
             .unwrap_or_else(|| std::path::PathBuf::from("."));
         base.join("tanjiren").join("token")
-    }
-
-    /// Where the worker keeps the credential of workstation `workstation`.
-    pub fn credential_path(&self, workstation: &str) -> std::path::PathBuf {
-        if !self.worker_credential_file.is_empty() {
-            return self.worker_credential_file.clone().into();
-        }
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local").join("state")))
-            .unwrap_or_else(|| std::path::PathBuf::from("."));
-        base.join("tanjiren").join("credentials").join(workstation)
     }
 
     /// The token: `token` if set, else the trimmed contents of the token file.
@@ -372,6 +382,34 @@ mod tests {
         assert!(e.to_string().contains("no_such_knob"), "{e}");
         let e = Config::layered(None, None, env(&[("TANJIREN_HEARTBEAT_INTERVAL_MS", "60000")])).unwrap_err();
         assert!(e.to_string().contains("heartbeat_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn containment_knobs_take_auto_off_or_an_absolute_path() {
+        let c = Config::layered(None, None, env(&[])).unwrap();
+        assert_eq!((c.step_guard.as_str(), c.step_cgroup.as_str()), ("auto", "auto"));
+        let c = Config::layered(
+            None,
+            None,
+            env(&[
+                ("TANJIREN_STEP_GUARD", "/usr/bin/tanjiren"),
+                ("TANJIREN_STEP_CGROUP", "off"),
+                ("TANJIREN_WORKER_STATE_DIR", "/srv/tanjiren"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.step_guard.as_str(),
+                c.step_cgroup.as_str(),
+                c.worker_state_dir.as_str()
+            ),
+            ("/usr/bin/tanjiren", "off", "/srv/tanjiren")
+        );
+        let e = Config::layered(None, None, env(&[("TANJIREN_STEP_GUARD", "tanjiren")])).unwrap_err();
+        assert!(e.to_string().contains("step_guard"), "{e}");
+        let e = Config::layered(None, None, env(&[("TANJIREN_STEP_CGROUP", "yes")])).unwrap_err();
+        assert!(e.to_string().contains("step_cgroup"), "{e}");
     }
 
     #[test]

@@ -551,6 +551,11 @@ pub struct StepResult {
     pub failure_reason: Option<FailureReason>,
     #[serde(default)]
     pub message: Option<String>,
+    /// Processes the step started that were still alive when the worker reported
+    /// (they survived SIGKILL). 0 means nothing of the step is left; only then does
+    /// a cancelled step count as `stop_confirmed`. Absent from older workers: 0.
+    #[serde(default)]
+    pub processes_left: u32,
 }
 
 /// `ingest.progress` request: output preview, and the result when the step is done.

@@ -188,6 +188,7 @@ impl TestEnv {
         config.token = self.worker_token.clone();
         config.workstation_name = name.to_string();
         config.worker_credential_file = self.credential_dir().join(name).display().to_string();
+        config.worker_state_dir = self.credential_dir().join("state").display().to_string();
         tweak(&mut config);
         let stop = Shutdown::new();
         let executor = Arc::new(ShellExecutor::new(&config));

@@ -66,6 +66,7 @@ impl Agents {
             c.token = token.to_string();
             c.workstation_name = workstation_name(i);
             c.worker_credential_file = credentials.join(&c.workstation_name).display().to_string();
+            c.worker_state_dir = credentials.join("state").display().to_string();
             c.worker_concurrency = concurrency;
             let stop = stop.clone();
             async move { tanjiren_worker::start(&c, Arc::new(NoopExecutor), stop).await }

@@ -155,6 +155,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
     // Each workstation enrols with the bench's enrolment token; its credential lives beside the logs.
     let mut config = env.config.clone();
     config.worker_credential_file = String::new();
+    config.worker_state_dir = cluster.log_dir().join("state").display().to_string();
     let credentials = cluster.log_dir().join("credentials");
     let agents = if opts.real_workers {
         eprintln!("bench: starting {workstations} worker processes");

@@ -385,6 +385,8 @@ struct StepUpdate {
     status: Option<String>,
     exit_code: Option<i32>,
     failure_reason: Option<String>,
+    /// With a result: whether nothing the step started is left (`processes_left == 0`).
+    stopped_all: Option<bool>,
 }
 
 /// The last [`MAX_TAIL_BYTES`] of a tail, NUL replaced (whether cut or not).
@@ -468,6 +470,7 @@ async fn store_progress(
                 (None, StepStatus::Failed) => Some("failed".into()),
                 (None, _) => None,
             };
+            u.stopped_all = Some(r.processes_left == 0);
             finished_tasks.insert(fence.task_id);
         }
         results.push(Ok((fence.id, fence.task_id)));
@@ -478,6 +481,7 @@ async fn store_progress(
     if !updates.is_empty() {
         let mut ids = vec![];
         let (mut outs, mut errs, mut statuses, mut codes, mut reasons) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut stopped_all = vec![];
         for (id, u) in updates {
             ids.push(id);
             outs.push(u.stdout_tail);
@@ -485,6 +489,7 @@ async fn store_progress(
             statuses.push(u.status);
             codes.push(u.exit_code);
             reasons.push(u.failure_reason);
+            stopped_all.push(u.stopped_all);
         }
         // A result ends the lease in the same statement (generation + 1, no owner):
         // a finished step never holds a lease, whatever happens to the release.
@@ -500,9 +505,10 @@ async fn store_progress(
                 failure_reason = CASE WHEN u.status IS NULL THEN s.failure_reason ELSE u.failure_reason END,
                 finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END,
                 stop_confirmed_at = CASE WHEN u.status IS NOT NULL AND s.cancel_requested_at IS NOT NULL
+                                              AND u.stopped_all
                                          THEN now() ELSE s.stop_confirmed_at END
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[])
-                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason)
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::bool[])
+                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason, stopped_all)
              WHERE s.id = u.id
              RETURNING s.id, s.lease_generation",
         )
@@ -512,6 +518,7 @@ async fn store_progress(
         .bind(&statuses)
         .bind(&codes)
         .bind(&reasons)
+        .bind(&stopped_all)
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -59,6 +59,17 @@ async fn ops(
         })
 }
 
+/// The configuration with `step_guard = auto` resolved to this very binary, which
+/// serves the hidden `step-guard` subcommand (see main.rs). `/proc/self/exe` keeps
+/// naming the running program even after an upgrade replaced its file.
+fn with_own_step_guard(config: &Config) -> Config {
+    let mut config = config.clone();
+    if config.step_guard.trim() == "auto" {
+        config.step_guard = "/proc/self/exe".into();
+    }
+    config
+}
+
 /// Runs one service until stopped.
 pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> {
     let shutdown = on_signals();
@@ -83,7 +94,7 @@ pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> 
 /// Runs the worker agent until stopped.
 pub async fn worker(config: &Config) -> anyhow::Result<ExitCode> {
     let shutdown = on_signals();
-    let mut config = config.clone();
+    let mut config = with_own_step_guard(config);
     if let Some(t) = config.resolve_token() {
         config.token = t;
     }
@@ -116,7 +127,7 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     conns.ready.set(true);
 
     let worker = if with_worker {
-        let mut wc = config.clone();
+        let mut wc = with_own_step_guard(config);
         wc.token = boot.token.clone();
         let executor = Arc::new(ShellExecutor::new(&wc));
         Some(tanjiren_worker::start(&wc, executor, signal.clone()).await?)

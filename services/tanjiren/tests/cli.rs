@@ -30,6 +30,10 @@ impl Install {
             ("TANJIREN_WORKSTATION_NAME".into(), format!("cli-host-{id}")),
             ("XDG_CONFIG_HOME".into(), home.display().to_string()),
             ("XDG_STATE_HOME".into(), home.display().to_string()),
+            (
+                "TANJIREN_WORKER_STATE_DIR".into(),
+                home.join("state").display().to_string(),
+            ),
         ];
         Self { env, db, home }
     }
@@ -199,7 +203,7 @@ fn up_then_a_task_from_the_cli_completes_with_its_output() {
     assert!(text(&unauth).contains("unauthorized"), "{}", text(&unauth));
 
     // `up` enrolled this machine with the owner's token; its worker runs on a
-    // workstation credential saved privately under XDG_STATE_HOME.
+    // workstation credential saved privately in its state directory.
     let host = install
         .env
         .iter()
@@ -207,7 +211,7 @@ fn up_then_a_task_from_the_cli_completes_with_its_output() {
         .unwrap()
         .1
         .clone();
-    let saved = install.home.join("tanjiren").join("credentials").join(&host);
+    let saved = install.home.join("state").join("credentials").join(&host);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777, 0o600);
     let listed = text(&install.run(&["workstation", "list"]));

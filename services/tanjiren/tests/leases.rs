@@ -168,6 +168,10 @@ impl Cleanup {
                 "TANJIREN_WORKER_CREDENTIAL_FILE",
                 env.credential_dir().join(name).display().to_string(),
             )
+            .env(
+                "TANJIREN_WORKER_STATE_DIR",
+                env.credential_dir().join("state").display().to_string(),
+            )
             .env("TANJIREN_HEARTBEAT_INTERVAL_MS", c.heartbeat_interval_ms.to_string())
             .env("TANJIREN_LEASE_TTL_MS", c.lease_ttl_ms.to_string())
             .env("TANJIREN_KILL_GRACE_MS", c.kill_grace_ms.to_string())
@@ -368,7 +372,8 @@ async fn a_worker_killed_mid_command_is_reconciled_within_ttl_and_its_task_fails
     assert_eq!(executing_steps(&env).await, 0, "nothing stays executing");
     eprintln!("kill -9 → step reconciled after {took:?} (TTL {TTL_MS} ms, sweep every {RECONCILE_MS} ms)");
 
-    // The dead worker could not stop its command; nothing else will, so the test does.
+    // The step guard stops the command when its worker dies (tests/containment.rs);
+    // should it not, the test does.
     kill_all_with(&secs);
     wait_processes_gone(&secs, Duration::from_secs(5), "orphaned command after kill -9").await;
     drop(procs);

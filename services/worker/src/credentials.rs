@@ -2,7 +2,21 @@
 //! directories created), read on every start. It is a secret: never logged.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use tanjiren_shared::config::Config;
+
+/// Where the credential of workstation `workstation` is kept: `worker_credential_file`,
+/// else `<worker_state_dir>/credentials/<workstation>` (the name is validated, so it
+/// is one path component).
+pub(crate) fn path(config: &Config, workstation: &str) -> PathBuf {
+    let configured = config.worker_credential_file.trim();
+    if !configured.is_empty() {
+        return PathBuf::from(configured);
+    }
+    crate::containment::state_dir(config)
+        .join("credentials")
+        .join(workstation)
+}
 
 /// The saved credential, if the file exists and is not empty.
 pub(crate) fn read(path: &Path) -> Option<String> {

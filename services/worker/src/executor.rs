@@ -28,6 +28,12 @@ pub trait Executor: Send + Sync + 'static {
         output: OutputSink,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, StepResult>;
+
+    /// Stops whatever steps of an earlier, dead worker on this host left running.
+    /// The worker awaits it once at start, before it registers or takes any work.
+    fn stop_leftovers(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// One line of output, stamped when it was read.
@@ -87,6 +93,7 @@ pub(crate) fn succeeded() -> StepResult {
         exit_code: Some(0),
         failure_reason: None,
         message: None,
+        processes_left: 0,
     }
 }
 

@@ -7,12 +7,17 @@
 
 mod agent;
 mod bus;
+mod cgroup;
+mod containment;
 mod credentials;
 mod executor;
+pub mod guard;
 mod heartbeat;
 mod lease;
 mod log_shipper;
 mod output;
+mod procfs;
+mod record;
 mod shell;
 mod step;
 
@@ -97,6 +102,8 @@ pub async fn start(
             e.message.trim_start_matches("name: ")
         )))
     })?;
+    // Nothing a step started may outlive it, not even the worker that ran it.
+    executor.stop_leftovers().await;
     let nats = tanjiren_runtime::startup::connect_nats(config, "tanjiren-worker").await?;
     let (bus, registered) = enrol(&nats, config, &name, &shutdown)
         .await
@@ -167,7 +174,7 @@ async fn enrol(
     shutdown: &Shutdown,
 ) -> Result<(Bus, RegisterWorkstationReply), WireError> {
     let subjects = config.subjects();
-    let path = config.credential_path(name);
+    let path = credentials::path(config, name);
     if let Some(saved) = credentials::read(&path) {
         let bus = Bus::new(nats.clone(), subjects.clone(), &saved);
         match register(&bus, name, shutdown).await {

@@ -1,37 +1,39 @@
-//! [`ShellExecutor`]: runs a `command` step as `$shell -c "$command"` in its own
-//! process group, streams both pipes line by line into the output sink, and
-//! stops the whole group (SIGTERM, then SIGKILL after the grace period) on
-//! timeout or cancel. It owns the only `unsafe` in the crate (`killpg`), and it
-//! must never leave a step hanging because some descendant kept a pipe open.
+//! [`ShellExecutor`]: runs a `command` step as `$shell -c "$command"`, contained
+//! (see [`crate::containment`]: its own process group, a cgroup and a guard where
+//! the host allows), streams both pipes line by line into the output sink, and
+//! stops every process of the step (SIGTERM, then SIGKILL after the grace period)
+//! on timeout, on cancel, and after the shell exits — whatever the command left
+//! running is stopped too, so nothing a step started outlives it. It must never
+//! leave a step hanging because some descendant kept a pipe open, and it reports
+//! how many processes (if any) survived.
 
+use crate::containment::{Containment, KILL_WAIT, SpawnRequest, StepProcess};
 use crate::executor::{BoxFuture, Executor, OutputSink, succeeded};
 use crate::output::{LineSplitter, MAX_LINE_BYTES};
 use futures::future::FusedFuture;
 use futures::{FutureExt, pin_mut};
 use std::io;
-use std::path::Path;
 use std::pin::Pin;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::model::{FailureReason, Mode, StepStatus};
 use tanjiren_shared::protocol::{Assignment, LogStream, StepResult};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::{ChildStderr, ChildStdout};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes read from a pipe at a time.
 const READ_CHUNK: usize = 16 * 1024;
-/// How long the pipes may stay open after the shell exited before the rest of its group is killed.
+/// How long the pipes may stay open after the shell exited before the rest of the step is stopped.
 const PIPE_GRACE: Duration = Duration::from_millis(500);
-/// Once the group was killed, a pipe silent this long is held by a process outside it: stop reading.
+/// Once the step was stopped, a pipe silent this long is held by a process outside it: stop reading.
 const IDLE_AFTER_KILL: Duration = Duration::from_millis(500);
-/// The most time spent reading leftover output after the group was stopped.
+/// The most time spent reading leftover output after the step was stopped.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
-/// How long to wait for a SIGKILLed group to disappear.
-const KILL_WAIT: Duration = Duration::from_secs(5);
-/// How often the group is checked while waiting for it to exit.
+/// How often the step's processes are checked while waiting for them to exit.
 const GROUP_POLL: Duration = Duration::from_millis(25);
 
 /// Runs `command` steps through a shell; other modes are reported unsupported.
@@ -41,25 +43,31 @@ pub struct ShellExecutor {
     kill_grace: Duration,
     /// Given to every command as `TANJIREN_WORKSTATION`.
     workstation: String,
+    containment: Arc<Containment>,
 }
 
 impl ShellExecutor {
-    /// Uses `worker_shell`, `kill_grace_ms` and the workstation name the worker registers.
+    /// Uses `worker_shell`, `kill_grace_ms`, the workstation name the worker registers,
+    /// and the containment `step_guard`, `step_cgroup` and `worker_state_dir` allow on
+    /// this host (checked here, once; the outcome is logged).
     pub fn new(config: &Config) -> Self {
         Self {
             shell: config.worker_shell.clone(),
             kill_grace: Duration::from_millis(config.kill_grace_ms),
             workstation: crate::configured_name(config),
+            containment: Arc::new(Containment::from_config(config)),
         }
     }
 
     /// `shell` is run as `shell -c <command>`; `kill_grace` is the time between SIGTERM and
-    /// SIGKILL. Commands see the host name as their workstation.
+    /// SIGKILL. Commands see the host name as their workstation. No guard, cgroup or
+    /// record: a step's processes are its process group and the carriers of its cookie.
     pub fn with_shell(shell: impl Into<String>, kill_grace: Duration) -> Self {
         Self {
             shell: shell.into(),
             kill_grace,
             workstation: crate::host_name(),
+            containment: Arc::new(Containment::minimal(kill_grace)),
         }
     }
 
@@ -71,24 +79,30 @@ impl ShellExecutor {
         cancel: CancellationToken,
     ) -> StepResult {
         let timeout_secs = assignment.timeout_secs;
-        let mut child = match self.spawn(assignment, command) {
-            Ok(child) => child,
+        let request = SpawnRequest {
+            assignment,
+            shell: &self.shell,
+            command,
+            workstation: &self.workstation,
+        };
+        let (mut step, stdout, stderr) = match self.containment.spawn(&request).await {
+            Ok(s) => s,
             Err(e) => return cannot_start(&self.shell, &e),
         };
-        let mut group = ProcessGroup::of(&child);
         let stop_at_idle = CancellationToken::new();
-        let pumps = pump_both(child.stdout.take(), child.stderr.take(), output, stop_at_idle.clone()).fuse();
+        let pumps = pump_both(Some(stdout), Some(stderr), output, stop_at_idle.clone()).fuse();
         pin_mut!(pumps);
 
         let deadline = deadline_after(timeout_secs);
-        let result = match wait_for_ending(&mut child, pumps.as_mut(), deadline, &cancel).await {
+        let ending = wait_for_ending(&mut step, pumps.as_mut(), deadline, &cancel).await;
+        let mut result = match ending {
             Ending::Exited(status) => {
-                finish_output(&group, pumps.as_mut(), &stop_at_idle).await;
+                self.finish_output(&mut step, pumps.as_mut(), &stop_at_idle).await;
                 exit_result(status)
             }
             Ending::TimedOut => {
-                tracing::info!(timeout_secs, "step timed out; stopping its process group");
-                self.stop_group(&mut child, &group, pumps.as_mut(), &stop_at_idle).await;
+                tracing::info!(timeout_secs, "step timed out; stopping its processes");
+                self.stop_all(&mut step, pumps.as_mut(), &stop_at_idle).await;
                 failed(
                     None,
                     Some(FailureReason::Timeout),
@@ -96,55 +110,74 @@ impl ShellExecutor {
                 )
             }
             Ending::Cancelled => {
-                tracing::info!("step cancelled; stopping its process group");
-                self.stop_group(&mut child, &group, pumps.as_mut(), &stop_at_idle).await;
+                tracing::info!("step cancelled; stopping its processes");
+                self.stop_all(&mut step, pumps.as_mut(), &stop_at_idle).await;
                 StepResult {
                     status: StepStatus::Cancelled,
                     exit_code: None,
                     failure_reason: None,
-                    message: Some("cancelled; the process group was stopped".into()),
+                    message: Some("cancelled; every process of the step was stopped".into()),
+                    processes_left: 0,
                 }
             }
         };
-        group.disarm();
+        let left = step.release().await;
+        if left > 0 {
+            let note = format!("{left} process(es) of the step survived SIGKILL");
+            result.message = Some(match result.status {
+                StepStatus::Cancelled => format!("cancelled; {note}"),
+                _ => match result.message.take() {
+                    Some(m) => format!("{m}; {note}"),
+                    None => note,
+                },
+            });
+            result.processes_left = left;
+        }
         result
     }
 
-    /// The command sees where and for what it runs; the worker's own token is not passed on.
-    fn spawn(&self, assignment: &Assignment, command: &str) -> io::Result<Child> {
-        Command::new(&self.shell)
-            .arg("-c")
-            .arg(command)
-            .env_remove("TANJIREN_TOKEN")
-            .env("TANJIREN_WORKSTATION", &self.workstation)
-            .env("TANJIREN_TASK_ID", assignment.task_id.to_string())
-            .env("TANJIREN_STEP_ID", assignment.step_id.to_string())
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-    }
-
-    /// SIGTERM to the group, SIGKILL after the grace period if anything is left,
-    /// then read what is left in the pipes.
-    async fn stop_group<P: FusedFuture<Output = ()>>(
+    /// After the shell exited: give descendants that still hold the pipes a short grace,
+    /// then stop whatever of the step is still running.
+    async fn finish_output<P: FusedFuture<Output = ()>>(
         &self,
-        child: &mut Child,
-        group: &ProcessGroup,
+        step: &mut StepProcess,
         mut pumps: Pin<&mut P>,
         stop_at_idle: &CancellationToken,
     ) {
-        group.signal(libc::SIGTERM);
-        if !wait_until_group_gone(child, group, pumps.as_mut(), self.kill_grace).await {
+        let pipes_closed = drain(pumps.as_mut(), PIPE_GRACE).await;
+        if pipes_closed && step.members().is_empty() {
+            return;
+        }
+        tracing::debug!(
+            shell_pid = step.shell_pid(),
+            pipes_closed,
+            "the shell exited but processes of the step are still running; stopping them"
+        );
+        self.stop_all(step, pumps.as_mut(), stop_at_idle).await;
+        if !pumps.is_terminated() {
+            tracing::warn!("stopped reading output still being written after the step ended");
+        }
+    }
+
+    /// SIGTERM to every process of the step, SIGKILL after the grace period if anything
+    /// is left, then read what is left in the pipes.
+    async fn stop_all<P: FusedFuture<Output = ()>>(
+        &self,
+        step: &mut StepProcess,
+        mut pumps: Pin<&mut P>,
+        stop_at_idle: &CancellationToken,
+    ) {
+        step.signal(libc::SIGTERM);
+        if !wait_until_gone(step, pumps.as_mut(), self.kill_grace, None).await {
             tracing::info!(
                 grace_ms = self.kill_grace.as_millis() as u64,
-                "process group outlived SIGTERM; sending SIGKILL"
+                "processes of the step outlived SIGTERM; sending SIGKILL"
             );
-            group.signal(libc::SIGKILL);
-            if !wait_until_group_gone(child, group, pumps.as_mut(), KILL_WAIT).await {
-                tracing::warn!(pgid = group.pgid, "process group still present after SIGKILL");
+            if !wait_until_gone(step, pumps.as_mut(), KILL_WAIT, Some(libc::SIGKILL)).await {
+                tracing::warn!(
+                    shell_pid = step.shell_pid(),
+                    "processes of the step still present after SIGKILL"
+                );
             }
         }
         stop_at_idle.cancel();
@@ -166,6 +199,10 @@ impl Executor for ShellExecutor {
             }
         })
     }
+
+    fn stop_leftovers(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.containment.stop_leftovers())
+    }
 }
 
 enum Ending {
@@ -176,7 +213,7 @@ enum Ending {
 
 /// Waits for the shell to exit, the timeout or the cancel token, reading output meanwhile.
 async fn wait_for_ending<P: FusedFuture<Output = ()>>(
-    child: &mut Child,
+    step: &mut StepProcess,
     mut pumps: Pin<&mut P>,
     deadline: Instant,
     cancel: &CancellationToken,
@@ -184,7 +221,7 @@ async fn wait_for_ending<P: FusedFuture<Output = ()>>(
     loop {
         tokio::select! {
             biased;
-            status = child.wait() => return Ending::Exited(status),
+            status = step.wait() => return Ending::Exited(status),
             _ = cancel.cancelled() => return Ending::Cancelled,
             _ = tokio::time::sleep_until(deadline) => return Ending::TimedOut,
             _ = pumps.as_mut(), if !pumps.is_terminated() => {}
@@ -192,44 +229,29 @@ async fn wait_for_ending<P: FusedFuture<Output = ()>>(
     }
 }
 
-/// After a normal exit: give descendants that still hold the pipes a short grace, then kill them.
-async fn finish_output<P: FusedFuture<Output = ()>>(
-    group: &ProcessGroup,
-    mut pumps: Pin<&mut P>,
-    stop_at_idle: &CancellationToken,
-) {
-    if drain(pumps.as_mut(), PIPE_GRACE).await {
-        return;
-    }
-    tracing::debug!(
-        pgid = group.pgid,
-        "output pipes still open after the shell exited; killing the rest of its group"
-    );
-    group.signal(libc::SIGKILL);
-    stop_at_idle.cancel();
-    if !drain(pumps, DRAIN_LIMIT).await {
-        tracing::warn!("stopped reading output still being written after the step ended");
-    }
-}
-
-/// True once the shell was reaped and no live process is left in its group (within `limit`).
-async fn wait_until_group_gone<P: FusedFuture<Output = ()>>(
-    child: &mut Child,
-    group: &ProcessGroup,
+/// True once the shell's end is known and no live process of the step is left (within
+/// `limit`). With `resend`, that signal is sent again at every check, so processes
+/// forked meanwhile get it too.
+async fn wait_until_gone<P: FusedFuture<Output = ()>>(
+    step: &mut StepProcess,
     mut pumps: Pin<&mut P>,
     limit: Duration,
+    resend: Option<i32>,
 ) -> bool {
     let until = Instant::now() + limit;
-    let mut reaped = false;
     loop {
-        if reaped && !group.has_live_members() {
+        if let Some(signal) = resend {
+            step.signal(signal);
+        }
+        if step.has_ended() && step.members().is_empty() {
             return true;
         }
         if Instant::now() >= until {
             return false;
         }
+        let ended = step.has_ended();
         tokio::select! {
-            _ = child.wait(), if !reaped => reaped = true,
+            _ = step.wait(), if !ended => {}
             _ = pumps.as_mut(), if !pumps.is_terminated() => {}
             _ = tokio::time::sleep(GROUP_POLL) => {}
         }
@@ -349,6 +371,7 @@ fn failed(exit_code: Option<i32>, failure_reason: Option<FailureReason>, message
         exit_code,
         failure_reason,
         message: Some(message),
+        processes_left: 0,
     }
 }
 
@@ -372,86 +395,6 @@ fn signal_name(sig: i32) -> String {
         _ => return format!("signal {sig}"),
     };
     format!("signal {name} ({sig})")
-}
-
-/// The step's process group (its id is the shell's pid). Kills the group if the
-/// executor is dropped mid-run, so an aborted step leaves nothing behind.
-struct ProcessGroup {
-    pgid: i32,
-    armed: bool,
-}
-
-impl ProcessGroup {
-    fn of(child: &Child) -> Self {
-        let pgid = child.id().and_then(|pid| i32::try_from(pid).ok()).unwrap_or(0);
-        Self { pgid, armed: true }
-    }
-
-    fn signal(&self, signal: i32) {
-        signal_group(self.pgid, signal);
-    }
-
-    fn has_live_members(&self) -> bool {
-        group_has_live_members(self.pgid)
-    }
-
-    /// The run finished normally: leave whatever the command deliberately left running.
-    fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if self.armed {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-    }
-}
-
-/// Sends `signal` to every process in group `pgid`; false if there is none (or on error).
-/// Refuses `pgid` ≤ 1, which would mean our own group or init's.
-#[allow(unsafe_code)]
-pub(crate) fn signal_group(pgid: i32, signal: i32) -> bool {
-    if pgid <= 1 {
-        return false;
-    }
-    // SAFETY: killpg only reads its two integer arguments and touches no memory of
-    // ours; pgid > 1 is a group the shell created with process_group(0).
-    unsafe { libc::killpg(pgid, signal) == 0 }
-}
-
-/// Whether any process of group `pgid` is still alive. Zombies do not count: where
-/// nobody reaps orphans (some containers' init), they linger but hold nothing open.
-pub(crate) fn group_has_live_members(pgid: i32) -> bool {
-    if !signal_group(pgid, 0) {
-        return false;
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .any(|e| is_live_member(&e.path(), pgid))
-}
-
-/// Reads `/proc/<pid>/stat`: `pid (comm) state ppid pgrp …` (comm may contain spaces or parens).
-fn is_live_member(proc_dir: &Path, pgid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
-        return false;
-    };
-    let Some((_, after_comm)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let mut fields = after_comm.split_whitespace();
-    let state = fields.next().unwrap_or("Z");
-    let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
-    pgrp == Some(pgid) && !matches!(state, "Z" | "X")
 }
 
 #[cfg(test)]
@@ -499,12 +442,64 @@ mod tests {
 
     async fn wait_group_gone(pgid: i32) -> bool {
         for _ in 0..100 {
-            if !group_has_live_members(pgid) {
+            if !crate::procfs::all_processes()
+                .iter()
+                .any(|p| p.pgrp == pgid && p.is_live())
+            {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
+    }
+
+    /// A number of seconds no other process has in its command line (`sleep {it}`).
+    fn marker(whole: u32) -> String {
+        format!("{whole}.{:09}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000)
+    }
+
+    /// Live processes whose command line contains `needle`.
+    fn processes_with(needle: &str) -> Vec<i32> {
+        crate::procfs::all_processes()
+            .into_iter()
+            .filter(|p| p.is_live())
+            .filter(|p| {
+                std::fs::read(format!("/proc/{}/cmdline", p.pid))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// Kills whatever a failed test left behind.
+    struct KillOnDrop(String);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for pid in processes_with(&self.0) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
+    async fn wait_started(needle: &str, count: usize) {
+        for _ in 0..400 {
+            if processes_with(needle).len() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("`{needle}` never started {count} times");
+    }
+
+    fn cancel_when(needle: String, count: usize) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            wait_started(&needle, count).await;
+            trigger.cancel();
+        });
+        cancel
     }
 
     #[tokio::test]
@@ -681,15 +676,128 @@ mod tests {
         assert!(r.message.unwrap().contains("prompt"));
     }
 
-    #[test]
-    fn proc_stat_parsing_handles_odd_names_and_zombies() {
-        let dir = std::env::temp_dir().join(format!("tanjiren-stat-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("stat"), "42 (a) b (c) S 1 777 777 0 -1").unwrap();
-        assert!(is_live_member(&dir, 777));
-        assert!(!is_live_member(&dir, 42));
-        std::fs::write(dir.join("stat"), "42 (x) Z 1 777 777 0 -1").unwrap();
-        assert!(!is_live_member(&dir, 777));
-        std::fs::remove_dir_all(&dir).unwrap();
+    #[tokio::test]
+    async fn cancel_stops_a_setsid_grandchild_and_reports_nothing_left() {
+        let m = marker(300);
+        let _cleanup = KillOnDrop(m.clone());
+        let command = format!("sleep {m} & setsid sleep {m} & (setsid sh -c 'sleep {m} & :' &); wait");
+        let cancel = cancel_when(m.clone(), 3);
+        let (r, _) = run(&sh(1000), &assignment(&command, 60), cancel).await;
+        assert_eq!(r.status, StepStatus::Cancelled, "{r:?}");
+        assert_eq!(r.processes_left, 0, "{r:?}");
+        assert_eq!(
+            r.message.as_deref(),
+            Some("cancelled; every process of the step was stopped")
+        );
+        assert_eq!(
+            processes_with(&m),
+            Vec::<i32>::new(),
+            "reported stopped, so nothing may be left at all"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_successful_command_leaves_running_is_stopped() {
+        let m = marker(301);
+        let _cleanup = KillOnDrop(m.clone());
+        let command =
+            format!("nohup sleep {m} >/dev/null 2>&1 & setsid sleep {m} </dev/null >/dev/null 2>&1 & echo done");
+        let started = std::time::Instant::now();
+        let (r, lines) = run(&sh(1000), &assignment(&command, 60), CancellationToken::new()).await;
+        assert_eq!(r, succeeded());
+        assert_eq!(texts(&lines, LogStream::Stdout), ["done"]);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(processes_with(&m), Vec::<i32>::new());
+    }
+
+    /// A process that survives SIGKILL (frozen by the cgroup v1 freezer, which holds
+    /// even fatal signals until thawed) is reported, not passed over.
+    #[tokio::test]
+    async fn a_process_that_survives_sigkill_is_reported() {
+        let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+        if !freezer.join("cgroup.procs").exists() || !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: no cgroup v1 freezer to hold a process through SIGKILL");
+            return;
+        }
+        let frozen = freezer.join(format!("tanjiren-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&frozen).unwrap();
+        let m = marker(303);
+        let _cleanup = KillOnDrop(m.clone());
+        let command = format!(
+            "sleep {m} & p=$!; until [ \"$(cat /proc/$p/comm)\" = sleep ]; do :; done; \
+             echo $p > {dir}/cgroup.procs && echo FROZEN > {dir}/freezer.state && echo frozen; wait",
+            dir = frozen.display()
+        );
+        let (r, lines) = run(&sh(200), &assignment(&command, 1), CancellationToken::new()).await;
+        let thaw = || std::fs::write(frozen.join("freezer.state"), "THAWED");
+        thaw().unwrap();
+        assert_eq!(texts(&lines, LogStream::Stdout), ["frozen"]);
+        assert_eq!(r.failure_reason, Some(FailureReason::Timeout), "{r:?}");
+        assert_eq!(r.processes_left, 1, "{r:?}");
+        assert_eq!(
+            r.message.as_deref(),
+            Some("killed after 1 s; 1 process(es) of the step survived SIGKILL")
+        );
+        // Thawed, the SIGKILL already sent takes effect.
+        for _ in 0..100 {
+            if processes_with(&m).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(processes_with(&m), Vec::<i32>::new());
+        std::fs::remove_dir(&frozen).unwrap();
+    }
+
+    /// The cgroup catches what the other means cannot see: a process that left the
+    /// session and cleared its environment. The step's record on disk names the cgroup
+    /// while the step runs and is gone afterwards, and so is the cgroup.
+    #[tokio::test]
+    async fn a_cgroup_holds_even_a_process_that_clears_its_environment() {
+        if Containment::for_tests(Duration::from_millis(500), true, None).is_none() {
+            assert!(
+                !nix::unistd::geteuid().is_root() || crate::cgroup::own_cgroup_dir().is_none(),
+                "root with a cgroup v2 hierarchy must be able to create step cgroups"
+            );
+            eprintln!("skipped: no writable cgroup v2 here");
+            return;
+        }
+        let state = std::env::temp_dir().join(format!("tanjiren-shell-{}", uuid::Uuid::new_v4().simple()));
+        let containment = Containment::for_tests(Duration::from_millis(500), true, Some(&state)).unwrap();
+        let exec = ShellExecutor {
+            containment: Arc::new(containment),
+            ..sh(500)
+        };
+        let m = marker(302);
+        let _cleanup = KillOnDrop(m.clone());
+        let a = assignment(
+            &format!(
+                "env -i setsid sleep {m} </dev/null >/dev/null 2>&1 & cat {}/steps/*.json; cat /proc/self/cgroup",
+                state.display()
+            ),
+            60,
+        );
+        let (r, lines) = run(&exec, &a, CancellationToken::new()).await;
+        assert_eq!(r, succeeded());
+        let out = texts(&lines, LogStream::Stdout).join("\n");
+        let cgroup_name = format!("tanjiren-step-{}-1", a.step_id);
+        assert!(out.contains(&format!("\"step_id\": \"{}\"", a.step_id)), "{out}");
+        assert!(
+            out.contains(&cgroup_name),
+            "the record and /proc/self/cgroup name the step's cgroup: {out}"
+        );
+        assert_eq!(processes_with(&m), Vec::<i32>::new(), "the cgroup was emptied");
+        let parent = crate::cgroup::own_cgroup_dir().unwrap();
+        assert!(!parent.join(&cgroup_name).exists(), "the empty cgroup was removed");
+        assert_eq!(
+            std::fs::read_dir(state.join("steps")).unwrap().count(),
+            0,
+            "the record is removed once nothing is left"
+        );
+        std::fs::remove_dir_all(&state).unwrap();
     }
 }

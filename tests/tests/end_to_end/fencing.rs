@@ -158,6 +158,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             exit_code: Some(0),
             failure_reason: None,
             message: None,
+            processes_left: 0,
         }),
     };
     assert_eq!(

@@ -19,4 +19,5 @@ mod reconnect;
 mod replicas;
 mod retries;
 mod schedules;
+mod stop_confirmed;
 mod workstation_credentials;

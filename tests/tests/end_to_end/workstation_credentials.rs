@@ -118,6 +118,7 @@ async fn a_credential_of_another_workstation_can_neither_claim_nor_write() {
             exit_code: Some(0),
             failure_reason: None,
             message: None,
+            processes_left: 0,
         }),
     };
     let artifact = WorkerArtifactRequest {

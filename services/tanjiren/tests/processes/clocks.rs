@@ -44,6 +44,10 @@ impl Cleanup {
             .env("TANJIREN_REDIS_KEY_PREFIX", &c.redis_key_prefix)
             .env("TANJIREN_DATABASE_URL", &c.database_url)
             .env("TANJIREN_HTTP_ADDR", "")
+            .env(
+                "TANJIREN_WORKER_STATE_DIR",
+                env.credential_dir().join("state").display().to_string(),
+            )
             .env("TANJIREN_HEARTBEAT_INTERVAL_MS", c.heartbeat_interval_ms.to_string())
             .env("TANJIREN_LEASE_TTL_MS", c.lease_ttl_ms.to_string())
             .env("TANJIREN_RECONCILE_INTERVAL_MS", c.reconcile_interval_ms.to_string())
