@@ -372,7 +372,7 @@ async fn a_worker_killed_mid_command_is_reconciled_within_ttl_and_its_task_fails
     assert_eq!(executing_steps(&env).await, 0, "nothing stays executing");
     eprintln!("kill -9 → step reconciled after {took:?} (TTL {TTL_MS} ms, sweep every {RECONCILE_MS} ms)");
 
-    // The step guard stops the command when its worker dies (tests/containment.rs);
+    // The step guard stops the command when its worker dies (the `containment` module);
     // should it not, the test does.
     kill_all_with(&secs);
     wait_processes_gone(&secs, Duration::from_secs(5), "orphaned command after kill -9").await;
@@ -765,5 +765,4 @@ async fn the_cli_shows_a_step_whose_lease_expired_unreconciled_as_stale() {
     env.finish(services).await;
 }
 
-#[path = "processes/clocks.rs"]
 mod clocks;

@@ -1,0 +1,9 @@
+//! The `tanjiren` binary as real OS processes, in one test binary (one link
+//! instead of one per file): the CLI as a new user meets it, what users expect by
+//! default, leases against workers that are killed, frozen or run with a shifted
+//! clock, and containment of everything a step starts.
+
+mod cli;
+mod containment;
+mod defaults;
+mod leases;
