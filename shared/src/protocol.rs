@@ -160,6 +160,14 @@ pub struct StepView {
     /// The last heartbeat that renewed this step's lease.
     #[serde(default)]
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// While a lease is held: milliseconds until it expires, on Postgres' clock
+    /// (negative once expired and not yet taken back). Read this rather than
+    /// comparing `lease_expires_at` with a local clock.
+    #[serde(default)]
+    pub lease_expires_in_ms: Option<i64>,
+    /// Milliseconds since `last_heartbeat_at`, on Postgres' clock.
+    #[serde(default)]
+    pub last_heartbeat_age_ms: Option<i64>,
     /// When a cancel was sent to the worker running this step.
     #[serde(default)]
     pub cancel_requested_at: Option<DateTime<Utc>>,

@@ -82,6 +82,8 @@ struct StepRow {
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     last_heartbeat_at: Option<DateTime<Utc>>,
+    lease_expires_in_ms: Option<i64>,
+    last_heartbeat_age_ms: Option<i64>,
     cancel_requested_at: Option<DateTime<Utc>>,
     stop_confirmed_at: Option<DateTime<Utc>>,
     stdout_tail: String,
@@ -128,7 +130,9 @@ pub async fn get_task(
         "SELECT s.id, s.execution_id, s.workstation_id, w.name AS workstation_name, s.status, s.lease_generation, s.lease_owner,
                 s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.last_heartbeat_at,
                 s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail,
-                s.log_bytes, s.log_truncated
+                s.log_bytes, s.log_truncated,
+                (extract(epoch FROM s.lease_expires_at - now()) * 1000)::int8 AS lease_expires_in_ms,
+                (extract(epoch FROM now() - s.last_heartbeat_at) * 1000)::int8 AS last_heartbeat_age_ms
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = $1 ORDER BY s.id",
     )
@@ -157,6 +161,8 @@ pub async fn get_task(
                     _ => None,
                 },
                 last_heartbeat_at: s.last_heartbeat_at,
+                lease_expires_in_ms: s.lease_expires_in_ms,
+                last_heartbeat_age_ms: s.last_heartbeat_age_ms,
                 cancel_requested_at: s.cancel_requested_at,
                 stop_confirmed_at: s.stop_confirmed_at,
                 stdout_tail: s.stdout_tail,

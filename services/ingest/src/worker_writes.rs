@@ -350,21 +350,49 @@ async fn store_logs(
     tx.commit().await.map_err(db_error)?;
     drop(rows);
 
+    // Live tails: each stored batch is republished in pieces that stay within the
+    // page budget, so no publish can exceed what the server accepts.
+    let budget = tanjiren_runtime::bus::page_budget(&conns.nats);
     for (i, lines) in live {
         let req = &batch[i];
-        let step = &log_steps[&req.body.step_id.as_uuid()];
-        let live = LiveLogBatch {
-            task_id: step.fence.task_id.into(),
-            step_id: req.body.step_id,
-            lines,
-        };
-        let subject = conns.subjects.logs(req.principal.org_id, live.task_id);
-        let _ = conns
-            .nats
-            .publish(subject, Encoding::MsgPack.encode(&live).into())
-            .await;
+        let task_id = log_steps[&req.body.step_id.as_uuid()].fence.task_id.into();
+        let subject = conns.subjects.logs(req.principal.org_id, task_id);
+        for lines in pieces(lines, budget) {
+            let live = LiveLogBatch {
+                task_id,
+                step_id: req.body.step_id,
+                lines,
+            };
+            if let Err(e) = conns
+                .nats
+                .publish(subject.clone(), Encoding::MsgPack.encode(&live).into())
+                .await
+            {
+                tracing::debug!(error = %e, "could not publish a live log batch; tails read it from storage");
+            }
+        }
     }
     Ok(results)
+}
+
+/// `lines` in consecutive pieces of at most `budget` bytes as JSON (a piece holds
+/// at least one line).
+fn pieces(lines: Vec<LogLine>, budget: usize) -> Vec<Vec<LogLine>> {
+    let mut out = Vec::new();
+    let (mut piece, mut size) = (Vec::new(), 0);
+    for line in lines {
+        let n = tanjiren_shared::codec::json_size(&line) + 1;
+        if !piece.is_empty() && size + n > budget {
+            out.push(std::mem::take(&mut piece));
+            size = 0;
+        }
+        size += n;
+        piece.push(line);
+    }
+    if !piece.is_empty() {
+        out.push(piece);
+    }
+    out
 }
 
 pub(crate) async fn progress(
@@ -546,4 +574,35 @@ async fn store_progress(
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_pieces_stay_within_the_budget_and_keep_every_line_in_order() {
+        let lines: Vec<LogLine> = (1..=100)
+            .map(|seq| LogLine {
+                seq,
+                stream: LogStream::Stdout,
+                text: "x".repeat(1_000),
+                at: chrono::Utc::now(),
+            })
+            .collect();
+        let budget = 10_000;
+        let split = pieces(lines.clone(), budget);
+        assert!(split.len() > 10);
+        for p in &split {
+            assert!(
+                tanjiren_shared::codec::json_size(p) <= budget + 2,
+                "{}",
+                tanjiren_shared::codec::json_size(p)
+            );
+        }
+        assert_eq!(split.concat(), lines);
+        // A line larger than the budget still travels, alone.
+        let one = pieces(lines[..1].to_vec(), 10);
+        assert_eq!(one, vec![lines[..1].to_vec()]);
+    }
 }

@@ -338,7 +338,7 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
             .map(|c| format!("exit {c}"))
             .unwrap_or_else(|| "exit -".into());
         let dur = s.duration_ms.map(|d| format!("{d}ms")).unwrap_or_else(|| "-".into());
-        let lease = lease_health(s, Utc::now());
+        let lease = lease_health(s);
         outln!(
             "  {name:<20} {:<10} {exit:<8} {dur:<8} gen {}  {lease}{}",
             // `as_str`: a `&str` honours the width, the enum's Display does not.
@@ -380,15 +380,16 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
 
 /// One line on a step's lease: who holds it, until when, how fresh its heartbeat is,
 /// and a loud warning when it has expired without being taken back (a stuck step).
-fn lease_health(s: &tanjiren_shared::protocol::StepView, now: DateTime<Utc>) -> String {
-    let (Some(owner), Some(expires)) = (&s.lease_owner, s.lease_expires_at) else {
+/// The step's lease in words, from the durations the server measured on Postgres'
+/// clock (never this machine's clock, which may be off).
+fn lease_health(s: &tanjiren_shared::protocol::StepView) -> String {
+    let (Some(owner), Some(left_ms)) = (&s.lease_owner, s.lease_expires_in_ms) else {
         return "no lease".into();
     };
     let beat = s
-        .last_heartbeat_at
-        .map(|b| format!(", last heartbeat {}s ago", (now - b).num_seconds()))
+        .last_heartbeat_age_ms
+        .map(|age| format!(", last heartbeat {}s ago", age / 1000))
         .unwrap_or_default();
-    let left_ms = (expires - now).num_milliseconds();
     if left_ms >= 0 {
         format!("held by {owner}, expires in {:.1}s{beat}", left_ms as f64 / 1000.0)
     } else {
