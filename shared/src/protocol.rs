@@ -165,7 +165,7 @@ pub struct StepView {
     /// comparing `lease_expires_at` with a local clock.
     #[serde(default)]
     pub lease_expires_in_ms: Option<i64>,
-    /// Milliseconds since `last_heartbeat_at`, on Postgres' clock.
+    /// While a lease is held: milliseconds since `last_heartbeat_at`, on Postgres' clock.
     #[serde(default)]
     pub last_heartbeat_age_ms: Option<i64>,
     /// When a cancel was sent to the worker running this step.

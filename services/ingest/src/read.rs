@@ -132,7 +132,8 @@ pub async fn get_task(
                 s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail,
                 s.log_bytes, s.log_truncated,
                 (extract(epoch FROM s.lease_expires_at - now()) * 1000)::int8 AS lease_expires_in_ms,
-                (extract(epoch FROM now() - s.last_heartbeat_at) * 1000)::int8 AS last_heartbeat_age_ms
+                CASE WHEN s.lease_expires_at IS NOT NULL
+                     THEN (extract(epoch FROM now() - s.last_heartbeat_at) * 1000)::int8 END AS last_heartbeat_age_ms
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = $1 ORDER BY s.id",
     )
