@@ -128,6 +128,22 @@ pub enum FailureReason {
 }
 text_enum!(FailureReason { NonZeroExit => "non_zero_exit", Timeout => "timeout", CannotStart => "cannot_start", LeaseExpired => "lease_expired", Unsupported => "unsupported", QueueTimeout => "queue_timeout", Rejected => "rejected", ApprovalExpired => "approval_expired" });
 
+impl FailureReason {
+    /// Whether a worker may report this reason in a step result. The others
+    /// (`lease_expired`, `queue_timeout`, `rejected`, `approval_expired`) are
+    /// decided by Tanjiren's services; a worker claiming one would, for instance,
+    /// make its result look like the reconciler's take-back.
+    pub fn reported_by_workers(&self) -> bool {
+        matches!(
+            self,
+            FailureReason::NonZeroExit
+                | FailureReason::Timeout
+                | FailureReason::CannotStart
+                | FailureReason::Unsupported
+        )
+    }
+}
+
 /// How a task is carried out, with its payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]

@@ -490,6 +490,10 @@ pub struct LeaseRenewal {
     /// When renewed: renew again within this many milliseconds of sending the heartbeat.
     #[serde(default)]
     pub renew_within_ms: Option<u64>,
+    /// The step was cancelled: stop it now and report it `cancelled` (the lease stays
+    /// renewable while it stops). Repeats the `control` message, which may be lost.
+    #[serde(default)]
+    pub cancel_requested: bool,
     #[serde(default)]
     pub error: Option<crate::WireError>,
 }

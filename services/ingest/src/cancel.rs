@@ -1,10 +1,12 @@
 //! Cancellation that stops the work. In one transaction the task moves to
 //! `cancelled` (compare-and-swap, via the lifecycle), steps that never started are
 //! cancelled outright, and running steps are marked `cancel_requested`; after
-//! commit each running step's worker gets a cancel on its control subject at once
-//! (never at the next heartbeat). The worker stops the process group and its final
-//! report confirms the stop (`stop_confirmed_at`); if it never does, the lease
-//! reconciler takes the step back. A finished task cannot be cancelled (`conflict`).
+//! commit each running step's worker gets a cancel on its control subject at once,
+//! and every heartbeat repeats it (`cancel_requested`) until the step ends, so a
+//! lost control message delays the stop by one heartbeat at most. The worker stops
+//! everything the step started and its final report confirms the stop
+//! (`stop_confirmed_at`); if it never does, the lease reconciler takes the step
+//! back. A finished task cannot be cancelled (`conflict`).
 
 use std::collections::{HashMap, HashSet};
 use tanjiren_runtime::events::publish_task_event;

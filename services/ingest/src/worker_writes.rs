@@ -483,6 +483,14 @@ async fn store_progress(
             ))));
             continue;
         }
+        if let Some(reason) = b.result.as_ref().and_then(|r| r.failure_reason)
+            && !reason.reported_by_workers()
+        {
+            results.push(Err(WireError::invalid(format!(
+                "result.failure_reason: `{reason}` is decided by Tanjiren, not reported by a worker"
+            ))));
+            continue;
+        }
         let u = updates.entry(fence.id).or_default();
         if let Some(t) = &b.stdout_tail {
             u.stdout_tail = Some(tail(t));

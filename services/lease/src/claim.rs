@@ -65,6 +65,8 @@ async fn claim(
             FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[], $6::uuid[]) AS c(id, gen, owner, org, ws)
             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued'
               AND s.org_id = c.org AND s.workstation_id = c.ws
+              -- A step of a task that has ended (cancelled, failed) never runs.
+              AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = s.task_id AND t.status IN ('queued', 'executing'))
             RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
          ), started AS (
             UPDATE tasks t SET status = 'executing', started_at = now()
@@ -134,7 +136,10 @@ async fn claim(
         HashMap::new()
     } else {
         sqlx::query_as::<_, Current>(
-            "SELECT id, task_id, org_id, workstation_id, lease_generation, status, lease_owner FROM steps WHERE id = ANY($1)",
+            "SELECT s.id, s.task_id, s.org_id, s.workstation_id, s.lease_generation, s.status, s.lease_owner,
+                    t.status AS task_status,
+                    (extract(epoch FROM s.lease_expires_at - now()) * 1000)::int8 AS remaining_ms
+             FROM steps s JOIN tasks t ON t.id = s.task_id WHERE s.id = ANY($1)",
         )
         .bind(&lost)
         .fetch_all(&conns.db)
@@ -172,7 +177,11 @@ async fn claim(
                 None => match current.get(&step) {
                     // The same worker asking again for the lease it already won (its first reply
                     // was lost): grant it again rather than strand the step until the TTL.
-                    Some(c) if c.is_repeat_of(r) => Ok(granted(conns, r.body.step_id, c.task_id, c.lease_generation)),
+                    // The lease began at the first claim: grant only what is left of it.
+                    Some(c) if c.is_repeat_of(r) => Ok(ClaimGranted {
+                        renew_within_ms: c.remaining_ms.unwrap_or(0).max(0) as u64,
+                        ..granted(conns, r.body.step_id, c.task_id, c.lease_generation)
+                    }),
                     c => Err(refusal(step, &r.principal, r.body.lease_generation, c)),
                 },
             }
@@ -208,6 +217,9 @@ struct Current {
     lease_generation: i64,
     status: String,
     lease_owner: Option<String>,
+    task_status: String,
+    /// Of a held lease: milliseconds until it expires, on Postgres' clock.
+    remaining_ms: Option<i64>,
 }
 
 impl Current {
@@ -239,6 +251,11 @@ fn refusal(step: Uuid, principal: &Principal, seen: i64, current: Option<&Curren
             ErrorCode::LeaseHeld,
             format!("step {step} is already leased by another worker"),
         )
+    } else if !matches!(c.task_status.as_str(), "queued" | "executing") {
+        WireError::conflict(format!(
+            "step {step} belongs to a task that is {}; it cannot be claimed",
+            c.task_status
+        ))
     } else if c.status == "queued" && c.lease_generation != seen {
         WireError::stale_lease(format!(
             "step {step} is at lease generation {}, the claim saw {seen}; use the newest assignment",

@@ -14,7 +14,7 @@
 
 use crate::keys::{self, KeyOp};
 use sqlx::types::Json;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
@@ -38,7 +38,8 @@ pub(crate) async fn handle(
 }
 
 /// Renews in Postgres every reported lease it confirms, in one statement, and marks
-/// the callers' workstations seen. Returns the renewed `(step, generation, owner)`.
+/// the callers' workstations seen. Returns the renewed `(step, generation, owner)`
+/// and whether a cancel was requested for the step.
 const RENEW_SQL: &str = "
 WITH r AS (
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS r(id, gen, owner, ws)
@@ -47,11 +48,11 @@ WITH r AS (
     FROM r
     WHERE s.id = r.id AND s.lease_generation = r.gen AND s.lease_owner = r.owner AND s.workstation_id = r.ws
       AND s.status IS NOT DISTINCT FROM 'executing' AND s.lease_expires_at > now()
-    RETURNING s.id, s.lease_generation, s.lease_owner
+    RETURNING s.id, s.lease_generation, s.lease_owner, s.cancel_requested_at IS NOT NULL AS cancel
 ), seen AS (
     UPDATE workstations SET last_seen_at = now() WHERE id = ANY($6::uuid[]) RETURNING 1
 )
-SELECT id, lease_generation, lease_owner FROM renewed";
+SELECT id, lease_generation, lease_owner, cancel FROM renewed";
 
 /// A refused lease's step as stored, to say why it was refused.
 #[derive(sqlx::FromRow)]
@@ -100,10 +101,10 @@ async fn heartbeat(
     }
     seen.sort();
     seen.dedup();
-    let renewed: HashSet<(Uuid, i64, String)> = if seen.is_empty() {
-        HashSet::new()
+    let renewed: HashMap<(Uuid, i64, String), bool> = if seen.is_empty() {
+        HashMap::new()
     } else {
-        sqlx::query_as::<_, (Uuid, i64, Option<String>)>(RENEW_SQL)
+        sqlx::query_as::<_, (Uuid, i64, Option<String>, bool)>(RENEW_SQL)
             .bind(&ids)
             .bind(&gens)
             .bind(&owners)
@@ -114,14 +115,18 @@ async fn heartbeat(
             .await
             .map_err(db_error)?
             .into_iter()
-            .filter_map(|(id, g, o)| Some((id, g, o?)))
+            .filter_map(|(id, g, o, cancel)| Some(((id, g, o?), cancel)))
             .collect()
     };
 
     // 2. Why each refused lease was refused (rare: read only those).
-    let is_renewed = |r: &Incoming<HeartbeatRequest>, step: StepId, generation: i64| {
-        renewed.contains(&(step.as_uuid(), generation, r.body.worker_id.clone()))
+    let renewal = |r: &Incoming<HeartbeatRequest>, step: StepId, generation: i64| {
+        renewed
+            .get(&(step.as_uuid(), generation, r.body.worker_id.clone()))
+            .copied()
     };
+    let is_renewed =
+        |r: &Incoming<HeartbeatRequest>, step: StepId, generation: i64| renewal(r, step, generation).is_some();
     let refused: Vec<Uuid> = batch
         .iter()
         .zip(&stations)
@@ -194,11 +199,15 @@ async fn heartbeat(
                 .leases
                 .iter()
                 .map(|l| {
-                    if is_renewed(r, l.step_id, l.lease_generation) {
+                    if let Some(cancel_requested) = renewal(r, l.step_id, l.lease_generation) {
+                        // A step being cancelled keeps its lease while it stops; the
+                        // reply repeats the cancel, so a worker that missed the control
+                        // message learns of it here.
                         return LeaseRenewal {
                             step_id: l.step_id,
                             renewed: true,
                             renew_within_ms: Some(ttl_ms),
+                            cancel_requested,
                             error: None,
                         };
                     }
@@ -210,6 +219,7 @@ async fn heartbeat(
                         step_id: l.step_id,
                         renewed: false,
                         renew_within_ms: None,
+                        cancel_requested: false,
                         error: Some(refusal(
                             &r.principal,
                             l.step_id,

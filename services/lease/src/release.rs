@@ -2,17 +2,22 @@
 //! compare-and-swap on (generation, owner, workstation), so a release from a stale
 //! worker changes nothing and is refused with `stale_lease`. A step released while
 //! still `executing` (no result reported: the worker handed it back) returns to
-//! `queued` for another worker. A stored result already ended the lease (ingest
-//! does that in the result's own transaction), so the release that follows it finds
-//! the step finished at the next generation with no owner and is answered as done:
-//! a lost release can never leave a finished step holding a lease. The Redis mirror
-//! is deleted in both cases.
+//! `queued` for another worker — unless its task was cancelled meanwhile: then it
+//! ends `cancelled` and its task is settled, so a cancelled task's step never runs
+//! again. A stored result already ended the lease (ingest does that in the result's
+//! own transaction), so the release that follows it finds the step finished at the
+//! next generation with no owner and is answered as done: a lost release can never
+//! leave a finished step holding a lease. A lease the reconciler took back is not
+//! "done" for its old holder: that release is `stale_lease`. The Redis mirror is
+//! deleted whenever a release is accepted.
 
 use crate::keys::{self, KeyOp};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::check_step_access;
+use tanjiren_shared::model::FailureReason;
 use tanjiren_shared::protocol::{ReleaseReply, ReleaseRequest};
 use tanjiren_shared::{ErrorCode, WireError};
 use uuid::Uuid;
@@ -38,21 +43,25 @@ WITH c AS (
            status = 'queued', dispatched_at = 'epoch'::timestamptz
     FROM c
     WHERE s.id = c.id AND s.lease_generation = c.gen AND s.lease_owner = c.owner AND s.workstation_id = c.ws
-      AND s.status IS NOT DISTINCT FROM 'executing'
+      AND s.status IS NOT DISTINCT FROM 'executing' AND s.cancel_requested_at IS NULL
     RETURNING s.id, s.lease_generation
 )
-SELECT s.id, s.org_id, s.workstation_id, s.status, s.lease_generation, s.lease_owner, h.lease_generation AS handed_to
+SELECT s.id, s.task_id, s.org_id, s.workstation_id, s.status, s.lease_generation, s.lease_owner, s.failure_reason,
+       s.cancel_requested_at IS NOT NULL AS cancel_requested, h.lease_generation AS handed_to
 FROM steps s LEFT JOIN handed h ON h.id = s.id
 WHERE s.id = ANY($1)";
 
 #[derive(sqlx::FromRow)]
 struct Before {
     id: Uuid,
+    task_id: Uuid,
     org_id: Uuid,
     workstation_id: Uuid,
     status: String,
     lease_generation: i64,
     lease_owner: Option<String>,
+    failure_reason: Option<String>,
+    cancel_requested: bool,
     /// Set when this statement handed the step back: its new generation.
     handed_to: Option<i64>,
 }
@@ -81,10 +90,34 @@ async fn release(
         .map(|b| (b.id, b))
         .collect();
 
-    let results: Vec<Result<ReleaseReply, WireError>> = batch
+    let mut results: Vec<Result<ReleaseReply, WireError>> = batch
         .iter()
         .map(|r| decide(r, before.get(&r.body.step_id.as_uuid())))
         .collect();
+    // Hand-backs of steps whose task was cancelled meanwhile end them instead (rare).
+    let cancelled: Vec<(usize, &Before)> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| results[*i].is_err())
+        .filter_map(|(i, r)| {
+            let b = before.get(&r.body.step_id.as_uuid())?;
+            let holds = b.status == "executing"
+                && b.lease_generation == r.body.lease_generation
+                && b.lease_owner.as_deref() == Some(r.body.worker_id.as_str())
+                && r.principal.workstation_id.map(|w| w.as_uuid()) == Some(b.workstation_id);
+            (holds && b.cancel_requested).then_some((i, b))
+        })
+        .collect();
+    if !cancelled.is_empty() {
+        let ended = end_cancelled(conns, &cancelled).await?;
+        for (i, b) in cancelled {
+            if let Some(generation) = ended.get(&b.id) {
+                results[i] = Ok(ReleaseReply {
+                    lease_generation: *generation,
+                });
+            }
+        }
+    }
     let released: Vec<(StepId, &str, i64)> = batch
         .iter()
         .zip(&results)
@@ -128,9 +161,11 @@ fn decide(r: &Incoming<ReleaseRequest>, before: Option<&Before>) -> Result<Relea
             lease_generation: generation,
         });
     }
-    // Its result ended the lease already (generation + 1, no owner): nothing is left to release.
+    // Its result ended the lease already (generation + 1, no owner): nothing is left to
+    // release. A take-back by the reconciler looks alike but for its reason: not done.
     let finished = matches!(b.status.as_str(), "succeeded" | "failed" | "cancelled");
-    if finished && b.lease_owner.is_none() && b.lease_generation == r.body.lease_generation + 1 {
+    let taken_back = b.failure_reason.as_deref() == Some(FailureReason::LeaseExpired.as_str());
+    if finished && !taken_back && b.lease_owner.is_none() && b.lease_generation == r.body.lease_generation + 1 {
         return Ok(ReleaseReply {
             lease_generation: b.lease_generation,
         });
@@ -139,4 +174,37 @@ fn decide(r: &Incoming<ReleaseRequest>, before: Option<&Before>) -> Result<Relea
         "step {step}: this worker does not hold the lease at generation {}",
         r.body.lease_generation
     )))
+}
+
+/// Ends handed-back steps whose task was cancelled: `cancelled`, generation + 1, no
+/// owner — compare-and-swap on the lease — and settles their tasks, in one
+/// transaction (lock order: task rows, then step rows). Returns each ended step's
+/// new generation.
+async fn end_cancelled(conns: &Connections, steps: &[(usize, &Before)]) -> Result<HashMap<Uuid, i64>, WireError> {
+    let task_ids: Vec<Uuid> = steps
+        .iter()
+        .map(|(_, b)| b.task_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let (ids, gens): (Vec<Uuid>, Vec<i64>) = steps.iter().map(|(_, b)| (b.id, b.lease_generation)).unzip();
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let tasks = lock_tasks(&mut tx, &task_ids).await?;
+    let ended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "UPDATE steps s SET status = 'cancelled', finished_at = now(),
+                lease_generation = s.lease_generation + 1, lease_owner = NULL, lease_expires_at = NULL
+         FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen)
+         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'executing'
+         RETURNING s.id, s.task_id, s.lease_generation",
+    )
+    .bind(&ids)
+    .bind(&gens)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let finished: BTreeSet<Uuid> = ended.iter().map(|(_, t, _)| *t).collect();
+    let decided = settle_finished(&mut tx, &tasks, &finished, &conns.config.default_retry_policy()).await?;
+    tx.commit().await.map_err(db_error)?;
+    publish_decisions(conns, &tasks, &decided).await;
+    Ok(ended.into_iter().map(|(id, _, g)| (id, g)).collect())
 }

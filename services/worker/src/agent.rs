@@ -76,6 +76,8 @@ pub(crate) struct Agent {
     table: Mutex<StepTable>,
     /// Every claim-and-run task; closed at shutdown, so `drained` waits for the last one.
     tracker: TaskTracker,
+    /// Wakes the heartbeat loop when a lease is taken.
+    lease_taken: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -95,7 +97,26 @@ impl Agent {
             shutdown,
             table: Mutex::default(),
             tracker: TaskTracker::new(),
+            lease_taken: tokio::sync::Notify::new(),
         })
+    }
+
+    /// How long until the next heartbeat: the configured interval, or less when a
+    /// held lease was granted with a shorter one (the lease service's own
+    /// `heartbeat_interval_ms`, or a third of its time left), whichever is least.
+    pub fn heartbeat_interval(&self) -> Duration {
+        let table = self.table();
+        table
+            .running
+            .values()
+            .filter(|s| s.is_live())
+            .map(|s| s.heartbeat_interval)
+            .fold(self.settings.heartbeat_interval, Duration::min)
+    }
+
+    /// Resolves when a new lease is held (its interval may be shorter than the wait).
+    pub async fn lease_taken(&self) {
+        self.lease_taken.notified().await;
     }
 
     /// How many more steps this worker takes now (0 once shutting down).
@@ -297,6 +318,8 @@ impl Agent {
             step.request_cancel();
         }
         table.running.insert(step.step_id, step);
+        drop(table);
+        self.lease_taken.notify_one();
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, StepTable> {

@@ -551,11 +551,16 @@ async fn stop_scopes(scopes: &[Scope], grace: Duration) -> Vec<Identity> {
     }
 }
 
-/// The environment and process group every step command gets; the worker's own
-/// token is not passed on.
+/// The environment and process group every step command gets. None of the worker's
+/// own `TANJIREN_*` settings is passed on (its token, database and Redis URLs,
+/// state directory, …): a step sees only the three variables that describe it.
 fn step_command(command: &mut Command, req: &SpawnRequest<'_>) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TANJIREN_") {
+            command.env_remove(name);
+        }
+    }
     command
-        .env_remove("TANJIREN_TOKEN")
         .env("TANJIREN_WORKSTATION", req.workstation)
         .env("TANJIREN_TASK_ID", req.assignment.task_id.to_string())
         .env(STEP_ID_VAR, req.assignment.step_id.to_string())

@@ -1,4 +1,5 @@
-//! The heartbeat loop: every `heartbeat_interval_ms` one `lease.heartbeat`
+//! The heartbeat loop: every `heartbeat_interval_ms` (or sooner, when the lease
+//! service granted a lease with a shorter interval) one `lease.heartbeat`
 //! renews every lease this worker holds and reports its free slots. A lease the
 //! reply does not renew is fenced at once; offers in the reply are handled like
 //! dispatched assignments. Failures (service down, NATS reconnecting) are
@@ -13,24 +14,31 @@ use std::sync::Arc;
 use std::time::Duration;
 use tanjiren_shared::StepId;
 use tanjiren_shared::protocol::{HeartbeatReply, HeartbeatRequest, LeaseRenewal};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
-/// Runs until shutdown was requested and every step has finished.
+/// Runs until shutdown was requested and every step has finished. The pace is
+/// [`Agent::heartbeat_interval`]: a lease granted with a shorter interval than this
+/// worker's own shortens the wait at once.
 pub(crate) async fn run(agent: Arc<Agent>) {
-    let mut ticker = tokio::time::interval(agent.settings.heartbeat_interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut announced_shutdown = false;
+    let mut last = Instant::now();
+    let mut next = last;
     loop {
         tokio::select! {
             biased;
             _ = agent.drained(), if agent.shutdown.is_cancelled() => break,
             _ = agent.shutdown.cancelled(), if !announced_shutdown => {
                 announced_shutdown = true;
+                last = Instant::now();
                 beat(&agent).await;
-                ticker.reset();
             }
-            _ = ticker.tick() => beat(&agent).await,
+            _ = agent.lease_taken() => {}
+            _ = tokio::time::sleep_until(next) => {
+                last = Instant::now();
+                beat(&agent).await;
+            }
         }
+        next = last + agent.heartbeat_interval();
     }
 }
 
@@ -60,8 +68,7 @@ pub(crate) async fn beat(agent: &Arc<Agent>) {
 /// A reply slower than the interval is as good as lost, but allow at least a second.
 fn request_timeout(agent: &Agent) -> Duration {
     agent
-        .settings
-        .heartbeat_interval
+        .heartbeat_interval()
         .clamp(Duration::from_secs(1), crate::bus::REQUEST_TIMEOUT)
 }
 
@@ -84,6 +91,10 @@ fn apply_renewal(agent: &Agent, renewal: LeaseRenewal, sent: &HashMap<StepId, i6
     }
     if renewal.renewed {
         step.renewed(renewal.renew_within_ms, sent_at);
+        if renewal.cancel_requested && !step.cancel_token().is_cancelled() {
+            tracing::info!(step_id = %step.step_id, "the heartbeat says the step was cancelled; stopping it");
+            step.request_cancel();
+        }
     } else if step.is_releasing() {
         tracing::debug!(step_id = %step.step_id, "lease not renewed while releasing");
     } else if let Some(e) = renewal.error.as_ref().filter(|e| e.code.is_retryable()) {

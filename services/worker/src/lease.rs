@@ -24,6 +24,9 @@ pub(crate) struct HeldStep {
     pub task_id: TaskId,
     pub generation: i64,
     ttl: Duration,
+    /// How often the lease service wants this lease renewed: its `heartbeat_interval_ms`,
+    /// never more than a third of the granted time (at least 100 ms).
+    pub heartbeat_interval: Duration,
     cancel: CancellationToken,
     fenced: CancellationToken,
     releasing: AtomicBool,
@@ -39,6 +42,9 @@ impl HeldStep {
             task_id: granted.task_id,
             generation: granted.lease_generation,
             ttl,
+            heartbeat_interval: Duration::from_millis(granted.heartbeat_interval_ms)
+                .min(Duration::from_millis(granted.renew_within_ms.min(granted.ttl_ms)) / 3)
+                .max(Duration::from_millis(100)),
             cancel: CancellationToken::new(),
             fenced: CancellationToken::new(),
             releasing: AtomicBool::new(false),

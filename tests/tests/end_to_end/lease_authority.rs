@@ -2,7 +2,11 @@
 //! sweep never renews a lease the sweep took back (200 leases, many rounds, the
 //! two landing within a millisecond of each other), a Redis key planted by hand
 //! neither renews nor keeps alive a lease, and a step that finished holds no lease
-//! even when its release was lost with the lease service down.
+//! even when its release was lost with the lease service down. A cancel reaches a
+//! worker through its heartbeat when the control message is lost, a cancelled
+//! step handed back never runs again, a repeated claim grants only what is left,
+//! a taken-back lease is not released as done, workers cannot report reasons only
+//! Tanjiren decides, and a worker follows the lease service's heartbeat pace.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,7 +14,7 @@ use tanjiren_lease::Reconciler;
 use tanjiren_lease::keys::lease_key;
 use tanjiren_shared::ErrorCode;
 use tanjiren_shared::ids::StepId;
-use tanjiren_shared::model::{StepStatus, TaskStatus};
+use tanjiren_shared::model::{FailureReason, StepStatus, TaskStatus};
 use tanjiren_shared::protocol::*;
 use tanjiren_tests::{Svc, TestEnv, command};
 use uuid::Uuid;
@@ -389,6 +393,283 @@ async fn a_finished_step_holds_no_lease_even_when_its_release_is_lost() {
         .await
         .unwrap();
     assert_eq!(swept.examined, 0);
+    worker.stop().await;
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_missed_the_cancel_learns_it_from_its_next_heartbeat() {
+    let env = TestEnv::with(|c| {
+        c.lease_ttl_ms = 6_000;
+        c.heartbeat_interval_ms = 1_000;
+    })
+    .await;
+    let services = env.start_all().await;
+    let worker = env.worker("ws-missed-cancel").await;
+    let task = env
+        .create(&command("echo started; sleep 30", &["ws-missed-cancel"]))
+        .await
+        .unwrap()
+        .task_id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.get(task).await.unwrap().steps.first().map(|s| s.status) != Some(StepStatus::Executing) {
+        assert!(Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cancel as `tasks.cancel` stores it, but its control message never arrives.
+    sqlx::query("UPDATE tasks SET status = 'cancelled', cancel_reason = 'lost control message', finished_at = now() WHERE id = $1")
+        .bind(task.as_uuid())
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE steps SET cancel_requested_at = now() WHERE task_id = $1")
+        .bind(task.as_uuid())
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let step = loop {
+        let s = env.get(task).await.unwrap().steps[0].clone();
+        if s.status.is_terminal() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never learnt of the cancel: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(step.status, StepStatus::Cancelled, "{step:?}");
+    assert!(step.stop_confirmed_at.is_some(), "{step:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "within about one heartbeat: {:?}",
+        asked.elapsed()
+    );
+    worker.stop().await;
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_step_handed_back_ends_cancelled_and_never_runs_again() {
+    let env = TestEnv::with(manual_sweeps).await;
+    let services = env.start_all().await;
+    let (ws_id, cred) = env.enrolled("ws-handback").await;
+    let s = &env.conns.subjects;
+    let step = claimed_steps(&env, "ws-handback", ws_id, &cred, "w-1", 1).await[0];
+    let task: uuid::Uuid = sqlx::query_scalar("SELECT task_id FROM steps WHERE id = $1")
+        .bind(step.as_uuid())
+        .fetch_one(&env.conns.db)
+        .await
+        .unwrap();
+    let _: CancelTaskReply = env
+        .call(
+            &s.tasks_cancel(),
+            &env.owner_token,
+            &CancelTaskRequest {
+                task_id: task.into(),
+                reason: Some("stop".into()),
+            },
+        )
+        .await
+        .unwrap();
+    // The heartbeat repeats the cancel while the lease is kept for the stop.
+    let beat = HeartbeatRequest {
+        worker_id: "w-1".into(),
+        workstation_id: None,
+        leases: vec![HeldLease {
+            step_id: step,
+            lease_generation: 1,
+        }],
+        capacity: 8,
+    };
+    let reply: HeartbeatReply = env.call(&s.lease_heartbeat(), &cred, &beat).await.unwrap();
+    assert!(reply.leases[0].renewed && reply.leases[0].cancel_requested, "{reply:?}");
+    // The worker hands the step back without a result: it ends cancelled, not queued.
+    let released: ReleaseReply = env
+        .call(
+            &s.lease_release(),
+            &cred,
+            &ReleaseRequest {
+                step_id: step,
+                lease_generation: 1,
+                worker_id: "w-1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(released.lease_generation, 2);
+    let t = env.get(task.into()).await.unwrap();
+    assert_eq!(
+        (t.status, t.steps[0].status),
+        (TaskStatus::Cancelled, StepStatus::Cancelled),
+        "{t:?}"
+    );
+    assert_eq!(t.steps[0].lease_owner, None);
+    // Nothing offers or grants it again.
+    let reply: HeartbeatReply = env
+        .call(
+            &s.lease_heartbeat(),
+            &cred,
+            &HeartbeatRequest {
+                leases: vec![],
+                ..beat.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(reply.offers.is_empty(), "{reply:?}");
+    for generation in [1, 2] {
+        let e = env
+            .call::<_, ClaimGranted>(
+                &s.lease_claim(),
+                &cred,
+                &ClaimRequest {
+                    step_id: step,
+                    lease_generation: generation,
+                    worker_id: "w-2".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e.code, ErrorCode::Conflict | ErrorCode::StaleLease), "{e:?}");
+    }
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn a_repeated_claim_grants_only_what_is_left_and_a_taken_back_lease_is_not_released_as_done() {
+    let env = TestEnv::with(manual_sweeps).await;
+    let services = vec![
+        env.start(Svc::Ingest).await,
+        env.start(Svc::Approval).await,
+        env.start(Svc::Lease).await,
+    ];
+    let reconciler = Reconciler::new(&services[2].conns);
+    let (ws_id, cred) = env.enrolled("ws-repeat").await;
+    let s = &env.conns.subjects;
+    let step = claimed_steps(&env, "ws-repeat", ws_id, &cred, "w-1", 1).await[0];
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The worker lost the first reply and asks again: the same lease, with what is left of it.
+    let again: ClaimGranted = env
+        .call(
+            &s.lease_claim(),
+            &cred,
+            &ClaimRequest {
+                step_id: step,
+                lease_generation: 0,
+                worker_id: "w-1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.lease_generation, 1);
+    let left = rows(&env, &[step]).await[&step.as_uuid()].expires_in_ms.unwrap();
+    assert!(
+        again.renew_within_ms <= 4_600,
+        "{} ms granted after 1.5 s of a 6 s lease",
+        again.renew_within_ms
+    );
+    assert!(
+        (again.renew_within_ms as f64 - left).abs() < 500.0,
+        "granted {} ms, Postgres has {left} ms left",
+        again.renew_within_ms
+    );
+    // The reconciler takes the lease back; the old holder's release is stale, not done.
+    sqlx::query("UPDATE steps SET lease_expires_at = now() - interval '1 s' WHERE id = $1")
+        .bind(step.as_uuid())
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    let swept = reconciler
+        .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(swept.released, 1);
+    let e = env
+        .call::<_, ReleaseReply>(
+            &s.lease_release(),
+            &cred,
+            &ReleaseRequest {
+                step_id: step,
+                lease_generation: 1,
+                worker_id: "w-1".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::StaleLease, "{e:?}");
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn a_worker_may_not_report_a_reason_only_tanjiren_decides() {
+    let env = TestEnv::with(manual_sweeps).await;
+    let services = env.start_all().await;
+    let (ws_id, cred) = env.enrolled("ws-reason").await;
+    let step = claimed_steps(&env, "ws-reason", ws_id, &cred, "w-1", 1).await[0];
+    for reason in [
+        FailureReason::LeaseExpired,
+        FailureReason::QueueTimeout,
+        FailureReason::Rejected,
+        FailureReason::ApprovalExpired,
+    ] {
+        let e = env
+            .call::<_, ProgressReply>(
+                &env.conns.subjects.ingest_progress(),
+                &cred,
+                &ProgressReport {
+                    step_id: step,
+                    lease_generation: 1,
+                    worker_id: "w-1".into(),
+                    stdout_tail: None,
+                    stderr_tail: None,
+                    result: Some(StepResult {
+                        status: StepStatus::Failed,
+                        exit_code: None,
+                        failure_reason: Some(reason),
+                        message: None,
+                        processes_left: 0,
+                    }),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{reason}: {e:?}");
+        assert!(e.message.contains("failure_reason"), "{e:?}");
+    }
+    let row = &rows(&env, &[step]).await[&step.as_uuid()];
+    assert_eq!(row.status, "executing");
+    env.finish(services).await;
+}
+
+#[tokio::test]
+async fn a_worker_configured_for_slow_heartbeats_follows_the_lease_services_pace() {
+    // The lease service grants 3 s leases to be renewed every second; the worker's own
+    // configuration says 30 s (valid for its own 90 s TTL).
+    let env = TestEnv::with(|c| {
+        c.lease_ttl_ms = 3_000;
+        c.heartbeat_interval_ms = 1_000;
+        c.reconcile_interval_ms = 500;
+        c.claim_grace_ms = 500;
+    })
+    .await;
+    let services = env.start_all().await;
+    let worker = env
+        .worker_with("ws-slow-beats", |c| {
+            c.lease_ttl_ms = 90_000;
+            c.heartbeat_interval_ms = 30_000;
+        })
+        .await;
+    let task = env
+        .create(&command("sleep 6; echo kept", &["ws-slow-beats"]))
+        .await
+        .unwrap()
+        .task_id;
+    let t = env.wait_terminal(task, Duration::from_secs(30)).await;
+    assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
+    assert_eq!(t.steps[0].stdout_tail.trim(), "kept");
     worker.stop().await;
     env.finish(services).await;
 }
