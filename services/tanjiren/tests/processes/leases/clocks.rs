@@ -1,14 +1,17 @@
 //! Leases and deadlines never depend on clocks agreeing: real processes run with a
-//! shifted wall clock (libfaketime, `faketime -f ±N`), and every deadline still
+//! shifted wall clock (libfaketime, `FAKETIME=±N`), and every deadline still
 //! falls when Postgres' clock says. A worker minutes fast keeps its lease; a
 //! scheduler an hour slow times queued steps out on time; a lease service an hour
 //! fast takes back nothing that is alive.
 
 use super::*;
 
-/// `faketime` runs a process with a shifted wall clock; CI installs it (`.ci/run`).
-fn faketime() -> &'static str {
-    let path = "/usr/bin/faketime";
+/// libfaketime shifts the wall clock of a process it is preloaded into; CI installs
+/// it (`.ci/run`). It is preloaded directly rather than through the `faketime`
+/// wrapper, which forks: the test's child must be the Tanjiren process itself, so
+/// that killing it at the end of the test leaves nothing behind.
+fn libfaketime() -> &'static str {
+    let path = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
     assert!(
         std::path::Path::new(path).exists(),
         "these tests need libfaketime: apt-get install faketime (.ci/run installs it)"
@@ -29,15 +32,17 @@ impl Cleanup {
     ) -> u32 {
         let log = std::env::temp_dir().join(format!("tanjiren-clock-{name}-{}.log", uuid::Uuid::new_v4().simple()));
         let out = File::create(&log).expect("create the process log");
-        let mut cmd = Command::new(faketime());
-        cmd.arg("-f").arg(offset).arg(env!("CARGO_BIN_EXE_tanjiren")).args(args);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tanjiren"));
+        cmd.args(args);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("TANJIREN_") {
                 cmd.env_remove(k);
             }
         }
         let c = &env.config;
-        cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        cmd.env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME", offset)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
             .env("TANJIREN_NATS_URL", &c.nats_url)
             .env("TANJIREN_SUBJECT_PREFIX", &c.subject_prefix)
             .env("TANJIREN_REDIS_URL", &c.redis_url)
