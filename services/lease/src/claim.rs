@@ -65,8 +65,10 @@ async fn claim(
             FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[], $6::uuid[]) AS c(id, gen, owner, org, ws)
             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued'
               AND s.org_id = c.org AND s.workstation_id = c.ws
-              -- A step of a task that has ended (cancelled, failed) never runs.
-              AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = s.task_id AND t.status IN ('queued', 'executing'))
+              -- A step of a task that has ended (cancelled, failed) never runs. A scalar
+              -- subquery: always one primary-key probe per step, never a join the planner
+              -- could turn into a walk of the live tasks (see tanjiren_runtime::db).
+              AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')
             RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
          ), started AS (
             UPDATE tasks t SET status = 'executing', started_at = now()
@@ -137,9 +139,9 @@ async fn claim(
     } else {
         sqlx::query_as::<_, Current>(
             "SELECT s.id, s.task_id, s.org_id, s.workstation_id, s.lease_generation, s.status, s.lease_owner,
-                    t.status AS task_status,
+                    (SELECT t.status FROM tasks t WHERE t.id = s.task_id) AS task_status,
                     (extract(epoch FROM s.lease_expires_at - now()) * 1000)::int8 AS remaining_ms
-             FROM steps s JOIN tasks t ON t.id = s.task_id WHERE s.id = ANY($1)",
+             FROM steps s WHERE s.id = ANY($1)",
         )
         .bind(&lost)
         .fetch_all(&conns.db)

@@ -156,5 +156,22 @@ async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_a
     .await;
     println!("-- guard written =\n{plain}\n");
     assert!(!plain.contains("tasks_pkey"), "{plain}");
+    // The claim's check that the step's task is still live (lease.claim): a scalar
+    // subquery, one primary-key probe of `tasks` per step whatever the backlog.
+    let claim_guard = generic_plan(
+        &env,
+        "UPDATE steps s SET status = 'executing' WHERE s.id = ANY($1) AND s.status IS NOT DISTINCT FROM 'queued'
+           AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')",
+    )
+    .await;
+    println!("-- claim: the task is still live\n{claim_guard}\n");
+    assert!(
+        claim_guard.contains("steps_pkey") && claim_guard.contains("tasks_pkey"),
+        "{claim_guard}"
+    );
+    assert!(
+        !claim_guard.contains("Hash") && !claim_guard.contains("Seq Scan"),
+        "{claim_guard}"
+    );
     env.finish(Vec::new()).await;
 }
