@@ -42,9 +42,15 @@ fn main() {
             }
             start.elapsed() / rounds
         };
-        let lenient = time(&|| enc.decode::<LogBatch>(&bytes).unwrap());
-        let strict = time(&|| enc.decode_request::<LogBatch>(&bytes, TextPolicy::ReplaceNul).unwrap());
-        let refuse = time(&|| enc.decode_request::<LogBatch>(&bytes, TextPolicy::Refuse).unwrap());
+        let lenient = time(&|| enc.decode::<LogBatch>(&bytes).expect("the sample decodes"));
+        let strict = time(&|| {
+            enc.decode_request::<LogBatch>(&bytes, TextPolicy::ReplaceNul)
+                .expect("the sample decodes")
+        });
+        let refuse = time(&|| {
+            enc.decode_request::<LogBatch>(&bytes, TextPolicy::Refuse)
+                .expect("the sample decodes")
+        });
         println!(
             "{enc:?}: {} KiB batch: lenient {lenient:?}, strict (replace NUL) {strict:?}, strict (refuse NUL) {refuse:?}, overhead {:+.1}%",
             bytes.len() / 1024,

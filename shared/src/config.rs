@@ -36,6 +36,9 @@ pub struct Config {
     pub batch_max_bytes: usize,
     /// Requests one service processes concurrently (batches in flight × batch size bounds memory).
     pub max_in_flight: usize,
+    /// Messages one NATS subscription buffers before the client drops the
+    /// slowest consumer's messages (async-nats' subscription capacity).
+    pub nats_subscription_capacity: usize,
     /// Lease time-to-live.
     pub lease_ttl_ms: u64,
     /// How often workers renew their leases; must be ≤ lease_ttl_ms / 3.
@@ -126,6 +129,7 @@ impl Default for Config {
             batch_max: 256,
             batch_max_bytes: 4 * 1024 * 1024,
             max_in_flight: 1024,
+            nats_subscription_capacity: 65_536,
             lease_ttl_ms: 90_000,
             heartbeat_interval_ms: 30_000,
             reconcile_interval_ms: 30_000,
@@ -175,22 +179,12 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Defaults → `file` (if given) → `TANJIREN_*` from the process environment.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("TANJIREN_CONFIG").map(Into::into));
-        let text = match &file {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.display().to_string(),
-                source,
-            })?),
-            None => None,
-        };
-        Self::layered(text.as_deref(), file.as_deref(), |k| std::env::var(k).ok())
-    }
-
-    /// The same layering with the file text and environment supplied (for tests).
+    /// Defaults → the file's text (if any) → environment variables `TANJIREN_<KNOB>`
+    /// as `env` returns them. Reading the file and the process environment is
+    /// `tanjiren_bus::config::load`'s job; this is the pure layering.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or variable that does not parse, or the rule broken.
     pub fn layered(
         file_text: Option<&str>,
         file_path: Option<&Path>,
@@ -284,9 +278,15 @@ impl Config {
                 )));
             }
         }
-        if self.batch_max == 0 || self.batch_max_bytes == 0 || self.max_in_flight == 0 || self.worker_concurrency == 0 {
+        if self.batch_max == 0
+            || self.batch_max_bytes == 0
+            || self.max_in_flight == 0
+            || self.worker_concurrency == 0
+            || self.nats_subscription_capacity == 0
+        {
             return Err(ConfigError::Invalid(
-                "batch_max, batch_max_bytes, max_in_flight and worker_concurrency must be ≥ 1".into(),
+                "batch_max, batch_max_bytes, max_in_flight, worker_concurrency and nats_subscription_capacity must be ≥ 1"
+                    .into(),
             ));
         }
         Ok(())
@@ -305,39 +305,27 @@ impl Config {
         crate::subjects::Subjects::new(&self.subject_prefix)
     }
 
-    /// Where the token lives when not given directly.
-    pub fn token_path(&self) -> std::path::PathBuf {
+    /// Where the token lives when not given directly: `token_file`, else
+    /// `tanjiren/token` under `config_home` (`$XDG_CONFIG_HOME` or `~/.config`).
+    pub fn token_path(&self, config_home: &std::path::Path) -> std::path::PathBuf {
         if !self.token_file.is_empty() {
             return self.token_file.clone().into();
         }
-        let base = std::env::var_os("XDG_CONFIG_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))
-            .unwrap_or_else(|| std::path::PathBuf::from("."));
-        base.join("tanjiren").join("token")
-    }
-
-    /// The token: `token` if set, else the trimmed contents of the token file.
-    pub fn resolve_token(&self) -> Option<String> {
-        if !self.token.is_empty() {
-            return Some(self.token.clone());
-        }
-        let t = std::fs::read_to_string(self.token_path()).ok()?;
-        let t = t.trim();
-        (!t.is_empty()).then(|| t.to_string())
+        config_home.join("tanjiren").join("token")
     }
 
     /// A URL with any password replaced by `***`, for logs and error messages.
-    pub fn redact_url(url: &str) -> String {
-        match (url.find("://"), url.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                let creds = &url[scheme_end + 3..at];
-                match creds.find(':') {
-                    Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &creds[..colon], &url[at..]),
-                    None => url.to_string(),
-                }
+    pub fn redact_url(raw: &str) -> String {
+        match url::Url::parse(raw) {
+            Ok(mut parsed) if parsed.password().is_some() => {
+                // Fails only for URLs that cannot have credentials, and those have none.
+                let _ = parsed.set_password(Some("***"));
+                parsed.to_string()
             }
-            _ => url.to_string(),
+            Ok(_) => raw.to_string(),
+            // Not a URL we can read: show no part of it that could hold a secret.
+            Err(_) if raw.contains('@') => "<a URL that does not parse>".to_string(),
+            Err(_) => raw.to_string(),
         }
     }
 }
@@ -420,5 +408,7 @@ mod tests {
         );
         assert_eq!(Config::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(Config::redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(Config::redact_url("redis://:p%40ss@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(Config::redact_url("nats://user:pa:ss@h:4222"), "nats://user:***@h:4222");
     }
 }

@@ -1,10 +1,11 @@
 //! Pure domain code shared by every Tanjiren service: identifiers, the task model,
 //! the lifecycle state machine, doctrine evaluation and the approval-token rules,
-//! NATS subject names, the wire codec and messages, typed wire errors, layered
-//! configuration and telemetry set-up.
+//! NATS subject names, the wire codec and messages, typed wire errors and the
+//! layering of configuration.
 //!
-//! Nothing in this crate performs network or database IO; services do that at
-//! their edges and call in here for every decision.
+//! Nothing in this crate performs IO — no network, database, files or
+//! environment, no telemetry set-up; the processes do that at their edges
+//! (`tanjiren-bus`, `tanjiren-store`) and call in here for every decision.
 
 pub mod approvals;
 pub mod artifacts;
@@ -23,7 +24,6 @@ pub mod schedule;
 pub mod schedules;
 pub mod secret;
 pub mod subjects;
-pub mod telemetry;
 
 pub use error::{ErrorCode, WireError};
 pub use ids::{ExecutionId, OrgId, StepId, TaskId, WorkstationId};

@@ -3,37 +3,31 @@
 //! parallel against the real servers. Services run in-process through their
 //! library `start` functions, each with its own shutdown token so a test can
 //! stop and restart one. Set `TEST_LOG=info` to see their logs.
+// A test harness: a failed setup step should stop the test at once.
+#![allow(clippy::unwrap_used)]
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, bus};
+use tanjiren_store::Needs;
+
 use tanjiren_shared::WireError;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::{Mode, Role, TaskSpec};
 use tanjiren_shared::protocol::{CreateTaskReply, GetTaskRequest, Principal, TaskView};
 use tanjiren_shared::secret::ApiToken;
+use tanjiren_store::{Connections, ServiceHandle, Shutdown};
 use uuid::Uuid;
 
 pub use tanjiren_worker::{NoopExecutor, ShellExecutor};
 
-/// Which service a handle belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Svc {
-    Ingest,
-    Approval,
-    Lease,
-    Scheduler,
-}
-
-pub const ALL: [Svc; 4] = [Svc::Ingest, Svc::Approval, Svc::Lease, Svc::Scheduler];
+pub use tanjiren_catalog::Service;
 
 /// One running service replica.
 pub struct Running {
-    pub svc: Svc,
+    pub svc: Service,
     pub stop: Shutdown,
     pub handle: ServiceHandle,
     pub conns: Connections,
@@ -77,7 +71,7 @@ impl TestEnv {
 
     /// A fresh environment, with `tweak` applied to its configuration.
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
-        tanjiren_shared::telemetry::init_for_tests();
+        tanjiren_bus::telemetry::init_for_tests();
         let id = Uuid::new_v4().simple().to_string();
         let short = &id[..12];
         let db_name = format!("tanjiren_t_{short}");
@@ -144,23 +138,10 @@ impl TestEnv {
     }
 
     /// Starts one replica of `svc` on its own connections.
-    pub async fn start(&self, svc: Svc) -> Running {
-        let conns = Connections::connect(
-            &self.config,
-            Needs {
-                redis: svc == Svc::Lease,
-            },
-        )
-        .await
-        .expect("connect");
+    pub async fn start(&self, svc: Service) -> Running {
+        let conns = Connections::connect(&self.config, svc.needs()).await.expect("connect");
         let stop = Shutdown::new();
-        let handle = match svc {
-            Svc::Ingest => tanjiren_ingest::start(&conns, stop.clone()).await,
-            Svc::Approval => tanjiren_approval::start(&conns, stop.clone()).await,
-            Svc::Lease => tanjiren_lease::start(&conns, stop.clone()).await,
-            Svc::Scheduler => tanjiren_scheduler::start(&conns, stop.clone()).await,
-        }
-        .expect("service starts");
+        let handle = svc.start(&conns, stop.clone()).await.expect("service starts");
         Running {
             svc,
             stop,
@@ -172,7 +153,7 @@ impl TestEnv {
     /// Starts one replica of every service.
     pub async fn start_all(&self) -> Vec<Running> {
         let mut v = Vec::new();
-        for s in ALL {
+        for s in Service::ALL {
             v.push(self.start(s).await);
         }
         v
@@ -270,8 +251,8 @@ impl TestEnv {
 
     /// Who a token is, as the services see it (for calling service functions directly).
     pub async fn principal(&self, token: &str) -> Principal {
-        tanjiren_runtime::auth::Authenticator::new(self.conns.db.clone())
-            .authenticate(Some(&format!("Bearer {token}")))
+        tanjiren_store::auth::TokenStore::new(self.conns.db.clone())
+            .principal(Some(&format!("Bearer {token}")))
             .await
             .expect("a valid token")
     }
@@ -283,7 +264,7 @@ impl TestEnv {
         token: &str,
         req: &Req,
     ) -> Result<Resp, WireError> {
-        bus::call(&self.conns.nats, subject, token, req, Duration::from_secs(10)).await
+        tanjiren_bus::call(&self.conns.nats, subject, token, req, Duration::from_secs(10)).await
     }
 
     pub async fn create(&self, spec: &TaskSpec) -> Result<CreateTaskReply, WireError> {
@@ -345,7 +326,7 @@ impl TestEnv {
         for r in running {
             r.stop().await;
         }
-        tanjiren_runtime::streams::delete_streams(&self.conns.nats, &self.conns.subjects).await;
+        tanjiren_bus::streams::delete_streams(&self.conns.nats, &self.conns.subjects).await;
         let mut redis = self.conns.redis();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.config.redis_key_prefix))

@@ -16,8 +16,8 @@ use crate::queue::{QueuedTask, materialise};
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
 use std::collections::HashMap;
-use tanjiren_runtime::events::publish_task_event;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::approvals::{
     ApprovalDecidedEvent, ApprovalDecision, ApprovalRecord, DecideTaskReply, DecideTaskRequest, DecisionCheck,
     StoredToken, TaskBinding, authorize_decision, check_token, normalize_reason, payload_digest,
@@ -29,6 +29,7 @@ use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{Mode, Role, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 /// What the request asks for.
@@ -119,7 +120,7 @@ pub(crate) async fn handle(
     batch: Vec<Incoming<DecideTaskRequest>>,
 ) -> Vec<Result<DecideTaskReply, WireError>> {
     // Token expiry and approval deadlines are instants on Postgres' clock.
-    let now = match tanjiren_runtime::db::now(&conns.db).await {
+    let now = match tanjiren_store::db::now(&conns.db).await {
         Ok(now) => now,
         Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
     };
@@ -280,10 +281,10 @@ async fn decide_batch(
         }));
     }
     materialised.dispatch(conns).await;
-    conns.metrics.inc(
-        "tanjiren_approval_decisions_total",
-        "Approval decisions stored, by decision.",
-        &[("decision", kind.decision().as_str())],
+    conns.metrics.count(
+        Count::ApprovalDecisions {
+            decision: kind.decision().as_str(),
+        },
         accepted.len() as u64,
     );
     Ok(())

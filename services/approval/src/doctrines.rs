@@ -7,7 +7,6 @@
 use sqlx::types::Json;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use tanjiren_runtime::{Connections, Incoming, db_error, each};
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{
     DoctrineDryRunReply, DoctrineDryRunRequest, DoctrineView, GetDoctrineRequest, PublishDoctrineReply,
@@ -16,6 +15,7 @@ use tanjiren_shared::approvals::{
 use tanjiren_shared::doctrine::{Doctrine, DoctrineError, TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::OrgId;
 use tanjiren_shared::model::TaskLimits;
+use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
 /// Most compiled doctrine versions kept; the cache is emptied when it is full.

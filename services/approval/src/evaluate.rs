@@ -14,14 +14,15 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
 use std::collections::HashSet;
 use std::time::Duration;
-use tanjiren_runtime::events::publish_task_event;
-use tanjiren_runtime::{Connections, db_error};
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{ApprovalRequestedEvent, ApprovalSnapshot, payload_digest};
 use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
+use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
 /// Which planned tasks to evaluate.
@@ -174,12 +175,7 @@ pub(crate) async fn evaluate_planned(
     }
     materialised.dispatch(conns).await;
     if outcome.pending > 0 {
-        conns.metrics.inc(
-            "tanjiren_approvals_requested_total",
-            "Planned tasks that doctrine held for approval.",
-            &[],
-            outcome.pending as u64,
-        );
+        conns.metrics.count(Count::ApprovalsRequested, outcome.pending as u64);
     }
     Ok(outcome)
 }

@@ -6,14 +6,15 @@
 
 use crate::notify;
 use chrono::{DateTime, SubsecRound, Utc};
-use tanjiren_runtime::events::publish_task_event;
-use tanjiren_runtime::{Connections, db_error};
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{ApprovalDecidedEvent, ApprovalDecision, ApprovalRecord};
 use tanjiren_shared::doctrine::ApprovalClass;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
 /// Who an expiry is recorded as decided by.
@@ -130,10 +131,10 @@ pub async fn expire_overdue(conns: &Connections, now: DateTime<Utc>) -> Result<u
         )
         .await;
     }
-    conns.metrics.inc(
-        "tanjiren_approval_decisions_total",
-        "Approval decisions stored, by decision.",
-        &[("decision", ApprovalDecision::Expired.as_str())],
+    conns.metrics.count(
+        Count::ApprovalDecisions {
+            decision: ApprovalDecision::Expired.as_str(),
+        },
         rows.len() as u64,
     );
     Ok(rows.len())

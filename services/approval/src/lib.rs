@@ -25,11 +25,12 @@ mod tokens;
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
-use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
+use tanjiren_bus::periodic::{self, Pace};
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::protocol::TaskEventMessage;
+use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError};
 
 use doctrines::DoctrineCache;
 
@@ -59,7 +60,7 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     handle.push(listen_for_planned(conns, doctrines.clone(), shutdown.clone()).await?);
 
     let s = &conns.subjects;
-    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    let mut router = conns.router(QUEUE_GROUP, shutdown.clone());
     router
         .route(s.tasks_approve(), Access::Operators, |c, b| {
             decide::handle(c, DecisionKind::Approve, b)
@@ -92,30 +93,20 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     handle.extend(router.into_handle());
 
     let c = conns.clone();
-    let interval = Duration::from_millis(conns.config.approval_sweep_interval_ms.max(1));
-    handle.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
+    let pace = Pace::every(Duration::from_millis(conns.config.approval_sweep_interval_ms.max(1)));
+    handle.push(periodic::spawn("approval sweep", pace, shutdown, move || {
+        let (c, doctrines) = (c.clone(), doctrines.clone());
+        async move {
+            let now = tanjiren_store::db::now(&c.db).await?;
+            let o = sweep_with(&c, &doctrines, now).await?;
+            if o.evaluated.queued + o.evaluated.pending > 0 {
+                tracing::info!(
+                    queued = o.evaluated.queued,
+                    pending = o.evaluated.pending,
+                    "sweep evaluated planned tasks whose event was missed"
+                )
             }
-            let swept = match tanjiren_runtime::db::now(&c.db).await {
-                Ok(now) => sweep_with(&c, &doctrines, now).await,
-                Err(e) => Err(e),
-            };
-            match swept {
-                Ok(o) if o.evaluated.queued + o.evaluated.pending > 0 => {
-                    tracing::info!(
-                        queued = o.evaluated.queued,
-                        pending = o.evaluated.pending,
-                        "sweep evaluated planned tasks whose event was missed"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "approval sweep failed"),
-            }
+            Ok::<_, WireError>(())
         }
     }));
     Ok(handle)
@@ -135,7 +126,7 @@ async fn listen_for_planned(
             url: conns.config.nats_url.clone(),
             reason: e.to_string(),
         })?;
-    tanjiren_runtime::bus::subscriptions_live(&conns.nats)
+    tanjiren_bus::serve::subscriptions_live(&conns.nats)
         .await
         .map_err(|reason| StartupError::Nats {
             url: conns.config.nats_url.clone(),

@@ -3,9 +3,9 @@
 //! Published after commit and best-effort, like every event: Postgres stays the
 //! truth (`approvals.pending`, `approvals.list`). No token is ever published.
 
-use tanjiren_runtime::Connections;
 use tanjiren_shared::approvals::{ApprovalDecidedEvent, ApprovalRequestedEvent};
 use tanjiren_shared::codec::Encoding;
+use tanjiren_store::Connections;
 
 pub(crate) async fn approval_requested(conns: &Connections, event: &ApprovalRequestedEvent) {
     let subject = conns.subjects.approval_requested(event.org_id);

@@ -5,12 +5,13 @@
 //! approval is needed, or an approver said yes — so the rule exists once.
 
 use sqlx::{Postgres, Transaction};
-use tanjiren_runtime::{Connections, db_error};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{ExecutionId, OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::Assignment;
+use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
 /// A task that has just moved to `queued` in the caller's transaction.
@@ -109,11 +110,6 @@ impl Materialised {
                 tracing::warn!(error = %e, step = %assignment.step_id, "dispatch failed; the scheduler will send it again");
             }
         }
-        conns.metrics.inc(
-            "tanjiren_tasks_queued_total",
-            "Tasks moved from planned to queued.",
-            &[],
-            self.tasks as u64,
-        );
+        conns.metrics.count(Count::TasksQueued, self.tasks as u64);
     }
 }

@@ -3,9 +3,7 @@
 //! organisation. Read-only. Each reply is bounded in bytes as well as in count.
 
 use sqlx::types::Json;
-use tanjiren_runtime::approval_records::{APPROVAL_COLUMNS, ApprovalRow, SNAPSHOT_COLUMNS, SnapshotRow};
-use tanjiren_runtime::bus::page_budget;
-use tanjiren_runtime::{Connections, Incoming, db_error, each};
+use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{
     ListApprovalsReply, ListApprovalsRequest, PendingApproval, PendingApprovalsReply, PendingApprovalsRequest,
@@ -13,6 +11,8 @@ use tanjiren_shared::approvals::{
 use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, WorkstationId};
 use tanjiren_shared::model::Mode;
+use tanjiren_store::approval_records::{APPROVAL_COLUMNS, ApprovalRow, SNAPSHOT_COLUMNS, SnapshotRow};
+use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]

@@ -6,13 +6,13 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 use std::collections::HashMap;
-use tanjiren_runtime::{Connections, Incoming, db_error};
 use tanjiren_shared::approvals::{ApprovalToken, MintApprovalTokenReply, MintApprovalTokenRequest, token_expiry};
 use tanjiren_shared::doctrine::ApprovalClass;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]
@@ -31,7 +31,7 @@ pub(crate) async fn handle(
     batch: Vec<Incoming<MintApprovalTokenRequest>>,
 ) -> Vec<Result<MintApprovalTokenReply, WireError>> {
     // Token expiry and approval deadlines are instants on Postgres' clock.
-    let now = match tanjiren_runtime::db::now(&conns.db).await {
+    let now = match tanjiren_store::db::now(&conns.db).await {
         Ok(now) => now,
         Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
     };

@@ -14,7 +14,7 @@
 //! [`Cluster`] kills what is still running.
 
 use anyhow::{Context, bail};
-use clap::ValueEnum;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_runtime::http::serve_ops;
-use tanjiren_runtime::shutdown::on_signals;
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError};
+
+use tanjiren_bus::shutdown::on_signals;
+
 use tanjiren_shared::config::Config;
+use tanjiren_store::{Connections, Shutdown, StartupError};
 use tanjiren_worker::ShellExecutor;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -34,36 +34,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 /// How long a child may take to print `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The services, each run as its own process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Service {
-    Ingest,
-    Approval,
-    Lease,
-    Scheduler,
-}
-
-impl Service {
-    pub const ALL: [Service; 4] = [Service::Ingest, Service::Approval, Service::Lease, Service::Scheduler];
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Service::Ingest => "ingest",
-            Service::Approval => "approval",
-            Service::Lease => "lease",
-            Service::Scheduler => "scheduler",
-        }
-    }
-
-    async fn start(&self, conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-        match self {
-            Service::Ingest => tanjiren_ingest::start(conns, shutdown).await,
-            Service::Approval => tanjiren_approval::start(conns, shutdown).await,
-            Service::Lease => tanjiren_lease::start(conns, shutdown).await,
-            Service::Scheduler => tanjiren_scheduler::start(conns, shutdown).await,
-        }
-    }
-}
+pub use tanjiren_catalog::Service;
 
 // ---------------------------------------------------------------------------
 // Child side.
@@ -74,14 +45,8 @@ pub async fn serve(service: Service) -> anyhow::Result<()> {
     let config = child_config()?;
     let shutdown = on_signals();
     stop_when_stdin_closes(shutdown.clone());
-    let conns = Connections::connect(
-        &config,
-        Needs {
-            redis: service == Service::Lease,
-        },
-    )
-    .await?;
-    let ops = serve_ops(
+    let conns = Connections::connect(&config, service.needs()).await?;
+    let ops = tanjiren_ops::http::serve(
         &config.http_addr,
         conns.metrics.clone(),
         conns.ready.clone(),
@@ -117,8 +82,8 @@ pub async fn worker() -> anyhow::Result<()> {
 }
 
 fn child_config() -> anyhow::Result<Config> {
-    let config = Config::load(None)?;
-    tanjiren_shared::telemetry::init(&config.log_format, &config.log_level);
+    let config = tanjiren_bus::config::load(None)?;
+    tanjiren_bus::telemetry::init(&config.log_format, &config.log_level);
     Ok(config)
 }
 

@@ -10,13 +10,13 @@ use anyhow::Context;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tanjiren_runtime::db;
-use tanjiren_runtime::startup::connect_nats;
+use tanjiren_bus::connect_nats;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::secret::ApiToken;
 use tanjiren_shared::subjects::Subjects;
+use tanjiren_store::db;
 use uuid::Uuid;
 
 /// Rows written to one table.
@@ -202,8 +202,8 @@ impl BenchEnv {
     pub async fn destroy(self) -> anyhow::Result<()> {
         let subjects = self.subjects();
         let nats = connect_nats(&self.config, "tanjiren-bench-cleanup").await?;
-        tanjiren_runtime::streams::delete_streams(&nats, &subjects).await;
-        let mut redis = tanjiren_runtime::startup::connect_redis(&self.config.redis_url).await?;
+        tanjiren_bus::streams::delete_streams(&nats, &subjects).await;
+        let mut redis = tanjiren_store::connections::connect_redis(&self.config.redis_url).await?;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.config.redis_key_prefix))
             .query_async(&mut redis)

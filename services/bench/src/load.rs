@@ -21,15 +21,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tanjiren_runtime::Shutdown;
-use tanjiren_runtime::bus::call;
-use tanjiren_runtime::startup::connect_nats;
+use tanjiren_bus::call;
+use tanjiren_bus::connect_nats;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::{CreateTaskReply, TaskEventMessage};
 use tanjiren_shared::subjects::Subjects;
+use tanjiren_store::Shutdown;
 use tanjiren_worker::{NoopExecutor, Worker};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -113,7 +113,7 @@ impl Tracker {
                     .context("subscribing to task events")?,
             );
         }
-        tanjiren_runtime::bus::subscriptions_live(nats)
+        tanjiren_bus::serve::subscriptions_live(nats)
             .await
             .map_err(anyhow::Error::msg)
             .context("making the event subscriptions live")?;

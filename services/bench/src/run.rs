@@ -10,8 +10,7 @@ use crate::report::{LatencyPhase, PhaseCost, Report, Settings, ThroughputPhase};
 use anyhow::bail;
 use std::path::PathBuf;
 use std::time::Duration;
-use tanjiren_runtime::startup::connect_nats;
-use tanjiren_shared::config::Config;
+use tanjiren_bus::connect_nats;
 use tanjiren_shared::ids::TaskId;
 
 /// How long a child gets to drain before it is killed.
@@ -111,7 +110,7 @@ impl Options {
 
 /// Runs the benchmark and cleans up after it, whatever happened.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    let mut config = Config::load(None)?;
+    let mut config = tanjiren_bus::config::load(None)?;
     if std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
         config.log_level = "warn".into();
     }
@@ -124,7 +123,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     config.http_addr = String::new();
     config.worker_concurrency = opts.worker_concurrency();
     // Dropping the bench database can take over a second; that is not worth sqlx's slow-statement warning.
-    tanjiren_shared::telemetry::init(&config.log_format, &format!("{},sqlx::query=error", config.log_level));
+    tanjiren_bus::telemetry::init(&config.log_format, &format!("{},sqlx::query=error", config.log_level));
 
     let env = BenchEnv::create(config, &opts.database_url).await?;
     eprintln!("bench: {}", env.describe());

@@ -19,14 +19,15 @@ use clap::Parser;
 use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, Shutdown, bus};
+use tanjiren_store::Needs;
+
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, StepId};
 use tanjiren_shared::logs::signature;
 use tanjiren_shared::model::{Mode, Role, TaskSpec};
 use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest, LogBatch, LogBatchReply, LogLine, LogStream};
 use tanjiren_shared::secret::ApiToken;
+use tanjiren_store::{Connections, Shutdown};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
@@ -70,9 +71,9 @@ fn main() -> anyhow::Result<()> {
 // Child: the ingest service alone.
 
 async fn serve_ingest() -> anyhow::Result<()> {
-    let config = Config::load(None)?;
-    tanjiren_shared::telemetry::init(&config.log_format, &config.log_level);
-    let shutdown = tanjiren_runtime::shutdown::on_signals();
+    let config = tanjiren_bus::config::load(None)?;
+    tanjiren_bus::telemetry::init(&config.log_format, &config.log_level);
+    let shutdown = tanjiren_bus::shutdown::on_signals();
     // Also stop when the parent goes away (its end of our stdin closes), so no child outlives a run.
     let stop = shutdown.clone();
     std::thread::spawn(move || {
@@ -198,7 +199,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.steps > 0 && args.lines > 0 && args.batch > 0,
         "--steps, --lines and --batch must be positive"
     );
-    tanjiren_shared::telemetry::init("human", "warn,sqlx=error");
+    tanjiren_bus::telemetry::init("human", "warn,sqlx=error");
     let id = &Uuid::new_v4().simple().to_string()[..12];
     let db_name = format!("tanjiren_t_logingest_{id}");
     let config = Config {
@@ -226,7 +227,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             config.subject_prefix, config.redis_key_prefix
         );
     } else {
-        tanjiren_runtime::streams::delete_streams(&conns.nats, &conns.subjects).await;
+        tanjiren_bus::streams::delete_streams(&conns.nats, &conns.subjects).await;
         let mut redis = conns.redis();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", config.redis_key_prefix))
@@ -406,8 +407,8 @@ async fn run(
     }
 
     // One single-step command task per workstation, through the creation path; approval queues them.
-    let principal = tanjiren_runtime::auth::Authenticator::new(conns.db.clone())
-        .authenticate(Some(&format!("Bearer {owner}")))
+    let principal = tanjiren_store::auth::TokenStore::new(conns.db.clone())
+        .principal(Some(&format!("Bearer {owner}")))
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let requests = names
@@ -429,7 +430,7 @@ async fn run(
             (principal.clone(), spec)
         })
         .collect();
-    for r in tanjiren_ingest::create_tasks(conns, requests).await {
+    for r in tanjiren_store::tasks::create_tasks(conns, requests).await {
         r.map_err(|e| anyhow::anyhow!("creating a task: {e:?}"))?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -459,7 +460,8 @@ async fn run(
         let worker = credentials[ws].clone();
         async move {
             let granted =
-                bus::call::<_, ClaimGranted>(&conns.nats, &subject, &worker, &req, Duration::from_secs(30)).await;
+                tanjiren_bus::call::<_, ClaimGranted>(&conns.nats, &subject, &worker, &req, Duration::from_secs(30))
+                    .await;
             granted.map(|g| (g, req.worker_id, worker))
         }
     });
@@ -530,7 +532,7 @@ async fn run(
                 let t = Instant::now();
                 let mut attempt = 0;
                 let reply: LogBatchReply = loop {
-                    match bus::call(&nats, &subject, &worker, &batch, Duration::from_secs(30)).await {
+                    match tanjiren_bus::call(&nats, &subject, &worker, &batch, Duration::from_secs(30)).await {
                         Ok(r) => break r,
                         Err(e) if e.code.is_retryable() && attempt < 5 => {
                             attempt += 1;

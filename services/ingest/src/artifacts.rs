@@ -8,8 +8,7 @@
 use crate::worker_writes::StepFence;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
-use tanjiren_runtime::bus::page_budget;
-use tanjiren_runtime::{Connections, Incoming, db_error, each};
+use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{
     AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView, GetArtifactRequest,
@@ -17,6 +16,7 @@ use tanjiren_shared::artifacts::{
 };
 use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]

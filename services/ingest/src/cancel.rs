@@ -9,15 +9,16 @@
 //! back. A finished task cannot be cancelled (`conflict`).
 
 use std::collections::{HashMap, HashSet};
-use tanjiren_runtime::events::publish_task_event;
-use tanjiren_runtime::settle::lock_tasks;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{TaskEvent, TransitionError, transition};
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::{CancelTaskReply, CancelTaskRequest, ControlMessage};
+use tanjiren_store::settle::lock_tasks;
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 const MAX_REASON_BYTES: usize = 1000;
@@ -156,12 +157,7 @@ async fn cancel(
         )
         .await;
     }
-    conns.metrics.inc(
-        "tanjiren_tasks_cancelled_total",
-        "Tasks cancelled.",
-        &[],
-        accepted.len() as u64,
-    );
+    conns.metrics.count(Count::TasksCancelled, accepted.len() as u64);
     Ok(decided
         .into_iter()
         .map(|d| {

@@ -14,10 +14,9 @@ mod submit;
 mod summary;
 mod worker_writes;
 
-use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
 use tanjiren_shared::codec::TextPolicy;
+use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError};
 
-pub use create::{NewTask, create_tasks, insert_tasks, prepare_tasks, publish_planned, task_limits};
 pub use summary::{Swept, sweep_summaries, write_summaries};
 
 /// The queue group every ingest replica joins.
@@ -26,7 +25,7 @@ pub const QUEUE_GROUP: &str = "ingest";
 /// Starts every ingest subscription; returns once they are live.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let s = &conns.subjects;
-    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    let mut router = conns.router(QUEUE_GROUP, shutdown.clone());
     router
         .route(s.tasks_create(), Access::Operators, create::handle)
         .await?;
@@ -76,6 +75,6 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     let auth = router.authenticator();
     let mut handle = router.into_handle();
     handle.push(submit::start(conns, auth, shutdown.clone()).await?);
-    handle.push(summary::start(conns, shutdown).await?);
+    handle.extend(summary::start(conns, shutdown).await?);
     Ok(handle)
 }

@@ -6,9 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use tanjiren_runtime::approval_records::task_approvals;
-use tanjiren_runtime::bus::page_budget;
-use tanjiren_runtime::{Connections, Incoming, db_error, each};
+use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
@@ -17,6 +15,8 @@ use tanjiren_shared::protocol::{
     GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogSignatureView, LogStream, LogView, StepLogLine,
     StepView, TaskLogsReply, TaskLogsRequest, TaskSummary, TaskView,
 };
+use tanjiren_store::approval_records::task_approvals;
+use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]

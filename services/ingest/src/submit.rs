@@ -7,15 +7,17 @@
 
 use async_nats::jetstream::AckKind;
 use futures::{FutureExt, StreamExt};
+use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_runtime::auth::Authenticator;
-use tanjiren_runtime::streams::{durable_messages, ensure_streams};
-use tanjiren_runtime::{Connections, Shutdown, StartupError};
+use tanjiren_bus::Authenticate;
+use tanjiren_bus::streams::{durable_messages, ensure_streams};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, TextPolicy};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal, SubmitOutcome};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::{Connections, Shutdown, StartupError};
 
 /// Durable consumer name shared by every ingest replica.
 pub const CONSUMER: &str = "ingest";
@@ -26,7 +28,7 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 
 pub(crate) async fn start(
     conns: &Connections,
-    auth: Authenticator,
+    auth: Arc<dyn Authenticate>,
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, StartupError> {
     let js = ensure_streams(&conns.nats, &conns.subjects).await?;
@@ -52,12 +54,12 @@ pub(crate) async fn start(
                 .into_iter()
                 .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, "submit stream error")).ok())
                 .collect();
-            process(&conns, &auth, batch).await;
+            process(&conns, &*auth, batch).await;
         }
     }))
 }
 
-async fn process(conns: &Connections, auth: &Authenticator, batch: Vec<async_nats::jetstream::Message>) {
+async fn process(conns: &Connections, auth: &dyn Authenticate, batch: Vec<async_nats::jetstream::Message>) {
     let mut accepted = Vec::with_capacity(batch.len());
     let mut requests: Vec<(Principal, TaskSpec)> = Vec::with_capacity(batch.len());
     for msg in batch {
@@ -107,7 +109,7 @@ async fn process(conns: &Connections, auth: &Authenticator, batch: Vec<async_nat
     }
     let keys: Vec<Option<String>> = requests.iter().map(|(_, s)| s.idempotency_key.clone()).collect();
     let principals: Vec<Principal> = requests.iter().map(|(p, _)| p.clone()).collect();
-    let results = crate::create::create_tasks(conns, requests).await;
+    let results = tanjiren_store::tasks::create_tasks(conns, requests).await;
     for (((msg, result), key), principal) in accepted.into_iter().zip(results).zip(keys).zip(principals) {
         match result {
             Err(e) if e.code.is_retryable() => {
@@ -157,10 +159,5 @@ async fn report(
 }
 
 fn count(conns: &Connections, outcome: &str) {
-    conns.metrics.inc(
-        "tanjiren_submissions_total",
-        "Durable submissions processed, by outcome.",
-        &[("outcome", outcome)],
-        1,
-    );
+    conns.metrics.count(Count::Submissions { outcome }, 1);
 }

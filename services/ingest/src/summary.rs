@@ -16,9 +16,10 @@ use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tanjiren_runtime::streams::{durable_messages, ensure_streams};
-use tanjiren_runtime::{Connections, Shutdown, StartupError, db_error};
+use tanjiren_bus::periodic::{self, Pace};
+use tanjiren_bus::streams::{durable_messages, ensure_streams};
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind};
 use tanjiren_shared::codec::Encoding;
@@ -27,6 +28,7 @@ use tanjiren_shared::logs::{
 };
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::TaskEventMessage;
+use tanjiren_store::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
 use uuid::Uuid;
 
 /// Durable consumers on the events stream shared by every ingest replica:
@@ -41,10 +43,7 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 const AUTHOR: &str = "tanjiren";
 
 /// Starts the consumer and the sweep; both stop at `shutdown`.
-pub(crate) async fn start(
-    conns: &Connections,
-    shutdown: Shutdown,
-) -> Result<tokio::task::JoinHandle<()>, StartupError> {
+pub(crate) async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let js = ensure_streams(&conns.nats, &conns.subjects).await?;
     let stream = conns.subjects.stream_name("events");
     // One consumer per terminal status (NATS 2.9 has no multi-filter consumers), so
@@ -62,25 +61,34 @@ pub(crate) async fn start(
     let mut messages = futures::stream::select_all(consumers);
     let conns = conns.clone();
     let batch_max = conns.config.batch_max;
-    let sweep_every = Duration::from_millis(conns.config.summary_sweep_interval_ms.max(100));
-    Ok(tokio::spawn(async move {
-        let mut sweep = tokio::time::interval(sweep_every);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first sweep looks back a day; once a sweep has caught up, the next
-        // ones look back only to shortly before it started.
-        let mut since = Utc::now() - SWEEP_HORIZON;
+    let mut handle = ServiceHandle::new();
+    let pace = Pace::every(Duration::from_millis(conns.config.summary_sweep_interval_ms.max(100)));
+    // The first sweep looks back a day; once a sweep has caught up, the next ones
+    // look back only to shortly before it started (both on Postgres' clock, which
+    // stamped `finished_at`).
+    let since: Arc<Mutex<Option<DateTime<Utc>>>> = Arc::default();
+    let c = conns.clone();
+    handle.push(periodic::spawn("summary sweep", pace, shutdown.clone(), move || {
+        let (c, since) = (c.clone(), since.clone());
+        async move {
+            let started = tanjiren_store::db::now(&c.db).await?;
+            let from = since
+                .lock()
+                .map_err(|_| WireError::internal("poisoned"))?
+                .unwrap_or(started - SWEEP_HORIZON);
+            let swept = sweep_summaries(&c, from).await?;
+            if (swept.found as i64) < SWEEP_LIMIT
+                && let Ok(mut s) = since.lock()
+            {
+                *s = Some(started - SWEEP_OVERLAP);
+            }
+            Ok::<_, WireError>(())
+        }
+    }));
+    handle.push(tokio::spawn(async move {
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = sweep.tick() => {
-                    let started = Utc::now();
-                    match sweep_summaries(&conns, since).await {
-                        Ok(s) if (s.found as i64) < SWEEP_LIMIT => since = started - SWEEP_OVERLAP,
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "summary sweep failed"),
-                    }
-                    continue;
-                }
                 m = messages.next() => m,
             };
             let Some(first) = first else { break };
@@ -120,7 +128,8 @@ pub(crate) async fn start(
                 let _ = m.ack_with(ack).await;
             }
         }
-    }))
+    }));
+    Ok(handle)
 }
 
 /// Most candidates one sweep looks at.

@@ -8,8 +8,7 @@
 //! compare-and-swap in that same transaction.
 
 use std::collections::{BTreeSet, HashMap};
-use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
@@ -21,6 +20,8 @@ use tanjiren_shared::protocol::{
 };
 use tanjiren_shared::secret::ApiToken;
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 /// Largest log batch accepted, in lines and in bytes.
@@ -148,7 +149,7 @@ pub(crate) fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, 
         tracing::warn!(%step, kind, code = %e.code, message = %e.message, "rejected a worker write");
     }
     if e.code == ErrorCode::StaleLease {
-        conns.metrics.stale_lease(kind, 1);
+        conns.metrics.count(Count::StaleLease { kind }, 1);
     }
 }
 
@@ -352,7 +353,7 @@ async fn store_logs(
 
     // Live tails: each stored batch is republished in pieces that stay within the
     // page budget, so no publish can exceed what the server accepts.
-    let budget = tanjiren_runtime::bus::page_budget(&conns.nats);
+    let budget = tanjiren_bus::serve::page_budget(&conns.nats);
     for (i, lines) in live {
         let req = &batch[i];
         let task_id = log_steps[&req.body.step_id.as_uuid()].fence.task_id.into();

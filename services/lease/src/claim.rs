@@ -9,14 +9,15 @@
 
 use crate::keys::{self, KeyOp};
 use std::collections::HashMap;
-use tanjiren_runtime::events::publish_task_event;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::lease::check_step_access;
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]
@@ -67,7 +68,7 @@ async fn claim(
               AND s.org_id = c.org AND s.workstation_id = c.ws
               -- A step of a task that has ended (cancelled, failed) never runs. A scalar
               -- subquery: always one primary-key probe per step, never a join the planner
-              -- could turn into a walk of the live tasks (see tanjiren_runtime::db).
+              -- could turn into a walk of the live tasks (see tanjiren_store::db).
               AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')
             RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
          ), started AS (
@@ -151,18 +152,12 @@ async fn claim(
         .map(|c| (c.id, c))
         .collect()
     };
-    conns.metrics.inc(
-        "tanjiren_lease_claims_total",
-        "Lease claims, by outcome.",
-        &[("outcome", "granted")],
-        won.len() as u64,
-    );
-    conns.metrics.inc(
-        "tanjiren_lease_claims_total",
-        "Lease claims, by outcome.",
-        &[("outcome", "refused")],
-        lost.len() as u64,
-    );
+    conns
+        .metrics
+        .count(Count::LeaseClaims { outcome: "granted" }, won.len() as u64);
+    conns
+        .metrics
+        .count(Count::LeaseClaims { outcome: "refused" }, lost.len() as u64);
 
     let results: Vec<Result<ClaimGranted, WireError>> = batch
         .iter()
@@ -193,7 +188,7 @@ async fn claim(
         .iter()
         .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::StaleLease))
         .count();
-    conns.metrics.stale_lease("claim", stale as u64);
+    conns.metrics.count(Count::StaleLease { kind: "claim" }, stale as u64);
     Ok(results)
 }
 

@@ -15,13 +15,14 @@
 use crate::keys::{self, KeyOp};
 use sqlx::types::Json;
 use std::collections::HashMap;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, acting_workstation, check_write};
 use tanjiren_shared::model::{Mode, StepStatus};
 use tanjiren_shared::protocol::{Assignment, HeartbeatReply, HeartbeatRequest, LeaseRenewal};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 /// Most offers sent in one reply.
@@ -231,7 +232,7 @@ async fn heartbeat(
                 .collect();
             // Offers fill what the renewals leave of a page; an offer left out comes
             // with the next beat (or by dispatch), so a reply never outgrows the server.
-            let budget = tanjiren_runtime::bus::page_budget(&conns.nats).saturating_sub(json_size(&leases));
+            let budget = tanjiren_bus::serve::page_budget(&conns.nats).saturating_sub(json_size(&leases));
             fit_page(&mut offers, budget);
             Ok(HeartbeatReply { leases, offers })
         })
@@ -242,7 +243,9 @@ async fn heartbeat(
         .flat_map(|r| &r.leases)
         .filter(|l| matches!(&l.error, Some(e) if e.code == ErrorCode::StaleLease))
         .count();
-    conns.metrics.stale_lease("heartbeat", stale as u64);
+    conns
+        .metrics
+        .count(Count::StaleLease { kind: "heartbeat" }, stale as u64);
     Ok(replies)
 }
 

@@ -11,8 +11,9 @@
 
 use redis::Script;
 use std::sync::LazyLock;
-use tanjiren_runtime::Connections;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::StepId;
+use tanjiren_store::Connections;
 
 /// The liveness key of a step's lease.
 pub fn lease_key(prefix: &str, step: StepId) -> String {
@@ -114,12 +115,7 @@ pub(crate) async fn apply(conns: &Connections, op: KeyOp, leases: &[(StepId, &st
             ?op,
             "could not update the Redis mirror of some leases; they expire by their TTL"
         );
-        conns.metrics.inc(
-            "tanjiren_lease_mirror_errors_total",
-            "Redis lease-mirror writes that failed (the mirror decides nothing; keys expire by TTL).",
-            &[],
-            failed as u64,
-        );
+        conns.metrics.count(Count::LeaseMirrorErrors, failed as u64);
     }
 }
 

@@ -15,14 +15,14 @@ mod release;
 
 pub use reconciler::{Reconciler, SweepReport};
 
-use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError};
+use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError};
 
 pub const QUEUE_GROUP: &str = "lease";
 
 /// Starts the claim, heartbeat and release subscriptions; returns once they are live.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let s = &conns.subjects;
-    let mut router = Router::new(conns, QUEUE_GROUP, shutdown.clone());
+    let mut router = conns.router(QUEUE_GROUP, shutdown.clone());
     router
         .route(s.lease_claim(), Access::Workstation, claim::handle)
         .await?;

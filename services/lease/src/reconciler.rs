@@ -15,11 +15,14 @@
 use crate::keys::{self, KeyOp};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, Shutdown, db_error};
+use tanjiren_bus::periodic::{self, Pace};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::StepId;
+use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
+use tanjiren_store::{Connections, Shutdown, db_error};
 use uuid::Uuid;
 
 /// Most steps examined per round of a sweep.
@@ -54,7 +57,7 @@ impl Reconciler {
     }
 
     /// Finds and releases every lease expired as of `now`, an instant on Postgres'
-    /// clock (production passes `tanjiren_runtime::db::now`; tests may pass a later one).
+    /// clock (production passes `tanjiren_store::db::now`; tests may pass a later one).
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<SweepReport, WireError> {
         let grace_cutoff = now - chrono::Duration::milliseconds(self.conns.config.claim_grace_ms as i64);
         let mut report = SweepReport::default();
@@ -85,12 +88,9 @@ impl Reconciler {
         }
         if report.released > 0 {
             tracing::warn!(released = report.released, "reconciled stale leases");
-            self.conns.metrics.inc(
-                "tanjiren_leases_reconciled_total",
-                "Stale leases released by the reconciler.",
-                &[],
-                report.released as u64,
-            );
+            self.conns
+                .metrics
+                .count(Count::LeasesReconciled, report.released as u64);
         }
         Ok(report)
     }
@@ -146,26 +146,16 @@ impl Reconciler {
     }
 }
 
-/// Sweeps every `reconcile_interval_ms` until shutdown, on Postgres' clock (the one
-/// that stamped every lease's expiry).
+/// Sweeps every `reconcile_interval_ms` (±10 %) until shutdown, on Postgres' clock
+/// (the one that stamped every lease's expiry).
 pub fn spawn(conns: &Connections, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
-    let reconciler = Reconciler::new(conns);
-    let interval = Duration::from_millis(conns.config.reconcile_interval_ms.max(1));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let swept = match tanjiren_runtime::db::now(&reconciler.conns.db).await {
-                Ok(now) => reconciler.sweep(now).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = swept {
-                tracing::warn!(error = %e, "reconciler sweep failed");
-            }
+    let reconciler = Arc::new(Reconciler::new(conns));
+    let pace = Pace::every(Duration::from_millis(conns.config.reconcile_interval_ms.max(1)));
+    periodic::spawn("reconciler", pace, shutdown, move || {
+        let reconciler = reconciler.clone();
+        async move {
+            let now = tanjiren_store::db::now(&reconciler.conns.db).await?;
+            reconciler.sweep(now).await
         }
     })
 }

@@ -13,13 +13,14 @@
 
 use crate::keys::{self, KeyOp};
 use std::collections::{BTreeSet, HashMap};
-use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::check_step_access;
 use tanjiren_shared::model::FailureReason;
 use tanjiren_shared::protocol::{ReleaseReply, ReleaseRequest};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 pub(crate) async fn handle(
@@ -126,15 +127,10 @@ async fn release(
         .collect();
     keys::apply(conns, KeyOp::Release, &released).await;
     let refused = results.len() - released.len();
-    conns.metrics.inc(
-        "tanjiren_lease_releases_total",
-        "Lease releases accepted.",
-        &[],
-        released.len() as u64,
-    );
+    conns.metrics.count(Count::LeaseReleases, released.len() as u64);
     if refused > 0 {
-        conns.metrics.stale_lease(
-            "release",
+        conns.metrics.count(
+            Count::StaleLease { kind: "release" },
             results
                 .iter()
                 .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::StaleLease))

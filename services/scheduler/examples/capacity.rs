@@ -7,11 +7,11 @@
 
 use chrono::{DateTime, Duration, Utc};
 use std::time::Instant;
-use tanjiren_runtime::Connections;
-use tanjiren_runtime::startup::Needs;
 use tanjiren_scheduler::Scheduler;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::schedule::CronExpr;
+use tanjiren_store::Connections;
+use tanjiren_store::Needs;
 use uuid::Uuid;
 
 #[tokio::main]
@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let conns = Connections::connect(&config, Needs { redis: false }).await?;
     let result = run(&conns, total, due).await;
     conns.db.close().await;
-    tanjiren_runtime::streams::delete_streams(&conns.nats, &conns.subjects).await;
+    tanjiren_bus::streams::delete_streams(&conns.nats, &conns.subjects).await;
     let admin = sqlx::PgPool::connect(&format!("{base}/postgres")).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"

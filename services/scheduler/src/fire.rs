@@ -2,7 +2,7 @@
 //!
 //! Replicas share the due schedules: a pass claims them in batches — the first
 //! of [`FIRST_CLAIM`], each next one twice as large up to `batch_max` — and loops
-//! while a full batch came back. Replicas poll together ([`crate::next_poll_in`]),
+//! while a full batch came back. Replicas poll together (`Pace::Aligned` in `tanjiren_bus::periodic`),
 //! so the small first claims split a burst of due ticks between them instead of
 //! the first to wake taking it all, and the growing ones keep a large backlog
 //! down to few transactions.
@@ -22,12 +22,13 @@ use crate::{Scheduler, principal_of};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use std::collections::HashMap;
-use tanjiren_ingest::publish_planned;
-use tanjiren_runtime::db_error;
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::schedule::{CronExpr, DuePlan, parse_zone, plan_due, tick_key};
 use tanjiren_shared::schedules::{OverlapPolicy, TaskTemplate, TickOutcome};
+use tanjiren_store::db_error;
+use tanjiren_store::tasks::publish_planned;
 use uuid::Uuid;
 
 /// Due schedules the first transaction of a pass claims (then 2×, 4×, … up to
@@ -110,10 +111,10 @@ impl Scheduler {
             (TickOutcome::Failed, report.failed),
         ] {
             if n > 0 {
-                m.inc(
-                    "tanjiren_schedule_ticks_total",
-                    "Schedule ticks recorded in the ledger, by outcome.",
-                    &[("outcome", outcome.as_str())],
+                m.count(
+                    Count::ScheduleTicks {
+                        outcome: outcome.as_str(),
+                    },
                     n as u64,
                 );
             }
@@ -354,7 +355,7 @@ fn record_missed(s: &DueSchedule, plan: &DuePlan, ticks: &mut Vec<Tick>) {
 }
 
 /// One statement for every ledger row of the batch; a tick already recorded stays as it was.
-async fn write_ledger(tx: &mut tanjiren_runtime::settle::Tx<'_>, ticks: &[Tick]) -> Result<(), WireError> {
+async fn write_ledger(tx: &mut tanjiren_store::settle::Tx<'_>, ticks: &[Tick]) -> Result<(), WireError> {
     if ticks.is_empty() {
         return Ok(());
     }

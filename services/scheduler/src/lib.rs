@@ -25,14 +25,17 @@ pub use retries::retry_task;
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_runtime::settle::{lock_tasks, publish_decisions, settle_finished};
-use tanjiren_runtime::{Access, Connections, Router, ServiceHandle, Shutdown, StartupError, db_error};
+use tanjiren_bus::periodic::{self, Pace};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::{Mode, Role};
 use tanjiren_shared::protocol::{Assignment, Principal};
+use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
+use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError, db_error};
 use uuid::Uuid;
 
 /// The queue group every scheduler replica joins for its subjects.
@@ -84,7 +87,7 @@ impl Scheduler {
     }
 
     /// This replica's metrics (tests and the capacity example read them).
-    pub fn metrics(&self) -> &tanjiren_runtime::Metrics {
+    pub fn metrics(&self) -> &tanjiren_ops::Metrics {
         &self.conns.metrics
     }
 
@@ -151,12 +154,7 @@ impl Scheduler {
         }
         if total > 0 {
             tracing::warn!(steps = total, "queued steps timed out");
-            self.conns.metrics.inc(
-                "tanjiren_queue_timeouts_total",
-                "Steps failed for waiting too long unclaimed.",
-                &[],
-                total as u64,
-            );
+            self.conns.metrics.count(Count::QueueTimeouts, total as u64);
         }
         Ok(total)
     }
@@ -213,12 +211,7 @@ impl Scheduler {
             }
         }
         if sent > 0 {
-            self.conns.metrics.inc(
-                "tanjiren_redispatches_total",
-                "Queued steps dispatched again.",
-                &[],
-                sent as u64,
-            );
+            self.conns.metrics.count(Count::Redispatches, sent as u64);
         }
         Ok(sent)
     }
@@ -229,7 +222,7 @@ impl Scheduler {
 /// with their own clock serve the subjects this way.
 pub async fn serve(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
     let s = &conns.subjects;
-    let mut router = Router::new(conns, QUEUE_GROUP, shutdown);
+    let mut router = conns.router(QUEUE_GROUP, shutdown);
     router
         .route(s.schedules_create(), Access::Operators, schedules::create_handler)
         .await?;
@@ -254,78 +247,22 @@ pub async fn serve(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     Ok(router.into_handle())
 }
 
-/// How long after a multiple of the poll interval a replica polls: a little
-/// slack for clocks that differ by a few milliseconds (NTP), so a tick due on
-/// the second is due on every replica when they poll for it.
-pub const POLL_DELAY: Duration = Duration::from_millis(20);
-
-/// The time from `now` until the next poll: replicas poll at the same wall-clock
-/// instants, every multiple of `interval` since the Unix epoch plus
-/// [`POLL_DELAY`] — so they meet a burst of due ticks together and share it
-/// rather than the first to wake taking it all. A tick that overran its slot
-/// waits for the next one (no catch-up bursts).
-pub fn next_poll_in(now: DateTime<Utc>, interval: Duration) -> Duration {
-    let period = interval.as_millis().max(1) as i64;
-    let delay = POLL_DELAY.as_millis() as i64;
-    let since = now.timestamp_millis() - delay;
-    let next = (since.div_euclid(period) + 1) * period + delay;
-    Duration::from_millis((next - now.timestamp_millis()) as u64)
-}
-
-/// Serves the subjects and runs [`Scheduler::tick`] every `scheduler_interval_ms`
-/// (at the instants of [`next_poll_in`]) until shutdown.
+/// Serves the subjects and runs [`Scheduler::tick`] every `scheduler_interval_ms`,
+/// aligned to the wall clock ([`Pace::Aligned`]: replicas poll at the same
+/// instants and share a burst of due ticks), until shutdown.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-    let scheduler = Scheduler::new(conns);
-    let interval = Duration::from_millis(conns.config.scheduler_interval_ms.max(1));
+    let scheduler = Arc::new(Scheduler::new(conns));
+    let pace = Pace::Aligned {
+        period: Duration::from_millis(conns.config.scheduler_interval_ms.max(1)),
+    };
     let mut handle = serve(conns, shutdown.clone()).await?;
-    handle.push(tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(next_poll_in(Utc::now(), interval)) => {}
-            }
+    handle.push(periodic::spawn("scheduler tick", pace, shutdown, move || {
+        let scheduler = scheduler.clone();
+        async move {
             // Every deadline the tick checks was stamped on Postgres' clock.
-            let ticked = match tanjiren_runtime::db::now(&scheduler.conns.db).await {
-                Ok(now) => scheduler.tick(now).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ticked {
-                tracing::warn!(error = %e, "scheduler tick failed");
-            }
+            let now = tanjiren_store::db::now(&scheduler.conns.db).await?;
+            scheduler.tick(now).await
         }
     }));
     Ok(handle)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(ms: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(ms).unwrap()
-    }
-
-    #[test]
-    fn replicas_poll_at_the_same_instants() {
-        let second = Duration::from_secs(1);
-        let base = 1_800_000_000_000; // a whole second
-        // Whenever a replica asks, it wakes at the next whole second + POLL_DELAY.
-        for (now, wait) in [
-            (base, 20),
-            (base + 5, 15),
-            (base + 20, 1000),
-            (base + 21, 999),
-            (base + 999, 21),
-        ] {
-            assert_eq!(next_poll_in(at(now), second), Duration::from_millis(wait), "{now}");
-        }
-        // Two replicas started at different moments meet at the same instants.
-        let (a, b) = (at(base + 137), at(base + 912));
-        assert_eq!(a + next_poll_in(a, second), b + next_poll_in(b, second));
-        let fast = Duration::from_millis(200);
-        assert_eq!(next_poll_in(at(base + 150), fast), Duration::from_millis(70));
-        // Never zero: a replica that just polled waits for the next slot.
-        assert_eq!(next_poll_in(at(base + 220), fast), Duration::from_millis(200));
-        assert_eq!(next_poll_in(at(base), Duration::ZERO), Duration::from_millis(1));
-    }
 }

@@ -3,13 +3,13 @@
 //! schedule tick or a retry makes its task in the same commit that records it.
 //! The caller publishes the planned events after its commit.
 
-use tanjiren_ingest::{insert_tasks, prepare_tasks};
-use tanjiren_runtime::db_error;
-use tanjiren_runtime::settle::Tx;
 use tanjiren_shared::WireError;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
+use tanjiren_store::db_error;
+use tanjiren_store::settle::Tx;
+use tanjiren_store::tasks::{insert_tasks, prepare_tasks};
 use uuid::Uuid;
 
 /// One task to create: who asks, what, and the schedule it belongs to.
@@ -68,7 +68,7 @@ pub(crate) async fn create_in_tx(
 /// an unavailable database is the outer error.
 async fn insert_guarded(
     tx: &mut Tx<'_>,
-    rows: &[&tanjiren_ingest::NewTask],
+    rows: &[&tanjiren_store::tasks::NewTask],
 ) -> Result<Result<Vec<CreateTaskReply>, WireError>, WireError> {
     sqlx::query("SAVEPOINT create_tasks")
         .execute(&mut **tx)

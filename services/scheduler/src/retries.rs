@@ -1,5 +1,5 @@
 //! Retry attempts. A failed task whose retry policy allows another attempt carries
-//! `retry_at` (set in the transaction that failed it, see `tanjiren_runtime::settle`);
+//! `retry_at` (set in the transaction that failed it, see `tanjiren_store::settle`);
 //! once that instant has passed, a scheduler tick creates the next attempt through
 //! the normal creation path — so it is planned, evaluated by doctrine and queued like
 //! any task, never dispatched before its backoff — and clears `retry_at` in the same
@@ -13,15 +13,16 @@ use crate::new_tasks::{TaskRequest, create_in_tx};
 use crate::{Scheduler, principal_of};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use tanjiren_ingest::publish_planned;
-use tanjiren_runtime::settle::Tx;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::{Mode, RetryPolicy, TaskSpec};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::retry::retry_key;
 use tanjiren_shared::schedules::{RetryTaskReply, RetryTaskRequest};
+use tanjiren_store::settle::Tx;
+use tanjiren_store::tasks::publish_planned;
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 /// The task an attempt is made from.
@@ -123,12 +124,9 @@ impl Scheduler {
             }
         }
         if total > 0 {
-            self.conns.metrics.inc(
-                "tanjiren_retry_attempts_total",
-                "Next attempts of failed tasks created, by kind.",
-                &[("kind", "automatic")],
-                total as u64,
-            );
+            self.conns
+                .metrics
+                .count(Count::RetryAttempts { kind: "automatic" }, total as u64);
         }
         Ok(total)
     }
@@ -177,12 +175,7 @@ pub async fn retry_task(conns: &Connections, caller: &Principal, task_id: TaskId
     tx.commit().await.map_err(db_error)?;
     if reply.created {
         publish_planned(conns, &[(OrgId::from(task.org_id), reply.task_id)]).await;
-        conns.metrics.inc(
-            "tanjiren_retry_attempts_total",
-            "Next attempts of failed tasks created, by kind.",
-            &[("kind", "manual")],
-            1,
-        );
+        conns.metrics.count(Count::RetryAttempts { kind: "manual" }, 1);
     }
     Ok(RetryTaskReply {
         task_id: reply.task_id,

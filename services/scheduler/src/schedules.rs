@@ -6,9 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
-use tanjiren_ingest::prepare_tasks;
-use tanjiren_runtime::bus::page_budget;
-use tanjiren_runtime::{Connections, Incoming, db_error};
+use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, TaskId};
@@ -18,6 +16,8 @@ use tanjiren_shared::schedules::{
     CreateScheduleRequest, DeleteScheduleReply, GetScheduleRequest, ListSchedulesReply, ListSchedulesRequest,
     ScheduleDetail, ScheduleRef, ScheduleTick, ScheduleView, TaskTemplate, TickCounts,
 };
+use tanjiren_store::tasks::prepare_tasks;
+use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]
@@ -90,7 +90,7 @@ pub(crate) async fn create_handler(
     batch: Vec<Incoming<CreateScheduleRequest>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        create(&c, &p, &r, tanjiren_runtime::db::now(&c.db).await?).await
+        create(&c, &p, &r, tanjiren_store::db::now(&c.db).await?).await
     })
     .await
 }
@@ -107,7 +107,7 @@ pub(crate) async fn get_handler(
     batch: Vec<Incoming<GetScheduleRequest>>,
 ) -> Vec<Result<ScheduleDetail, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        get(&c, p.org_id, &r, tanjiren_runtime::db::now(&c.db).await?).await
+        get(&c, p.org_id, &r, tanjiren_store::db::now(&c.db).await?).await
     })
     .await
 }
@@ -117,14 +117,7 @@ pub(crate) async fn pause_handler(
     batch: Vec<Incoming<ScheduleRef>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        set_enabled(
-            &c,
-            p.org_id,
-            &r.schedule,
-            false,
-            tanjiren_runtime::db::now(&c.db).await?,
-        )
-        .await
+        set_enabled(&c, p.org_id, &r.schedule, false, tanjiren_store::db::now(&c.db).await?).await
     })
     .await
 }
@@ -134,7 +127,7 @@ pub(crate) async fn resume_handler(
     batch: Vec<Incoming<ScheduleRef>>,
 ) -> Vec<Result<ScheduleView, WireError>> {
     each(&conns, batch, |c, p, r| async move {
-        set_enabled(&c, p.org_id, &r.schedule, true, tanjiren_runtime::db::now(&c.db).await?).await
+        set_enabled(&c, p.org_id, &r.schedule, true, tanjiren_store::db::now(&c.db).await?).await
     })
     .await
 }
@@ -157,7 +150,7 @@ pub async fn create(
     req: &CreateScheduleRequest,
     now: DateTime<Utc>,
 ) -> Result<ScheduleView, WireError> {
-    let limits = tanjiren_ingest::task_limits(&conns.config);
+    let limits = tanjiren_store::tasks::task_limits(&conns.config);
     let valid = req.validate(&limits, conns.config.min_schedule_interval_secs, now)?;
     // The template must make a task the creation path accepts: resolve its targets now.
     let probe = vec![(caller.clone(), req.template.to_spec("schedule:validation".into()))];

@@ -8,11 +8,11 @@ use sqlx::PgPool;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tanjiren_runtime::db;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::OrgId;
 use tanjiren_shared::model::Role;
 use tanjiren_shared::secret::ApiToken;
+use tanjiren_store::db;
 use uuid::Uuid;
 
 /// The organisation `up` creates on first start.
@@ -184,7 +184,7 @@ pub async fn bootstrap(config: &Config, pool: &PgPool) -> anyhow::Result<Bootstr
     tx.commit().await?;
     let org_id = OrgId::from(org_id);
 
-    if let Some(existing) = config.resolve_token() {
+    if let Some(existing) = tanjiren_bus::config::resolve_token(config) {
         let valid: Option<(Uuid,)> =
             sqlx::query_as("SELECT id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
                 .bind(ApiToken::new(existing.clone()).hash())
@@ -199,7 +199,7 @@ pub async fn bootstrap(config: &Config, pool: &PgPool) -> anyhow::Result<Bootstr
         }
     }
     let (_, token) = create_token(pool, org_id, Role::Owner, "owner").await?;
-    let path = config.token_path();
+    let path = tanjiren_bus::config::token_path(config);
     write_secret(&path, token.expose())?;
     Ok(Bootstrapped {
         org_id,

@@ -4,8 +4,8 @@
 
 use anyhow::Context;
 use std::time::Duration;
-use tanjiren_runtime::bus::call;
-use tanjiren_runtime::startup::connect_nats;
+use tanjiren_bus::call;
+use tanjiren_bus::connect_nats;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::protocol::{GetTaskRequest, TaskView};
@@ -21,10 +21,10 @@ pub(crate) struct Client {
 
 impl Client {
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
-        let token = config.resolve_token().with_context(|| {
+        let token = tanjiren_bus::config::resolve_token(config).with_context(|| {
             format!(
                 "no API token: run `tanjiren up` once (it saves one at {}), or set TANJIREN_TOKEN",
-                config.token_path().display()
+                tanjiren_bus::config::token_path(config).display()
             )
         })?;
         let nats = connect_nats(config, "tanjiren-cli").await?;

@@ -6,43 +6,16 @@ use crate::admin;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tanjiren_runtime::Metrics;
-use tanjiren_runtime::http::{Readiness, serve_ops};
-use tanjiren_runtime::shutdown::on_signals;
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, ServiceHandle, Shutdown, StartupError};
+use tanjiren_bus::shutdown::on_signals;
+use tanjiren_ops::Metrics;
+use tanjiren_ops::Readiness;
+use tanjiren_ops::http::serve as serve_ops;
+
 use tanjiren_shared::config::Config;
+use tanjiren_store::{Connections, ServiceHandle, Shutdown, StartupError};
 use tanjiren_worker::ShellExecutor;
 
-#[derive(Clone, Copy, Debug)]
-pub enum Service {
-    Ingest,
-    Approval,
-    Lease,
-    Scheduler,
-}
-
-impl Service {
-    fn name(&self) -> &'static str {
-        match self {
-            Service::Ingest => "ingest",
-            Service::Approval => "approval",
-            Service::Lease => "lease",
-            Service::Scheduler => "scheduler",
-        }
-    }
-
-    async fn start(&self, conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-        match self {
-            Service::Ingest => tanjiren_ingest::start(conns, shutdown).await,
-            Service::Approval => tanjiren_approval::start(conns, shutdown).await,
-            Service::Lease => tanjiren_lease::start(conns, shutdown).await,
-            Service::Scheduler => tanjiren_scheduler::start(conns, shutdown).await,
-        }
-    }
-}
-
-const ALL: [Service; 4] = [Service::Ingest, Service::Approval, Service::Lease, Service::Scheduler];
+pub use tanjiren_catalog::Service;
 
 /// Serves `/healthz`, `/readyz` and `/metrics`; returns the bound address (None when disabled).
 async fn ops(
@@ -59,27 +32,10 @@ async fn ops(
         })
 }
 
-/// The configuration with `step_guard = auto` resolved to this very binary, which
-/// serves the hidden `step-guard` subcommand (see main.rs). `/proc/self/exe` keeps
-/// naming the running program even after an upgrade replaced its file.
-fn with_own_step_guard(config: &Config) -> Config {
-    let mut config = config.clone();
-    if config.step_guard.trim() == "auto" {
-        config.step_guard = "/proc/self/exe".into();
-    }
-    config
-}
-
 /// Runs one service until stopped.
 pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> {
     let shutdown = on_signals();
-    let conns = Connections::connect(
-        config,
-        Needs {
-            redis: matches!(service, Service::Lease),
-        },
-    )
-    .await?;
+    let conns = Connections::connect(config, service.needs()).await?;
     ops(config, conns.metrics.clone(), conns.ready.clone(), &shutdown).await?;
     let handle = service.start(&conns, shutdown.clone()).await?;
     conns.ready.set(true);
@@ -91,24 +47,9 @@ pub async fn one(config: &Config, service: Service) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the worker agent until stopped.
+/// Runs the worker agent until stopped (as `tanjiren-worker` does).
 pub async fn worker(config: &Config) -> anyhow::Result<ExitCode> {
-    let shutdown = on_signals();
-    let mut config = with_own_step_guard(config);
-    if let Some(t) = config.resolve_token() {
-        config.token = t;
-    }
-    let executor = Arc::new(ShellExecutor::new(&config));
-    let ready = Readiness::default();
-    let stop_ops = Shutdown::new();
-    ops(&config, Metrics::new(), ready.clone(), &stop_ops).await?;
-    let worker = tanjiren_worker::start(&config, executor, shutdown.clone()).await?;
-    ready.set(true);
-    tracing::info!(workstation = %worker.workstation_id(), worker = worker.worker_id(), "worker ready");
-    shutdown.cancelled().await;
-    ready.set(false);
-    worker.join().await;
-    stop_ops.cancel();
+    tanjiren_worker::run(config).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -117,17 +58,17 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     let signal = on_signals();
     // Services drain only after the local worker has reported what it was running.
     let services_stop = Shutdown::new();
-    let conns = Connections::connect(config, Needs { redis: true }).await?;
+    let conns = Connections::connect(config, tanjiren_store::Needs { redis: true }).await?;
     let boot = admin::bootstrap(config, &conns.db).await?;
     let ops_addr = ops(config, conns.metrics.clone(), conns.ready.clone(), &services_stop).await?;
     let mut handle = ServiceHandle::new();
-    for s in ALL {
+    for s in Service::ALL {
         handle.extend(s.start(&conns, services_stop.clone()).await?);
     }
     conns.ready.set(true);
 
     let worker = if with_worker {
-        let mut wc = with_own_step_guard(config);
+        let mut wc = tanjiren_worker::with_own_step_guard(config);
         wc.token = boot.token.clone();
         let executor = Arc::new(ShellExecutor::new(&wc));
         Some(tanjiren_worker::start(&wc, executor, signal.clone()).await?)

@@ -24,7 +24,6 @@ mod workstations;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tanjiren_shared::config::Config;
 
 #[derive(Debug, Parser)]
 #[command(name = "tanjiren", version, about = "Tanjiren: run tasks on a fleet of workstations")]
@@ -136,14 +135,14 @@ pub fn log_filter(verbose: u8, service: bool, log_level: &str, env_level_set: bo
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref())?;
+    let config = tanjiren_bus::config::load(cli.config.as_deref())?;
     let filter = log_filter(
         cli.verbose,
         cli.command.is_service(),
         &config.log_level,
         std::env::var_os("TANJIREN_LOG_LEVEL").is_some(),
     );
-    tanjiren_shared::telemetry::init(&config.log_format, filter);
+    tanjiren_bus::telemetry::init(&config.log_format, filter);
     match cli.command {
         Command::Up { no_worker } => launcher::up(&config, !no_worker).await,
         Command::Ingest => launcher::one(&config, launcher::Service::Ingest).await,

@@ -414,7 +414,7 @@ fn print_line(step: StepId, multi: bool, l: &LogLine) -> anyhow::Result<()> {
 }
 
 /// Prints stored output, then (with `follow`) live batches until the task ends.
-/// The seam logic (no gap, no duplicate) is `tanjiren_runtime::log_follow`, shared with the tests.
+/// The seam logic (no gap, no duplicate) is `tanjiren_bus::log_follow`, shared with the tests.
 /// The deduplicated view: each distinct line once, with how often and where it occurred.
 async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
     use tanjiren_shared::protocol::{LogView, TaskLogsReply, TaskLogsRequest};
@@ -460,7 +460,7 @@ async fn dedup_logs(client: &Client, id: TaskId) -> anyhow::Result<ExitCode> {
 
 async fn logs(client: &Client, id: TaskId, follow: bool) -> anyhow::Result<ExitCode> {
     let multi = client.get(id).await?.steps.len() > 1;
-    let follower = tanjiren_runtime::log_follow::LogFollower {
+    let follower = tanjiren_bus::log_follow::LogFollower {
         nats: &client.nats,
         subjects: &client.subjects,
         token: &client.token,

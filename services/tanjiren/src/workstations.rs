@@ -7,8 +7,8 @@
 use anyhow::bail;
 use clap::Subcommand;
 use std::process::ExitCode;
-use tanjiren_runtime::db;
 use tanjiren_shared::config::Config;
+use tanjiren_store::db;
 use uuid::Uuid;
 
 #[derive(Debug, Subcommand)]

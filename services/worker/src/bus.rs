@@ -80,7 +80,7 @@ impl Bus {
         request: &Req,
         timeout: Duration,
     ) -> Result<Resp, WireError> {
-        tanjiren_runtime::call(&self.nats, subject, &self.token, request, timeout).await
+        tanjiren_bus::call(&self.nats, subject, &self.token, request, timeout).await
     }
 
     /// Retries retryable errors (`unavailable`, `internal`) with doubling delays within

@@ -4,15 +4,12 @@
 //! batching; they run one step, honour its cancel token and return how it ended.
 
 use chrono::{DateTime, Utc};
-use std::future::Future;
-use std::pin::Pin;
 use tanjiren_shared::model::StepStatus;
 use tanjiren_shared::protocol::{Assignment, LogStream, StepResult};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A boxed, sendable future (executors are trait objects, so their futures are boxed).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures::future::BoxFuture;
 
 /// Runs one step.
 ///

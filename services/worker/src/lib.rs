@@ -31,12 +31,43 @@ use output::BatchLimits;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tanjiren_runtime::{ServiceHandle, Shutdown, StartupError};
+use tanjiren_bus::{ServiceHandle, Shutdown, StartupError};
 use tanjiren_shared::config::Config;
 use tanjiren_shared::model::validate_workstation_name;
 use tanjiren_shared::protocol::{RegisterWorkstationReply, RegisterWorkstationRequest};
 use tanjiren_shared::subjects::Subjects;
 use tanjiren_shared::{ErrorCode, OrgId, WireError, WorkstationId};
+
+/// Runs the worker with the shell executor until SIGTERM or Ctrl-C, then drains
+/// (the steps it runs report their results first). What `tanjiren-worker` and
+/// `tanjiren worker` do. The token is `token`, else the token file.
+///
+/// # Errors
+/// [`WorkerStartError`] when the worker cannot connect, has no token, or cannot enrol.
+pub async fn run(config: &Config) -> Result<(), WorkerStartError> {
+    let shutdown = tanjiren_bus::shutdown::on_signals();
+    let mut config = with_own_step_guard(config);
+    if let Some(t) = tanjiren_bus::config::resolve_token(&config) {
+        config.token = t;
+    }
+    let executor = Arc::new(ShellExecutor::new(&config));
+    let worker = start(&config, executor, shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    worker.join().await;
+    Ok(())
+}
+
+/// The configuration with `step_guard = auto` resolved to the running binary, which
+/// serves the hidden `step-guard` subcommand ([`guard::SUBCOMMAND`]) before anything
+/// else. `/proc/self/exe` keeps naming the running program even after an upgrade
+/// replaced its file.
+pub fn with_own_step_guard(config: &Config) -> Config {
+    let mut config = config.clone();
+    if config.step_guard.trim() == "auto" {
+        config.step_guard = "/proc/self/exe".into();
+    }
+    config
+}
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +135,7 @@ pub async fn start(
     })?;
     // Nothing a step started may outlive it, not even the worker that ran it.
     executor.stop_leftovers().await;
-    let nats = tanjiren_runtime::startup::connect_nats(config, "tanjiren-worker").await?;
+    let nats = tanjiren_bus::connect_nats(config, "tanjiren-worker").await?;
     let (bus, registered) = enrol(&nats, config, &name, &shutdown)
         .await
         .map_err(WorkerStartError::Register)?;
@@ -154,7 +185,7 @@ async fn subscribe_to_work(
         .subscribe(subjects.control(id.org_id, id.workstation_id))
         .await
         .map_err(|e| nats_error(&e))?;
-    tanjiren_runtime::bus::subscriptions_live(nats)
+    tanjiren_bus::serve::subscriptions_live(nats)
         .await
         .map_err(|e| nats_error(&e))?;
     Ok((dispatch, control))

@@ -376,25 +376,10 @@ fn failed(exit_code: Option<i32>, failure_reason: Option<FailureReason>, message
 }
 
 fn signal_name(sig: i32) -> String {
-    let name = match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        _ => return format!("signal {sig}"),
-    };
-    format!("signal {name} ({sig})")
+    match nix::sys::signal::Signal::try_from(sig) {
+        Ok(signal) => format!("signal {} ({sig})", signal.as_str()),
+        Err(_) => format!("signal {sig}"),
+    }
 }
 
 #[cfg(test)]

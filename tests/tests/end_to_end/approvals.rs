@@ -21,7 +21,7 @@ use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{ApprovalStatus, Mode, Role, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, TaskView};
 use tanjiren_shared::{ErrorCode, WireError};
-use tanjiren_tests::{Running, Svc, TestEnv, command};
+use tanjiren_tests::{Running, Service, TestEnv, command};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -35,7 +35,7 @@ fn prod_doctrine() -> serde_json::Value {
 }
 
 async fn start(env: &TestEnv) -> Vec<Running> {
-    vec![env.start(Svc::Ingest).await, env.start(Svc::Approval).await]
+    vec![env.start(Service::Ingest).await, env.start(Service::Approval).await]
 }
 
 async fn publish(env: &TestEnv, token: &str, doctrine: serde_json::Value) -> Result<PublishDoctrineReply, WireError> {
@@ -297,9 +297,7 @@ async fn a_pending_task_is_approved_with_a_token_and_everyone_is_told() {
         ))
         .await
         .unwrap();
-    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats)
-        .await
-        .unwrap();
+    tanjiren_bus::serve::subscriptions_live(&env.conns.nats).await.unwrap();
 
     let t = create_as(
         &env,
@@ -845,7 +843,7 @@ async fn token_reuse_expiry_and_mismatch_fail_with_their_codes_and_change_nothin
 async fn two_approvers_at_once_make_exactly_one_transition() {
     let env = TestEnv::new().await;
     let mut services = start(&env).await;
-    services.push(env.start(Svc::Approval).await);
+    services.push(env.start(Service::Approval).await);
     env.workstation_with_labels("web-prod", &[("env", "production")]).await;
     publish(&env, &env.owner_token, prod_doctrine()).await.unwrap();
     for round in 0..5 {
@@ -918,7 +916,7 @@ async fn two_approvers_at_once_make_exactly_one_transition() {
 async fn approve_and_reject_racing_one_wins_and_the_other_gets_a_conflict() {
     let env = TestEnv::new().await;
     let mut services = start(&env).await;
-    services.push(env.start(Svc::Approval).await);
+    services.push(env.start(Service::Approval).await);
     env.workstation_with_labels("web-prod", &[("env", "production")]).await;
     publish(&env, &env.owner_token, prod_doctrine()).await.unwrap();
     for round in 0..5 {
@@ -1099,9 +1097,7 @@ async fn a_pending_task_past_its_deadline_fails_with_approval_expired() {
         .subscribe(env.conns.subjects.approval_decided(env.org))
         .await
         .unwrap();
-    tanjiren_runtime::bus::subscriptions_live(&env.conns.nats)
-        .await
-        .unwrap();
+    tanjiren_bus::serve::subscriptions_live(&env.conns.nats).await.unwrap();
     let t = create_as(&env, &env.member_token, &command("reboot", &["web-prod"])).await;
     let deadline = t.approval.as_ref().unwrap().deadline.unwrap();
 

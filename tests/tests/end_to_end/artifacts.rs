@@ -294,7 +294,7 @@ async fn every_ended_task_gets_exactly_one_summary() {
     let env = TestEnv::new().await;
     // Two ingest replicas share the summaries consumer.
     let mut services = env.start_all().await;
-    services.push(env.start(tanjiren_tests::Svc::Ingest).await);
+    services.push(env.start(tanjiren_tests::Service::Ingest).await);
     let w = env.worker("ws-sum").await;
     env.workstation("ws-nobody").await;
 

@@ -21,23 +21,6 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
 }
 
-/// Every `.rs` file under `dir` (recursively), as (path, text).
-fn sources(dir: &Path) -> Vec<(PathBuf, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                out.push((p.clone(), std::fs::read_to_string(&p).unwrap()));
-            }
-        }
-    }
-    out
-}
-
 /// `{org}`, `{task_id}`, `{status}` … all become `{}`, so the code's and the
 /// documents' placeholder names need not match.
 fn placeholders_erased(s: &str) -> String {
@@ -122,22 +105,8 @@ fn every_config_knob_is_documented_with_its_variable_and_default() {
 #[test]
 fn every_metric_is_documented_in_the_metrics_table() {
     let operations = read("docs/operations.md");
-    let name = Regex::new(r#""(tanjiren_[a-z0-9_]+)""#).unwrap();
-    let mut metrics: Vec<String> = Vec::new();
-    for dir in ["services", "shared"] {
-        for (path, text) in sources(&repo().join(dir)) {
-            let rel = path.strip_prefix(repo()).unwrap().display().to_string();
-            // Tests, examples and the benchmark only read metrics.
-            if rel.contains("/tests/") || rel.contains("/examples/") || rel.contains("services/bench/") {
-                continue;
-            }
-            // Unit tests (the `#[cfg(test)]` module at the end of a file) only read metrics too.
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-            metrics.extend(name.captures_iter(code).map(|c| c[1].to_string()));
-        }
-    }
-    metrics.sort();
-    metrics.dedup();
+    // Every metric is registered up front in one registry (`tanjiren_ops::metrics`).
+    let metrics = tanjiren_ops::Metrics::new().names();
     assert!(metrics.len() >= 10, "found only {metrics:?}");
     let missing: Vec<&String> = metrics
         .iter()

@@ -289,7 +289,7 @@ async fn migrations_are_safe_when_several_services_start_at_once() {
         .config
         .database_url
         .replace(&env.db_name, &format!("{}_m", env.db_name));
-    let runs = (0..6).map(|_| tanjiren_runtime::db::connect_and_migrate(&url, 2));
+    let runs = (0..6).map(|_| tanjiren_store::db::connect_and_migrate(&url, 2));
     for r in futures::future::join_all(runs).await {
         r.expect("every concurrent migrator succeeds");
     }
@@ -298,7 +298,7 @@ async fn migrations_are_safe_when_several_services_start_at_once() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(applied as usize, tanjiren_runtime::db::MIGRATOR.iter().count());
+    assert_eq!(applied as usize, tanjiren_store::db::MIGRATOR.iter().count());
     pool.close().await;
     let admin = sqlx::PgPool::connect(&url.replace(&format!("{}_m", env.db_name), "postgres"))
         .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::SubmitOutcome;
-use tanjiren_tests::{Svc, TestEnv, command};
+use tanjiren_tests::{Service, TestEnv, command};
 
 #[tokio::test]
 async fn a_create_retried_with_the_same_key_yields_one_task() {
@@ -56,7 +56,7 @@ async fn submit(env: &TestEnv, key: &str, ws: &str) {
 async fn a_submission_made_while_ingest_is_down_is_created_once_when_it_is_back() {
     let env = TestEnv::new().await;
     let mut services = Vec::new();
-    for s in [Svc::Approval, Svc::Lease, Svc::Scheduler] {
+    for s in [Service::Approval, Service::Lease, Service::Scheduler] {
         services.push(env.start(s).await);
     }
     env.workstation("ws-submit").await;
@@ -73,7 +73,7 @@ async fn a_submission_made_while_ingest_is_down_is_created_once_when_it_is_back(
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(env.count("tasks").await, 0);
 
-    services.push(env.start(Svc::Ingest).await);
+    services.push(env.start(Service::Ingest).await);
     let w = env.worker("ws-submit").await;
     let mut seen = Vec::new();
     for _ in 0..2 {

@@ -16,7 +16,7 @@ use tanjiren_shared::ErrorCode;
 use tanjiren_shared::ids::StepId;
 use tanjiren_shared::model::{FailureReason, StepStatus, TaskStatus};
 use tanjiren_shared::protocol::*;
-use tanjiren_tests::{Svc, TestEnv, command};
+use tanjiren_tests::{Service, TestEnv, command};
 use uuid::Uuid;
 
 /// Only the sweeps a test runs act: no background reconciler.
@@ -108,9 +108,9 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
     const ROUNDS: usize = 6;
     let env = TestEnv::with(manual_sweeps).await;
     let services = vec![
-        env.start(Svc::Ingest).await,
-        env.start(Svc::Approval).await,
-        env.start(Svc::Lease).await,
+        env.start(Service::Ingest).await,
+        env.start(Service::Approval).await,
+        env.start(Service::Lease).await,
     ];
     let reconciler = Reconciler::new(&services[2].conns);
     let (ws_id, cred) = env.enrolled("ws-race").await;
@@ -159,7 +159,7 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
         let (reply, swept) = tokio::join!(env.call::<_, HeartbeatReply>(&subject, &cred, &beat), async {
             tokio::time::sleep(delay).await;
             reconciler
-                .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+                .sweep(tanjiren_store::db::now(&env.conns.db).await.unwrap())
                 .await
                 .unwrap()
         });
@@ -167,7 +167,7 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
         // Whatever the first sweep left expired, a later one takes.
         tokio::time::sleep(Duration::from_millis(20)).await;
         reconciler
-            .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+            .sweep(tanjiren_store::db::now(&env.conns.db).await.unwrap())
             .await
             .unwrap();
 
@@ -261,9 +261,9 @@ async fn a_heartbeat_racing_the_sweep_never_renews_a_lease_postgres_took_back() 
 async fn a_key_planted_in_redis_neither_renews_nor_keeps_a_lease_alive() {
     let env = TestEnv::with(manual_sweeps).await;
     let services = vec![
-        env.start(Svc::Ingest).await,
-        env.start(Svc::Approval).await,
-        env.start(Svc::Lease).await,
+        env.start(Service::Ingest).await,
+        env.start(Service::Approval).await,
+        env.start(Service::Lease).await,
     ];
     let reconciler = Reconciler::new(&services[2].conns);
     let (ws_id, cred) = env.enrolled("ws-plant").await;
@@ -291,7 +291,7 @@ async fn a_key_planted_in_redis_neither_renews_nor_keeps_a_lease_alive() {
         .await
         .unwrap();
     let swept = reconciler
-        .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+        .sweep(tanjiren_store::db::now(&env.conns.db).await.unwrap())
         .await
         .unwrap();
     assert_eq!(swept.released, 2, "a Redis key keeps nothing alive");
@@ -368,7 +368,7 @@ async fn a_finished_step_holds_no_lease_even_when_its_release_is_lost() {
     }
     // The lease service goes away while every step finishes: each result is stored,
     // each release is lost.
-    let lease = services.remove(services.iter().position(|r| r.svc == Svc::Lease).unwrap());
+    let lease = services.remove(services.iter().position(|r| r.svc == Service::Lease).unwrap());
     lease.stop().await;
     for t in &tasks {
         let done = env.wait_terminal(*t, Duration::from_secs(30)).await;
@@ -387,9 +387,9 @@ async fn a_finished_step_holds_no_lease_even_when_its_release_is_lost() {
     .unwrap();
     assert_eq!(held, 0, "no finished step holds a lease");
     // The lease service comes back: nothing to take back, nothing changes.
-    services.push(env.start(Svc::Lease).await);
+    services.push(env.start(Service::Lease).await);
     let swept = Reconciler::new(&services.last().unwrap().conns)
-        .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap() + chrono::Duration::hours(1))
+        .sweep(tanjiren_store::db::now(&env.conns.db).await.unwrap() + chrono::Duration::hours(1))
         .await
         .unwrap();
     assert_eq!(swept.examined, 0);
@@ -542,9 +542,9 @@ async fn a_cancelled_step_handed_back_ends_cancelled_and_never_runs_again() {
 async fn a_repeated_claim_grants_only_what_is_left_and_a_taken_back_lease_is_not_released_as_done() {
     let env = TestEnv::with(manual_sweeps).await;
     let services = vec![
-        env.start(Svc::Ingest).await,
-        env.start(Svc::Approval).await,
-        env.start(Svc::Lease).await,
+        env.start(Service::Ingest).await,
+        env.start(Service::Approval).await,
+        env.start(Service::Lease).await,
     ];
     let reconciler = Reconciler::new(&services[2].conns);
     let (ws_id, cred) = env.enrolled("ws-repeat").await;
@@ -583,7 +583,7 @@ async fn a_repeated_claim_grants_only_what_is_left_and_a_taken_back_lease_is_not
         .await
         .unwrap();
     let swept = reconciler
-        .sweep(tanjiren_runtime::db::now(&env.conns.db).await.unwrap())
+        .sweep(tanjiren_store::db::now(&env.conns.db).await.unwrap())
         .await
         .unwrap();
     assert_eq!(swept.released, 1);

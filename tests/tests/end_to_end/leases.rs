@@ -10,7 +10,7 @@ use tanjiren_shared::ErrorCode;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::*;
-use tanjiren_tests::{Svc, TestEnv, command, recording, runs_per_step};
+use tanjiren_tests::{Service, TestEnv, command, recording, runs_per_step};
 
 fn short_leases(c: &mut tanjiren_shared::config::Config) {
     c.lease_ttl_ms = 3_000;
@@ -77,11 +77,11 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
     .await;
     assert!(grants.iter().all(|g| g.as_ref().unwrap().lease_generation == 1));
     // Nothing is stale while the leases are alive.
-    let a = Reconciler::new(&services.iter().find(|r| r.svc == Svc::Lease).unwrap().conns);
+    let a = Reconciler::new(&services.iter().find(|r| r.svc == Service::Lease).unwrap().conns);
     assert_eq!(a.sweep(Utc::now()).await.unwrap().released, 0);
     // The workers never heartbeat: wait out the TTL.
     tokio::time::sleep(Duration::from_millis(4_500)).await;
-    let other = env.start(Svc::Lease).await;
+    let other = env.start(Service::Lease).await;
     let b = Reconciler::new(&other.conns);
     let now = Utc::now();
     let (ra, rb) = tokio::join!(a.sweep(now), b.sweep(now));
@@ -159,7 +159,7 @@ async fn a_redis_flush_in_the_middle_of_100_tasks_keeps_every_step_single_owner(
 async fn restarting_the_lease_service_under_load_loses_nothing_and_runs_nothing_twice() {
     let env = TestEnv::with(short_leases).await;
     let mut services = env.start_all().await;
-    services.push(env.start(Svc::Lease).await);
+    services.push(env.start(Service::Lease).await);
     let workers = vec![
         env.worker("lr-a").await,
         env.worker("lr-b").await,
@@ -178,9 +178,9 @@ async fn restarting_the_lease_service_under_load_loses_nothing_and_runs_nothing_
         );
         if i == 30 || i == 60 {
             // Replace each lease replica in turn while claims, heartbeats and releases flow.
-            let idx = services.iter().position(|r| r.svc == Svc::Lease).unwrap();
+            let idx = services.iter().position(|r| r.svc == Service::Lease).unwrap();
             services.remove(idx).stop().await;
-            services.push(env.start(Svc::Lease).await);
+            services.push(env.start(Service::Lease).await);
         }
     }
     for id in &ids {

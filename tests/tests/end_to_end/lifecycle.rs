@@ -217,7 +217,7 @@ async fn a_batch_closes_at_batch_max_bytes() {
     // handler calls, all answered.
     let env = TestEnv::with(|c| c.batch_max_bytes = 1).await;
     env.workstation("bytes-1").await;
-    let ingest = env.start(tanjiren_tests::Svc::Ingest).await;
+    let ingest = env.start(tanjiren_tests::Service::Ingest).await;
     let specs: Vec<_> = (0..200).map(|i| command(&format!("echo {i}"), &["bytes-1"])).collect();
     for r in futures::future::join_all(specs.iter().map(|s| env.create(s))).await {
         assert!(r.unwrap().created);

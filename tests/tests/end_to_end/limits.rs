@@ -8,7 +8,7 @@
 use chrono::Utc;
 use std::collections::HashMap;
 use std::time::Duration;
-use tanjiren_runtime::log_follow::LogFollower;
+use tanjiren_bus::log_follow::LogFollower;
 use tanjiren_shared::ErrorCode;
 use tanjiren_shared::artifacts::{ArtifactView, ListArtifactsReply, ListArtifactsRequest};
 use tanjiren_shared::error::MAX_MESSAGE_BYTES;

@@ -347,7 +347,7 @@ async fn following_logs_across_the_live_and_stored_seam_has_no_gap_and_no_duplic
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let follower = tanjiren_runtime::log_follow::LogFollower {
+    let follower = tanjiren_bus::log_follow::LogFollower {
         nats: &env.conns.nats,
         subjects: &env.conns.subjects,
         token: &env.member_token,

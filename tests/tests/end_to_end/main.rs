@@ -1,6 +1,8 @@
 //! The end-to-end suite as one test binary (one link instead of one per file):
 //! every module runs its tests against the real NATS, Redis and Postgres, each
 //! test in its own database, subject prefix and key prefix.
+// Tests: a failed step should stop the test at once, helpers included.
+#![allow(clippy::unwrap_used)]
 
 mod approvals;
 mod artifacts;
@@ -8,6 +10,7 @@ mod bad_input;
 mod docs_in_step;
 mod fencing;
 mod idempotency;
+mod layout;
 mod lease_authority;
 mod leases;
 mod lifecycle;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::{TaskLogsReply, TaskLogsRequest};
-use tanjiren_tests::{Running, Svc, TestEnv, command};
+use tanjiren_tests::{Running, Service, TestEnv, command};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
@@ -122,7 +122,7 @@ async fn step_row(env: &TestEnv, step: StepId) -> (String, Option<DateTime<Utc>>
         .unwrap()
 }
 
-fn replica(services: &[Running], svc: Svc) -> &Running {
+fn replica(services: &[Running], svc: Service) -> &Running {
     services.iter().find(|r| r.svc == svc).expect("replica running")
 }
 
@@ -181,7 +181,7 @@ async fn a_nats_restart_mid_step_is_ridden_out_and_heartbeats_resume() {
     };
     let (_, beat_before) = step_row(&env, step).await;
     let beat_before = beat_before.expect("a heartbeat before the outage");
-    let answered_before = heartbeats_answered(replica(&services, Svc::Lease));
+    let answered_before = heartbeats_answered(replica(&services, Service::Lease));
 
     // The outage: longer than a heartbeat interval, well within the TTL.
     let outage = Instant::now();
@@ -238,7 +238,7 @@ async fn a_nats_restart_mid_step_is_ridden_out_and_heartbeats_resume() {
     });
     assert!(beat_after > beat_before);
     assert!(s.last_heartbeat_at >= Some(beat_after), "{s:?}");
-    let lease = replica(&services, Svc::Lease);
+    let lease = replica(&services, Service::Lease);
     assert!(
         heartbeats_answered(lease) > answered_before,
         "the lease replica answered no heartbeat after the restart"

@@ -4,7 +4,7 @@
 use std::time::Duration;
 use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{StepStatus, TaskStatus};
-use tanjiren_tests::{Svc, TestEnv, command, recording, runs_per_step};
+use tanjiren_tests::{Service, TestEnv, command, recording, runs_per_step};
 
 /// Each run appends a line to a file named after its step: more than one line = ran twice.
 #[tokio::test]
@@ -77,7 +77,7 @@ async fn restarting_each_service_mid_run_loses_no_task() {
             );
         }
         // Replace one service with a fresh replica while its work is in flight.
-        let svc = [Svc::Ingest, Svc::Approval, Svc::Lease, Svc::Scheduler][round];
+        let svc = [Service::Ingest, Service::Approval, Service::Lease, Service::Scheduler][round];
         let idx = services.iter().position(|r| r.svc == svc).unwrap();
         let old = services.remove(idx);
         old.stop().await;

@@ -7,8 +7,6 @@
 
 use chrono::{DateTime, Duration, Utc};
 use std::time::Duration as StdDuration;
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, Shutdown};
 use tanjiren_scheduler::Scheduler;
 use tanjiren_shared::ErrorCode;
 use tanjiren_shared::approvals::{PublishDoctrineReply, PublishDoctrineRequest};
@@ -16,23 +14,25 @@ use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::model::{ApprovalStatus, RetryPolicy, TaskStatus};
 use tanjiren_shared::protocol::{CancelTaskReply, CancelTaskRequest, ListTasksReply, ListTasksRequest, TaskView};
 use tanjiren_shared::schedules::{RetryTaskReply, RetryTaskRequest};
-use tanjiren_tests::{Running, Svc, TestEnv, command};
+use tanjiren_store::Needs;
+use tanjiren_store::{Connections, Shutdown};
+use tanjiren_tests::{Running, Service, TestEnv, command};
 
 const WAIT: StdDuration = StdDuration::from_secs(30);
 
 /// Ingest, approval and lease replicas plus the scheduler's subjects, without its tick loop.
 async fn services(env: &TestEnv) -> (Vec<Running>, Scheduler) {
     let mut running = vec![
-        env.start(Svc::Ingest).await,
-        env.start(Svc::Approval).await,
-        env.start(Svc::Lease).await,
+        env.start(Service::Ingest).await,
+        env.start(Service::Approval).await,
+        env.start(Service::Lease).await,
     ];
     let conns = Connections::connect(&env.config, Needs { redis: false }).await.unwrap();
     let stop = Shutdown::new();
     let handle = tanjiren_scheduler::serve(&conns, stop.clone()).await.unwrap();
     let scheduler = Scheduler::new(&conns);
     running.push(Running {
-        svc: Svc::Scheduler,
+        svc: Service::Scheduler,
         stop,
         handle,
         conns,
@@ -321,7 +321,7 @@ async fn a_step_whose_lease_expired_is_retried_as_a_new_linked_attempt() {
         .await
         .unwrap();
     tokio::time::sleep(StdDuration::from_millis(2_000)).await;
-    let lease = running.iter().find(|r| r.svc == Svc::Lease).unwrap();
+    let lease = running.iter().find(|r| r.svc == Service::Lease).unwrap();
     let swept = tanjiren_lease::Reconciler::new(&lease.conns)
         .sweep(Utc::now())
         .await

@@ -7,8 +7,6 @@
 
 use chrono::{DateTime, Duration, Utc};
 use std::collections::HashMap;
-use tanjiren_runtime::startup::Needs;
-use tanjiren_runtime::{Connections, Shutdown};
 use tanjiren_scheduler::{Scheduler, schedules};
 use tanjiren_shared::ErrorCode;
 use tanjiren_shared::protocol::Principal;
@@ -16,7 +14,9 @@ use tanjiren_shared::schedules::{
     CreateScheduleRequest, DeleteScheduleReply, GetScheduleRequest, ListSchedulesReply, ListSchedulesRequest,
     OverlapPolicy, ScheduleDetail, ScheduleRef, ScheduleView, TaskTemplate,
 };
-use tanjiren_tests::{Running, Svc, TestEnv};
+use tanjiren_store::Needs;
+use tanjiren_store::{Connections, Shutdown};
+use tanjiren_tests::{Running, Service, TestEnv};
 use uuid::Uuid;
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -173,7 +173,7 @@ async fn two_running_scheduler_replicas_share_each_burst_of_due_schedules_and_fi
         req.catch_up_ticks = 100;
         ids.push(create(&env, &owner, &req, Utc::now()).await.schedule_id.as_uuid());
     }
-    let replicas = vec![env.start(Svc::Scheduler).await, env.start(Svc::Scheduler).await];
+    let replicas = vec![env.start(Service::Scheduler).await, env.start(Service::Scheduler).await];
     tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
     let mut fired_by = Vec::new();
     for r in replicas {
@@ -559,7 +559,7 @@ async fn scheduler_subjects(env: &TestEnv) -> Running {
     let stop = Shutdown::new();
     let handle = tanjiren_scheduler::serve(&conns, stop.clone()).await.unwrap();
     Running {
-        svc: Svc::Scheduler,
+        svc: Service::Scheduler,
         stop,
         handle,
         conns,

@@ -13,7 +13,7 @@ use tanjiren_shared::ids::StepId;
 use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::*;
 use tanjiren_shared::secret::hash_secret;
-use tanjiren_tests::{Svc, TestEnv, command};
+use tanjiren_tests::{Service, TestEnv, command};
 
 async fn register(
     env: &TestEnv,
@@ -257,12 +257,12 @@ async fn a_revoked_credential_stops_working_and_the_worker_enrols_again() {
         .execute(&env.conns.db)
         .await
         .unwrap();
-    let lease = services.remove(services.iter().position(|r| r.svc == Svc::Lease).unwrap());
+    let lease = services.remove(services.iter().position(|r| r.svc == Service::Lease).unwrap());
     lease.stop().await;
-    let ingest = services.remove(services.iter().position(|r| r.svc == Svc::Ingest).unwrap());
+    let ingest = services.remove(services.iter().position(|r| r.svc == Service::Ingest).unwrap());
     ingest.stop().await;
-    services.push(env.start(Svc::Lease).await);
-    services.push(env.start(Svc::Ingest).await);
+    services.push(env.start(Service::Lease).await);
+    services.push(env.start(Service::Ingest).await);
     let e = env
         .call::<_, HeartbeatReply>(
             &env.conns.subjects.lease_heartbeat(),

@@ -2,6 +2,8 @@
 //! instead of one per file): the CLI as a new user meets it, what users expect by
 //! default, leases against workers that are killed, frozen or run with a shifted
 //! clock, and containment of everything a step starts.
+// Tests: a failed step should stop the test at once, helpers included.
+#![allow(clippy::unwrap_used)]
 
 mod cli;
 mod containment;

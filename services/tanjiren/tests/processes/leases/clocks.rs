@@ -133,9 +133,9 @@ async fn a_worker_whose_clock_runs_minutes_ahead_keeps_its_lease() {
 async fn a_scheduler_whose_clock_is_an_hour_behind_times_queued_steps_out_on_time() {
     let env = TestEnv::with(|c| c.scheduler_interval_ms = 200).await;
     let services = vec![
-        env.start(tanjiren_tests::Svc::Ingest).await,
-        env.start(tanjiren_tests::Svc::Approval).await,
-        env.start(tanjiren_tests::Svc::Lease).await,
+        env.start(tanjiren_tests::Service::Ingest).await,
+        env.start(tanjiren_tests::Service::Approval).await,
+        env.start(tanjiren_tests::Service::Lease).await,
     ];
     let mut procs = Cleanup::default();
     procs.spawn_shifted(&env, &["scheduler"], "slow-scheduler", "-3600s", &[]);
@@ -165,9 +165,9 @@ async fn a_lease_service_whose_clock_is_an_hour_ahead_takes_back_nothing_alive()
     })
     .await;
     let services = vec![
-        env.start(tanjiren_tests::Svc::Ingest).await,
-        env.start(tanjiren_tests::Svc::Approval).await,
-        env.start(tanjiren_tests::Svc::Scheduler).await,
+        env.start(tanjiren_tests::Service::Ingest).await,
+        env.start(tanjiren_tests::Service::Approval).await,
+        env.start(tanjiren_tests::Service::Scheduler).await,
     ];
     let mut procs = Cleanup::default();
     procs.spawn_shifted(&env, &["lease"], "fast-lease", "+3600s", &[]);

@@ -29,3 +29,27 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// The running parts of one service: join it to wait until it has drained.
+#[derive(Default)]
+pub struct ServiceHandle {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServiceHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn push(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+    pub fn extend(&mut self, other: ServiceHandle) {
+        self.tasks.extend(other.tasks);
+    }
+    /// Waits for every part to finish (after shutdown was requested).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

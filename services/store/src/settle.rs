@@ -12,10 +12,10 @@
 //! `retry_at` is set in the same statement that fails the task, and the scheduler
 //! creates the next attempt once that instant has passed.
 
+use crate::connections::Connections;
 use crate::db_error;
-use crate::events::publish_task_event;
-use crate::startup::Connections;
 use std::collections::{BTreeSet, HashMap};
+use tanjiren_bus::events::publish_task_event;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};

@@ -3,11 +3,11 @@
 //! `migrations/`. sqlx serialises concurrent migrators with an advisory lock, so
 //! several services may start at once.
 
-use crate::startup::StartupError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
+use tanjiren_bus::StartupError;
 use tanjiren_shared::config::Config;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

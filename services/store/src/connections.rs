@@ -1,40 +1,17 @@
-//! Connecting to the three servers. Each failure says which server, at what
-//! address (password redacted), and how to start it; the launcher prints that
-//! and exits non-zero instead of hanging or dumping a stack trace.
+//! The context a service runs with: its configuration and its connections to
+//! NATS, Postgres and (for the lease service) Redis, connected once and shared.
+//! Connection failures are [`StartupError`]s that say which server and how to start it.
 
-use crate::http::Readiness;
-use crate::metrics::Metrics;
-use std::time::Duration;
+use crate::auth::TokenStore;
+use std::sync::Arc;
+use tanjiren_bus::connect::CONNECT_TIMEOUT;
+use tanjiren_bus::{Bus, Router, ServeLimits, Shutdown, StartupError, connect_nats};
+use tanjiren_ops::{Metrics, Readiness};
 use tanjiren_shared::config::Config;
 use tanjiren_shared::subjects::Subjects;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A server could not be reached or prepared.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(
-        "cannot reach NATS at {url}: {reason}\n  start it with: nats-server -js   (or: docker compose up -d nats)\n  or point TANJIREN_NATS_URL at a running server"
-    )]
-    Nats { url: String, reason: String },
-    #[error(
-        "cannot reach Postgres at {url}: {reason}\n  start it with: pg_ctlcluster <version> main start   (or: docker compose up -d postgres)\n  or point TANJIREN_DATABASE_URL at a running server"
-    )]
-    Postgres { url: String, reason: String },
-    #[error(
-        "cannot reach Redis at {url}: {reason}\n  start it with: redis-server --daemonize yes   (or: docker compose up -d redis)\n  or point TANJIREN_REDIS_URL at a running server"
-    )]
-    Redis { url: String, reason: String },
-    #[error("cannot apply database migrations: {0}")]
-    Migrate(String),
-    #[error("cannot set up JetStream: {0}")]
-    JetStream(String),
-    #[error("cannot bind the operations endpoint {addr}: {reason}")]
-    Http { addr: String, reason: String },
-}
-
 /// Everything a service talks to, connected once and shared (connections are reused).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Connections {
     pub config: Config,
     pub subjects: Subjects,
@@ -45,15 +22,18 @@ pub struct Connections {
     pub ready: Readiness,
 }
 
-/// Which servers a process needs (a worker needs only NATS).
-#[derive(Clone, Copy, Debug)]
+/// Which servers a service needs besides NATS and Postgres.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Needs {
     pub redis: bool,
 }
 
 impl Connections {
     /// Connects to NATS, Postgres (creating the database if missing, then migrating) and,
-    /// if asked, Redis.
+    /// if asked, Redis; makes sure the JetStream streams exist.
+    ///
+    /// # Errors
+    /// A [`StartupError`] naming the server that could not be reached or prepared.
     pub async fn connect(config: &Config, needs: Needs) -> Result<Self, StartupError> {
         let nats = connect_nats(config, "tanjiren").await?;
         let db = crate::db::connect_and_migrate(&config.database_url, config.db_max_connections).await?;
@@ -64,7 +44,7 @@ impl Connections {
         };
         // Every service makes sure the streams exist, so a durable submission is
         // captured even if ingest has never run yet.
-        crate::streams::ensure_streams(&nats, &config.subjects()).await?;
+        tanjiren_bus::streams::ensure_streams(&nats, &config.subjects()).await?;
         Ok(Self {
             config: config.clone(),
             subjects: config.subjects(),
@@ -76,29 +56,43 @@ impl Connections {
         })
     }
 
+    /// The Redis connection of a service connected with `Needs { redis: true }`.
+    ///
+    /// # Panics
+    /// If the service was connected without Redis (a programming error).
     pub fn redis(&self) -> redis::aio::ConnectionManager {
+        #[allow(clippy::expect_used)]
         self.redis.clone().expect("this service was connected without Redis")
+    }
+
+    /// The NATS side of these connections, for serving.
+    pub fn bus(&self) -> Bus {
+        Bus {
+            nats: self.nats.clone(),
+            subjects: self.subjects.clone(),
+            metrics: self.metrics.clone(),
+            limits: ServeLimits::from_config(&self.config),
+            nats_url: Config::redact_url(&self.config.nats_url),
+        }
+    }
+
+    /// A router for a service in `queue_group`, authenticating against the token
+    /// table and handing these connections to every handler.
+    pub fn router(&self, queue_group: &'static str, shutdown: Shutdown) -> Router<Connections> {
+        Router::new(
+            self.bus(),
+            Arc::new(TokenStore::new(self.db.clone())),
+            self.clone(),
+            queue_group,
+            shutdown,
+        )
     }
 }
 
-/// Connects to NATS; reconnects forever once connected.
-pub async fn connect_nats(config: &Config, name: &str) -> Result<async_nats::Client, StartupError> {
-    let url = config.nats_url.clone();
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .subscription_capacity(64 * 1024)
-        .client_capacity(64 * 1024)
-        .max_reconnects(None)
-        .connect(url.as_str())
-        .await
-        .map_err(|e| StartupError::Nats {
-            url: Config::redact_url(&url),
-            reason: e.to_string(),
-        })
-}
-
 /// Connects to Redis with a connection manager (reconnects on failure).
+///
+/// # Errors
+/// [`StartupError::Redis`] when the server cannot be reached or does not answer `PING`.
 pub async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, StartupError> {
     let err = |reason: String| StartupError::Redis {
         url: Config::redact_url(url),

@@ -3,7 +3,7 @@
 //! gone once ingest has committed and acked it); `{PREFIX}_EVENTS` keeps every
 //! `events.>` message for replay by consumers that were down (7 days, 1 GiB).
 
-use crate::startup::StartupError;
+use crate::connect::StartupError;
 use async_nats::jetstream::{self, stream};
 use std::time::Duration;
 use tanjiren_shared::subjects::Subjects;

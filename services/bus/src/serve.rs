@@ -12,10 +12,10 @@
 //! subscription is drained: what was received is finished and answered,
 //! nothing new is taken.
 
-use crate::auth::Authenticator;
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
-use crate::startup::{Connections, StartupError};
+use crate::auth::Authenticate;
+use crate::connect::StartupError;
+use crate::shutdown::{ServiceHandle, Shutdown};
+use crate::{Bus, ServeLimits};
 use async_nats::HeaderMap;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
@@ -23,7 +23,8 @@ use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tanjiren_ops::Metrics;
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, Reply, TextPolicy};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal};
@@ -103,15 +104,16 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    pub fn new(conns: &Connections, subject: String, queue_group: &str, access: Access) -> Self {
-        let batch_max = conns.config.batch_max;
+    /// Options for `subject` under `limits`, refusing NUL in text.
+    pub fn new(limits: &ServeLimits, subject: String, queue_group: &str, access: Access) -> Self {
+        let batch_max = limits.batch_max.max(1);
         Self {
             subject,
             queue_group: queue_group.to_string(),
             access,
             batch_max,
-            batch_max_bytes: conns.config.batch_max_bytes,
-            concurrent_batches: (conns.config.max_in_flight / batch_max).max(1),
+            batch_max_bytes: limits.batch_max_bytes,
+            concurrent_batches: (limits.max_in_flight / batch_max).max(1),
             text: TextPolicy::Refuse,
         }
     }
@@ -146,8 +148,8 @@ pub async fn subscriptions_live(nats: &async_nats::Client) -> Result<(), String>
 /// Subscribes and serves until `shutdown`; returns once the subscription is live.
 /// The returned handle finishes after the drain.
 pub async fn serve<Req, Resp, H, Fut>(
-    conns: &Connections,
-    auth: Authenticator,
+    bus: &Bus,
+    auth: Arc<dyn Authenticate>,
     opts: ServeOptions,
     handler: H,
     shutdown: Shutdown,
@@ -158,18 +160,18 @@ where
     H: Fn(Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
 {
-    let nats = conns.nats.clone();
-    let metrics = conns.metrics.clone();
+    let nats = bus.nats.clone();
+    let metrics = bus.metrics.clone();
     let mut sub = nats
         .queue_subscribe(opts.subject.clone(), opts.queue_group.clone())
         .await
         .map_err(|e| StartupError::Nats {
-            url: conns.config.nats_url.clone(),
+            url: bus.nats_url.clone(),
             reason: e.to_string(),
         })?;
     // Make sure the server has the subscription before we report it live.
     subscriptions_live(&nats).await.map_err(|reason| StartupError::Nats {
-        url: conns.config.nats_url.clone(),
+        url: bus.nats_url.clone(),
         reason,
     })?;
     let handler = Arc::new(handler);
@@ -193,6 +195,7 @@ where
                 }
             };
             let Some(first) = first else { break };
+            let received = Instant::now();
             let mut bytes = first.payload.len();
             let mut batch = vec![first];
             while batch.len() < opts.batch_max && bytes < opts.batch_max_bytes {
@@ -212,7 +215,13 @@ where
             let access = opts.access;
             let text = opts.text;
             tokio::spawn(async move {
-                process_batch(&nats, &auth, (access, text), &*handler, &metrics, &name, batch).await;
+                let served = Served {
+                    nats: &nats,
+                    metrics: &metrics,
+                    name: &name,
+                    received,
+                };
+                process_batch(&served, &*auth, (access, text), &*handler, batch).await;
                 drop(permit);
             });
         }
@@ -221,13 +230,21 @@ where
     }))
 }
 
+/// Where a batch's replies go and what they are counted against.
+struct Served<'a> {
+    nats: &'a async_nats::Client,
+    metrics: &'a Metrics,
+    /// The subject's short name (metric label).
+    name: &'a str,
+    /// When the batch's first request arrived.
+    received: Instant,
+}
+
 async fn process_batch<Req, Resp, H, Fut>(
-    nats: &async_nats::Client,
-    auth: &Authenticator,
+    served: &Served<'_>,
+    auth: &dyn Authenticate,
     (access, text): (Access, TextPolicy),
     handler: &H,
-    metrics: &Metrics,
-    name: &str,
     batch: Vec<async_nats::Message>,
 ) where
     Req: DeserializeOwned,
@@ -248,15 +265,11 @@ async fn process_batch<Req, Resp, H, Fut>(
                     encoding,
                 });
             }
-            Err(e) => respond::<Resp>(nats, metrics, name, reply_to, encoding, Err(e)).await,
+            Err(e) => respond::<Resp>(served, reply_to, encoding, Err(e)).await,
         }
     }
-    metrics.inc(
-        "tanjiren_batches_total",
-        "Handler calls (one database transaction each, at most).",
-        &[("subject", name)],
-        1,
-    );
+    served.metrics.batch(served.name);
+    let name = served.name;
     if accepted.is_empty() {
         return;
     }
@@ -278,12 +291,12 @@ async fn process_batch<Req, Resp, H, Fut>(
         }
     };
     for (p, r) in pending.into_iter().zip(results) {
-        respond(nats, metrics, name, p.reply, p.encoding, r).await;
+        respond(served, p.reply, p.encoding, r).await;
     }
 }
 
 async fn admit<Req: DeserializeOwned>(
-    auth: &Authenticator,
+    auth: &dyn Authenticate,
     access: Access,
     text: TextPolicy,
     msg: &async_nats::Message,
@@ -307,20 +320,14 @@ pub fn page_budget(nats: &async_nats::Client) -> usize {
 const HEADER_ROOM: usize = 256;
 
 async fn respond<Resp: Serialize>(
-    nats: &async_nats::Client,
-    metrics: &Metrics,
-    name: &str,
+    served: &Served<'_>,
     reply: Option<async_nats::Subject>,
     encoding: Encoding,
     result: Result<Resp, WireError>,
 ) {
+    let (nats, name) = (served.nats, served.name);
     let (body, outcome) = reply_body(encoding, result, nats.max_payload());
-    metrics.inc(
-        "tanjiren_requests_total",
-        "Requests answered, by subject and outcome.",
-        &[("subject", name), ("outcome", outcome)],
-        1,
-    );
+    served.metrics.request(name, outcome, served.received.elapsed());
     let Some(reply) = reply else { return };
     let sent = match encoding {
         Encoding::MsgPack => nats.publish(reply, body.into()).await,
@@ -372,51 +379,29 @@ fn short_name(subject: &str) -> String {
     }
 }
 
-/// Sends a request in MessagePack with a bearer token and decodes the reply.
-/// Transport failures become `unavailable` errors that say what was not answering.
-pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
-    nats: &async_nats::Client,
-    subject: &str,
-    token: &str,
-    request: &Req,
-    timeout: Duration,
-) -> Result<Resp, WireError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(AUTHORIZATION, format!("Bearer {token}").as_str());
-    let req = async_nats::Request::new()
-        .payload(Encoding::MsgPack.encode(request).into())
-        .headers(headers)
-        .timeout(Some(timeout));
-    let msg = nats.send_request(subject.to_string(), req).await.map_err(|e| {
-        use async_nats::client::RequestErrorKind as K;
-        match e.kind() {
-            K::NoResponders => WireError::unavailable(format!("no service is answering on {subject}; is it running?")),
-            K::TimedOut => WireError::unavailable(format!("no reply on {subject} within {timeout:?}")),
-            _ => WireError::unavailable(format!("request on {subject} failed: {e}")),
-        }
-    })?;
-    Encoding::MsgPack.decode::<Reply<Resp>>(&msg.payload)?.into_result()
-}
-
 /// Serves a service's subjects: each route is one subject, its access rule and its
-/// batch handler `fn(Connections, Vec<Incoming<Req>>) -> Vec<Result<Resp, WireError>>`,
-/// all in the service's queue group and stopped by one shutdown token.
-pub struct Router<'a> {
-    conns: &'a Connections,
-    auth: Authenticator,
+/// batch handler `fn(C, Vec<Incoming<Req>>) -> Vec<Result<Resp, WireError>>` (`C` is
+/// the service's context, cloned per batch), all in the service's queue group and
+/// stopped by one shutdown token.
+pub struct Router<C> {
+    bus: Bus,
+    auth: Arc<dyn Authenticate>,
+    ctx: C,
     queue_group: &'static str,
     shutdown: Shutdown,
-    handle: crate::ServiceHandle,
+    handle: ServiceHandle,
 }
 
-impl<'a> Router<'a> {
-    pub fn new(conns: &'a Connections, queue_group: &'static str, shutdown: Shutdown) -> Self {
+impl<C: Clone + Send + Sync + 'static> Router<C> {
+    /// A router serving on `bus`, authenticating with `auth`, handing `ctx` to handlers.
+    pub fn new(bus: Bus, auth: Arc<dyn Authenticate>, ctx: C, queue_group: &'static str, shutdown: Shutdown) -> Self {
         Self {
-            conns,
-            auth: Authenticator::new(conns.db.clone()),
+            bus,
+            auth,
+            ctx,
             queue_group,
             shutdown,
-            handle: crate::ServiceHandle::new(),
+            handle: ServiceHandle::new(),
         }
     }
 
@@ -430,7 +415,7 @@ impl<'a> Router<'a> {
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
-        H: Fn(Connections, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
+        H: Fn(C, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
     {
         self.route_with(subject, access, TextPolicy::Refuse, handler).await
@@ -448,17 +433,17 @@ impl<'a> Router<'a> {
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
-        H: Fn(Connections, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
+        H: Fn(C, Vec<Incoming<Req>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, WireError>>> + Send + 'static,
     {
-        let mut opts = ServeOptions::new(self.conns, subject, self.queue_group, access);
+        let mut opts = ServeOptions::new(&self.bus.limits, subject, self.queue_group, access);
         opts.text = text;
-        let conns = self.conns.clone();
+        let ctx = self.ctx.clone();
         let served = serve(
-            self.conns,
+            &self.bus,
             self.auth.clone(),
             opts,
-            move |batch| handler(conns.clone(), batch),
+            move |batch| handler(ctx.clone(), batch),
             self.shutdown.clone(),
         )
         .await?;
@@ -466,26 +451,27 @@ impl<'a> Router<'a> {
         Ok(())
     }
 
-    pub fn authenticator(&self) -> Authenticator {
+    /// The authenticator the routes use.
+    pub fn authenticator(&self) -> Arc<dyn Authenticate> {
         self.auth.clone()
     }
 
     /// The handle of everything routed so far.
-    pub fn into_handle(self) -> crate::ServiceHandle {
+    pub fn into_handle(self) -> ServiceHandle {
         self.handle
     }
 }
 
 /// Answers a batch one request at a time, in the caller's organisation: for
 /// handlers where folding requests into one statement buys nothing (reads).
-pub async fn each<Req, Resp>(
-    conns: &Connections,
+pub async fn each<C, Req, Resp>(
+    ctx: &C,
     batch: Vec<Incoming<Req>>,
-    handler: impl AsyncFn(&Connections, tanjiren_shared::ids::OrgId, &Req) -> Result<Resp, WireError>,
+    handler: impl AsyncFn(&C, tanjiren_shared::ids::OrgId, &Req) -> Result<Resp, WireError>,
 ) -> Vec<Result<Resp, WireError>> {
     let mut out = Vec::with_capacity(batch.len());
     for req in batch {
-        out.push(handler(conns, req.principal.org_id, &req.body).await);
+        out.push(handler(ctx, req.principal.org_id, &req.body).await);
     }
     out
 }

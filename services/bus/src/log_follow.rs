@@ -5,7 +5,7 @@
 //! ahead (a missed batch) triggers a stored read of what lies between. Used by
 //! `tanjiren task logs -f` and by the tests, so both exercise the same logic.
 
-use crate::bus::call;
+use crate::call::call;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -54,7 +54,7 @@ impl LogFollower<'_> {
                 .await
                 .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e.to_string()))?;
             // Live before the stored log is read, so nothing falls in the seam.
-            crate::bus::subscriptions_live(self.nats)
+            crate::serve::subscriptions_live(self.nats)
                 .await
                 .map_err(|e| WireError::new(tanjiren_shared::ErrorCode::Unavailable, e))?;
             Some(sub)

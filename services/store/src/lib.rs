@@ -1,0 +1,34 @@
+//! Persistence every Tanjiren service shares: the Postgres pool and migrations
+//! ([`db`]), the service context ([`Connections`], with Redis for the lease
+//! service), token authentication ([`auth`]), task creation ([`tasks`], the one
+//! path that inserts tasks, used by ingest and the scheduler), settling tasks
+//! whose steps ended ([`settle`]) and approval read models ([`approval_records`]).
+//! Each table's writes live in the service that owns it or here; decisions come
+//! from `tanjiren-shared`.
+
+pub mod approval_records;
+pub mod auth;
+pub mod connections;
+pub mod db;
+pub mod settle;
+pub mod tasks;
+
+pub use connections::{Connections, Needs};
+pub use tanjiren_bus::{Access, Incoming, ServiceHandle, Shutdown, StartupError, each};
+
+use tanjiren_shared::WireError;
+
+/// Maps a database error to a wire error: connection trouble is `unavailable`
+/// (retryable), anything else `internal`. Details go to the log, not the caller.
+pub fn db_error(e: sqlx::Error) -> WireError {
+    match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            tracing::warn!(error = %e, "database unavailable");
+            WireError::unavailable("the database is unavailable; retry later")
+        }
+        _ => {
+            tracing::error!(error = %e, "database error");
+            WireError::internal("internal database error")
+        }
+    }
+}

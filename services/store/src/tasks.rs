@@ -1,0 +1,516 @@
+//! Task creation: validate, resolve targets (by id or name) within the caller's
+//! organisation, and insert a whole batch of tasks `planned` in one statement.
+//! An idempotency key already used in the organisation returns the existing
+//! task (`created: false`) instead of making a second one — if the request is
+//! the same (its [`request_digest`] matches the stored task's); a different
+//! request under a used key is a `conflict` naming the task that holds it.
+//!
+//! This is the one path that creates tasks. Ingest's `tasks.create` and
+//! `tasks.submit` use [`create_tasks`]; the scheduler (schedule ticks, retries)
+//! runs the same two halves, [`prepare_tasks`] and [`insert_tasks`], inside its
+//! own transaction and then [`publish_planned`] after its commit.
+
+use crate::{Connections, db_error};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use std::collections::HashMap;
+use tanjiren_bus::events::publish_task_event;
+use tanjiren_shared::approvals::{RequestFacts, request_digest};
+use tanjiren_shared::config::Config;
+use tanjiren_shared::error::{ErrorDetails, quote};
+use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
+use tanjiren_shared::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
+use tanjiren_shared::protocol::{CreateTaskReply, Principal};
+use tanjiren_shared::{ErrorCode, WireError};
+use uuid::Uuid;
+
+/// A task validated and resolved within its organisation, ready to insert.
+#[derive(Clone, Debug)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub org_id: OrgId,
+    pub spec: TaskSpec,
+    pub targets: Vec<WorkstationId>,
+    timeout_secs: i64,
+    queue_timeout_secs: i64,
+    pub root_task_id: TaskId,
+    pub attempt: i32,
+    created_by: String,
+    created_by_token_id: Uuid,
+    /// The schedule whose tick this task is (set by the scheduler; retries keep it).
+    pub schedule_id: Option<Uuid>,
+}
+
+/// The limits a task spec is validated against under `config`.
+pub fn task_limits(config: &Config) -> TaskLimits {
+    TaskLimits {
+        max_command_bytes: config.max_command_bytes,
+        ..TaskLimits::default()
+    }
+}
+
+/// Creates every task it can; one result per request, in order.
+pub async fn create_tasks(
+    conns: &Connections,
+    requests: Vec<(Principal, TaskSpec)>,
+) -> Vec<Result<CreateTaskReply, WireError>> {
+    let prepared = match conns.db.acquire().await {
+        Ok(mut conn) => prepare_tasks(&mut conn, &conns.config, &requests).await,
+        Err(e) => Err(db_error(e)),
+    };
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut results: Vec<Option<Result<CreateTaskReply, WireError>>> = Vec::with_capacity(requests.len());
+    let mut rows = Vec::new();
+    for (index, p) in prepared.into_iter().enumerate() {
+        match p {
+            Ok(row) => {
+                rows.push((index, row));
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    if rows.is_empty() {
+        return results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect();
+    }
+
+    match insert(conns, &rows).await {
+        Ok(replies) => {
+            for (index, reply) in replies {
+                results[index] = Some(reply);
+            }
+        }
+        Err(e) if rows.len() > 1 && !e.code.is_retryable() => {
+            // One bad row must not fail its neighbours: insert them one by one.
+            for (index, row) in rows {
+                let r = insert(conns, &[(index, row)]).await.and_then(|mut v| v.remove(0).1);
+                results[index] = Some(r);
+            }
+        }
+        Err(e) => {
+            for (index, _) in &rows {
+                results[*index] = Some(Err(e.clone()));
+            }
+        }
+    }
+    let created: Vec<(OrgId, TaskId)> = results
+        .iter()
+        .zip(&requests)
+        .filter_map(|(r, (p, _))| match r {
+            Some(Ok(reply)) if reply.created => Some((p.org_id, reply.task_id)),
+            _ => None,
+        })
+        .collect();
+    publish_planned(conns, &created).await;
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed"))))
+        .collect()
+}
+
+/// Validates each request and resolves its targets and retry link, reading through
+/// `conn` (a pool connection, or the caller's transaction). One result per request,
+/// in order; the outer error is a database failure that affects them all.
+pub async fn prepare_tasks(
+    conn: &mut PgConnection,
+    config: &Config,
+    requests: &[(Principal, TaskSpec)],
+) -> Result<Vec<Result<NewTask, WireError>>, WireError> {
+    let limits = task_limits(config);
+    let results: Vec<Option<Result<NewTask, WireError>>> = requests
+        .iter()
+        .map(|(_, spec)| spec.validate(&limits).err().map(Err))
+        .collect();
+    let mut orgs = Vec::new();
+    let mut names = Vec::new();
+    let mut ids = Vec::new();
+    let mut retry_of = Vec::new();
+    for (i, (p, spec)) in requests.iter().enumerate() {
+        if results[i].is_some() {
+            continue;
+        }
+        orgs.push(p.org_id.as_uuid());
+        for t in &spec.targets {
+            match t.parse::<Uuid>() {
+                Ok(u) => ids.push(u),
+                Err(_) => names.push(t.clone()),
+            }
+        }
+        if let Some(r) = spec.retry_of_task_id {
+            retry_of.push(r.as_uuid());
+        }
+    }
+    if orgs.is_empty() {
+        return Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect());
+    }
+    let known: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))",
+    )
+    .bind(&orgs)
+    .bind(&ids)
+    .bind(&names)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut by_ref: HashMap<(Uuid, String), Uuid> = HashMap::with_capacity(known.len() * 2);
+    for (id, org, name) in known {
+        by_ref.insert((org, id.to_string()), id);
+        by_ref.insert((org, name), id);
+    }
+    let previous: HashMap<Uuid, (Uuid, Uuid, i32)> = if retry_of.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, Uuid, Uuid, i32)>(
+            "SELECT id, org_id, root_task_id, attempt FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&retry_of)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|(id, org, root, attempt)| (id, (org, root, attempt)))
+        .collect()
+    };
+
+    Ok(results
+        .into_iter()
+        .zip(requests)
+        .map(|(r, (p, spec))| r.unwrap_or_else(|| build_row(config, p, spec, &by_ref, &previous)))
+        .collect())
+}
+
+fn build_row(
+    config: &Config,
+    p: &Principal,
+    spec: &TaskSpec,
+    by_ref: &HashMap<(Uuid, String), Uuid>,
+    previous: &HashMap<Uuid, (Uuid, Uuid, i32)>,
+) -> Result<NewTask, WireError> {
+    let org = p.org_id.as_uuid();
+    let mut targets = Vec::with_capacity(spec.targets.len());
+    for t in &spec.targets {
+        let canonical = t.parse::<Uuid>().map(|u| u.to_string()).unwrap_or_else(|_| t.clone());
+        let id = by_ref
+            .get(&(org, canonical))
+            .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))?;
+        let id = WorkstationId::from(*id);
+        if targets.contains(&id) {
+            return Err(WireError::invalid(format!(
+                "targets: workstation `{t}` is listed more than once"
+            )));
+        }
+        targets.push(id);
+    }
+    let id = TaskId::new();
+    let (root_task_id, attempt) = match spec.retry_of_task_id {
+        None => (id, 1),
+        Some(prev) => match previous.get(&prev.as_uuid()) {
+            Some((prev_org, root, attempt)) if *prev_org == org => (TaskId::from(*root), attempt + 1),
+            _ => {
+                return Err(WireError::not_found(format!(
+                    "retry_of_task_id: no task {prev} in this organisation"
+                )));
+            }
+        },
+    };
+    Ok(NewTask {
+        id,
+        org_id: p.org_id,
+        spec: spec.clone(),
+        targets,
+        timeout_secs: spec.timeout_secs.unwrap_or(config.default_timeout_secs) as i64,
+        queue_timeout_secs: spec.queue_timeout_secs.unwrap_or(config.queue_timeout_secs) as i64,
+        root_task_id,
+        attempt,
+        created_by: p.token_name.clone(),
+        created_by_token_id: p.token_id,
+        schedule_id: None,
+    })
+}
+
+/// Inserts rows; returns one result per row (request index, reply): a row whose key
+/// is held by a task made from another request is a `conflict`. The insert is one
+/// statement and commits on its own (no BEGIN/COMMIT round trips); the look-up of
+/// keys held by other tasks reads only committed rows, so it needs no transaction either.
+async fn insert(
+    conns: &Connections,
+    rows: &[(usize, NewTask)],
+) -> Result<Vec<(usize, Result<CreateTaskReply, WireError>)>, WireError> {
+    let mut conn = conns.db.acquire().await.map_err(db_error)?;
+    let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
+    let outcomes = insert_rows(&mut conn, &tasks).await?;
+    Ok(rows
+        .iter()
+        .zip(outcomes)
+        .map(|((i, row), o)| {
+            let r = match o {
+                Inserted::Existing {
+                    reply,
+                    same_request: false,
+                } => Err(key_conflict(row, reply.task_id)),
+                Inserted::Created(reply) | Inserted::Existing { reply, .. } => Ok(reply),
+            };
+            (*i, r)
+        })
+        .collect())
+}
+
+/// `conflict`: `row`'s idempotency key already made `holder` from a different request.
+fn key_conflict(row: &NewTask, holder: TaskId) -> WireError {
+    WireError::conflict(format!(
+        "idempotency_key: `{}` already made task {holder} from a different request; \
+         repeat that request unchanged to get its task, or use a new key",
+        quote(row.spec.idempotency_key.as_deref().unwrap_or_default())
+    ))
+    .with_details(ErrorDetails { task_id: Some(holder) })
+}
+
+/// The [`request_digest`] of a row about to be inserted.
+fn row_digest(r: &NewTask) -> String {
+    request_digest(&RequestFacts {
+        intent: &r.spec.intent,
+        mode: &r.spec.mode,
+        targets: &r.targets,
+        timeout_secs: r.timeout_secs,
+        queue_timeout_secs: r.queue_timeout_secs,
+        retry_policy: r.spec.retry_policy.as_ref(),
+        investigation_id: r.spec.investigation_id,
+        retry_of_task_id: r.spec.retry_of_task_id,
+    })
+}
+
+/// What became of one row of [`insert_rows`].
+enum Inserted {
+    Created(CreateTaskReply),
+    /// The key was taken: the task holding it, and whether it was made from the same request.
+    Existing {
+        reply: CreateTaskReply,
+        same_request: bool,
+    },
+}
+
+/// Inserts `rows` `planned` in one statement inside the caller's transaction; one
+/// reply per row, in order. A row whose idempotency key is already used in its
+/// organisation is not inserted: its reply names the task holding the key
+/// (`created: false`). Publish with [`publish_planned`] after the commit.
+/// (The scheduler's keys — one per tick or failed task — only ever repeat a request.)
+pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<CreateTaskReply>, WireError> {
+    Ok(insert_rows(conn, rows)
+        .await?
+        .into_iter()
+        .map(|o| match o {
+            Inserted::Created(reply) | Inserted::Existing { reply, .. } => reply,
+        })
+        .collect())
+}
+
+/// A task holding an idempotency key, with what its request digest is made of.
+#[derive(sqlx::FromRow)]
+struct KeyHolder {
+    org_id: Uuid,
+    idempotency_key: String,
+    id: Uuid,
+    status: String,
+    approval_status: String,
+    intent: String,
+    payload: Json<Mode>,
+    targets: Vec<Uuid>,
+    timeout_secs: i64,
+    queue_timeout_secs: i64,
+    retry_policy: Option<Json<RetryPolicy>>,
+    investigation_id: Option<Uuid>,
+    retry_of_task_id: Option<Uuid>,
+}
+
+impl KeyHolder {
+    fn digest(&self) -> String {
+        let targets: Vec<WorkstationId> = self.targets.iter().copied().map(WorkstationId::from).collect();
+        request_digest(&RequestFacts {
+            intent: &self.intent,
+            mode: &self.payload.0,
+            targets: &targets,
+            timeout_secs: self.timeout_secs,
+            queue_timeout_secs: self.queue_timeout_secs,
+            retry_policy: self.retry_policy.as_ref().map(|p| &p.0),
+            investigation_id: self.investigation_id,
+            retry_of_task_id: self.retry_of_task_id.map(TaskId::from),
+        })
+    }
+}
+
+async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<Inserted>, WireError> {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut orgs = Vec::with_capacity(n);
+    let mut intents = Vec::with_capacity(n);
+    let mut modes = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut queue_timeouts = Vec::with_capacity(n);
+    let mut policies = Vec::with_capacity(n);
+    let mut investigations = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut retry_ofs = Vec::with_capacity(n);
+    let mut roots = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut creators = Vec::with_capacity(n);
+    let mut creator_ids = Vec::with_capacity(n);
+    let mut schedules = Vec::with_capacity(n);
+    for r in rows {
+        ids.push(r.id.as_uuid());
+        orgs.push(r.org_id.as_uuid());
+        intents.push(r.spec.intent.clone());
+        modes.push(r.spec.mode.name().to_string());
+        payloads.push(Json(serde_json::to_value(&r.spec.mode).expect("mode serialises")));
+        targets.push(r.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+        timeouts.push(r.timeout_secs);
+        queue_timeouts.push(r.queue_timeout_secs);
+        policies.push(
+            r.spec
+                .retry_policy
+                .as_ref()
+                .map(|p| Json(serde_json::to_value(p).expect("policy serialises"))),
+        );
+        investigations.push(r.spec.investigation_id);
+        keys.push(r.spec.idempotency_key.clone());
+        retry_ofs.push(r.spec.retry_of_task_id.map(|t| t.as_uuid()));
+        roots.push(r.root_task_id.as_uuid());
+        attempts.push(r.attempt);
+        creators.push(r.created_by.clone());
+        creator_ids.push(r.created_by_token_id);
+        schedules.push(r.schedule_id);
+    }
+    let inserted: Vec<(Uuid,)> = sqlx::query_as(
+        "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
+                            investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
+                            created_by_token_id, schedule_id)
+         SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
+                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                queue_timeout_secs, created_by_token_id, schedule_id
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
+                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
+                     $17::uuid[])
+              AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
+                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                   queue_timeout_secs, created_by_token_id, schedule_id)
+         ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&orgs)
+    .bind(&intents)
+    .bind(&modes)
+    .bind(&payloads)
+    .bind(&targets)
+    .bind(&timeouts)
+    .bind(&policies)
+    .bind(&investigations)
+    .bind(&keys)
+    .bind(&retry_ofs)
+    .bind(&roots)
+    .bind(&attempts)
+    .bind(&creators)
+    .bind(&queue_timeouts)
+    .bind(&creator_ids)
+    .bind(&schedules)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
+            WireError::invalid("a referenced task or workstation no longer exists")
+        }
+        _ => db_error(e),
+    })?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+
+    // Rows not inserted lost an idempotency-key conflict: answer with the task that holds the key.
+    let mut lookup_orgs = Vec::new();
+    let mut lookup_keys = Vec::new();
+    for r in rows {
+        if !inserted.contains(&r.id.as_uuid()) {
+            lookup_orgs.push(r.org_id.as_uuid());
+            lookup_keys.push(r.spec.idempotency_key.clone().expect("only keyed rows can conflict"));
+        }
+    }
+    let existing: HashMap<(Uuid, String), KeyHolder> = if lookup_keys.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, KeyHolder>(
+            "SELECT t.org_id, t.idempotency_key, t.id, t.status, t.approval_status, t.intent, t.payload, t.targets,
+                    t.timeout_secs, t.queue_timeout_secs, t.retry_policy, t.investigation_id, t.retry_of_task_id
+             FROM tasks t JOIN unnest($1::uuid[], $2::text[]) AS k(org_id, key)
+               ON t.org_id = k.org_id AND t.idempotency_key = k.key",
+        )
+        .bind(&lookup_orgs)
+        .bind(&lookup_keys)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|h| ((h.org_id, h.idempotency_key.clone()), h))
+        .collect()
+    };
+
+    let mut replies = Vec::with_capacity(n);
+    for r in rows {
+        let reply = if inserted.contains(&r.id.as_uuid()) {
+            Inserted::Created(CreateTaskReply {
+                task_id: r.id,
+                org_id: r.org_id,
+                status: TaskStatus::Planned,
+                approval_status: ApprovalStatus::Unevaluated,
+                created: true,
+            })
+        } else {
+            let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
+            let holder = existing
+                .get(&key)
+                .ok_or_else(|| WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"))?;
+            Inserted::Existing {
+                reply: CreateTaskReply {
+                    task_id: TaskId::from(holder.id),
+                    org_id: r.org_id,
+                    status: holder
+                        .status
+                        .parse()
+                        .map_err(|_| WireError::internal("bad stored status"))?,
+                    approval_status: holder
+                        .approval_status
+                        .parse()
+                        .map_err(|_| WireError::internal("bad stored approval status"))?,
+                    created: false,
+                },
+                same_request: holder.digest() == row_digest(r),
+            }
+        };
+        replies.push(reply);
+    }
+    Ok(replies)
+}
+
+/// After the commit: tells the approval service about every task created
+/// (`events.{org}.task.planned`); its sweep finds any whose event is lost.
+pub async fn publish_planned(conns: &Connections, created: &[(OrgId, TaskId)]) {
+    for (org, task) in created {
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            *org,
+            *task,
+            TaskStatus::Planned,
+            ApprovalStatus::Unevaluated,
+            None,
+        )
+        .await;
+    }
+}
