@@ -57,6 +57,9 @@ pub struct TestEnv {
     pub worker_token: String,
     /// Workstation credentials made by [`TestEnv::credential`], one per workstation.
     credentials: std::sync::Mutex<std::collections::HashMap<Uuid, String>>,
+    /// Set once [`TestEnv::finish`] removed everything; otherwise dropping the
+    /// environment (a test that panicked) removes it.
+    finished: bool,
 }
 
 fn base_url() -> String {
@@ -122,6 +125,7 @@ impl TestEnv {
             member_token,
             worker_token,
             credentials: Default::default(),
+            finished: false,
         }
     }
 
@@ -321,23 +325,90 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// Drops the database, the JetStream streams and the Redis keys of this environment.
-    pub async fn finish(self, running: Vec<Running>) {
+    /// Stops `running`, then drops the database, the JetStream streams, the Redis
+    /// keys and the credential directory of this environment.
+    pub async fn finish(mut self, running: Vec<Running>) {
         for r in running {
             r.stop().await;
         }
-        tanjiren_bus::streams::delete_streams(&self.conns.nats, &self.conns.subjects).await;
-        let mut redis = self.conns.redis();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.config.redis_key_prefix))
-            .query_async(&mut redis)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-        }
         self.conns.db.close().await;
-        let _ = std::fs::remove_dir_all(self.credential_dir());
+        self.leftovers().remove().await;
+        self.finished = true;
+    }
+
+    fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            config: self.config.clone(),
+            redis_url: self.config.redis_url.clone(),
+            redis_key_prefix: self.config.redis_key_prefix.clone(),
+            db_name: self.db_name.clone(),
+            credential_dir: self.credential_dir(),
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that panicked before [`TestEnv::finish`] still leaves nothing behind:
+    /// the clean-up runs on a thread of its own (this may be inside the test's runtime).
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let leftovers = self.leftovers();
+        let cleaned = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(30), leftovers.remove()).await;
+            });
+        });
+        let _ = cleaned.join();
+    }
+}
+
+/// What an environment created on the shared servers, to remove.
+/// It opens connections of its own: when a test's runtime is blocked dropping the
+/// environment, the connections that runtime drives cannot make progress.
+struct Leftovers {
+    config: Config,
+    redis_url: String,
+    redis_key_prefix: String,
+    db_name: String,
+    credential_dir: std::path::PathBuf,
+}
+
+impl Leftovers {
+    async fn remove(self) {
+        if let Ok(nats) = tanjiren_bus::connect_nats(&self.config, "tanjiren-tests-cleanup").await {
+            tanjiren_bus::streams::delete_streams(&nats, &self.config.subjects()).await;
+        }
+        if let Ok(mut redis) = tanjiren_store::connections::connect_redis(&self.redis_url).await {
+            // SCAN, not KEYS: KEYS blocks the shared server while it walks every key.
+            let pattern = format!("{}:*", self.redis_key_prefix);
+            let mut cursor = 0u64;
+            loop {
+                let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut redis)
+                    .await
+                else {
+                    break;
+                };
+                if !keys.is_empty() {
+                    let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.credential_dir);
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", base_url())).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",

@@ -93,6 +93,22 @@ impl Scope {
             .collect()
     }
 
+    /// [`Scope::members`] on a blocking thread: without a cgroup, finding a step's
+    /// processes reads `/proc/<pid>/stat` (and `environ`) of every process on the
+    /// machine, which must not stall the worker's async threads.
+    pub async fn members_off_thread(&self) -> Vec<Identity> {
+        let scope = self.clone();
+        tokio::task::spawn_blocking(move || scope.members())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// [`Scope::signal`] on a blocking thread (it scans `/proc` like [`Scope::members`]).
+    pub async fn signal_off_thread(&self, signal: i32) {
+        let scope = self.clone();
+        let _ = tokio::task::spawn_blocking(move || scope.signal(signal)).await;
+    }
+
     /// Sends `signal` to every process of the step (SIGKILL to a cgroup: all at once).
     pub fn signal(&self, signal: i32) {
         if signal == libc::SIGKILL
@@ -473,13 +489,13 @@ impl Containment {
             exclude: None,
         };
         // Without a cgroup, whatever the cookie and the verified guard/leader reach.
-        let mut found = scope.members();
+        let mut found = scope.members_off_thread().await;
         if cgroup.is_some() {
             let loose = Scope {
                 cgroup: None,
                 ..scope.clone()
             };
-            for m in loose.members() {
+            for m in loose.members_off_thread().await {
                 if !found.contains(&m) {
                     found.push(m);
                 }
@@ -519,11 +535,12 @@ impl Containment {
     }
 }
 
-/// SIGTERM to every scope, SIGKILL after `grace`; returns what is left after that.
-async fn stop_scopes(scopes: &[Scope], grace: Duration) -> Vec<Identity> {
-    let members = || -> Vec<Identity> {
+/// The live processes of all `scopes`, each once (read on a blocking thread).
+async fn members_of(scopes: &[Scope]) -> Vec<Identity> {
+    let scopes = scopes.to_vec();
+    tokio::task::spawn_blocking(move || {
         let mut all: Vec<Identity> = Vec::new();
-        for s in scopes {
+        for s in &scopes {
             for m in s.members() {
                 if !all.contains(&m) {
                     all.push(m);
@@ -531,19 +548,31 @@ async fn stop_scopes(scopes: &[Scope], grace: Duration) -> Vec<Identity> {
             }
         }
         all
-    };
-    scopes.iter().for_each(|s| s.signal(libc::SIGTERM));
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Sends `signal` to every process of all `scopes` (on a blocking thread).
+async fn signal_all(scopes: &[Scope], signal: i32) {
+    let scopes = scopes.to_vec();
+    let _ = tokio::task::spawn_blocking(move || scopes.iter().for_each(|s| s.signal(signal))).await;
+}
+
+/// SIGTERM to every scope, SIGKILL after `grace`; returns what is left after that.
+async fn stop_scopes(scopes: &[Scope], grace: Duration) -> Vec<Identity> {
+    signal_all(scopes, libc::SIGTERM).await;
     let until = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < until {
-        if members().is_empty() {
+        if members_of(scopes).await.is_empty() {
             return Vec::new();
         }
         tokio::time::sleep(POLL).await;
     }
     let until = tokio::time::Instant::now() + KILL_WAIT;
     loop {
-        scopes.iter().for_each(|s| s.signal(libc::SIGKILL));
-        let left = members();
+        signal_all(scopes, libc::SIGKILL).await;
+        let left = members_of(scopes).await;
         if left.is_empty() || tokio::time::Instant::now() >= until {
             return left;
         }
@@ -820,13 +849,13 @@ impl StepProcess {
     }
 
     /// Sends `signal` to every process of the step.
-    pub fn signal(&self, signal: i32) {
-        self.scope.signal(signal);
+    pub async fn signal(&self, signal: i32) {
+        self.scope.signal_off_thread(signal).await;
     }
 
     /// The step's live processes now.
-    pub fn members(&self) -> Vec<Identity> {
-        self.scope.members()
+    pub async fn members(&self) -> Vec<Identity> {
+        self.scope.members_off_thread().await
     }
 
     /// Ends the step's containment: closes the guard's socket (the guard stops
@@ -837,7 +866,7 @@ impl StepProcess {
         // Normally the step is empty by now and the guard exits at once. If processes
         // survived the worker's SIGKILL, the guard tries again on its own; the result
         // does not wait for that beyond a moment.
-        let settled = self.scope.members().is_empty();
+        let settled = self.scope.members_off_thread().await.is_empty();
         drop(self.link.take());
         if self.guard.is_some() {
             let limit = if settled {
@@ -854,7 +883,7 @@ impl StepProcess {
                 Err(_) => {}
             }
         }
-        let left = self.scope.members();
+        let left = self.scope.members_off_thread().await;
         if left.is_empty() {
             if let Some(c) = &self.scope.cgroup {
                 for _ in 0..40 {

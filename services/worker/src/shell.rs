@@ -145,7 +145,7 @@ impl ShellExecutor {
         stop_at_idle: &CancellationToken,
     ) {
         let pipes_closed = drain(pumps.as_mut(), PIPE_GRACE).await;
-        if pipes_closed && step.members().is_empty() {
+        if pipes_closed && step.members().await.is_empty() {
             return;
         }
         tracing::debug!(
@@ -167,7 +167,7 @@ impl ShellExecutor {
         mut pumps: Pin<&mut P>,
         stop_at_idle: &CancellationToken,
     ) {
-        step.signal(libc::SIGTERM);
+        step.signal(libc::SIGTERM).await;
         if !wait_until_gone(step, pumps.as_mut(), self.kill_grace, None).await {
             tracing::info!(
                 grace_ms = self.kill_grace.as_millis() as u64,
@@ -241,9 +241,9 @@ async fn wait_until_gone<P: FusedFuture<Output = ()>>(
     let until = Instant::now() + limit;
     loop {
         if let Some(signal) = resend {
-            step.signal(signal);
+            step.signal(signal).await;
         }
-        if step.has_ended() && step.members().is_empty() {
+        if step.has_ended() && step.members().await.is_empty() {
             return true;
         }
         if Instant::now() >= until {

@@ -9,6 +9,7 @@ mod artifacts;
 mod bad_input;
 mod docs_in_step;
 mod fencing;
+mod harness;
 mod idempotency;
 mod layout;
 mod lease_authority;
