@@ -33,7 +33,7 @@ fn main() {
     };
     let rounds = 50;
     for enc in [Encoding::MsgPack, Encoding::Json] {
-        let bytes = enc.encode(&batch);
+        let bytes = enc.encode(&batch).expect("the sample encodes");
         let time = |f: &dyn Fn() -> LogBatch| {
             let _ = f(); // warm up
             let start = Instant::now();

@@ -10,7 +10,7 @@
 use crate::doctrine::{ApprovalClass, MatchedRule, Verdict};
 use crate::error::{ErrorCode, WireError};
 use crate::ids::{OrgId, TaskId, WorkstationId};
-use crate::model::{Mode, Role, TaskSpec, TaskStatus, UnknownVariant};
+use crate::model::{Mode, Role, TaskSpec, TaskStatus, UnknownVariant, unknown_variant};
 use crate::secret::hash_secret;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,8 @@ pub fn payload_digest(intent: &str, mode: &Mode, targets: &[WorkstationId]) -> S
 /// What a decision did. Stored as text in `approvals.decision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum ApprovalDecision {
     Approved,
     Rejected,
@@ -152,37 +154,7 @@ pub enum ApprovalDecision {
     Expired,
 }
 
-impl ApprovalDecision {
-    pub const ALL: &'static [ApprovalDecision] = &[Self::Approved, Self::Rejected, Self::Expired];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Approved => "approved",
-            Self::Rejected => "rejected",
-            Self::Expired => "expired",
-        }
-    }
-}
-
-impl fmt::Display for ApprovalDecision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ApprovalDecision {
-    type Err = UnknownVariant;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .iter()
-            .find(|d| d.as_str() == s)
-            .copied()
-            .ok_or_else(|| UnknownVariant {
-                kind: "ApprovalDecision",
-                value: s.to_string(),
-            })
-    }
-}
+crate::model::text_enum!(ApprovalDecision);
 
 /// An approval token as stored, found by the hash of the presented clear text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -666,7 +638,10 @@ mod tests {
         }
         // On the wire a token is a plain string, in both encodings.
         for enc in [Encoding::MsgPack, Encoding::Json] {
-            assert_eq!(enc.decode::<DecideTaskRequest>(&enc.encode(&req)).unwrap(), req);
+            assert_eq!(
+                enc.decode::<DecideTaskRequest>(&enc.encode(&req).unwrap()).unwrap(),
+                req
+            );
         }
         let bad = br#"{"task_id":"01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c","approval_token":"nope"}"#;
         assert!(Encoding::Json.decode::<DecideTaskRequest>(bad).is_err());
@@ -919,7 +894,10 @@ mod tests {
         assert_eq!(json["approval_class"], "sensitive_write");
         assert_eq!(json["doctrine_version"], 3);
         for enc in [Encoding::MsgPack, Encoding::Json] {
-            assert_eq!(enc.decode::<ApprovalRequestedEvent>(&enc.encode(&e)).unwrap(), e);
+            assert_eq!(
+                enc.decode::<ApprovalRequestedEvent>(&enc.encode(&e).unwrap()).unwrap(),
+                e
+            );
         }
     }
 }

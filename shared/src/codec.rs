@@ -47,7 +47,13 @@ impl Encoding {
         }
     }
 
-    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Vec<u8> {
+    /// Encodes `value` in this encoding (MessagePack with named fields, or JSON).
+    ///
+    /// # Errors
+    /// `internal` when the value cannot be serialised (a map whose keys are not
+    /// strings, in JSON; a `Serialize` impl that fails). Never panics.
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, WireError> {
+        let failed = |e: &dyn std::fmt::Display| WireError::internal(format!("cannot encode the message: {e}"));
         match self {
             // Named fields: positional arrays would break every reader when a field is added.
             // Human-readable: ids travel as strings, as in JSON, so any client can read and write them.
@@ -56,12 +62,10 @@ impl Encoding {
                 let mut ser = rmp_serde::Serializer::new(&mut buf)
                     .with_struct_map()
                     .with_human_readable();
-                value
-                    .serialize(&mut ser)
-                    .expect("msgpack encoding of an in-memory value");
-                buf
+                value.serialize(&mut ser).map_err(|e| failed(&e))?;
+                Ok(buf)
             }
-            Encoding::Json => serde_json::to_vec(value).expect("json encoding of an in-memory value"),
+            Encoding::Json => serde_json::to_vec(value).map_err(|e| failed(&e)),
         }
     }
 
@@ -442,7 +446,7 @@ mod tests {
             added_later: None,
         };
         for enc in [Encoding::MsgPack, Encoding::Json] {
-            let bytes = enc.encode(&v);
+            let bytes = enc.encode(&v).unwrap();
             assert_eq!(enc.decode::<Sample>(&bytes).unwrap(), v);
         }
     }
@@ -454,10 +458,12 @@ mod tests {
             count: u32,
             name: String,
         }
-        let bytes = Encoding::MsgPack.encode(&Old {
-            count: 7,
-            name: "n".into(),
-        });
+        let bytes = Encoding::MsgPack
+            .encode(&Old {
+                count: 7,
+                name: "n".into(),
+            })
+            .unwrap();
         let v: Sample = Encoding::MsgPack.decode(&bytes).unwrap();
         assert_eq!(
             v,
@@ -476,7 +482,7 @@ mod tests {
             task_id: TaskId,
         }
         let v = WithId { task_id: TaskId::new() };
-        let bytes = Encoding::MsgPack.encode(&v);
+        let bytes = Encoding::MsgPack.encode(&v).unwrap();
         // A plain MessagePack reader sees a map with a string id.
         let generic: rmpv_like::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(generic.0.get("task_id").unwrap(), &v.task_id.to_string());
@@ -530,7 +536,9 @@ mod tests {
             serde_json::to_string(&err).unwrap(),
             r#"{"error":{"code":"not_found","message":"no such task"}}"#
         );
-        let back: Reply<u32> = Encoding::MsgPack.decode(&Encoding::MsgPack.encode(&err)).unwrap();
+        let back: Reply<u32> = Encoding::MsgPack
+            .decode(&Encoding::MsgPack.encode(&err).unwrap())
+            .unwrap();
         assert_eq!(back, err);
     }
 }

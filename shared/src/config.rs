@@ -27,7 +27,8 @@ pub struct Config {
     pub log_format: String,
     /// A tracing filter, e.g. `info` or `tanjiren=debug,info`.
     pub log_level: String,
-    /// Postgres connections per service process.
+    /// Postgres connections of a service process's hot pool (the statements on every
+    /// task's path); its default pool (reads, sweeps, migrations) gets half as many, at least 2.
     pub db_max_connections: u32,
     /// Most requests one service folds into one database transaction.
     pub batch_max: usize,

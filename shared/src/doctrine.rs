@@ -18,12 +18,10 @@
 //! ]}
 //! ```
 
-use crate::model::{Mode, UnknownVariant, validate_workstation_name};
+use crate::model::{Mode, UnknownVariant, unknown_variant, validate_workstation_name};
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::str::FromStr;
 
 /// Most rules one doctrine may hold.
 pub const MAX_RULES: usize = 500;
@@ -42,6 +40,8 @@ pub const ANY_LABEL_VALUE: &str = "*";
 /// How much human scrutiny a task needs. Ordered: a higher class is stricter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum ApprovalClass {
     /// No approval needed: the task is queued at once.
     None,
@@ -49,44 +49,12 @@ pub enum ApprovalClass {
     ProductionMutation,
 }
 
+crate::model::text_enum!(ApprovalClass);
+
 impl ApprovalClass {
-    pub const ALL: &'static [ApprovalClass] = &[
-        ApprovalClass::None,
-        ApprovalClass::SensitiveWrite,
-        ApprovalClass::ProductionMutation,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ApprovalClass::None => "none",
-            ApprovalClass::SensitiveWrite => "sensitive_write",
-            ApprovalClass::ProductionMutation => "production_mutation",
-        }
-    }
-
     /// Whether a task of this class waits for a decision.
     pub fn requires_approval(&self) -> bool {
         *self != ApprovalClass::None
-    }
-}
-
-impl fmt::Display for ApprovalClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ApprovalClass {
-    type Err = UnknownVariant;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .iter()
-            .find(|c| c.as_str() == s)
-            .copied()
-            .ok_or_else(|| UnknownVariant {
-                kind: "ApprovalClass",
-                value: s.to_string(),
-            })
     }
 }
 

@@ -5,36 +5,27 @@
 use crate::error::WireError;
 use crate::ids::TaskId;
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
-/// Generates `as_str`, `Display`, `FromStr` (with a typed error) for a snake_case enum.
+/// `ALL` (every variant, in declaration order) and `as_str` (the snake_case text it
+/// is stored and sent as) for an enum that derives strum's `IntoStaticStr` and
+/// `VariantArray` (see [`UnknownVariant`] for the derive set). `Display` and
+/// `FromStr` come from strum's derives; serde's `rename_all = "snake_case"` spells
+/// the same text (tested below for every enum).
 macro_rules! text_enum {
-    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+    ($($name:ident),+ $(,)?) => {
+        $(impl $name {
+            pub const ALL: &'static [$name] = <$name as strum::VariantArray>::VARIANTS;
             pub fn as_str(&self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
+                self.into()
             }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-        impl FromStr for $name {
-            type Err = UnknownVariant;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(UnknownVariant { kind: stringify!($name), value: other.to_string() }),
-                }
-            }
-        }
+        })+
     };
 }
+pub(crate) use text_enum;
 
-/// A string that names no variant of a status enum.
+/// A string that names no variant of a text enum. Every such enum derives
+/// `strum::{Display, EnumString, IntoStaticStr, VariantArray}` with
+/// `#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {kind} `{value}`")]
 pub struct UnknownVariant {
@@ -42,9 +33,22 @@ pub struct UnknownVariant {
     pub value: String,
 }
 
+/// The [`UnknownVariant`] for text `value` that names no variant of `T`.
+pub fn unknown_variant<T>(value: &str) -> UnknownVariant {
+    let full = std::any::type_name::<T>();
+    UnknownVariant {
+        kind: full.rsplit("::").next().unwrap_or(full),
+        value: value.to_string(),
+    }
+}
+
+text_enum!(TaskStatus, ApprovalStatus, StepStatus, Role, FailureReason);
+
 /// The six lifecycle states; the last three are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum TaskStatus {
     Planned,
     Queued,
@@ -53,7 +57,6 @@ pub enum TaskStatus {
     Failed,
     Cancelled,
 }
-text_enum!(TaskStatus { Planned => "planned", Queued => "queued", Executing => "executing", Completed => "completed", Failed => "failed", Cancelled => "cancelled" });
 
 impl TaskStatus {
     pub fn is_terminal(&self) -> bool {
@@ -64,6 +67,8 @@ impl TaskStatus {
 /// Where a task stands with respect to doctrine approval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum ApprovalStatus {
     /// Doctrine has not been evaluated yet (the task was just planned).
     Unevaluated,
@@ -73,11 +78,12 @@ pub enum ApprovalStatus {
     Rejected,
     Expired,
 }
-text_enum!(ApprovalStatus { Unevaluated => "unevaluated", NotRequired => "not_required", Pending => "pending", Approved => "approved", Rejected => "rejected", Expired => "expired" });
 
 /// A step's own state: one workstation's share of an execution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum StepStatus {
     Queued,
     Executing,
@@ -85,7 +91,6 @@ pub enum StepStatus {
     Failed,
     Cancelled,
 }
-text_enum!(StepStatus { Queued => "queued", Executing => "executing", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
 
 impl StepStatus {
     pub fn is_terminal(&self) -> bool {
@@ -96,6 +101,8 @@ impl StepStatus {
 /// Roles carried by an API token, per organisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum Role {
     /// A workstation agent: may register, claim, heartbeat and report; nothing else.
     Worker,
@@ -103,11 +110,12 @@ pub enum Role {
     Admin,
     Owner,
 }
-text_enum!(Role { Worker => "worker", Member => "member", Admin => "admin", Owner => "owner" });
 
 /// Why a step or task ended unsuccessfully. Stored as text in `failure_reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum FailureReason {
     /// The command exited non-zero.
     NonZeroExit,
@@ -126,7 +134,6 @@ pub enum FailureReason {
     /// Nobody decided before the approval deadline.
     ApprovalExpired,
 }
-text_enum!(FailureReason { NonZeroExit => "non_zero_exit", Timeout => "timeout", CannotStart => "cannot_start", LeaseExpired => "lease_expired", Unsupported => "unsupported", QueueTimeout => "queue_timeout", Rejected => "rejected", ApprovalExpired => "approval_expired" });
 
 impl FailureReason {
     /// Whether a worker may report this reason in a step result. The others
@@ -606,5 +613,46 @@ mod tests {
         assert!(validate_workstation_name("").is_err());
         assert!(validate_workstation_name("a b").is_err());
         assert!(validate_workstation_name("a.>").is_err());
+    }
+}
+
+#[cfg(test)]
+mod text_tests {
+    use crate::approvals::ApprovalDecision;
+    use crate::doctrine::ApprovalClass;
+    use crate::model::*;
+    use crate::schedules::{OverlapPolicy, TickOutcome};
+
+    /// Every text enum: `as_str`, `Display`, serde and `FromStr` agree, and an
+    /// unknown text is an error naming the enum.
+    macro_rules! agree {
+        ($($name:ident),+) => {$(
+            assert!(!$name::ALL.is_empty());
+            for v in $name::ALL {
+                let text = v.as_str();
+                assert_eq!(v.to_string(), text);
+                assert_eq!(serde_json::to_value(v).unwrap(), serde_json::Value::from(text), "{}", stringify!($name));
+                assert_eq!(text.parse::<$name>().unwrap(), *v);
+            }
+            let e = "no_such_thing".parse::<$name>().unwrap_err();
+            assert_eq!(e.to_string(), format!("unknown {} `no_such_thing`", stringify!($name)));
+        )+};
+    }
+
+    #[test]
+    fn strum_and_serde_spell_every_variant_alike() {
+        agree!(
+            TaskStatus,
+            ApprovalStatus,
+            StepStatus,
+            Role,
+            FailureReason,
+            ApprovalDecision,
+            ApprovalClass,
+            OverlapPolicy,
+            TickOutcome
+        );
+        assert_eq!(FailureReason::NonZeroExit.as_str(), "non_zero_exit");
+        assert_eq!(ApprovalStatus::NotRequired.as_str(), "not_required");
     }
 }

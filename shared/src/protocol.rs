@@ -643,7 +643,7 @@ mod tests {
             timeout_secs: 60,
         };
         for enc in [Encoding::MsgPack, Encoding::Json] {
-            assert_eq!(enc.decode::<Assignment>(&enc.encode(&a)).unwrap(), a);
+            assert_eq!(enc.decode::<Assignment>(&enc.encode(&a).unwrap()).unwrap(), a);
         }
         let json = serde_json::to_value(&a).unwrap();
         assert_eq!(json["mode"], "command");

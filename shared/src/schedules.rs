@@ -3,19 +3,20 @@
 //! create request that needs no database (names, template, cron, zone, limits).
 //! Field names are the snake_case wire names documented in `docs/protocol.md` §13–14.
 
+use crate::cron_rules::{CronExpr, parse_zone};
 use crate::error::WireError;
 use crate::ids::{OrgId, ScheduleId, TaskId};
 use crate::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
-use crate::schedule::{CronExpr, parse_zone};
+use crate::model::{UnknownVariant, unknown_variant};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
 /// What a due tick does while the schedule's previous task is still live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum OverlapPolicy {
     /// No new task while an earlier one from this schedule is planned, queued,
     /// executing or waiting for its automatic retry; the tick is `skipped_overlap`.
@@ -28,6 +29,8 @@ pub enum OverlapPolicy {
 /// How a tick ended, one ledger row each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
 pub enum TickOutcome {
     /// A task was created for the tick (its id is in the row).
     Fired,
@@ -39,31 +42,7 @@ pub enum TickOutcome {
     Failed,
 }
 
-macro_rules! text {
-    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $name {
-            pub fn as_str(&self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-        impl FromStr for $name {
-            type Err = crate::model::UnknownVariant;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(crate::model::UnknownVariant { kind: stringify!($name), value: other.to_string() }),
-                }
-            }
-        }
-    };
-}
-text!(OverlapPolicy { Skip => "skip", Allow => "allow" });
-text!(TickOutcome { Fired => "fired", SkippedOverlap => "skipped_overlap", Missed => "missed", Failed => "failed" });
+crate::model::text_enum!(OverlapPolicy, TickOutcome);
 
 /// The task a schedule creates on each tick: a `TaskSpec` without the fields the
 /// scheduler sets itself (`idempotency_key`, `retry_of_task_id`).
@@ -361,7 +340,10 @@ mod tests {
         assert!(r.enabled);
         assert_eq!((r.overlap, r.catch_up_ticks), (OverlapPolicy::Skip, 1));
         for enc in [Encoding::MsgPack, Encoding::Json] {
-            assert_eq!(enc.decode::<CreateScheduleRequest>(&enc.encode(&r)).unwrap(), r);
+            assert_eq!(
+                enc.decode::<CreateScheduleRequest>(&enc.encode(&r).unwrap()).unwrap(),
+                r
+            );
         }
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["template"]["mode"], "command");

@@ -88,7 +88,7 @@ pub(crate) async fn evaluate_planned(
     which: Sweep<'_>,
     now: Option<DateTime<Utc>>,
 ) -> Result<Evaluated, WireError> {
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let rows: Vec<Planned> = match which {
         Sweep::Tasks(ids) => {
             let ids: Vec<Uuid> = ids.iter().map(|t| t.as_uuid()).collect();

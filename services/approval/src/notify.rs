@@ -4,27 +4,18 @@
 //! truth (`approvals.pending`, `approvals.list`). No token is ever published.
 
 use tanjiren_shared::approvals::{ApprovalDecidedEvent, ApprovalRequestedEvent};
-use tanjiren_shared::codec::Encoding;
 use tanjiren_store::Connections;
 
 pub(crate) async fn approval_requested(conns: &Connections, event: &ApprovalRequestedEvent) {
     let subject = conns.subjects.approval_requested(event.org_id);
-    if let Err(e) = conns
-        .nats
-        .publish(subject, Encoding::MsgPack.encode(event).into())
-        .await
-    {
+    if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, event).await {
         tracing::warn!(task_id = %event.task_id, error = %e, "could not publish approval requested event");
     }
 }
 
 pub(crate) async fn approval_decided(conns: &Connections, event: &ApprovalDecidedEvent) {
     let subject = conns.subjects.approval_decided(event.org_id);
-    if let Err(e) = conns
-        .nats
-        .publish(subject, Encoding::MsgPack.encode(event).into())
-        .await
-    {
+    if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, event).await {
         tracing::warn!(task_id = %event.approval.task_id, error = %e, "could not publish approval decided event");
     }
 }

@@ -7,7 +7,6 @@
 use sqlx::{Postgres, Transaction};
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{ExecutionId, OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::Assignment;
@@ -102,11 +101,7 @@ impl Materialised {
     pub(crate) async fn dispatch(self, conns: &Connections) {
         for (org, ws, assignment) in self.dispatches {
             let subject = conns.subjects.dispatch(org, ws);
-            if let Err(e) = conns
-                .nats
-                .publish(subject, Encoding::MsgPack.encode(&assignment).into())
-                .await
-            {
+            if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, &assignment).await {
                 tracing::warn!(error = %e, step = %assignment.step_id, "dispatch failed; the scheduler will send it again");
             }
         }

@@ -21,7 +21,7 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     let mut headers = HeaderMap::new();
     headers.insert(AUTHORIZATION, format!("Bearer {token}").as_str());
     let req = async_nats::Request::new()
-        .payload(Encoding::MsgPack.encode(request).into())
+        .payload(Encoding::MsgPack.encode(request)?.into())
         .headers(headers)
         .timeout(Some(timeout));
     let msg = nats.send_request(subject.to_string(), req).await.map_err(|e| {

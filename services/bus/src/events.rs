@@ -3,7 +3,6 @@
 //! re-derived by the sweeps that read Postgres, so publishing never blocks a commit.
 
 use chrono::Utc;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_shared::protocol::TaskEventMessage;
@@ -27,10 +26,7 @@ pub async fn publish_task_event(
         failure_reason,
         at: Utc::now(),
     };
-    if let Err(e) = nats
-        .publish(subjects.event(org_id, status), Encoding::MsgPack.encode(&msg).into())
-        .await
-    {
+    if let Err(e) = crate::publish(nats, subjects.event(org_id, status), &msg).await {
         tracing::warn!(%task_id, error = %e, "could not publish task event");
     }
 }

@@ -26,8 +26,35 @@ pub use serve::{Access, Incoming, Router, ServeOptions, each, serve};
 pub use shutdown::{ServiceHandle, Shutdown};
 pub use tanjiren_ops::Metrics;
 
+use serde::Serialize;
+use tanjiren_shared::WireError;
+use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::subjects::Subjects;
+
+/// Why [`publish`] did not hand a message to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot encode the message: {0}")]
+    Encode(WireError),
+    #[error(transparent)]
+    Send(#[from] async_nats::PublishError),
+}
+
+/// Publishes `value` in MessagePack on `subject`, fire and forget (core NATS: the
+/// publishers that need delivery re-derive it from Postgres, see each caller).
+///
+/// # Errors
+/// [`PublishError`]: the value cannot be encoded, or the client cannot queue it.
+pub async fn publish<T: Serialize + ?Sized>(
+    nats: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    value: &T,
+) -> Result<(), PublishError> {
+    let body = Encoding::MsgPack.encode(value).map_err(PublishError::Encode)?;
+    nats.publish(subject, body.into()).await?;
+    Ok(())
+}
 
 /// How much a served subject takes at once (from the configuration's
 /// `batch_max`, `batch_max_bytes` and `max_in_flight`).

@@ -354,7 +354,15 @@ pub fn reply_body<Resp: Serialize>(
         Ok(_) => "ok",
         Err(e) => e.code.as_str(),
     };
-    let body = encoding.encode(&Reply::from(result));
+    // A reply that cannot be encoded becomes an `internal` error reply; a plain
+    // error always encodes, so the caller still gets exactly one reply.
+    let (body, outcome) = match encoding.encode(&Reply::from(result)) {
+        Ok(body) => (body, outcome),
+        Err(e) => {
+            tracing::error!(error = %e, "a reply could not be encoded");
+            (encode_error(encoding, e.clone()), e.code.as_str())
+        }
+    };
     let limit = max_payload.saturating_sub(HEADER_ROOM);
     if body.len() <= limit {
         return (body, outcome);
@@ -364,7 +372,12 @@ pub fn reply_body<Resp: Serialize>(
          narrow the request (a smaller `limit`, the next page, a filter)",
         body.len()
     ));
-    (encoding.encode(&Reply::<()>::Error(e)), ErrorCode::TooLarge.as_str())
+    (encode_error(encoding, e), ErrorCode::TooLarge.as_str())
+}
+
+/// An error reply; a `WireError` always encodes (strings and a code).
+fn encode_error(encoding: Encoding, e: WireError) -> Vec<u8> {
+    encoding.encode(&Reply::<()>::Error(e)).unwrap_or_default()
 }
 
 fn header<'a>(msg: &'a async_nats::Message, name: &str) -> Option<&'a str> {
@@ -479,6 +492,21 @@ pub async fn each<C, Req, Resp>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_that_cannot_be_encoded_becomes_an_internal_error_not_a_panic() {
+        // JSON cannot have a map with tuple keys.
+        let unencodable: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let (body, outcome) = reply_body(Encoding::Json, Ok::<_, WireError>(unencodable), 1 << 20);
+        assert_eq!(outcome, "internal");
+        let e = Encoding::Json
+            .decode::<Reply<serde_json::Value>>(&body)
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(e.message.contains("cannot encode"), "{}", e.message);
+    }
 
     #[test]
     fn a_reply_over_the_servers_limit_becomes_too_large() {

@@ -228,7 +228,7 @@ async fn worker_add_batch(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let steps: HashMap<Uuid, StepOwner> = sqlx::query_as::<_, StepOwner>(
         "SELECT s.id, s.org_id, s.task_id, s.workstation_id, s.lease_generation, s.lease_owner, s.status,
                 t.root_task_id, t.investigation_id

@@ -12,7 +12,6 @@ use std::collections::{HashMap, HashSet};
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{TaskEvent, TransitionError, transition};
 use tanjiren_shared::model::TaskStatus;
@@ -135,7 +134,7 @@ async fn cancel(
             step_id: StepId::from(*step),
         };
         let subject = conns.subjects.control(OrgId::from(*org), WorkstationId::from(*ws));
-        if let Err(e) = conns.nats.publish(subject, Encoding::MsgPack.encode(&msg).into()).await {
+        if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, &msg).await {
             tracing::warn!(%step, error = %e, "could not send cancel; the worker will learn at its next heartbeat");
         }
         *signalled.entry(*task).or_default() += 1;

@@ -149,11 +149,7 @@ async fn report(
     };
     count(conns, outcome.error.as_ref().map(|e| e.code.as_str()).unwrap_or("ok"));
     let subject = conns.subjects.submit_outcome(principal.org_id);
-    if let Err(e) = conns
-        .nats
-        .publish(subject, Encoding::MsgPack.encode(&outcome).into())
-        .await
-    {
+    if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, &outcome).await {
         tracing::warn!(error = %e, "could not publish submit outcome");
     }
 }

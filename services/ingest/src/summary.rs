@@ -213,7 +213,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
          WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing') AND s.found IS NULL",
     )
     .bind(task_ids)
-    .fetch_all(&conns.db)
+    .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
     if tasks.is_empty() {
@@ -227,7 +227,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
          WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.id",
     )
     .bind(&ids)
-    .fetch_all(&conns.db)
+    .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
     let errors: Vec<(Uuid, Option<String>, i64, String)> = sqlx::query_as(
@@ -241,7 +241,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
     )
     .bind(&ids)
     .bind(SUMMARY_TOP_ERRORS as i64)
-    .fetch_all(&conns.db)
+    .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
 
@@ -301,5 +301,5 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             created_by: AUTHOR.into(),
         });
     }
-    Ok(insert(&conns.db, new).await?.len())
+    Ok(insert(&conns.hot, new).await?.len())
 }

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_ops::metrics::Count;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
 use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
@@ -64,7 +63,7 @@ async fn register_one(
         .bind(org.as_uuid())
         .bind(labels)
         .bind(&req.name)
-        .fetch_optional(&conns.db)
+        .fetch_optional(&conns.hot)
         .await
         .map_err(db_error)?;
         return match updated {
@@ -103,7 +102,7 @@ async fn register_one(
     .bind(labels)
     .bind(credential_id)
     .bind(credential.hash())
-    .fetch_one(&conns.db)
+    .fetch_one(&conns.hot)
     .await
     .map_err(db_error)?;
     tracing::info!(workstation = %req.name, workstation_id = %id, by = %principal.token_name, "workstation enrolled; credential issued");
@@ -246,7 +245,7 @@ async fn store_logs(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     // FOR UPDATE (not SHARE): the byte count of the cap is read and written here.
     let mut log_steps: HashMap<Uuid, LogStep> = sqlx::query_as::<_, LogStep>(
         "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status, log_bytes, log_truncated
@@ -364,11 +363,7 @@ async fn store_logs(
                 step_id: req.body.step_id,
                 lines,
             };
-            if let Err(e) = conns
-                .nats
-                .publish(subject.clone(), Encoding::MsgPack.encode(&live).into())
-                .await
-            {
+            if let Err(e) = tanjiren_bus::publish(&conns.nats, subject.clone(), &live).await {
                 tracing::debug!(error = %e, "could not publish a live log batch; tails read it from storage");
             }
         }
@@ -437,7 +432,7 @@ async fn store_progress(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     // Lock order everywhere: task rows, then step rows, each by id. Locking the task
     // serialises the "was that the last step?" decision between concurrent results.
     let task_ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT task_id FROM steps WHERE id = ANY($1)")

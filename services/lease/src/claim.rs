@@ -86,7 +86,7 @@ async fn claim(
     .bind(&orgs)
     .bind(ttl_ms as f64)
     .bind(&stations)
-    .fetch_all(&conns.db)
+    .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
     let mut started: Vec<(Uuid, Uuid, String)> = won
@@ -145,7 +145,7 @@ async fn claim(
              FROM steps s WHERE s.id = ANY($1)",
         )
         .bind(&lost)
-        .fetch_all(&conns.db)
+        .fetch_all(&conns.hot)
         .await
         .map_err(db_error)?
         .into_iter()

@@ -112,7 +112,7 @@ async fn heartbeat(
             .bind(&wss)
             .bind(ttl_ms as f64)
             .bind(&seen)
-            .fetch_all(&conns.db)
+            .fetch_all(&conns.hot)
             .await
             .map_err(db_error)?
             .into_iter()
@@ -149,7 +149,7 @@ async fn heartbeat(
              FROM steps WHERE id = ANY($1)",
         )
         .bind(&refused)
-        .fetch_all(&conns.db)
+        .fetch_all(&conns.hot)
         .await
         .map_err(db_error)?
         .into_iter()
@@ -298,7 +298,7 @@ async fn offers(conns: &Connections, ws: &[Uuid], cap: &[i64]) -> Result<HashMap
     )
     .bind(ws)
     .bind(cap)
-    .fetch_all(&conns.db)
+    .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
     for (ws, step, task, generation, mode, timeout) in rows {

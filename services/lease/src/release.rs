@@ -84,7 +84,7 @@ async fn release(
         .bind(&gens)
         .bind(&owners)
         .bind(&wss)
-        .fetch_all(&conns.db)
+        .fetch_all(&conns.hot)
         .await
         .map_err(db_error)?
         .into_iter()
@@ -184,7 +184,7 @@ async fn end_cancelled(conns: &Connections, steps: &[(usize, &Before)]) -> Resul
         .into_iter()
         .collect();
     let (ids, gens): (Vec<Uuid>, Vec<i64>) = steps.iter().map(|(_, b)| (b.id, b.lease_generation)).unzip();
-    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let tasks = lock_tasks(&mut tx, &task_ids).await?;
     let ended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
         "UPDATE steps s SET status = 'cancelled', finished_at = now(),

@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use std::time::Instant;
 use tanjiren_scheduler::Scheduler;
 use tanjiren_shared::config::Config;
-use tanjiren_shared::schedule::CronExpr;
+use tanjiren_shared::cron_rules::CronExpr;
 use tanjiren_store::Connections;
 use tanjiren_store::Needs;
 use uuid::Uuid;

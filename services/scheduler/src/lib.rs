@@ -30,7 +30,6 @@ use std::time::Duration;
 use tanjiren_bus::periodic::{self, Pace};
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
-use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::{Mode, Role};
 use tanjiren_shared::protocol::{Assignment, Principal};
@@ -196,12 +195,7 @@ impl Scheduler {
                     .conns
                     .subjects
                     .dispatch(OrgId::from(d.org_id), WorkstationId::from(d.workstation_id));
-                if let Err(e) = self
-                    .conns
-                    .nats
-                    .publish(subject, Encoding::MsgPack.encode(&a).into())
-                    .await
-                {
+                if let Err(e) = tanjiren_bus::publish(&self.conns.nats, subject, &a).await {
                     tracing::warn!(%step, error = %e, "re-dispatch failed; next tick retries");
                 }
             }

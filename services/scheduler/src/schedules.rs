@@ -9,9 +9,9 @@ use sqlx::types::Json;
 use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::{fit_page, json_size};
+use tanjiren_shared::cron_rules::{CronExpr, parse_zone};
 use tanjiren_shared::ids::{OrgId, ScheduleId, TaskId};
 use tanjiren_shared::protocol::Principal;
-use tanjiren_shared::schedule::{CronExpr, parse_zone};
 use tanjiren_shared::schedules::{
     CreateScheduleRequest, DeleteScheduleReply, GetScheduleRequest, ListSchedulesReply, ListSchedulesRequest,
     ScheduleDetail, ScheduleRef, ScheduleTick, ScheduleView, TaskTemplate, TickCounts,

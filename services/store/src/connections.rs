@@ -16,7 +16,11 @@ pub struct Connections {
     pub config: Config,
     pub subjects: Subjects,
     pub nats: async_nats::Client,
+    /// The default pool: Postgres' planner settings (migrations, reads, sweeps, reporting).
     pub db: sqlx::PgPool,
+    /// The hot pool: the batched statements on every task's path, with
+    /// [`crate::db::HOT_PLANNER_SETTINGS`].
+    pub hot: sqlx::PgPool,
     pub redis: Option<redis::aio::ConnectionManager>,
     pub metrics: Metrics,
     pub ready: Readiness,
@@ -36,7 +40,8 @@ impl Connections {
     /// A [`StartupError`] naming the server that could not be reached or prepared.
     pub async fn connect(config: &Config, needs: Needs) -> Result<Self, StartupError> {
         let nats = connect_nats(config, "tanjiren").await?;
-        let db = crate::db::connect_and_migrate(&config.database_url, config.db_max_connections).await?;
+        let db = crate::db::connect_and_migrate(&config.database_url, (config.db_max_connections / 2).max(2)).await?;
+        let hot = crate::db::connect_hot(&config.database_url, config.db_max_connections).await?;
         let redis = if needs.redis {
             Some(connect_redis(&config.redis_url).await?)
         } else {
@@ -50,6 +55,7 @@ impl Connections {
             subjects: config.subjects(),
             nats,
             db,
+            hot,
             redis,
             metrics: Metrics::new(),
             ready: Readiness::default(),

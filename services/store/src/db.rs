@@ -1,7 +1,15 @@
-//! Postgres: the pool (connections and prepared statements are reused), creating
+//! Postgres: the pools (connections and prepared statements are reused), creating
 //! the database when it does not exist yet, and applying the migrations in
-//! `migrations/`. sqlx serialises concurrent migrators with an advisory lock, so
-//! several services may start at once.
+//! `migrations/` (then `ANALYZE`, so the planner starts from true statistics).
+//! sqlx serialises concurrent migrators with an advisory lock, so several services
+//! may start at once.
+//!
+//! A service has two pools: the default one, with Postgres' own planner settings,
+//! for migrations, reads, sweeps and reporting; and the hot one ([`connect_hot`]),
+//! for the few batched statements on the path of every task (create, claim,
+//! heartbeat, release, progress, log and artifact writes, planned → queued, the
+//! outcome summary), whose sessions
+//! carry [`HOT_PLANNER_SETTINGS`].
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
@@ -12,18 +20,55 @@ use tanjiren_shared::config::Config;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connects (creating the database if needed) and migrates.
+/// Connections live at most this long, so each prepared statement's generic plan
+/// is made again from newer statistics at least this often.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// Connects (creating the database if needed) and migrates; runs `ANALYZE` when a
+/// migration was applied (a new database, or new tables and indexes).
+///
+/// # Errors
+/// [`StartupError::Postgres`] or [`StartupError::Migrate`].
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
     let pool = connect(url, max_connections).await?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|e| StartupError::Migrate(e.to_string()))?;
+    migrate(&pool).await?;
     Ok(pool)
 }
 
-/// Session settings for every service connection: plans that stay on the indexes
-/// however young or stale the statistics are.
+/// Applies the pending migrations, then `ANALYZE` if any was applied.
+///
+/// # Errors
+/// [`StartupError::Migrate`].
+pub async fn migrate(pool: &PgPool) -> Result<(), StartupError> {
+    let err = |e: sqlx::Error| StartupError::Migrate(e.to_string());
+    let applied = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0)
+    };
+    let before = applied().await;
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|e| StartupError::Migrate(e.to_string()))?;
+    if applied().await != before {
+        analyze(pool).await.map_err(err)?;
+    }
+    Ok(())
+}
+
+/// `ANALYZE` of the whole database: fresh statistics after migrations and the
+/// first bootstrap, so the first plans are made from what is there.
+///
+/// # Errors
+/// The database error.
+pub async fn analyze(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("ANALYZE").execute(pool).await.map(|_| ())
+}
+
+/// Session settings of the hot pool only: plans that stay on the indexes however
+/// young or stale the statistics are, planned once per connection.
 ///
 /// - `enable_seqscan = off`: every query Tanjiren runs has an index to use
 ///   (`tests/tests/end_to_end/query_plans.rs`), but on a young database — tables
@@ -40,21 +85,45 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
 /// as an index condition nor match it to a partial index on that state, so the
 /// lookup stays on the primary key instead of walking the partial index, whose
 /// dead entries pile up between vacuums.
-const PLANNER_SETTINGS: [(&str, &str); 2] = [("enable_seqscan", "off"), ("plan_cache_mode", "force_generic_plan")];
+///
+/// Everything else (migrations, reads, sweeps, reporting, the CLI) runs with
+/// Postgres' defaults; its plans stay right through `ANALYZE` after migrations and
+/// bootstrap, per-table autovacuum settings on the hot tables (migration
+/// `20261129000002_autovacuum.sql`), and [`MAX_LIFETIME`]. The plan test
+/// (`tests/tests/end_to_end/query_plans.rs`) runs with the defaults and names the
+/// index each hot statement must use.
+pub const HOT_PLANNER_SETTINGS: [(&str, &str); 2] =
+    [("enable_seqscan", "off"), ("plan_cache_mode", "force_generic_plan")];
 
-/// Connects without migrating (creating the database if it does not exist).
+/// Connects the default pool without migrating (creating the database if it does not exist).
+///
+/// # Errors
+/// [`StartupError::Postgres`].
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
+    connect_with(url, max_connections, &[]).await
+}
+
+/// Connects the hot pool: sessions with [`HOT_PLANNER_SETTINGS`].
+///
+/// # Errors
+/// [`StartupError::Postgres`].
+pub async fn connect_hot(url: &str, max_connections: u32) -> Result<PgPool, StartupError> {
+    connect_with(url, max_connections, &HOT_PLANNER_SETTINGS).await
+}
+
+async fn connect_with(url: &str, max_connections: u32, settings: &[(&str, &str)]) -> Result<PgPool, StartupError> {
     let err = |reason: String| StartupError::Postgres {
         url: Config::redact_url(url),
         reason,
     };
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| err(e.to_string()))?
-        .options(PLANNER_SETTINGS);
+        .options(settings.iter().copied());
     let pool_options = || {
         PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1)
+            .max_lifetime(MAX_LIFETIME)
             .acquire_timeout(Duration::from_secs(5))
     };
     match pool_options().connect_with(options.clone()).await {

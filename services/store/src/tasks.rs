@@ -54,7 +54,7 @@ pub async fn create_tasks(
     conns: &Connections,
     requests: Vec<(Principal, TaskSpec)>,
 ) -> Vec<Result<CreateTaskReply, WireError>> {
-    let prepared = match conns.db.acquire().await {
+    let prepared = match conns.hot.acquire().await {
         Ok(mut conn) => prepare_tasks(&mut conn, &conns.config, &requests).await,
         Err(e) => Err(db_error(e)),
     };
@@ -245,7 +245,7 @@ async fn insert(
     conns: &Connections,
     rows: &[(usize, NewTask)],
 ) -> Result<Vec<(usize, Result<CreateTaskReply, WireError>)>, WireError> {
-    let mut conn = conns.db.acquire().await.map_err(db_error)?;
+    let mut conn = conns.hot.acquire().await.map_err(db_error)?;
     let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
     let outcomes = insert_rows(&mut conn, &tasks).await?;
     Ok(rows

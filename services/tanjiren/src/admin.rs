@@ -201,6 +201,8 @@ pub async fn bootstrap(config: &Config, pool: &PgPool) -> anyhow::Result<Bootstr
     let (_, token) = create_token(pool, org_id, Role::Owner, "owner").await?;
     let path = tanjiren_bus::config::token_path(config);
     write_secret(&path, token.expose())?;
+    // A first start: statistics that see the organisation and its token.
+    db::analyze(pool).await?;
     Ok(Bootstrapped {
         org_id,
         token: token.expose().to_string(),

@@ -5,7 +5,7 @@
 //! decides which worker of the workstation runs it. After shutdown no new
 //! assignment is taken, while running steps finish.
 
-use crate::bus::{Bus, CallError, RetryPolicy};
+use crate::bus::{Bus, CallBackoff, CallError};
 use crate::executor::Executor;
 use crate::lease::HeldStep;
 use crate::output::BatchLimits;
@@ -294,7 +294,7 @@ impl Agent {
         let never = CancellationToken::new();
         match self
             .bus
-            .call_retrying::<_, ClaimGranted>(&subject, &request, RetryPolicy::CLAIM, &never)
+            .call_retrying::<_, ClaimGranted>(&subject, &request, CallBackoff::CLAIM, &never)
             .await
         {
             Ok(granted) => Some(Arc::new(HeldStep::new(&granted, sent_at))),

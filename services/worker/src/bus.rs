@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 /// How long one request waits for its reply.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long to keep retrying a request that failed with a retryable error.
+/// How long to keep retrying a request that failed with a retryable error, and how
+/// far apart (exponential backoff). Not to be confused with a task's
+/// `tanjiren_shared::model::RetryPolicy`, which decides whether a failed task runs again.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RetryPolicy {
+pub(crate) struct CallBackoff {
     pub first_delay: Duration,
     pub max_delay: Duration,
     /// No new attempt starts after this much time since the first.
@@ -26,7 +28,7 @@ pub(crate) struct RetryPolicy {
     pub attempt_timeout: Duration,
 }
 
-impl RetryPolicy {
+impl CallBackoff {
     /// Log batches: quick retries for ~15 s (storing a batch twice is harmless:
     /// lines are keyed by sequence number), then the batch is dropped.
     pub const LOGS: Self = Self::new(100, 1_600, 15_000, 3_000);
@@ -89,7 +91,7 @@ impl Bus {
         &self,
         subject: &str,
         request: &Req,
-        policy: RetryPolicy,
+        policy: CallBackoff,
         stop: &CancellationToken,
     ) -> Result<Resp, CallError> {
         let started = Instant::now();

@@ -26,7 +26,7 @@ pub use shell::ShellExecutor;
 
 use agent::{Agent, Identity, Settings};
 use async_nats::Subscriber;
-use bus::{Bus, CallError, RetryPolicy};
+use bus::{Bus, CallBackoff, CallError};
 use output::BatchLimits;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -237,7 +237,7 @@ async fn register(bus: &Bus, name: &str, shutdown: &Shutdown) -> Result<Register
     };
     let subject = bus.subjects.workstations_register();
     match bus
-        .call_retrying(&subject, &request, RetryPolicy::REGISTER, shutdown)
+        .call_retrying(&subject, &request, CallBackoff::REGISTER, shutdown)
         .await
     {
         Ok(reply) => Ok(reply),

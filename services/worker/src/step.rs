@@ -4,7 +4,7 @@
 //! the step is fenced — a fenced step sends no logs, no result, no release.
 
 use crate::agent::Agent;
-use crate::bus::{Bus, CallError, RetryPolicy};
+use crate::bus::{Bus, CallBackoff, CallError};
 use crate::executor::OutputSink;
 use crate::lease::HeldStep;
 use crate::log_shipper::LogShipper;
@@ -95,7 +95,7 @@ impl StepWriter<'_> {
             lines,
         };
         let subject = self.bus.subjects.ingest_logs();
-        let _: Option<LogBatchReply> = self.write("log batch", &subject, &batch, RetryPolicy::LOGS).await;
+        let _: Option<LogBatchReply> = self.write("log batch", &subject, &batch, CallBackoff::LOGS).await;
     }
 
     /// A progress report while the step runs: the current tails, no result.
@@ -109,7 +109,7 @@ impl StepWriter<'_> {
             result: None,
         };
         let subject = self.bus.subjects.ingest_progress();
-        let _: Option<ProgressReply> = self.write("progress", &subject, &report, RetryPolicy::LOGS).await;
+        let _: Option<ProgressReply> = self.write("progress", &subject, &report, CallBackoff::LOGS).await;
     }
 
     /// The final report: tails and result. True once it is stored.
@@ -124,7 +124,7 @@ impl StepWriter<'_> {
         };
         let subject = self.bus.subjects.ingest_progress();
         let stored = self
-            .write::<_, ProgressReply>("result", &subject, &report, RetryPolicy::PROGRESS)
+            .write::<_, ProgressReply>("result", &subject, &report, CallBackoff::PROGRESS)
             .await;
         if let Some(reply) = &stored {
             tracing::debug!(task_status = %reply.task_status, "result stored");
@@ -142,7 +142,7 @@ impl StepWriter<'_> {
         };
         let subject = self.bus.subjects.lease_release();
         if let Some(reply) = self
-            .write::<_, ReleaseReply>("release", &subject, &request, RetryPolicy::RELEASE)
+            .write::<_, ReleaseReply>("release", &subject, &request, CallBackoff::RELEASE)
             .await
         {
             tracing::info!(generation = reply.lease_generation, "lease released");
@@ -155,7 +155,7 @@ impl StepWriter<'_> {
         what: &str,
         subject: &str,
         request: &Req,
-        policy: RetryPolicy,
+        policy: CallBackoff,
     ) -> Option<Resp> {
         if self.step.is_fenced() {
             return None;

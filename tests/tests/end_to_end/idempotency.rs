@@ -187,7 +187,7 @@ async fn the_same_key_with_a_different_request_is_a_conflict_naming_the_task() {
         js.publish_with_headers(
             env.conns.subjects.tasks_submit(),
             h.clone(),
-            Encoding::MsgPack.encode(s).into(),
+            Encoding::MsgPack.encode(s).unwrap().into(),
         )
         .await
         .unwrap()

@@ -81,8 +81,12 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
     assert_eq!(a.sweep(Utc::now()).await.unwrap().released, 0);
     // The workers never heartbeat: wait out the TTL.
     tokio::time::sleep(Duration::from_millis(4_500)).await;
-    let other = env.start(Service::Lease).await;
-    let b = Reconciler::new(&other.conns);
+    // A second reconciler on connections of its own. Not a second lease service:
+    // its own reconciler would sweep at once when it starts, ahead of these two.
+    let other = tanjiren_store::Connections::connect(&env.config, Service::Lease.needs())
+        .await
+        .unwrap();
+    let b = Reconciler::new(&other);
     let now = Utc::now();
     let (ra, rb) = tokio::join!(a.sweep(now), b.sweep(now));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -107,9 +111,9 @@ async fn two_reconcilers_sweeping_at_once_release_each_stale_step_exactly_once()
         .await
         .unwrap();
     assert_eq!(released, 0);
-    let mut all = services;
-    all.push(other);
-    env.finish(all).await;
+    other.db.close().await;
+    other.hot.close().await;
+    env.finish(services).await;
 }
 
 #[tokio::test]

@@ -1,14 +1,23 @@
 //! The hot queries stay on their (partial) indexes when history is long: seed
 //! 100,000 finished tasks and steps plus a few live ones, `ANALYZE`, and check
-//! that `EXPLAIN` of each live-path query uses an index, never a sequential scan
-//! of `tasks` or `steps`. The plans are printed (`--nocapture`) for the record.
+//! that `EXPLAIN` of each live-path query, with Postgres' default planner
+//! settings (the default pool; only the hot pool turns sequential scans off),
+//! uses the index named for it, never a sequential scan of `tasks` or `steps`.
+//! The plans are printed (`--nocapture`) for the record.
 
 use tanjiren_tests::TestEnv;
 use uuid::Uuid;
 
+/// `EXPLAIN` on a default-pool connection, after checking it has the default planner settings.
 async fn plan(env: &TestEnv, sql: &str) -> String {
+    let mut conn = env.conns.db.acquire().await.unwrap();
+    let seqscan: String = sqlx::query_scalar("SHOW enable_seqscan")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(seqscan, "on", "the default pool must plan with Postgres' defaults");
     let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
-        .fetch_all(&env.conns.db)
+        .fetch_all(&mut *conn)
         .await
         .unwrap();
     rows.join("\n")
@@ -39,6 +48,53 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
     .execute(&env.conns.db)
     .await
     .unwrap();
+    // …a queue: 2,000 queued steps spread over ten other workstations, due over the next hour…
+    for n in 0..10 {
+        let other = env.workstation(&format!("plan-queue-{n}")).await;
+        sqlx::query(
+            "WITH t AS (
+                INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                                   root_task_id, created_by)
+                SELECT id, $1, 'queue', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                       'queued', 'not_required', 60, id, 'seed'
+                FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 200)) g
+                RETURNING id
+             ), e AS (
+                INSERT INTO executions (id, task_id) SELECT gen_random_uuid(), id FROM t RETURNING id, task_id
+             )
+             INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, lease_generation, dispatched_at, queue_deadline)
+             SELECT gen_random_uuid(), e.id, e.task_id, $1, $2, 'queued', 0,
+                    now() - random() * interval '1 minute', now() + random() * interval '1 hour' FROM e",
+        )
+        .bind(org)
+        .bind(other)
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    }
+    // …1,000 steps running under leases that expire over the next 90 seconds…
+    let runner = env.workstation("plan-runner").await;
+    sqlx::query(
+        "WITH t AS (
+            INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                               root_task_id, created_by)
+            SELECT id, $1, 'running', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                   'executing', 'not_required', 60, id, 'seed'
+            FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 1000)) g
+            RETURNING id
+         ), e AS (
+            INSERT INTO executions (id, task_id) SELECT gen_random_uuid(), id FROM t RETURNING id, task_id
+         )
+         INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, lease_generation, dispatched_at,
+                            claimed_at, lease_expires_at)
+         SELECT gen_random_uuid(), e.id, e.task_id, $1, $2, 'executing', 1, now() - interval '1 minute',
+                now() - random() * interval '1 hour', now() + random() * interval '90 seconds' FROM e",
+    )
+    .bind(org)
+    .bind(runner)
+    .execute(&env.conns.db)
+    .await
+    .unwrap();
     // …and a handful of live ones.
     for status in ["queued", "executing", "planned"] {
         let id = Uuid::now_v7();
@@ -59,27 +115,84 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
 
     let o = format!("'{org}'");
     let w = format!("'{ws}'");
+    let ids = "ARRAY['0190a5f0-0000-7000-8000-000000000001', '0190a5f0-0000-7000-8000-000000000002']::uuid[]";
+    // (what, statement, the index it must use, the table it must not scan)
     let queries = [
-        ("list newest first", format!("SELECT id FROM tasks WHERE org_id = {o} ORDER BY id DESC LIMIT 50"), "tasks"),
-        ("list by status", format!("SELECT id FROM tasks WHERE org_id = {o} AND status = 'executing' ORDER BY id DESC LIMIT 50"), "tasks"),
+        ("list newest first", format!("SELECT id FROM tasks WHERE org_id = {o} ORDER BY id DESC LIMIT 50"), "tasks_org_recent", "tasks"),
+        (
+            "list by status",
+            format!("SELECT id FROM tasks WHERE org_id = {o} AND status = 'executing' ORDER BY id DESC LIMIT 50"),
+            "tasks_org_status",
+            "tasks",
+        ),
         (
             "approval sweep",
             "SELECT id FROM tasks WHERE status = 'planned' AND approval_status = 'unevaluated' AND created_at < now() ORDER BY created_at LIMIT 256".into(),
+            "tasks_unevaluated",
             "tasks",
         ),
-        ("re-dispatch", "SELECT id FROM steps WHERE status = 'queued' AND dispatched_at < now() ORDER BY dispatched_at LIMIT 256".into(), "steps"),
-        ("heartbeat offers", format!("SELECT id FROM steps WHERE workstation_id = {w} AND status = 'queued' ORDER BY id LIMIT 64"), "steps"),
+        (
+            "re-dispatch",
+            "SELECT id FROM steps WHERE status = 'queued' AND dispatched_at < now() ORDER BY dispatched_at LIMIT 256".into(),
+            "steps_queued_by_dispatch",
+            "steps",
+        ),
+        (
+            "heartbeat offers",
+            format!("SELECT id FROM steps WHERE workstation_id = {w} AND status = 'queued' ORDER BY id LIMIT 64"),
+            "steps_queued_by_workstation",
+            "steps",
+        ),
         (
             "reconciler",
             "SELECT id FROM steps WHERE status = 'executing' AND lease_expires_at < now() ORDER BY lease_expires_at, id LIMIT 500".into(),
+            "steps_lease_expiry",
             "steps",
         ),
-        ("queue timeout", "SELECT id FROM steps WHERE status = 'queued' AND queue_deadline < now() ORDER BY queue_deadline LIMIT 256".into(), "steps"),
+        (
+            "queue timeout",
+            "SELECT id FROM steps WHERE status = 'queued' AND queue_deadline < now() ORDER BY queue_deadline LIMIT 256".into(),
+            "steps_queue_deadline",
+            "steps",
+        ),
+        (
+            "retries due",
+            "SELECT id FROM tasks WHERE retry_at IS NOT NULL AND retry_at <= now() ORDER BY retry_at LIMIT 256".into(),
+            "tasks_retry_due",
+            "tasks",
+        ),
+        (
+            "summary sweep",
+            "SELECT id FROM tasks WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at > now() - interval '5 minutes' ORDER BY finished_at LIMIT 500".into(),
+            "tasks_finished",
+            "tasks",
+        ),
+        // The hot path's lookups by id (lease.claim, heartbeat, release, ingest.progress).
+        (
+            "claim",
+            format!(
+                "UPDATE steps s SET status = 'executing' WHERE s.id = ANY({ids}) AND s.status IS NOT DISTINCT FROM 'queued'
+                   AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')"
+            ),
+            "steps_pkey",
+            "steps",
+        ),
+        (
+            "heartbeat renewal",
+            format!(
+                "UPDATE steps SET lease_expires_at = now() + interval '90 seconds' WHERE id = ANY({ids})
+                   AND status IS NOT DISTINCT FROM 'executing' AND lease_generation = 1"
+            ),
+            "steps_pkey",
+            "steps",
+        ),
+        ("task by id", format!("SELECT status FROM tasks WHERE id = ANY({ids}) FOR UPDATE"), "tasks_pkey", "tasks"),
+        ("steps of a task", format!("SELECT id FROM steps WHERE task_id = ANY({ids})"), "steps_task", "steps"),
     ];
-    for (name, sql, table) in queries {
+    for (name, sql, index, table) in queries {
         let p = plan(&env, &sql).await;
         println!("-- {name}\n{sql}\n{p}\n");
-        assert!(p.contains("Index"), "{name} does not use an index:\n{p}");
+        assert!(p.contains(index), "{name} does not use {index}:\n{p}");
         assert!(
             !p.contains(&format!("Seq Scan on {table}")),
             "{name} scans {table}:\n{p}"
@@ -88,10 +201,10 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
     env.finish(Vec::new()).await;
 }
 
-/// The generic plan of `sql` (one parameter, a uuid array) on one service connection,
-/// which runs with the service session settings (`plan_cache_mode = force_generic_plan`).
+/// The generic plan of `sql` (one parameter, a uuid array) on a hot-pool connection,
+/// which runs with the hot session settings (`plan_cache_mode = force_generic_plan`).
 async fn generic_plan(env: &TestEnv, sql: &str) -> String {
-    let mut conn = env.conns.db.acquire().await.unwrap();
+    let mut conn = env.conns.hot.acquire().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe(uuid[]) AS {sql}")))
         .execute(&mut *conn)
         .await
