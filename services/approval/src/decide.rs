@@ -29,6 +29,7 @@ use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{Mode, Role, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
@@ -112,6 +113,8 @@ struct Accepted {
     failure_reason: Option<String>,
     reason: Option<String>,
     approval_id: Uuid,
+    /// The task's move, as the lifecycle decided it (stored by `tanjiren_store::lifecycle`).
+    change: TaskChange,
 }
 
 pub(crate) async fn handle(
@@ -369,6 +372,7 @@ fn check_request(
         minted_by_role: stored.minted_by_role,
         reason: p.reason.as_deref(),
     })?;
+    let change = TaskChange::new(task.id, *state, t.clone());
     *state = t.next;
     token.consumed_at = Some(now);
     Ok(Accepted {
@@ -384,6 +388,7 @@ fn check_request(
         failure_reason: t.failure_reason.map(|r| r.as_str().to_string()),
         reason: p.reason.clone(),
         approval_id: Uuid::now_v7(),
+        change,
     })
 }
 
@@ -413,24 +418,8 @@ async fn store(
     }
 
     let task_ids: Vec<Uuid> = accepted.iter().map(|a| a.task_id).collect();
-    let statuses: Vec<&str> = accepted.iter().map(|a| a.next.status.as_str()).collect();
-    let approvals: Vec<&str> = accepted.iter().map(|a| a.next.approval.as_str()).collect();
-    let failure_reasons: Vec<Option<String>> = accepted.iter().map(|a| a.failure_reason.clone()).collect();
-    let moved: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE tasks t SET status = u.status, approval_status = u.approval, failure_reason = u.failure_reason,
-                queued_at = CASE WHEN u.status = 'queued' THEN now() ELSE t.queued_at END,
-                finished_at = CASE WHEN u.status = 'failed' THEN now() ELSE t.finished_at END
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, status, approval, failure_reason)
-         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM 'planned' AND t.approval_status IS NOT DISTINCT FROM 'pending'
-         RETURNING t.id",
-    )
-    .bind(&task_ids)
-    .bind(&statuses)
-    .bind(&approvals)
-    .bind(&failure_reasons)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_error)?;
+    let changes: Vec<TaskChange> = accepted.iter().map(|a| a.change.clone()).collect();
+    let moved = store_task_changes(tx, &changes).await?;
     if moved.len() != accepted.len() {
         return Err(WireError::internal("tasks changed under their lock; retry"));
     }

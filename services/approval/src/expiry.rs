@@ -14,6 +14,7 @@ use tanjiren_shared::doctrine::ApprovalClass;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -53,19 +54,9 @@ pub async fn expire_overdue(conns: &Connections, now: DateTime<Utc>) -> Result<u
     )
     .map_err(|e| WireError::internal(e.to_string()))?;
     let reason = t.failure_reason.map(|r| r.as_str().to_string());
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let expired: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE tasks SET status = $2, approval_status = $3, failure_reason = $4, finished_at = now()
-         WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'planned' AND approval_status IS NOT DISTINCT FROM 'pending'
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(t.next.status.as_str())
-    .bind(t.next.approval.as_str())
-    .bind(&reason)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
+    let from = TaskState::new(TaskStatus::Planned, ApprovalStatus::Pending);
+    let changes: Vec<TaskChange> = rows.iter().map(|r| TaskChange::new(r.id, from, t.clone())).collect();
+    let expired = store_task_changes(&mut tx, &changes).await?;
     let rows: Vec<(Overdue, ApprovalRecord)> = rows
         .into_iter()
         .filter(|r| expired.contains(&r.id))

@@ -13,9 +13,10 @@ use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
-use tanjiren_shared::lifecycle::{TaskEvent, TransitionError, transition};
+use tanjiren_shared::lifecycle::{Effect, TaskEvent, TransitionError, transition};
 use tanjiren_shared::model::TaskStatus;
 use tanjiren_shared::protocol::{CancelTaskReply, CancelTaskRequest, ControlMessage};
+use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
 use tanjiren_store::settle::lock_tasks;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
@@ -47,7 +48,7 @@ async fn cancel(
 
     // Decide each request; a task named twice in one batch is cancelled once.
     let mut decided: Vec<Result<Uuid, WireError>> = Vec::with_capacity(batch.len());
-    let mut accepted: HashMap<Uuid, (String, Option<String>, String)> = HashMap::new();
+    let mut accepted: HashMap<Uuid, TaskChange> = HashMap::new();
     for r in batch {
         let id = r.body.task_id.as_uuid();
         let outcome = (|| {
@@ -62,65 +63,57 @@ async fn cancel(
                 return Err(WireError::conflict(format!("task {id} is already cancelled")));
             }
             let state = t.state().ok_or_else(|| WireError::internal("unreadable task state"))?;
-            transition(state, TaskEvent::Cancel).map_err(|e| match e {
+            let transition = transition(state, TaskEvent::Cancel).map_err(|e| match e {
                 TransitionError::AlreadyTerminal(s) => WireError::conflict(format!(
                     "task {id} is already {s}; only planned, queued or executing tasks can be cancelled"
                 )),
                 other => WireError::conflict(other.to_string()),
             })?;
-            Ok(())
+            let mut change = TaskChange::new(id, state, transition);
+            change.cancel = Some((r.body.reason.clone(), r.principal.token_name.clone()));
+            Ok(change)
         })();
-        if outcome.is_ok() {
-            accepted.insert(
-                id,
-                (
-                    tasks[&id].status.clone(),
-                    r.body.reason.clone(),
-                    r.principal.token_name.clone(),
-                ),
-            );
-        }
-        decided.push(outcome.map(|_| id));
+        decided.push(outcome.map(|change| {
+            accepted.insert(id, change);
+            id
+        }));
     }
 
-    let (mut t_ids, mut t_from, mut t_reason, mut t_by) = (vec![], vec![], vec![], vec![]);
-    for (id, (from, reason, by)) in &accepted {
-        t_ids.push(*id);
-        t_from.push(from.clone());
-        t_reason.push(reason.clone());
-        t_by.push(by.clone());
-    }
+    let changes: Vec<TaskChange> = accepted.values().cloned().collect();
+    let changed = store_task_changes(&mut tx, &changes).await?;
+    // The lifecycle's effects say what happens to the steps of each cancelled task.
+    let with_effect = |effect: Effect| -> Vec<Uuid> {
+        changes
+            .iter()
+            .filter(|c| changed.contains(&c.task_id) && c.transition.effects.contains(&effect))
+            .map(|c| c.task_id)
+            .collect()
+    };
+    let (stop_queued, stop_running) = (
+        with_effect(Effect::CancelQueuedSteps),
+        with_effect(Effect::StopRunningSteps),
+    );
     let mut cancelled_queued: HashMap<Uuid, u32> = HashMap::new();
     let mut running: Vec<(Uuid, Uuid, Uuid, Uuid)> = Vec::new();
-    if !t_ids.is_empty() {
-        sqlx::query(
-            "UPDATE tasks t SET status = 'cancelled', finished_at = now(), cancel_reason = u.reason, cancelled_by = u.by
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, expected, reason, by)
-             WHERE t.id = u.id AND t.status = u.expected",
-        )
-        .bind(&t_ids)
-        .bind(&t_from)
-        .bind(&t_reason)
-        .bind(&t_by)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    if !stop_queued.is_empty() {
         let never_started: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE steps SET status = 'cancelled', failure_reason = 'cancelled', finished_at = now()
              WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' RETURNING task_id",
         )
-        .bind(&t_ids)
+        .bind(&stop_queued)
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
         for t in never_started {
             *cancelled_queued.entry(t).or_default() += 1;
         }
+    }
+    if !stop_running.is_empty() {
         running = sqlx::query_as(
             "UPDATE steps SET cancel_requested_at = now()
              WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'executing' RETURNING id, task_id, org_id, workstation_id",
         )
-        .bind(&t_ids)
+        .bind(&stop_running)
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -139,24 +132,22 @@ async fn cancel(
         }
         *signalled.entry(*task).or_default() += 1;
     }
-    for id in accepted.keys() {
-        let t = &tasks[id];
-        let approval = t
-            .state()
-            .map(|s| s.approval)
-            .unwrap_or(tanjiren_shared::model::ApprovalStatus::NotRequired);
+    for c in changes
+        .iter()
+        .filter(|c| changed.contains(&c.task_id) && c.transition.effects.contains(&Effect::PublishEvent))
+    {
         publish_task_event(
             &conns.nats,
             &conns.subjects,
-            OrgId::from(t.org_id),
-            TaskId::from(*id),
-            TaskStatus::Cancelled,
-            approval,
+            OrgId::from(tasks[&c.task_id].org_id),
+            TaskId::from(c.task_id),
+            c.transition.next.status,
+            c.transition.next.approval,
             None,
         )
         .await;
     }
-    conns.metrics.count(Count::TasksCancelled, accepted.len() as u64);
+    conns.metrics.count(Count::TasksCancelled, changed.len() as u64);
     Ok(decided
         .into_iter()
         .map(|d| {

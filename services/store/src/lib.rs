@@ -10,6 +10,7 @@ pub mod approval_records;
 pub mod auth;
 pub mod connections;
 pub mod db;
+pub mod lifecycle;
 pub mod settle;
 pub mod tasks;
 

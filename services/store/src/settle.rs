@@ -14,6 +14,7 @@
 
 use crate::connections::Connections;
 use crate::db_error;
+use crate::lifecycle::{TaskChange, store_task_changes};
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_shared::WireError;
@@ -97,7 +98,7 @@ pub async fn settle_finished(
     .fetch_all(&mut **tx)
     .await
     .map_err(db_error)?;
-    let (mut upd_ids, mut upd_from, mut upd_to, mut upd_reason) = (vec![], vec![], vec![], vec![]);
+    let mut changes: Vec<TaskChange> = Vec::new();
     let mut consider_retry: HashMap<Uuid, Vec<StepFailure>> = HashMap::new();
     for (task_id, live, all_ok, reason, failed_reasons, failed_codes) in tallies {
         if live > 0 {
@@ -110,10 +111,6 @@ pub async fn settle_finished(
             continue;
         };
         let reason = (t.next.status == TaskStatus::Failed).then(|| reason.unwrap_or_else(|| "step_failed".into()));
-        upd_ids.push(task_id);
-        upd_from.push(state.status.as_str());
-        upd_to.push(t.next.status.as_str());
-        upd_reason.push(reason.clone());
         if t.effects.contains(&Effect::ConsiderRetry) {
             let reasons = failed_reasons.unwrap_or_default();
             let codes = failed_codes.unwrap_or_default();
@@ -124,29 +121,19 @@ pub async fn settle_finished(
                 .collect();
             consider_retry.insert(task_id, failures);
         }
-        decided.insert(task_id, (t.next.status, t.next.approval, reason));
+        decided.insert(task_id, (t.next.status, t.next.approval, reason.clone()));
+        let mut change = TaskChange::new(task_id, state, t);
+        change.failure_reason = reason;
+        changes.push(change);
     }
-    if !upd_ids.is_empty() {
+    if !changes.is_empty() {
         let delays = retry_delays(tx, consider_retry, default_policy).await?;
-        let upd_delay: Vec<Option<i64>> = upd_ids.iter().map(|id| delays.get(id).copied()).collect();
+        for c in &mut changes {
+            c.retry_after_ms = delays.get(&c.task_id).copied();
+        }
         // Postgres' clock stamps the end and the retry instant, the clock the scheduler
         // compares `retry_at` with.
-        let changed: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t SET status = u.next, failure_reason = u.reason, finished_at = now(),
-                    retry_at = now() + make_interval(secs => u.delay_ms::float8 / 1000)
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[])
-                  AS u(id, expected, next, reason, delay_ms)
-             WHERE t.id = u.id AND t.status = u.expected
-             RETURNING t.id",
-        )
-        .bind(&upd_ids)
-        .bind(&upd_from)
-        .bind(&upd_to)
-        .bind(&upd_reason)
-        .bind(&upd_delay)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_error)?;
+        let changed = store_task_changes(tx, &changes).await?;
         decided.retain(|id, _| changed.contains(id));
     }
     Ok(decided)
