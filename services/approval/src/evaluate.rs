@@ -20,9 +20,8 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{ApprovalRequestedEvent, ApprovalSnapshot, payload_digest};
 use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
-use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, Transition, transition};
+use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
-use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -65,8 +64,6 @@ struct Assessed<'a> {
     verdict: Verdict,
     digest: String,
     next: TaskState,
-    /// What the lifecycle decided (stored by `tanjiren_store::lifecycle`).
-    transition: Transition,
     /// The lifecycle asked for an approval request.
     needs_approval: bool,
     /// Set when the task waits for approval.
@@ -234,29 +231,26 @@ async fn assess<'a>(
             needs_approval: t.effects.contains(&Effect::RequestApproval),
             deadline: None,
             next: t.next,
-            transition: t,
             verdict,
         });
     }
     Ok(assessed)
 }
 
-/// Stores the new state of every assessed task through the lifecycle interpreter
-/// (compare-and-swap on `planned`/`unevaluated`), then the doctrine snapshot of
-/// those that moved; returns their ids.
+/// Stores the snapshot and the new state of every assessed task (compare-and-swap on
+/// `planned`/`unevaluated`); returns the ids stored.
 async fn store_snapshots(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     assessed: &[Assessed<'_>],
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, WireError> {
-    let changes: Vec<TaskChange> = assessed
-        .iter()
-        .map(|a| TaskChange::new(a.task.id, TaskState::initial(), a.transition.clone()))
-        .collect();
-    let moved = store_task_changes(tx, &changes).await?;
-    let assessed: Vec<&Assessed<'_>> = assessed.iter().filter(|a| moved.contains(&a.task.id)).collect();
     let n = assessed.len();
-    let (mut ids, mut versions) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut ids, mut statuses, mut approvals, mut versions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let (mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -264,8 +258,10 @@ async fn store_snapshots(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for a in &assessed {
+    for a in assessed {
         ids.push(a.task.id);
+        statuses.push(a.next.status.as_str());
+        approvals.push(a.next.approval.as_str());
         versions.push(a.doctrine_version.map(|v| v as i32));
         classes.push(a.verdict.approval_class.as_str());
         rules.push(Json(
@@ -275,31 +271,32 @@ async fn store_snapshots(
         digests.push(a.digest.clone());
         deadlines.push(a.deadline);
     }
-    if ids.is_empty() {
-        return Ok(moved);
-    }
-    // The rows are locked by the interpreter's update in this transaction.
-    sqlx::query(
-        "UPDATE tasks t SET doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
+    sqlx::query_scalar(
+        "UPDATE tasks t SET status = u.status, approval_status = u.approval,
+                queued_at = CASE WHEN u.status = 'queued' THEN now() ELSE t.queued_at END,
+                doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
                 approval_reason_required = u.reason_required, payload_digest = u.digest,
-                approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $7 END,
+                approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $10 END,
                 approval_deadline = u.deadline
-         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::bool[], $6::text[], $8::timestamptz[])
-              AS u(id, version, class, rules, reason_required, digest, deadline)
-         WHERE t.id = u.id",
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], $7::bool[],
+                     $8::text[], $9::timestamptz[])
+              AS u(id, status, approval, version, class, rules, reason_required, digest, deadline)
+         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM 'planned' AND t.approval_status IS NOT DISTINCT FROM 'unevaluated'
+         RETURNING t.id",
     )
     .bind(&ids)
+    .bind(&statuses)
+    .bind(&approvals)
     .bind(&versions)
     .bind(&classes)
     .bind(&rules)
     .bind(&reasons)
     .bind(&digests)
-    .bind(now)
     .bind(&deadlines)
-    .execute(&mut **tx)
+    .bind(now)
+    .fetch_all(&mut **tx)
     .await
-    .map_err(db_error)?;
-    Ok(moved)
+    .map_err(db_error)
 }
 
 fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEvent {

@@ -7,9 +7,9 @@
 //! `queued`, `started_at` on entering `executing`, `finished_at` on entering a
 //! terminal state.
 //!
-//! *(in progress: settling, cancel, doctrine evaluation, approval decisions and
-//! approval expiry use it; the claim's queued → executing still writes its own
-//! statement, inside the claim's single-statement compare-and-swap.)*
+//! *(in progress: settling, cancel, approval decisions and approval expiry use
+//! it; the planned → queued of doctrine evaluation and the claim's queued →
+//! executing still write their own statement.)*
 
 use crate::db_error;
 use crate::settle::Tx;
