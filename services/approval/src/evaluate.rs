@@ -13,6 +13,7 @@ use crate::queue::{QueuedTask, materialise};
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::Duration;
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
@@ -20,8 +21,9 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{ApprovalRequestedEvent, ApprovalSnapshot, payload_digest};
 use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
-use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, transition};
+use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, Transition, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
+use tanjiren_store::lifecycle::{CHANGES_FROM, CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -64,6 +66,8 @@ struct Assessed<'a> {
     verdict: Verdict,
     digest: String,
     next: TaskState,
+    /// What the lifecycle decided (stored through `tanjiren_store::lifecycle`).
+    transition: Transition,
     /// The lifecycle asked for an approval request.
     needs_approval: bool,
     /// Set when the task waits for approval.
@@ -231,27 +235,46 @@ async fn assess<'a>(
             needs_approval: t.effects.contains(&Effect::RequestApproval),
             deadline: None,
             next: t.next,
+            transition: t,
             verdict,
         });
     }
     Ok(assessed)
 }
 
-/// Stores the snapshot and the new state of every assessed task (compare-and-swap on
-/// `planned`/`unevaluated`); returns the ids stored.
+/// Stores the new state of every assessed task as the lifecycle interpreter does
+/// (compare-and-swap on `planned`/`unevaluated`, columns from the new state) and its
+/// doctrine snapshot, in one statement: one new row version per task. Returns the
+/// ids stored.
 async fn store_snapshots(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     assessed: &[Assessed<'_>],
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, WireError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE tasks t SET {CHANGES_SET},
+                doctrine_version = x.version, approval_class = x.class, approval_rules = x.rules,
+                approval_reason_required = x.reason_required, payload_digest = x.digest,
+                approval_requested_at = CASE WHEN x.deadline IS NULL THEN NULL ELSE $16 END,
+                approval_deadline = x.deadline
+             FROM {CHANGES_FROM}
+             JOIN unnest($10::uuid[], $11::int4[], $12::text[], $13::jsonb[], $14::bool[], $15::text[],
+                         $17::timestamptz[])
+                  AS x(id, version, class, rules, reason_required, digest, deadline) ON x.id = u.id
+             WHERE {CHANGES_GUARD}
+             RETURNING t.id"
+        )
+    });
+    let changes: Vec<TaskChange> = assessed
+        .iter()
+        .map(|a| TaskChange::new(a.task.id, TaskState::initial(), a.transition.clone()))
+        .collect();
+    let arrays = ChangeArrays::new(&changes);
     let n = assessed.len();
-    let (mut ids, mut statuses, mut approvals, mut versions) = (
+    let (mut ids, mut versions, mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -260,43 +283,28 @@ async fn store_snapshots(
     );
     for a in assessed {
         ids.push(a.task.id);
-        statuses.push(a.next.status.as_str());
-        approvals.push(a.next.approval.as_str());
         versions.push(a.doctrine_version.map(|v| v as i32));
         classes.push(a.verdict.approval_class.as_str());
         rules.push(Json(
-            serde_json::to_value(&a.verdict.matched_rules).expect("rules serialise"),
+            serde_json::to_value(&a.verdict.matched_rules).map_err(|e| WireError::internal(e.to_string()))?,
         ));
         reasons.push(a.verdict.reason_required);
         digests.push(a.digest.clone());
         deadlines.push(a.deadline);
     }
-    sqlx::query_scalar(
-        "UPDATE tasks t SET status = u.status, approval_status = u.approval,
-                queued_at = CASE WHEN u.status = 'queued' THEN now() ELSE t.queued_at END,
-                doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
-                approval_reason_required = u.reason_required, payload_digest = u.digest,
-                approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $10 END,
-                approval_deadline = u.deadline
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::jsonb[], $7::bool[],
-                     $8::text[], $9::timestamptz[])
-              AS u(id, status, approval, version, class, rules, reason_required, digest, deadline)
-         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM 'planned' AND t.approval_status IS NOT DISTINCT FROM 'unevaluated'
-         RETURNING t.id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&approvals)
-    .bind(&versions)
-    .bind(&classes)
-    .bind(&rules)
-    .bind(&reasons)
-    .bind(&digests)
-    .bind(&deadlines)
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_error)
+    arrays
+        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(SQL.as_str())))
+        .bind(&ids)
+        .bind(&versions)
+        .bind(&classes)
+        .bind(&rules)
+        .bind(&reasons)
+        .bind(&digests)
+        .bind(now)
+        .bind(&deadlines)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)
 }
 
 fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEvent {

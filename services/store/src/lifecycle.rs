@@ -7,12 +7,18 @@
 //! `queued`, `started_at` on entering `executing`, `finished_at` on entering a
 //! terminal state.
 //!
-//! *(in progress: settling, cancel, approval decisions and approval expiry use
-//! it; the planned → queued of doctrine evaluation and the claim's queued →
-//! executing still write their own statement.)*
+//! A statement that must store columns of its own with the change (doctrine
+//! evaluation's snapshot) composes [`CHANGES_SET`], [`CHANGES_FROM`] and
+//! [`CHANGES_GUARD`] into its single `UPDATE` with [`ChangeArrays::bind`], so the
+//! row gets one new version, not two.
+//!
+//! *(in progress: settling, cancel, doctrine evaluation, approval decisions and
+//! approval expiry use it; the claim's queued → executing still writes its own
+//! statement, inside the claim's single-statement compare-and-swap.)*
 
 use crate::db_error;
 use crate::settle::Tx;
+use std::sync::LazyLock;
 use tanjiren_shared::WireError;
 use tanjiren_shared::lifecycle::{TaskState, Transition};
 use uuid::Uuid;
@@ -52,6 +58,84 @@ impl TaskChange {
     }
 }
 
+/// A batch of changes as the arrays the statement binds as `$1`…`$9`.
+#[derive(Debug, Default)]
+pub struct ChangeArrays {
+    ids: Vec<Uuid>,
+    from_status: Vec<&'static str>,
+    from_approval: Vec<&'static str>,
+    to_status: Vec<&'static str>,
+    to_approval: Vec<&'static str>,
+    reasons: Vec<Option<String>>,
+    cancel_reasons: Vec<Option<String>>,
+    cancelled_by: Vec<Option<String>>,
+    retry: Vec<Option<i64>>,
+}
+
+impl ChangeArrays {
+    pub fn new(changes: &[TaskChange]) -> Self {
+        Self {
+            ids: changes.iter().map(|c| c.task_id).collect(),
+            from_status: changes.iter().map(|c| c.from.status.as_str()).collect(),
+            from_approval: changes.iter().map(|c| c.from.approval.as_str()).collect(),
+            to_status: changes.iter().map(|c| c.transition.next.status.as_str()).collect(),
+            to_approval: changes.iter().map(|c| c.transition.next.approval.as_str()).collect(),
+            reasons: changes.iter().map(TaskChange::reason).collect(),
+            cancel_reasons: changes
+                .iter()
+                .map(|c| c.cancel.as_ref().and_then(|(r, _)| r.clone()))
+                .collect(),
+            cancelled_by: changes
+                .iter()
+                .map(|c| c.cancel.as_ref().map(|(_, by)| by.clone()))
+                .collect(),
+            retry: changes.iter().map(|c| c.retry_after_ms).collect(),
+        }
+    }
+
+    /// Binds the nine arrays as `$1`…`$9` of `query` (a statement built with
+    /// [`CHANGES_FROM`], [`CHANGES_SET`] and [`CHANGES_GUARD`]).
+    pub fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.from_status)
+            .bind(&self.from_approval)
+            .bind(&self.to_status)
+            .bind(&self.to_approval)
+            .bind(&self.reasons)
+            .bind(&self.cancel_reasons)
+            .bind(&self.cancelled_by)
+            .bind(&self.retry)
+    }
+}
+
+/// The changes as a row source `u`, from the arrays bound as `$1`…`$9`. A statement
+/// that stores more columns with the change joins its own `unnest($10…)` to `u.id`.
+pub const CHANGES_FROM: &str = "unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+     $7::text[], $8::text[], $9::int8[]) \
+     AS u(id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms)";
+
+/// The columns a change sets on `tasks t`, all derived from the new state.
+pub const CHANGES_SET: &str = "status = u.to_status,
+    approval_status = u.to_approval,
+    failure_reason = CASE WHEN u.to_status = 'failed' THEN u.reason ELSE t.failure_reason END,
+    cancel_reason = CASE WHEN u.to_status = 'cancelled' THEN u.cancel_reason ELSE t.cancel_reason END,
+    cancelled_by = CASE WHEN u.to_status = 'cancelled' THEN u.cancelled_by ELSE t.cancelled_by END,
+    queued_at = CASE WHEN u.to_status = 'queued' AND u.from_status <> 'queued' THEN now() ELSE t.queued_at END,
+    started_at = CASE WHEN u.to_status = 'executing' AND u.from_status <> 'executing' THEN now() ELSE t.started_at END,
+    finished_at = CASE WHEN u.to_status IN ('completed', 'failed', 'cancelled') THEN now() ELSE t.finished_at END,
+    retry_at = CASE WHEN u.retry_ms IS NULL THEN t.retry_at
+                    ELSE now() + make_interval(secs => u.retry_ms::float8 / 1000) END";
+
+/// The compare-and-swap: the row is still in the state the change was decided from.
+/// Written IS NOT DISTINCT FROM, so it stays a filter on the primary-key lookup
+/// (see `crate::db`), never a walk of a partial index on the state.
+pub const CHANGES_GUARD: &str = "t.id = u.id AND t.status IS NOT DISTINCT FROM u.from_status
+    AND t.approval_status IS NOT DISTINCT FROM u.from_approval";
+
 /// Stores `changes` in one statement inside the caller's transaction; returns the
 /// ids of the tasks that changed (a task no longer in its `from` state is left as
 /// it is and not returned). Postgres' clock stamps every instant.
@@ -62,52 +146,13 @@ pub async fn store_task_changes(tx: &mut Tx<'_>, changes: &[TaskChange]) -> Resu
     if changes.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = changes.iter().map(|c| c.task_id).collect();
-    let from_status: Vec<&str> = changes.iter().map(|c| c.from.status.as_str()).collect();
-    let from_approval: Vec<&str> = changes.iter().map(|c| c.from.approval.as_str()).collect();
-    let to_status: Vec<&str> = changes.iter().map(|c| c.transition.next.status.as_str()).collect();
-    let to_approval: Vec<&str> = changes.iter().map(|c| c.transition.next.approval.as_str()).collect();
-    let reasons: Vec<Option<String>> = changes.iter().map(TaskChange::reason).collect();
-    let cancel_reasons: Vec<Option<String>> = changes
-        .iter()
-        .map(|c| c.cancel.as_ref().and_then(|(r, _)| r.clone()))
-        .collect();
-    let cancelled_by: Vec<Option<String>> = changes
-        .iter()
-        .map(|c| c.cancel.as_ref().map(|(_, by)| by.clone()))
-        .collect();
-    let retry: Vec<Option<i64>> = changes.iter().map(|c| c.retry_after_ms).collect();
-    // The guard is written IS NOT DISTINCT FROM: it stays a filter on the primary-key
-    // lookup (see `crate::db`), never a walk of a partial index on the state.
-    sqlx::query_scalar(
-        "UPDATE tasks t SET
-            status = u.to_status,
-            approval_status = u.to_approval,
-            failure_reason = CASE WHEN u.to_status = 'failed' THEN u.reason ELSE t.failure_reason END,
-            cancel_reason = CASE WHEN u.to_status = 'cancelled' THEN u.cancel_reason ELSE t.cancel_reason END,
-            cancelled_by = CASE WHEN u.to_status = 'cancelled' THEN u.cancelled_by ELSE t.cancelled_by END,
-            queued_at = CASE WHEN u.to_status = 'queued' AND u.from_status <> 'queued' THEN now() ELSE t.queued_at END,
-            started_at = CASE WHEN u.to_status = 'executing' AND u.from_status <> 'executing' THEN now() ELSE t.started_at END,
-            finished_at = CASE WHEN u.to_status IN ('completed', 'failed', 'cancelled') THEN now() ELSE t.finished_at END,
-            retry_at = CASE WHEN u.retry_ms IS NULL THEN t.retry_at
-                            ELSE now() + make_interval(secs => u.retry_ms::float8 / 1000) END
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                     $9::int8[])
-              AS u(id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms)
-         WHERE t.id = u.id AND t.status IS NOT DISTINCT FROM u.from_status
-           AND t.approval_status IS NOT DISTINCT FROM u.from_approval
-         RETURNING t.id",
-    )
-    .bind(&ids)
-    .bind(&from_status)
-    .bind(&from_approval)
-    .bind(&to_status)
-    .bind(&to_approval)
-    .bind(&reasons)
-    .bind(&cancel_reasons)
-    .bind(&cancelled_by)
-    .bind(&retry)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_error)
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("UPDATE tasks t SET {CHANGES_SET} FROM {CHANGES_FROM} WHERE {CHANGES_GUARD} RETURNING t.id")
+    });
+    let arrays = ChangeArrays::new(changes);
+    arrays
+        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(SQL.as_str())))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)
 }
