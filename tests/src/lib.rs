@@ -384,29 +384,7 @@ impl Leftovers {
             tanjiren_bus::streams::delete_streams(&nats, &self.config.subjects()).await;
         }
         if let Ok(mut redis) = tanjiren_store::connections::connect_redis(&self.redis_url).await {
-            // SCAN, not KEYS: KEYS blocks the shared server while it walks every key.
-            let pattern = format!("{}:*", self.redis_key_prefix);
-            let mut cursor = 0u64;
-            loop {
-                let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut redis)
-                    .await
-                else {
-                    break;
-                };
-                if !keys.is_empty() {
-                    let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            let _ = tanjiren_store::connections::delete_prefixed_keys(&mut redis, &self.redis_key_prefix).await;
         }
         let _ = std::fs::remove_dir_all(&self.credential_dir);
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", base_url())).await {

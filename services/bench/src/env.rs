@@ -204,18 +204,9 @@ impl BenchEnv {
         let nats = connect_nats(&self.config, "tanjiren-bench-cleanup").await?;
         tanjiren_bus::streams::delete_streams(&nats, &subjects).await;
         let mut redis = tanjiren_store::connections::connect_redis(&self.config.redis_url).await?;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.config.redis_key_prefix))
-            .query_async(&mut redis)
+        tanjiren_store::connections::delete_prefixed_keys(&mut redis, &self.config.redis_key_prefix)
             .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut redis)
-                .await
-                .context("deleting Redis keys")?;
-        }
+            .context("deleting Redis keys")?;
         self.db.close().await;
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name);
         // The name is ours (`tanjiren_bench_` and hex digits) and quoted as an identifier.

@@ -229,14 +229,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     } else {
         tanjiren_bus::streams::delete_streams(&conns.nats, &conns.subjects).await;
         let mut redis = conns.redis();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", config.redis_key_prefix))
-            .query_async(&mut redis)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-        }
+        let _ = tanjiren_store::connections::delete_prefixed_keys(&mut redis, &config.redis_key_prefix).await;
         conns.db.close().await;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"

@@ -118,3 +118,35 @@ pub async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, S
         .map_err(|e| err(e.to_string()))?;
     Ok(conn)
 }
+
+/// Deletes every Redis key under `prefix` (`{prefix}:*`), walking them with SCAN,
+/// not KEYS, which would block a shared server while it reads every key. Returns
+/// how many were deleted. Used to remove what a test, benchmark or example run made.
+///
+/// # Errors
+/// The first Redis error.
+pub async fn delete_prefixed_keys(
+    redis: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+) -> redis::RedisResult<usize> {
+    let pattern = format!("{prefix}:*");
+    let (mut cursor, mut deleted) = (0u64, 0usize);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let n: usize = redis::cmd("DEL").arg(keys).query_async(redis).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
