@@ -1,10 +1,13 @@
 //! The task lifecycle as one pure function: `(state, event) → new state + effects`
 //! or a typed error. Services persist the new state with a compare-and-swap on
 //! the old one and then carry out the effects; they never decide transitions
-//! themselves. See DESIGN §2.
+//! themselves. See DESIGN §2. The steps' own lifecycle is [`step`].
+
+pub mod step;
 
 use crate::model::{ApprovalStatus, FailureReason, TaskStatus};
 use serde::{Deserialize, Serialize};
+use step::StepEvent;
 
 /// A task's lifecycle position: its status and its approval status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,11 +46,11 @@ pub enum TaskEvent {
     },
     /// An operator cancelled the task.
     Cancel,
-    /// The task stayed queued past its queue timeout.
-    QueueTimedOut,
 }
 
-/// What the service must do after persisting a transition.
+/// What the service must do after persisting a transition, with the data it needs
+/// from the decision (after restate's `Action`s: the state machine says what to do,
+/// the service only carries it out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
@@ -57,14 +60,27 @@ pub enum Effect {
     DispatchSteps,
     /// Tell approvers (via the approval-requested event) that a decision is needed.
     RequestApproval,
-    /// Publish the lifecycle event for the new status.
-    PublishEvent,
-    /// Mark steps that never started as cancelled.
-    CancelQueuedSteps,
-    /// Send a cancel on the control subject of every workstation running a step.
-    StopRunningSteps,
+    /// Publish the lifecycle event announcing this status and approval status.
+    PublishEvent {
+        status: TaskStatus,
+        approval: ApprovalStatus,
+    },
+    /// Deliver this event to every step of the task, through the step lifecycle
+    /// (`step::transition`) in the same transaction: a cancel ends the steps that
+    /// never started and asks the running ones to stop.
+    Steps(StepEvent),
     /// Let the retry policy decide whether a linked attempt is created.
     ConsiderRetry,
+}
+
+impl Effect {
+    /// The event every step must be given, if this effect is [`Effect::Steps`].
+    pub fn step_event(&self) -> Option<StepEvent> {
+        match self {
+            Effect::Steps(e) => Some(*e),
+            _ => None,
+        }
+    }
 }
 
 /// The outcome of an accepted event.
@@ -103,15 +119,24 @@ pub fn transition(from: TaskState, event: TaskEvent) -> Result<Transition, Trans
     use TaskEvent as E;
     use TaskStatus as S;
 
+    // Every change of status announces itself: the event carries the new state.
+    let with_event = |status, approval, effects: &[Effect]| {
+        let mut v = effects.to_vec();
+        if status != from.status {
+            let at = v.iter().position(|e| *e == DispatchSteps).unwrap_or(v.len());
+            v.insert(at, PublishEvent { status, approval });
+        }
+        v
+    };
     let to = |status, approval, effects: &[Effect]| Transition {
         next: TaskState::new(status, approval),
         failure_reason: None,
-        effects: effects.to_vec(),
+        effects: with_event(status, approval, effects),
     };
     let fail = |approval, reason, effects: &[Effect]| Transition {
         next: TaskState::new(S::Failed, approval),
-        failure_reason: Some(reason),
-        effects: effects.to_vec(),
+        failure_reason: reason,
+        effects: with_event(S::Failed, approval, effects),
     };
     let not_allowed = || TransitionError::NotAllowed {
         status: from.status,
@@ -122,6 +147,7 @@ pub fn transition(from: TaskState, event: TaskEvent) -> Result<Transition, Trans
     if from.status.is_terminal() {
         return Err(TransitionError::AlreadyTerminal(from.status));
     }
+    let cancel_steps = Steps(StepEvent::TaskCancelled);
 
     let t = match (from.status, from.approval, event) {
         (
@@ -130,51 +156,35 @@ pub fn transition(from: TaskState, event: TaskEvent) -> Result<Transition, Trans
             E::Evaluated {
                 approval_required: false,
             },
-        ) => to(
-            S::Queued,
-            A::NotRequired,
-            &[MaterializeSteps, PublishEvent, DispatchSteps],
-        ),
+        ) => to(S::Queued, A::NotRequired, &[MaterializeSteps, DispatchSteps]),
         (
             S::Planned,
             A::Unevaluated,
             E::Evaluated {
                 approval_required: true,
             },
-        ) => to(S::Planned, A::Pending, &[RequestApproval]),
-        (S::Planned, A::Pending, E::Approved) => {
-            to(S::Queued, A::Approved, &[MaterializeSteps, PublishEvent, DispatchSteps])
-        }
-        (S::Planned, A::Pending, E::Rejected) => fail(A::Rejected, FailureReason::Rejected, &[PublishEvent]),
-        (S::Planned, A::Pending, E::ApprovalExpired) => {
-            fail(A::Expired, FailureReason::ApprovalExpired, &[PublishEvent])
-        }
-        (S::Planned, approval, E::Cancel) => to(S::Cancelled, approval, &[PublishEvent]),
-
-        (S::Queued, approval, E::StepClaimed) => to(S::Executing, approval, &[PublishEvent]),
-        (S::Queued, approval, E::Cancel) => to(S::Cancelled, approval, &[CancelQueuedSteps, PublishEvent]),
-        (S::Queued, approval, E::QueueTimedOut) => fail(
-            approval,
-            FailureReason::QueueTimeout,
-            &[CancelQueuedSteps, PublishEvent, ConsiderRetry],
-        ),
-        // Steps can all end while the task is still queued only if none was ever claimed
-        // (e.g. every step failed to start); treat it like an execution that finished.
-        (S::Queued | S::Executing, approval, E::StepsFinished { all_succeeded: true }) => {
-            to(S::Completed, approval, &[PublishEvent])
-        }
-        (S::Queued | S::Executing, approval, E::StepsFinished { all_succeeded: false }) => Transition {
-            next: TaskState::new(S::Failed, approval),
+        ) => Transition {
+            next: TaskState::new(S::Planned, A::Pending),
             failure_reason: None,
-            effects: vec![PublishEvent, ConsiderRetry],
+            effects: vec![RequestApproval],
         },
+        (S::Planned, A::Pending, E::Approved) => to(S::Queued, A::Approved, &[MaterializeSteps, DispatchSteps]),
+        (S::Planned, A::Pending, E::Rejected) => fail(A::Rejected, Some(FailureReason::Rejected), &[]),
+        (S::Planned, A::Pending, E::ApprovalExpired) => fail(A::Expired, Some(FailureReason::ApprovalExpired), &[]),
+        (S::Planned, approval, E::Cancel) => to(S::Cancelled, approval, &[]),
+
+        (S::Queued, approval, E::StepClaimed) => to(S::Executing, approval, &[]),
+        // Steps can all end while the task is still queued only if none was ever claimed
+        // (every step timed out in the queue, say); treat it like an execution that finished.
+        (S::Queued | S::Executing, approval, E::StepsFinished { all_succeeded: true }) => {
+            to(S::Completed, approval, &[])
+        }
+        (S::Queued | S::Executing, approval, E::StepsFinished { all_succeeded: false }) => {
+            fail(approval, None, &[ConsiderRetry])
+        }
+        (S::Queued | S::Executing, approval, E::Cancel) => to(S::Cancelled, approval, &[cancel_steps]),
 
         (S::Executing, approval, E::StepClaimed) => to(S::Executing, approval, &[]),
-        (S::Executing, approval, E::Cancel) => to(
-            S::Cancelled,
-            approval,
-            &[CancelQueuedSteps, StopRunningSteps, PublishEvent],
-        ),
         _ => return Err(not_allowed()),
     };
     Ok(t)
@@ -211,7 +221,6 @@ mod tests {
             TaskEvent::StepsFinished { all_succeeded: true },
             TaskEvent::StepsFinished { all_succeeded: false },
             TaskEvent::Cancel,
-            TaskEvent::QueueTimedOut,
         ]
     }
 
@@ -234,7 +243,6 @@ mod tests {
             (S::Planned, a, E::Cancel) => Some((S::Cancelled, a)),
             (S::Queued, a, E::StepClaimed) => Some((S::Executing, a)),
             (S::Queued, a, E::Cancel) => Some((S::Cancelled, a)),
-            (S::Queued, a, E::QueueTimedOut) => Some((S::Failed, a)),
             (S::Queued | S::Executing, a, E::StepsFinished { all_succeeded }) => {
                 Some((if all_succeeded { S::Completed } else { S::Failed }, a))
             }
@@ -292,7 +300,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             t.effects,
-            vec![Effect::MaterializeSteps, Effect::PublishEvent, Effect::DispatchSteps]
+            vec![
+                Effect::MaterializeSteps,
+                Effect::PublishEvent {
+                    status: S::Queued,
+                    approval: A::NotRequired
+                },
+                Effect::DispatchSteps
+            ]
         );
         let t = transition(TaskState::new(S::Planned, A::Pending), TaskEvent::Approved).unwrap();
         assert!(t.effects.contains(&Effect::MaterializeSteps));
@@ -312,8 +327,6 @@ mod tests {
         assert_eq!(t.failure_reason, Some(FailureReason::Rejected));
         let t = transition(TaskState::new(S::Planned, A::Pending), TaskEvent::ApprovalExpired).unwrap();
         assert_eq!(t.failure_reason, Some(FailureReason::ApprovalExpired));
-        let t = transition(TaskState::new(S::Queued, A::NotRequired), TaskEvent::QueueTimedOut).unwrap();
-        assert_eq!(t.failure_reason, Some(FailureReason::QueueTimeout));
     }
 
     #[test]
@@ -321,9 +334,32 @@ mod tests {
         let from = TaskState::new(S::Executing, A::NotRequired);
         assert!(transition(from, TaskEvent::StepClaimed).unwrap().is_noop(from));
         let t = transition(from, TaskEvent::Cancel).unwrap();
-        assert!(t.effects.contains(&Effect::StopRunningSteps));
+        assert!(t.effects.contains(&Effect::Steps(StepEvent::TaskCancelled)));
         let t = transition(from, TaskEvent::StepsFinished { all_succeeded: false }).unwrap();
         assert!(t.effects.contains(&Effect::ConsiderRetry));
+    }
+
+    #[test]
+    fn every_change_of_state_and_only_that_publishes_the_new_state() {
+        for from in all_states() {
+            for e in all_events() {
+                let Ok(t) = transition(from, e) else { continue };
+                let published: Vec<_> = t
+                    .effects
+                    .iter()
+                    .filter_map(|f| match f {
+                        Effect::PublishEvent { status, approval } => Some(TaskState::new(*status, *approval)),
+                        _ => None,
+                    })
+                    .collect();
+                let changed = t.next.status != from.status;
+                assert_eq!(
+                    published,
+                    if changed { vec![t.next] } else { vec![] },
+                    "{from:?} + {e:?}"
+                );
+            }
+        }
     }
 
     #[test]

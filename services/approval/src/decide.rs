@@ -26,10 +26,11 @@ use tanjiren_shared::approvals::{
 use tanjiren_shared::doctrine::{ApprovalClass, MatchedRule};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
-use tanjiren_shared::model::{Mode, Role, TaskStatus};
+use tanjiren_shared::model::{ApprovalStatus, Mode, Role, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::{ErrorCode, WireError};
 use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
@@ -59,13 +60,13 @@ impl DecisionKind {
 struct TaskRow {
     id: Uuid,
     org_id: Uuid,
-    status: String,
-    approval_status: String,
+    status: Text<TaskStatus>,
+    approval_status: Text<ApprovalStatus>,
     intent: String,
     payload: Json<Mode>,
     targets: Vec<Uuid>,
     timeout_secs: i64,
-    approval_class: Option<String>,
+    approval_class: Option<Text<ApprovalClass>>,
     approval_rules: Option<Json<Vec<MatchedRule>>>,
     approval_reason_required: bool,
     payload_digest: Option<String>,
@@ -79,14 +80,14 @@ struct TokenRow {
     id: Uuid,
     org_id: Uuid,
     task_id: Uuid,
-    approval_class: String,
+    approval_class: Text<ApprovalClass>,
     payload_digest: String,
     token_hash: String,
     expires_at: DateTime<Utc>,
     consumed_at: Option<DateTime<Utc>>,
     minted_by_token_id: Uuid,
     minted_by: String,
-    minted_by_role: String,
+    minted_by_role: Text<Role>,
     minter_revoked: bool,
 }
 
@@ -201,7 +202,7 @@ async fn decide_batch(
     .await
     .map_err(db_error)?;
     for row in rows {
-        let state = TaskState::new(parse(&row.status)?, parse(&row.approval_status)?);
+        let state = TaskState::new(*row.status, *row.approval_status);
         tasks.insert(row.id, (row, state));
     }
     let mut tokens: HashMap<String, TokenRow> = sqlx::query_as::<_, TokenRow>(
@@ -317,23 +318,18 @@ fn check_request(
             "the API token that minted this approval token has been revoked",
         ));
     }
-    let class: ApprovalClass = task
-        .approval_class
-        .as_deref()
-        .map(parse)
-        .transpose()?
-        .unwrap_or(ApprovalClass::None);
+    let class: ApprovalClass = task.approval_class.map_or(ApprovalClass::None, |c| *c);
     let targets: Vec<WorkstationId> = task.targets.iter().copied().map(WorkstationId::from).collect();
     let stored = StoredToken {
         token_id: token.id,
         org_id: token.org_id.into(),
         task_id: token.task_id.into(),
-        approval_class: parse(&token.approval_class)?,
+        approval_class: *token.approval_class,
         payload_digest: token.payload_digest.clone(),
         expires_at: token.expires_at,
         consumed_at: token.consumed_at,
         minted_by_token_id: token.minted_by_token_id,
-        minted_by_role: parse(&token.minted_by_role)?,
+        minted_by_role: *token.minted_by_role,
     };
     check_token(
         &stored,
@@ -482,9 +478,4 @@ fn record(a: &Accepted, now: DateTime<Utc>) -> ApprovalRecord {
         reason: a.reason.clone(),
         decided_at: now,
     }
-}
-
-fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
-    s.parse()
-        .map_err(|_| WireError::internal(format!("unexpected stored value `{s}`")))
 }

@@ -251,21 +251,6 @@ async fn store_snapshots(
     assessed: &[Assessed<'_>],
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, WireError> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "UPDATE tasks t SET {CHANGES_SET},
-                doctrine_version = x.version, approval_class = x.class, approval_rules = x.rules,
-                approval_reason_required = x.reason_required, payload_digest = x.digest,
-                approval_requested_at = CASE WHEN x.deadline IS NULL THEN NULL ELSE $16 END,
-                approval_deadline = x.deadline
-             FROM {CHANGES_FROM}
-             JOIN unnest($10::uuid[], $11::int4[], $12::text[], $13::jsonb[], $14::bool[], $15::text[],
-                         $17::timestamptz[])
-                  AS x(id, version, class, rules, reason_required, digest, deadline) ON x.id = u.id
-             WHERE {CHANGES_GUARD}
-             RETURNING t.id"
-        )
-    });
     let changes: Vec<TaskChange> = assessed
         .iter()
         .map(|a| TaskChange::new(a.task.id, TaskState::initial(), a.transition.clone()))
@@ -293,7 +278,7 @@ async fn store_snapshots(
         deadlines.push(a.deadline);
     }
     arrays
-        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(SQL.as_str())))
+        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(EVALUATED_SQL.as_str())))
         .bind(&ids)
         .bind(&versions)
         .bind(&classes)
@@ -325,3 +310,20 @@ fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEve
         },
     }
 }
+
+/// Doctrine evaluation's change and snapshot, one statement (see the function using it).
+pub(crate) static EVALUATED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE tasks t SET {CHANGES_SET},
+            doctrine_version = x.version, approval_class = x.class, approval_rules = x.rules,
+            approval_reason_required = x.reason_required, payload_digest = x.digest,
+            approval_requested_at = CASE WHEN x.deadline IS NULL THEN NULL ELSE $16::timestamptz END,
+            approval_deadline = x.deadline
+         FROM {CHANGES_FROM}
+         JOIN unnest($10::uuid[], $11::int4[], $12::text[], $13::jsonb[], $14::bool[], $15::text[],
+                     $17::timestamptz[])
+              AS x(id, version, class, rules, reason_required, digest, deadline) ON x.id = u.id
+         WHERE {CHANGES_GUARD}
+         RETURNING t.id"
+    )
+});

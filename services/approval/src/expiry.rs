@@ -15,6 +15,7 @@ use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -25,7 +26,7 @@ pub const SYSTEM: &str = "system";
 struct Overdue {
     id: Uuid,
     org_id: Uuid,
-    approval_class: Option<String>,
+    approval_class: Option<Text<ApprovalClass>>,
     created_by: String,
     created_by_token_id: Option<Uuid>,
 }
@@ -65,11 +66,8 @@ pub async fn expire_overdue(conns: &Connections, now: DateTime<Utc>) -> Result<u
                 approval_id: Uuid::now_v7(),
                 task_id: r.id.into(),
                 decision: ApprovalDecision::Expired,
-                approval_class: r
-                    .approval_class
-                    .as_deref()
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(ApprovalClass::SensitiveWrite),
+                // A pending task always has its class; the strictest-but-one is a floor.
+                approval_class: r.approval_class.map_or(ApprovalClass::SensitiveWrite, |c| *c),
                 decided_by: SYSTEM.into(),
                 decided_by_token_id: None,
                 decided_by_role: None,

@@ -39,6 +39,13 @@ pub use evaluate::{Evaluated, Sweep};
 pub use expiry::expire_overdue;
 pub use tokens::mint;
 
+/// The statements by which this service changes a status (through the store's
+/// lifecycle interpreter), by name: what the plan tests `EXPLAIN`. Decisions and
+/// expiry store theirs with `tanjiren_store::lifecycle::store_task_changes`.
+pub fn lifecycle_statements() -> Vec<(&'static str, &'static str)> {
+    vec![("doctrine evaluation", evaluate::EVALUATED_SQL.as_str())]
+}
+
 pub const QUEUE_GROUP: &str = "approval";
 /// Planned tasks younger than this are left to the event path by the sweep.
 const SWEEP_MIN_AGE: Duration = Duration::from_secs(1);

@@ -231,7 +231,7 @@ async fn worker_add_batch(
     let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let steps: HashMap<Uuid, StepOwner> = sqlx::query_as::<_, StepOwner>(
         "SELECT s.id, s.org_id, s.task_id, s.workstation_id, s.lease_generation, s.lease_owner, s.status,
-                t.root_task_id, t.investigation_id
+                s.cancel_requested_at IS NOT NULL AS stop_requested, t.root_task_id, t.investigation_id
          FROM steps s JOIN tasks t ON t.id = s.task_id
          WHERE s.id = ANY($1) ORDER BY s.id FOR SHARE OF s",
     )

@@ -9,14 +9,18 @@
 //! back. A finished task cannot be cancelled (`conflict`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
+use tanjiren_shared::lifecycle::step::{StepEffect, StepEvent, StepState};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TransitionError, transition};
-use tanjiren_shared::model::TaskStatus;
+use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::{CancelTaskReply, CancelTaskRequest, ControlMessage};
+use tanjiren_store::lifecycle::steps::{STEP_GUARD, StepChanges, StepSet};
 use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
+use tanjiren_store::rows::Text;
 use tanjiren_store::settle::lock_tasks;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
@@ -62,7 +66,7 @@ async fn cancel(
             if accepted.contains_key(&id) {
                 return Err(WireError::conflict(format!("task {id} is already cancelled")));
             }
-            let state = t.state().ok_or_else(|| WireError::internal("unreadable task state"))?;
+            let state = t.state();
             let transition = transition(state, TaskEvent::Cancel).map_err(|e| match e {
                 TransitionError::AlreadyTerminal(s) => WireError::conflict(format!(
                     "task {id} is already {s}; only planned, queued or executing tasks can be cancelled"
@@ -81,42 +85,27 @@ async fn cancel(
 
     let changes: Vec<TaskChange> = accepted.values().cloned().collect();
     let changed = store_task_changes(&mut tx, &changes).await?;
-    // The lifecycle's effects say what happens to the steps of each cancelled task.
-    let with_effect = |effect: Effect| -> Vec<Uuid> {
-        changes
-            .iter()
-            .filter(|c| changed.contains(&c.task_id) && c.transition.effects.contains(&effect))
-            .map(|c| c.task_id)
-            .collect()
-    };
-    let (stop_queued, stop_running) = (
-        with_effect(Effect::CancelQueuedSteps),
-        with_effect(Effect::StopRunningSteps),
-    );
-    let mut cancelled_queued: HashMap<Uuid, u32> = HashMap::new();
-    let mut running: Vec<(Uuid, Uuid, Uuid, Uuid)> = Vec::new();
-    if !stop_queued.is_empty() {
-        let never_started: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE steps SET status = 'cancelled', failure_reason = 'cancelled', finished_at = now()
-             WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' RETURNING task_id",
-        )
-        .bind(&stop_queued)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        for t in never_started {
-            *cancelled_queued.entry(t).or_default() += 1;
+    // The lifecycle's effects say what happens to the steps of each cancelled task:
+    // the step event to deliver to every one of them (`TaskCancelled`).
+    let mut by_event: HashMap<StepEvent, Vec<Uuid>> = HashMap::new();
+    for c in changes.iter().filter(|c| changed.contains(&c.task_id)) {
+        for event in c.transition.effects.iter().filter_map(Effect::step_event) {
+            by_event.entry(event).or_default().push(c.task_id);
         }
     }
-    if !stop_running.is_empty() {
-        running = sqlx::query_as(
-            "UPDATE steps SET cancel_requested_at = now()
-             WHERE task_id = ANY($1) AND status IS NOT DISTINCT FROM 'executing' RETURNING id, task_id, org_id, workstation_id",
-        )
-        .bind(&stop_running)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    let mut cancelled_queued: HashMap<Uuid, u32> = HashMap::new();
+    let mut running: Vec<(Uuid, Uuid, Uuid, Uuid)> = Vec::new();
+    for (event, task_ids) in &by_event {
+        let (table, sql) = &STEPS_OF_TASKS[event];
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(task_ids);
+        let rows: Vec<ChangedStep> = table.bind(query).fetch_all(&mut *tx).await.map_err(db_error)?;
+        for c in rows {
+            if table.has_effect(StepState::new(*c.from_status, c.from_stop), StepEffect::StopProcesses) {
+                running.push((c.id, c.task_id, c.org_id, c.workstation_id));
+            } else if *c.to_status == StepStatus::Cancelled {
+                *cancelled_queued.entry(c.task_id).or_default() += 1;
+            }
+        }
     }
     tx.commit().await.map_err(db_error)?;
 
@@ -132,20 +121,21 @@ async fn cancel(
         }
         *signalled.entry(*task).or_default() += 1;
     }
-    for c in changes
-        .iter()
-        .filter(|c| changed.contains(&c.task_id) && c.transition.effects.contains(&Effect::PublishEvent))
-    {
-        publish_task_event(
-            &conns.nats,
-            &conns.subjects,
-            OrgId::from(tasks[&c.task_id].org_id),
-            TaskId::from(c.task_id),
-            c.transition.next.status,
-            c.transition.next.approval,
-            None,
-        )
-        .await;
+    for c in changes.iter().filter(|c| changed.contains(&c.task_id)) {
+        for effect in &c.transition.effects {
+            if let Effect::PublishEvent { status, approval } = *effect {
+                publish_task_event(
+                    &conns.nats,
+                    &conns.subjects,
+                    OrgId::from(tasks[&c.task_id].org_id),
+                    TaskId::from(c.task_id),
+                    status,
+                    approval,
+                    None,
+                )
+                .await;
+            }
+        }
     }
     conns.metrics.count(Count::TasksCancelled, changed.len() as u64);
     Ok(decided
@@ -160,3 +150,36 @@ async fn cancel(
         })
         .collect())
 }
+
+/// A step a task's effect changed: where it runs, and the states it left and entered.
+#[derive(sqlx::FromRow)]
+struct ChangedStep {
+    id: Uuid,
+    task_id: Uuid,
+    org_id: Uuid,
+    workstation_id: Uuid,
+    from_status: Text<StepStatus>,
+    from_stop: bool,
+    to_status: Text<StepStatus>,
+}
+
+/// For each step event a task's effect can carry: its table (binding as `$2`…`$7`)
+/// applied to every step of the tasks `$1`, returning each changed step with the
+/// state it left and the status it entered.
+pub(crate) static STEPS_OF_TASKS: LazyLock<HashMap<StepEvent, (StepChanges, String)>> = LazyLock::new(|| {
+    tanjiren_shared::lifecycle::step::all_events()
+        .into_iter()
+        .map(|event| {
+            let table = StepChanges::for_event(event);
+            let sql = format!(
+                "UPDATE steps s SET {set}
+                 FROM {source}
+                 WHERE s.task_id = ANY($1) AND {STEP_GUARD}
+                 RETURNING s.id, s.task_id, s.org_id, s.workstation_id, sc.from_status, sc.from_stop, sc.to_status",
+                set = StepSet::default().sql(),
+                source = table.source(2),
+            );
+            (event, (table, sql))
+        })
+        .collect()
+});

@@ -19,6 +19,19 @@ use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError}
 
 pub use summary::{Swept, sweep_summaries, write_summaries};
 
+/// The statements by which this service changes a status (through the store's
+/// lifecycle interpreter), by name: what the plan tests `EXPLAIN`.
+pub fn lifecycle_statements() -> Vec<(&'static str, &'static str)> {
+    use tanjiren_shared::lifecycle::step::StepEvent;
+    vec![
+        ("ingest.progress", worker_writes::PROGRESS_SQL.as_str()),
+        (
+            "tasks.cancel (steps)",
+            cancel::STEPS_OF_TASKS[&StepEvent::TaskCancelled].1.as_str(),
+        ),
+    ]
+}
+
 /// The queue group every ingest replica joins.
 pub const QUEUE_GROUP: &str = "ingest";
 

@@ -10,12 +10,13 @@ use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
-use tanjiren_shared::model::Mode;
+use tanjiren_shared::model::{ApprovalStatus, Mode, StepStatus, TaskStatus};
 use tanjiren_shared::protocol::{
     GetTaskRequest, ListTasksReply, ListTasksRequest, LogLine, LogSignatureView, LogStream, LogView, StepLogLine,
     StepView, TaskLogsReply, TaskLogsRequest, TaskSummary, TaskView,
 };
 use tanjiren_store::approval_records::task_approvals;
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
@@ -27,8 +28,8 @@ struct TaskRow {
     mode: String,
     payload: Json<Mode>,
     targets: Vec<Uuid>,
-    status: String,
-    approval_status: String,
+    status: Text<TaskStatus>,
+    approval_status: Text<ApprovalStatus>,
     failure_reason: Option<String>,
     timeout_secs: i64,
     investigation_id: Option<Uuid>,
@@ -54,8 +55,8 @@ impl TaskRow {
             task_id: self.id.into(),
             intent: self.intent,
             mode: self.mode,
-            status: parse(&self.status)?,
-            approval_status: parse(&self.approval_status)?,
+            status: *self.status,
+            approval_status: *self.approval_status,
             targets: self.targets.into_iter().map(WorkstationId::from).collect(),
             attempt: self.attempt as u32,
             created_at: self.created_at,
@@ -73,7 +74,7 @@ struct StepRow {
     execution_id: Uuid,
     workstation_id: Uuid,
     workstation_name: Option<String>,
-    status: String,
+    status: Text<StepStatus>,
     lease_generation: i64,
     lease_owner: Option<String>,
     lease_expires_at: Option<DateTime<Utc>>,
@@ -90,11 +91,6 @@ struct StepRow {
     stderr_tail: String,
     log_bytes: i64,
     log_truncated: bool,
-}
-
-fn parse<T: std::str::FromStr>(s: &str) -> Result<T, WireError> {
-    s.parse()
-        .map_err(|_| WireError::internal(format!("unexpected stored value `{s}`")))
 }
 
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
@@ -149,7 +145,7 @@ pub async fn get_task(
                 step_id: s.id.into(),
                 workstation_id: s.workstation_id.into(),
                 workstation_name: s.workstation_name,
-                status: parse(&s.status)?,
+                status: *s.status,
                 lease_generation: s.lease_generation,
                 lease_owner: s.lease_owner,
                 lease_expires_at: s.lease_expires_at,
@@ -193,8 +189,8 @@ pub async fn get_task(
         org_id: row.org_id.into(),
         intent: row.intent,
         mode: row.payload.0,
-        status: parse(&row.status)?,
-        approval_status: parse(&row.approval_status)?,
+        status: *row.status,
+        approval_status: *row.approval_status,
         targets: row.targets.into_iter().map(WorkstationId::from).collect(),
         timeout_secs: row.timeout_secs as u64,
         failure_reason: row.failure_reason,

@@ -26,8 +26,9 @@ use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::logs::{
     SUMMARY_TOP_ERRORS, SummaryErrorLine, SummaryInput, SummaryStep, render_summary, summary_title,
 };
-use tanjiren_shared::model::TaskStatus;
+use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::TaskEventMessage;
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, ServiceHandle, Shutdown, StartupError, db_error};
 use uuid::Uuid;
 
@@ -179,7 +180,7 @@ struct EndedTask {
     id: Uuid,
     org_id: Uuid,
     intent: String,
-    status: String,
+    status: Text<TaskStatus>,
     failure_reason: Option<String>,
     cancel_reason: Option<String>,
     attempt: i32,
@@ -191,7 +192,7 @@ struct EndedTask {
 struct StepLine {
     task_id: Uuid,
     workstation: Option<String>,
-    status: String,
+    status: Text<StepStatus>,
     exit_code: Option<i32>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
@@ -247,7 +248,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
 
     let mut by_task: HashMap<Uuid, (Vec<SummaryStep>, Vec<SummaryErrorLine>)> = HashMap::new();
     for s in steps {
-        let Ok(status) = s.status.parse() else { continue };
+        let status = *s.status;
         by_task.entry(s.task_id).or_default().0.push(SummaryStep {
             workstation: s.workstation.unwrap_or_else(|| "?".into()),
             status,
@@ -269,7 +270,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
     }
     let mut new = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let Ok(status) = t.status.parse() else { continue };
+        let status = *t.status;
         let (steps, top_errors) = by_task.remove(&t.id).unwrap_or_default();
         let reason = match status {
             tanjiren_shared::model::TaskStatus::Cancelled => Some(format!(

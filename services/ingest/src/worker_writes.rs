@@ -8,9 +8,13 @@
 //! compare-and-swap in that same transaction.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::LazyLock;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
+use tanjiren_shared::lifecycle::step::{
+    LeaseChange, StepEffect, StepEvent, StepState, StepTransition, transition as step_transition,
+};
 use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
 use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
@@ -19,6 +23,8 @@ use tanjiren_shared::protocol::{
 };
 use tanjiren_shared::secret::ApiToken;
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::lifecycle::steps::{self, STEP_GUARD, StepChanges, StepSet};
+use tanjiren_store::rows::Text;
 use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
@@ -123,7 +129,9 @@ pub(crate) struct StepFence {
     pub workstation_id: Uuid,
     pub lease_generation: i64,
     pub lease_owner: Option<String>,
-    pub status: String,
+    pub status: Text<StepStatus>,
+    /// The step's task asked it to stop (`cancel_requested_at` is set).
+    pub stop_requested: bool,
 }
 
 impl StepFence {
@@ -134,7 +142,7 @@ impl StepFence {
             step_id: StepId::from(self.id),
             org_id: OrgId::from(self.org_id),
             workstation_id: WorkstationId::from(self.workstation_id),
-            status: self.status.parse().unwrap_or(StepStatus::Failed),
+            status: *self.status,
             generation: self.lease_generation,
             owner: self.lease_owner.as_deref(),
         };
@@ -248,7 +256,8 @@ async fn store_logs(
     let mut tx = conns.hot.begin().await.map_err(db_error)?;
     // FOR UPDATE (not SHARE): the byte count of the cap is read and written here.
     let mut log_steps: HashMap<Uuid, LogStep> = sqlx::query_as::<_, LogStep>(
-        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status, log_bytes, log_truncated
+        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status,
+                cancel_requested_at IS NOT NULL AS stop_requested, log_bytes, log_truncated
          FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(&step_ids)
@@ -402,12 +411,15 @@ pub(crate) async fn progress(
 }
 
 /// The merged update for one step in this batch.
-#[derive(Default)]
 struct StepUpdate {
     stdout_tail: Option<String>,
     stderr_tail: Option<String>,
-    status: Option<String>,
+    /// The state the step is in, and what the lifecycle decided (a result) or no
+    /// change (progress only).
+    from: StepState,
+    change: StepTransition,
     exit_code: Option<i32>,
+    /// The worker's own reason for a failed or cancelled result.
     failure_reason: Option<String>,
     /// With a result: whether nothing the step started is left (`processes_left == 0`).
     stopped_all: Option<bool>,
@@ -442,7 +454,8 @@ async fn store_progress(
         .map_err(db_error)?;
     let tasks = lock_tasks(&mut tx, &task_ids).await?;
     let fences: HashMap<Uuid, StepFence> = sqlx::query_as::<_, StepFence>(
-        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status
+        "SELECT id, task_id, org_id, workstation_id, lease_generation, lease_owner, status,
+                cancel_requested_at IS NOT NULL AS stop_requested
          FROM steps WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(&step_ids)
@@ -487,23 +500,45 @@ async fn store_progress(
             ))));
             continue;
         }
-        let u = updates.entry(fence.id).or_default();
+        let from = StepState::new(*fence.status, fence.stop_requested);
+        let change = match &b.result {
+            Some(r) => match step_transition(from, StepEvent::Reported(r.status)) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    results.push(Err(WireError::conflict(format!("step {}: {e}", b.step_id))));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let u = updates.entry(fence.id).or_insert_with(|| StepUpdate {
+            stdout_tail: None,
+            stderr_tail: None,
+            from,
+            change: StepTransition {
+                next: from,
+                lease: LeaseChange::Keep,
+                reason: None,
+                effects: Vec::new(),
+            },
+            exit_code: None,
+            failure_reason: None,
+            stopped_all: None,
+        });
         if let Some(t) = &b.stdout_tail {
             u.stdout_tail = Some(tail(t));
         }
         if let Some(t) = &b.stderr_tail {
             u.stderr_tail = Some(tail(t));
         }
-        if let Some(r) = &b.result {
-            u.status = Some(r.status.as_str().to_string());
+        if let (Some(r), Some(change)) = (&b.result, change) {
+            if change.effects.contains(&StepEffect::SettleTask) {
+                finished_tasks.insert(fence.task_id);
+            }
+            u.change = change;
             u.exit_code = r.exit_code;
-            u.failure_reason = match (r.failure_reason, r.status) {
-                (Some(f), _) => Some(f.as_str().to_string()),
-                (None, StepStatus::Failed) => Some("failed".into()),
-                (None, _) => None,
-            };
+            u.failure_reason = r.failure_reason.map(|f| f.as_str().to_string());
             u.stopped_all = Some(r.processes_left == 0);
-            finished_tasks.insert(fence.task_id);
         }
         results.push(Ok((fence.id, fence.task_id)));
     }
@@ -512,48 +547,28 @@ async fn store_progress(
     let mut generations: HashMap<Uuid, i64> = fences.values().map(|f| (f.id, f.lease_generation)).collect();
     if !updates.is_empty() {
         let mut ids = vec![];
-        let (mut outs, mut errs, mut statuses, mut codes, mut reasons) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut stopped_all = vec![];
-        for (id, u) in updates {
-            ids.push(id);
-            outs.push(u.stdout_tail);
-            errs.push(u.stderr_tail);
-            statuses.push(u.status);
+        let (mut outs, mut errs, mut codes, mut reasons, mut stopped_all) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut decisions = Vec::with_capacity(updates.len());
+        for (id, u) in &updates {
+            ids.push(*id);
+            outs.push(u.stdout_tail.as_deref());
+            errs.push(u.stderr_tail.as_deref());
             codes.push(u.exit_code);
-            reasons.push(u.failure_reason);
+            reasons.push(u.failure_reason.as_deref());
             stopped_all.push(u.stopped_all);
+            decisions.push((*id, u.from, &u.change));
         }
-        // A result ends the lease in the same statement (generation + 1, no owner):
-        // a finished step never holds a lease, whatever happens to the release.
-        let after: Vec<(Uuid, i64)> = sqlx::query_as(
-            "UPDATE steps s SET
-                lease_generation = CASE WHEN u.status IS NULL THEN s.lease_generation ELSE s.lease_generation + 1 END,
-                lease_owner = CASE WHEN u.status IS NULL THEN s.lease_owner END,
-                lease_expires_at = CASE WHEN u.status IS NULL THEN s.lease_expires_at END,
-                stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
-                stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
-                status = COALESCE(u.status, s.status),
-                exit_code = CASE WHEN u.status IS NULL THEN s.exit_code ELSE u.exit_code END,
-                failure_reason = CASE WHEN u.status IS NULL THEN s.failure_reason ELSE u.failure_reason END,
-                finished_at = CASE WHEN u.status IS NULL THEN s.finished_at ELSE now() END,
-                stop_confirmed_at = CASE WHEN u.status IS NOT NULL AND s.cancel_requested_at IS NOT NULL
-                                              AND u.stopped_all
-                                         THEN now() ELSE s.stop_confirmed_at END
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::bool[])
-                  AS u(id, stdout_tail, stderr_tail, status, exit_code, failure_reason, stopped_all)
-             WHERE s.id = u.id
-             RETURNING s.id, s.lease_generation",
-        )
-        .bind(&ids)
-        .bind(&outs)
-        .bind(&errs)
-        .bind(&statuses)
-        .bind(&codes)
-        .bind(&reasons)
-        .bind(&stopped_all)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let changes = StepChanges::for_steps(decisions);
+        // A result ends the lease in the same statement (the lifecycle's lease
+        // change): a finished step never holds a lease, whatever happens to the release.
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(PROGRESS_SQL.as_str()))
+            .bind(&ids)
+            .bind(&outs)
+            .bind(&errs)
+            .bind(&codes)
+            .bind(&reasons)
+            .bind(&stopped_all);
+        let after: Vec<(Uuid, i64)> = changes.bind(query).fetch_all(&mut *tx).await.map_err(db_error)?;
         generations.extend(after);
     }
 
@@ -566,10 +581,7 @@ async fn store_progress(
             r.map(|(step_id, task_id)| {
                 let status = match decided.get(&task_id) {
                     Some((s, _, _)) => *s,
-                    None => tasks
-                        .get(&task_id)
-                        .and_then(|t| t.status.parse().ok())
-                        .unwrap_or(TaskStatus::Executing),
+                    None => tasks.get(&task_id).map_or(TaskStatus::Executing, |t| *t.status),
                 };
                 ProgressReply {
                     task_status: status,
@@ -610,3 +622,28 @@ mod tests {
         assert_eq!(one, vec![lines[..1].to_vec()]);
     }
 }
+
+/// A batch's progress and results (the lifecycle's `Reported`, decided per locked
+/// step and bound by id as `$7`…`$13`) with the output tails, in one statement.
+pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE steps s SET {set},
+            stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
+            stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
+            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE u.exit_code END,
+            stop_confirmed_at = CASE WHEN sc.to_status <> sc.from_status AND s.cancel_requested_at IS NOT NULL
+                                          AND u.stopped_all
+                                     THEN now() ELSE s.stop_confirmed_at END
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::bool[])
+              AS u(id, stdout_tail, stderr_tail, exit_code, failure_reason, stopped_all),
+              {source}
+         WHERE s.id = u.id AND sc.id = u.id AND {STEP_GUARD}
+         RETURNING s.id, s.lease_generation",
+        set = StepSet {
+            reason: "u.failure_reason",
+            ..StepSet::default()
+        }
+        .sql(),
+        source = steps::source(7, true),
+    )
+});

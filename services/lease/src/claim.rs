@@ -3,20 +3,26 @@
 //! AND status = 'queued' AND workstation_id = <the credential's workstation>` for the
 //! whole batch in one statement: of any number of concurrent claims for one step
 //! exactly one matches, and only a worker of the step's own workstation can match.
-//! The first claimed step of a task moves it queued → executing in the same
-//! statement. The Redis mirror of the lease is written after commit; Postgres alone
+//! Both changes are the lifecycle's (`Claimed` for the step, `StepClaimed` for its
+//! task: the first claimed step moves the task queued → executing), carried out in
+//! the same statement through `tanjiren_store::lifecycle`. The Redis mirror of the lease is written after commit; Postgres alone
 //! decides.
 
 use crate::keys::{self, KeyOp};
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::lease::check_step_access;
-use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
-use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_shared::lifecycle::TaskEvent;
+use tanjiren_shared::lifecycle::step::StepEvent;
+use tanjiren_shared::model::{ApprovalStatus, StepStatus, TaskStatus};
 use tanjiren_shared::protocol::{ClaimGranted, ClaimRequest, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::lifecycle::steps::{STEP_GUARD, StepChanges, StepSet};
+use tanjiren_store::lifecycle::{CHANGES_SET, CHANGES_STATE_GUARD, ChangeArrays};
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
@@ -27,8 +33,56 @@ struct Won {
     lease_generation: i64,
     lease_owner: Option<String>,
     started_org: Option<Uuid>,
-    started_approval: Option<String>,
+    started_status: Option<Text<TaskStatus>>,
+    started_approval: Option<Text<ApprovalStatus>>,
 }
+
+/// The claim statement and the lifecycle tables it binds after its own six
+/// parameters: the steps' `Claimed` (`$7`…`$12`), the tasks' `StepClaimed` (`$13`…`$20`).
+pub(crate) struct Claim {
+    steps: StepChanges,
+    tasks: ChangeArrays,
+    pub(crate) sql: String,
+}
+
+pub(crate) static CLAIM: LazyLock<Claim> = LazyLock::new(|| {
+    let steps = StepChanges::for_event(StepEvent::Claimed);
+    let sql = format!(
+        "WITH won AS (
+            UPDATE steps s SET {step_set}
+            FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[], $6::uuid[]) AS c(id, gen, owner, org, ws),
+                 {step_source}
+            WHERE s.id = c.id AND s.lease_generation = c.gen AND {STEP_GUARD}
+              AND s.org_id = c.org AND s.workstation_id = c.ws
+              -- A step of a task that has ended (cancelled, failed) never runs. A scalar
+              -- subquery: always one primary-key probe per step, never a join the planner
+              -- could turn into a walk of the live tasks (see tanjiren_store::db).
+              AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')
+            RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
+         ), started AS (
+            UPDATE tasks t SET {CHANGES_SET}
+            FROM {task_source}
+            WHERE t.id IN (SELECT task_id FROM won) AND {CHANGES_STATE_GUARD}
+            RETURNING t.id, t.org_id, t.status, t.approval_status
+         )
+         SELECT w.id, w.task_id, w.lease_generation, w.lease_owner, st.org_id AS started_org,
+                st.status AS started_status, st.approval_status AS started_approval
+         FROM won w LEFT JOIN started st ON st.id = w.task_id",
+        step_set = StepSet {
+            owner: "c.owner",
+            lease_ms: "$5",
+            ..StepSet::default()
+        }
+        .sql(),
+        step_source = steps.source(7),
+        task_source = ChangeArrays::source(13),
+    );
+    Claim {
+        steps,
+        tasks: ChangeArrays::for_event(TaskEvent::StepClaimed),
+        sql,
+    }
+});
 
 pub(crate) async fn handle(
     conns: Connections,
@@ -54,47 +108,33 @@ async fn claim(
         // Access::Workstation guarantees a bound credential; a nil id matches no step.
         stations.push(r.principal.workstation_id.map(|w| w.as_uuid()).unwrap_or_default());
     }
-    // One statement, committed on its own: the CAS on the steps and, for a task's
-    // first claimed step, queued → executing (the lifecycle's StepClaimed) as a
-    // compare-and-swap on the task. `started_org` is set on the rows whose claim
+    // One statement, committed on its own: the lifecycle's `Claimed` on each step
+    // (its table joined on the step's state, with the fencing CAS on the generation
+    // and the workstation) and, for a task's first claimed step, its `StepClaimed`
+    // (queued → executing) on the task. `started_*` is set on the rows whose claim
     // started their task.
-    let won: Vec<Won> = sqlx::query_as(
-        "WITH won AS (
-            UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = c.owner, status = 'executing',
-                   claimed_at = now(), started_at = COALESCE(s.started_at, now()), last_heartbeat_at = now(),
-                   lease_expires_at = now() + make_interval(secs => $5::float8 / 1000)
-            FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[], $6::uuid[]) AS c(id, gen, owner, org, ws)
-            WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'queued'
-              AND s.org_id = c.org AND s.workstation_id = c.ws
-              -- A step of a task that has ended (cancelled, failed) never runs. A scalar
-              -- subquery: always one primary-key probe per step, never a join the planner
-              -- could turn into a walk of the live tasks (see tanjiren_store::db).
-              AND (SELECT t.status FROM tasks t WHERE t.id = s.task_id) IN ('queued', 'executing')
-            RETURNING s.id, s.task_id, s.lease_generation, s.lease_owner
-         ), started AS (
-            UPDATE tasks t SET status = 'executing', started_at = now()
-            WHERE t.id IN (SELECT task_id FROM won) AND t.status IS NOT DISTINCT FROM 'queued'
-            RETURNING t.id, t.org_id, t.approval_status
-         )
-         SELECT w.id, w.task_id, w.lease_generation, w.lease_owner,
-                st.org_id AS started_org, st.approval_status AS started_approval
-         FROM won w LEFT JOIN started st ON st.id = w.task_id",
-    )
-    .bind(&ids)
-    .bind(&gens)
-    .bind(&owners)
-    .bind(&orgs)
-    .bind(ttl_ms as f64)
-    .bind(&stations)
-    .fetch_all(&conns.hot)
-    .await
-    .map_err(db_error)?;
-    let mut started: Vec<(Uuid, Uuid, String)> = won
+    let won: Vec<Won> = CLAIM
+        .tasks
+        .bind(
+            CLAIM.steps.bind(
+                sqlx::query_as(sqlx::AssertSqlSafe(CLAIM.sql.as_str()))
+                    .bind(&ids)
+                    .bind(&gens)
+                    .bind(&owners)
+                    .bind(&orgs)
+                    .bind(ttl_ms as f64)
+                    .bind(&stations),
+            ),
+        )
+        .fetch_all(&conns.hot)
+        .await
+        .map_err(db_error)?;
+    let mut started: Vec<(Uuid, Uuid, TaskStatus, ApprovalStatus)> = won
         .iter()
-        .filter_map(|w| Some((w.task_id, w.started_org?, w.started_approval.clone()?)))
+        .filter_map(|w| Some((w.task_id, w.started_org?, *w.started_status?, *w.started_approval?)))
         .collect();
-    started.sort();
-    started.dedup();
+    started.sort_by_key(|(task, ..)| *task);
+    started.dedup_by_key(|(task, ..)| *task);
 
     let granted_leases: Vec<(StepId, &str, i64)> = won
         .iter()
@@ -108,16 +148,14 @@ async fn claim(
         .collect();
     keys::apply(conns, KeyOp::Mirror, &granted_leases).await;
 
-    for (task_id, org_id, approval) in started {
-        let approval: ApprovalStatus = approval.parse().unwrap_or(ApprovalStatus::NotRequired);
-        let next =
-            transition(TaskState::new(TaskStatus::Queued, approval), TaskEvent::StepClaimed).map(|t| t.next.status);
+    // The task's transition publishes its new state (the lifecycle's PublishEvent).
+    for (task_id, org_id, status, approval) in started {
         publish_task_event(
             &conns.nats,
             &conns.subjects,
             OrgId::from(org_id),
             TaskId::from(task_id),
-            next.unwrap_or(TaskStatus::Executing),
+            status,
             approval,
             None,
         )
@@ -212,9 +250,9 @@ struct Current {
     org_id: Uuid,
     workstation_id: Uuid,
     lease_generation: i64,
-    status: String,
+    status: Text<StepStatus>,
     lease_owner: Option<String>,
-    task_status: String,
+    task_status: Text<TaskStatus>,
     /// Of a held lease: milliseconds until it expires, on Postgres' clock.
     remaining_ms: Option<i64>,
 }
@@ -224,7 +262,7 @@ impl Current {
     fn is_repeat_of(&self, r: &Incoming<ClaimRequest>) -> bool {
         self.org_id == r.principal.org_id.as_uuid()
             && r.principal.workstation_id.map(|w| w.as_uuid()) == Some(self.workstation_id)
-            && self.status == "executing"
+            && *self.status == StepStatus::Executing
             && self.lease_owner.as_deref() == Some(r.body.worker_id.as_str())
             && self.lease_generation == r.body.lease_generation + 1
     }
@@ -243,22 +281,22 @@ fn refusal(step: Uuid, principal: &Principal, seen: i64, current: Option<&Curren
     ) {
         return e;
     }
-    if c.status == "executing" {
+    if *c.status == StepStatus::Executing {
         WireError::new(
             ErrorCode::LeaseHeld,
             format!("step {step} is already leased by another worker"),
         )
-    } else if !matches!(c.task_status.as_str(), "queued" | "executing") {
+    } else if !matches!(*c.task_status, TaskStatus::Queued | TaskStatus::Executing) {
         WireError::conflict(format!(
             "step {step} belongs to a task that is {}; it cannot be claimed",
-            c.task_status
+            *c.task_status
         ))
-    } else if c.status == "queued" && c.lease_generation != seen {
+    } else if *c.status == StepStatus::Queued && c.lease_generation != seen {
         WireError::stale_lease(format!(
             "step {step} is at lease generation {}, the claim saw {seen}; use the newest assignment",
             c.lease_generation
         ))
     } else {
-        WireError::conflict(format!("step {step} is {}; it cannot be claimed", c.status))
+        WireError::conflict(format!("step {step} is {}; it cannot be claimed", *c.status))
     }
 }

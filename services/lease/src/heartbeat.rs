@@ -22,6 +22,7 @@ use tanjiren_shared::lease::{LeaseWrite, StoredLease, acting_workstation, check_
 use tanjiren_shared::model::{Mode, StepStatus};
 use tanjiren_shared::protocol::{Assignment, HeartbeatReply, HeartbeatRequest, LeaseRenewal};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
 
@@ -61,7 +62,7 @@ struct Current {
     id: Uuid,
     org_id: Uuid,
     workstation_id: Uuid,
-    status: String,
+    status: Text<StepStatus>,
     lease_generation: i64,
     lease_owner: Option<String>,
     expired: bool,
@@ -263,7 +264,7 @@ fn refusal(
         step_id: step,
         org_id: OrgId::from(c.org_id),
         workstation_id: WorkstationId::from(c.workstation_id),
-        status: c.status.parse().unwrap_or(StepStatus::Failed),
+        status: *c.status,
         generation: c.lease_generation,
         owner: c.lease_owner.as_deref(),
     };

@@ -15,6 +15,17 @@ mod release;
 
 pub use reconciler::{Reconciler, SweepReport};
 
+/// The statements by which this service changes a status (through the store's
+/// lifecycle interpreter), by name: what the plan tests `EXPLAIN`.
+pub fn lifecycle_statements() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("lease.claim", claim::CLAIM.sql.as_str()),
+        ("lease.release (hand back)", release::RELEASE.requeue_sql.as_str()),
+        ("lease.release (end)", release::RELEASE.end_sql.as_str()),
+        ("lease reconciler", reconciler::EXPIRE.1.as_str()),
+    ]
+}
+
 use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError};
 
 pub const QUEUE_GROUP: &str = "lease";

@@ -15,12 +15,14 @@
 use crate::keys::{self, KeyOp};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tanjiren_bus::periodic::{self, Pace};
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::StepId;
+use tanjiren_shared::lifecycle::step::StepEvent;
+use tanjiren_store::lifecycle::steps::{STEP_GUARD, StepChanges, StepSet};
 use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_store::{Connections, Shutdown, db_error};
 use uuid::Uuid;
@@ -110,22 +112,11 @@ impl Reconciler {
         let gens: Vec<i64> = stale.iter().map(|e| e.lease_generation).collect();
         let mut tx = self.conns.db.begin().await.map_err(db_error)?;
         let tasks = lock_tasks(&mut tx, &task_ids).await?;
-        let released: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "UPDATE steps s SET
-                status = CASE WHEN s.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'failed' END,
-                failure_reason = 'lease_expired', finished_at = $3,
-                lease_generation = s.lease_generation + 1, lease_owner = NULL, lease_expires_at = NULL
-             FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen)
-             WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'executing'
-               AND s.lease_expires_at < $3
-             RETURNING s.id, s.task_id",
-        )
-        .bind(&ids)
-        .bind(&gens)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let query = sqlx::query_as(sqlx::AssertSqlSafe(EXPIRE.1.as_str()))
+            .bind(&ids)
+            .bind(&gens)
+            .bind(now);
+        let released: Vec<(Uuid, Uuid)> = EXPIRE.0.bind(query).fetch_all(&mut *tx).await.map_err(db_error)?;
         let finished: BTreeSet<Uuid> = released.iter().map(|(_, t)| *t).collect();
         let decided = settle_finished(&mut tx, &tasks, &finished, &self.conns.config.default_retry_policy()).await?;
         tx.commit().await.map_err(db_error)?;
@@ -145,6 +136,25 @@ impl Reconciler {
         Ok(released.len())
     }
 }
+
+/// The lifecycle's `LeaseExpired` (its table binds as `$4`…`$9`) on the steps whose
+/// lease, at the generation the sweep saw, expired before the sweep's instant `$3`.
+pub(crate) static EXPIRE: LazyLock<(StepChanges, String)> = LazyLock::new(|| {
+    let table = StepChanges::for_event(StepEvent::LeaseExpired);
+    let sql = format!(
+        "UPDATE steps s SET {set}
+         FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen), {source}
+         WHERE s.id = c.id AND s.lease_generation = c.gen AND {STEP_GUARD} AND s.lease_expires_at < $3
+         RETURNING s.id, s.task_id",
+        set = StepSet {
+            at: "$3",
+            ..StepSet::default()
+        }
+        .sql(),
+        source = table.source(4),
+    );
+    (table, sql)
+});
 
 /// Sweeps every `reconcile_interval_ms` (±10 %) until shutdown, on Postgres' clock
 /// (the one that stamped every lease's expiry).

@@ -13,12 +13,16 @@
 
 use crate::keys::{self, KeyOp};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::LazyLock;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::check_step_access;
-use tanjiren_shared::model::FailureReason;
+use tanjiren_shared::lifecycle::step::{StepEffect, StepEvent, StepState, StepTransition};
+use tanjiren_shared::model::{FailureReason, StepStatus};
 use tanjiren_shared::protocol::{ReleaseReply, ReleaseRequest};
 use tanjiren_shared::{ErrorCode, WireError};
+use tanjiren_store::lifecycle::steps::{STEP_GUARD, StepChanges, StepSet};
+use tanjiren_store::rows::Text;
 use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;
@@ -33,24 +37,55 @@ pub(crate) async fn handle(
     }
 }
 
-/// Hands back executing steps (→ queued, generation + 1) and reports, for every
-/// request, the step as it was before this statement, plus the new generation of
-/// those handed back. One statement for the whole batch.
-const RELEASE_SQL: &str = "
-WITH c AS (
-    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, ws)
-), handed AS (
-    UPDATE steps s SET lease_generation = s.lease_generation + 1, lease_owner = NULL, lease_expires_at = NULL,
-           status = 'queued', dispatched_at = 'epoch'::timestamptz
-    FROM c
-    WHERE s.id = c.id AND s.lease_generation = c.gen AND s.lease_owner = c.owner AND s.workstation_id = c.ws
-      AND s.status IS NOT DISTINCT FROM 'executing' AND s.cancel_requested_at IS NULL
-    RETURNING s.id, s.lease_generation
-)
-SELECT s.id, s.task_id, s.org_id, s.workstation_id, s.status, s.lease_generation, s.lease_owner, s.failure_reason,
-       s.cancel_requested_at IS NOT NULL AS cancel_requested, h.lease_generation AS handed_to
-FROM steps s LEFT JOIN handed h ON h.id = s.id
-WHERE s.id = ANY($1)";
+/// The lifecycle's `HandedBack`, split in two: the hand-backs that return a step to
+/// `queued` (one statement, no task to settle) and those that end it (its task
+/// asked it to stop: `cancelled`, and the task is settled in the same transaction).
+pub(crate) struct Release {
+    requeue: StepChanges,
+    end: StepChanges,
+    /// Hands back the steps `requeue` accepts and reports, for every request, the
+    /// step as it was before this statement, plus the new generation of those
+    /// handed back. One statement for the whole batch; the table binds as `$5`…`$10`.
+    pub(crate) requeue_sql: String,
+    /// Ends the steps `end` accepts (`$3`…`$8`), by compare-and-swap on the lease.
+    pub(crate) end_sql: String,
+}
+
+pub(crate) static RELEASE: LazyLock<Release> = LazyLock::new(|| {
+    let settles = |t: &StepTransition| t.effects.contains(&StepEffect::SettleTask);
+    let requeue = StepChanges::for_event_where(StepEvent::HandedBack, |t| !settles(t));
+    let end = StepChanges::for_event_where(StepEvent::HandedBack, settles);
+    let set = StepSet::default().sql();
+    let requeue_sql = format!(
+        "WITH c AS (
+            SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::uuid[]) AS c(id, gen, owner, ws)
+         ), handed AS (
+            UPDATE steps s SET {set}
+            FROM c, {source}
+            WHERE s.id = c.id AND s.lease_generation = c.gen AND s.lease_owner = c.owner AND s.workstation_id = c.ws
+              AND {STEP_GUARD}
+            RETURNING s.id, s.lease_generation
+         )
+         SELECT s.id, s.task_id, s.org_id, s.workstation_id, s.status, s.lease_generation, s.lease_owner,
+                s.failure_reason, s.cancel_requested_at IS NOT NULL AS stop_requested, h.lease_generation AS handed_to
+         FROM steps s LEFT JOIN handed h ON h.id = s.id
+         WHERE s.id = ANY($1)",
+        source = requeue.source(5),
+    );
+    let end_sql = format!(
+        "UPDATE steps s SET {set}
+         FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen), {source}
+         WHERE s.id = c.id AND s.lease_generation = c.gen AND {STEP_GUARD}
+         RETURNING s.id, s.task_id, s.lease_generation",
+        source = end.source(3),
+    );
+    Release {
+        requeue,
+        end,
+        requeue_sql,
+        end_sql,
+    }
+});
 
 #[derive(sqlx::FromRow)]
 struct Before {
@@ -58,11 +93,11 @@ struct Before {
     task_id: Uuid,
     org_id: Uuid,
     workstation_id: Uuid,
-    status: String,
+    status: Text<StepStatus>,
     lease_generation: i64,
     lease_owner: Option<String>,
     failure_reason: Option<String>,
-    cancel_requested: bool,
+    stop_requested: bool,
     /// Set when this statement handed the step back: its new generation.
     handed_to: Option<i64>,
 }
@@ -79,11 +114,14 @@ async fn release(
         // Access::Workstation guarantees a bound credential; a nil id matches no step.
         wss.push(r.principal.workstation_id.map(|w| w.as_uuid()).unwrap_or_default());
     }
-    let before: HashMap<Uuid, Before> = sqlx::query_as::<_, Before>(RELEASE_SQL)
+    let query = sqlx::query_as::<_, Before>(sqlx::AssertSqlSafe(RELEASE.requeue_sql.as_str()))
         .bind(&ids)
         .bind(&gens)
         .bind(&owners)
-        .bind(&wss)
+        .bind(&wss);
+    let before: HashMap<Uuid, Before> = RELEASE
+        .requeue
+        .bind(query)
         .fetch_all(&conns.hot)
         .await
         .map_err(db_error)?
@@ -95,18 +133,21 @@ async fn release(
         .iter()
         .map(|r| decide(r, before.get(&r.body.step_id.as_uuid())))
         .collect();
-    // Hand-backs of steps whose task was cancelled meanwhile end them instead (rare).
+    // Hand-backs the lifecycle ends instead (the task asked the step to stop; rare).
     let cancelled: Vec<(usize, &Before)> = batch
         .iter()
         .enumerate()
         .filter(|(i, _)| results[*i].is_err())
         .filter_map(|(i, r)| {
             let b = before.get(&r.body.step_id.as_uuid())?;
-            let holds = b.status == "executing"
-                && b.lease_generation == r.body.lease_generation
+            let holds = b.lease_generation == r.body.lease_generation
                 && b.lease_owner.as_deref() == Some(r.body.worker_id.as_str())
                 && r.principal.workstation_id.map(|w| w.as_uuid()) == Some(b.workstation_id);
-            (holds && b.cancel_requested).then_some((i, b))
+            let ends = RELEASE
+                .end
+                .decided(StepState::new(*b.status, b.stop_requested))
+                .is_some();
+            (holds && ends).then_some((i, b))
         })
         .collect();
     if !cancelled.is_empty() {
@@ -159,7 +200,7 @@ fn decide(r: &Incoming<ReleaseRequest>, before: Option<&Before>) -> Result<Relea
     }
     // Its result ended the lease already (generation + 1, no owner): nothing is left to
     // release. A take-back by the reconciler looks alike but for its reason: not done.
-    let finished = matches!(b.status.as_str(), "succeeded" | "failed" | "cancelled");
+    let finished = b.status.is_terminal();
     let taken_back = b.failure_reason.as_deref() == Some(FailureReason::LeaseExpired.as_str());
     if finished && !taken_back && b.lease_owner.is_none() && b.lease_generation == r.body.lease_generation + 1 {
         return Ok(ReleaseReply {
@@ -186,18 +227,10 @@ async fn end_cancelled(conns: &Connections, steps: &[(usize, &Before)]) -> Resul
     let (ids, gens): (Vec<Uuid>, Vec<i64>) = steps.iter().map(|(_, b)| (b.id, b.lease_generation)).unzip();
     let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let tasks = lock_tasks(&mut tx, &task_ids).await?;
-    let ended: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
-        "UPDATE steps s SET status = 'cancelled', finished_at = now(),
-                lease_generation = s.lease_generation + 1, lease_owner = NULL, lease_expires_at = NULL
-         FROM unnest($1::uuid[], $2::int8[]) AS c(id, gen)
-         WHERE s.id = c.id AND s.lease_generation = c.gen AND s.status IS NOT DISTINCT FROM 'executing'
-         RETURNING s.id, s.task_id, s.lease_generation",
-    )
-    .bind(&ids)
-    .bind(&gens)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(RELEASE.end_sql.as_str()))
+        .bind(&ids)
+        .bind(&gens);
+    let ended: Vec<(Uuid, Uuid, i64)> = RELEASE.end.bind(query).fetch_all(&mut *tx).await.map_err(db_error)?;
     let finished: BTreeSet<Uuid> = ended.iter().map(|(_, t, _)| *t).collect();
     let decided = settle_finished(&mut tx, &tasks, &finished, &conns.config.default_retry_policy()).await?;
     tx.commit().await.map_err(db_error)?;

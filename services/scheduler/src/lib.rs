@@ -22,17 +22,25 @@ pub mod schedules;
 pub use fire::FireReport;
 pub use retries::retry_task;
 
+/// The statements by which this service changes a status (through the store's
+/// lifecycle interpreter), by name: what the plan tests `EXPLAIN`.
+pub fn lifecycle_statements() -> Vec<(&'static str, &'static str)> {
+    vec![("scheduler queue timeout", QUEUE_TIMEOUT.1.as_str())]
+}
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tanjiren_bus::periodic::{self, Pace};
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
+use tanjiren_shared::lifecycle::step::StepEvent;
 use tanjiren_shared::model::{Mode, Role};
 use tanjiren_shared::protocol::{Assignment, Principal};
+use tanjiren_store::lifecycle::steps::{STEP_GUARD, StepChanges, StepSet};
 use tanjiren_store::settle::{lock_tasks, publish_decisions, settle_finished};
 use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError, db_error};
 use uuid::Uuid;
@@ -131,16 +139,15 @@ impl Scheduler {
                 .collect();
             let mut tx = self.conns.db.begin().await.map_err(db_error)?;
             let tasks = lock_tasks(&mut tx, &task_ids).await?;
-            let expired: Vec<Uuid> = sqlx::query_scalar(
-                "UPDATE steps SET status = 'failed', failure_reason = 'queue_timeout', finished_at = $2
-                 WHERE id = ANY($1) AND status IS NOT DISTINCT FROM 'queued' AND queue_deadline < $2
-                 RETURNING task_id",
-            )
-            .bind(&step_ids)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let query = sqlx::query_scalar(sqlx::AssertSqlSafe(QUEUE_TIMEOUT.1.as_str()))
+                .bind(&step_ids)
+                .bind(now);
+            let expired: Vec<Uuid> = QUEUE_TIMEOUT
+                .0
+                .bind(query)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
             let finished: BTreeSet<Uuid> = expired.iter().copied().collect();
             let decided =
                 settle_finished(&mut tx, &tasks, &finished, &self.conns.config.default_retry_policy()).await?;
@@ -260,3 +267,22 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     }));
     Ok(handle)
 }
+
+/// The lifecycle's `QueueTimedOut` (its table binds as `$3`…`$8`) on the steps
+/// `$1` still queued past their deadline at the tick's instant `$2`.
+pub(crate) static QUEUE_TIMEOUT: LazyLock<(StepChanges, String)> = LazyLock::new(|| {
+    let table = StepChanges::for_event(StepEvent::QueueTimedOut);
+    let sql = format!(
+        "UPDATE steps s SET {set}
+         FROM {source}
+         WHERE s.id = ANY($1) AND {STEP_GUARD} AND s.queue_deadline < $2
+         RETURNING s.task_id",
+        set = StepSet {
+            at: "$2",
+            ..StepSet::default()
+        }
+        .sql(),
+        source = table.source(3),
+    );
+    (table, sql)
+});

@@ -16,10 +16,11 @@ use sqlx::types::Json;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{OrgId, TaskId};
-use tanjiren_shared::model::{Mode, RetryPolicy, TaskSpec};
+use tanjiren_shared::model::{Mode, RetryPolicy, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::retry::retry_key;
 use tanjiren_shared::schedules::{RetryTaskReply, RetryTaskRequest};
+use tanjiren_store::rows::Text;
 use tanjiren_store::settle::Tx;
 use tanjiren_store::tasks::publish_planned;
 use tanjiren_store::{Connections, Incoming, db_error};
@@ -33,7 +34,7 @@ struct Attempt {
     intent: String,
     payload: Json<Mode>,
     targets: Vec<Uuid>,
-    status: String,
+    status: Text<TaskStatus>,
     timeout_secs: i64,
     queue_timeout_secs: i64,
     retry_policy: Option<Json<RetryPolicy>>,
@@ -157,10 +158,10 @@ pub async fn retry_task(conns: &Connections, caller: &Principal, task_id: TaskId
         .await
         .map_err(db_error)?
         .ok_or_else(|| WireError::not_found(format!("no task {task_id}")))?;
-    if !matches!(task.status.as_str(), "failed" | "cancelled") {
+    if !matches!(*task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
         return Err(WireError::conflict(format!(
             "task {task_id} is {}; only a failed or cancelled task can be retried",
-            task.status
+            *task.status
         )));
     }
     let reply = create_in_tx(&mut tx, &conns.config, vec![task.next(caller.clone())])

@@ -2,7 +2,9 @@
 //! ([`db`]), the service context ([`Connections`], with Redis for the lease
 //! service), token authentication ([`auth`]), task creation ([`tasks`], the one
 //! path that inserts tasks, used by ingest and the scheduler), settling tasks
-//! whose steps ended ([`settle`]) and approval read models ([`approval_records`]).
+//! whose steps ended ([`settle`]), the one interpreter of lifecycle decisions
+//! ([`lifecycle`]), typed columns ([`rows`]) and approval read models
+//! ([`approval_records`]).
 //! Each table's writes live in the service that owns it or here; decisions come
 //! from `tanjiren-shared`.
 
@@ -11,6 +13,7 @@ pub mod auth;
 pub mod connections;
 pub mod db;
 pub mod lifecycle;
+pub mod rows;
 pub mod settle;
 pub mod tasks;
 

@@ -12,15 +12,18 @@
 //! [`CHANGES_GUARD`] into its single `UPDATE` with [`ChangeArrays::bind`], so the
 //! row gets one new version, not two.
 //!
-//! *(in progress: settling, cancel, doctrine evaluation, approval decisions and
-//! approval expiry use it; the claim's queued → executing still writes its own
-//! statement, inside the claim's single-statement compare-and-swap.)*
+//! A set-based statement that decides inside SQL (the claim starts every task
+//! whose first step it wins) binds the function's table for its event
+//! ([`ChangeArrays::for_event`]) and joins it on the task's current state with
+//! [`CHANGES_STATE_GUARD`]. Steps have the same interpreter in [`steps`].
+
+pub mod steps;
 
 use crate::db_error;
 use crate::settle::Tx;
 use std::sync::LazyLock;
 use tanjiren_shared::WireError;
-use tanjiren_shared::lifecycle::{TaskState, Transition};
+use tanjiren_shared::lifecycle::{TaskEvent, TaskState, Transition, transition};
 use uuid::Uuid;
 
 /// One task's decided transition, with what the new state records.
@@ -61,7 +64,8 @@ impl TaskChange {
 /// A batch of changes as the arrays the statement binds as `$1`…`$9`.
 #[derive(Debug, Default)]
 pub struct ChangeArrays {
-    ids: Vec<Uuid>,
+    /// `None` for an event's table, joined on the task's state rather than its id.
+    ids: Option<Vec<Uuid>>,
     from_status: Vec<&'static str>,
     from_approval: Vec<&'static str>,
     to_status: Vec<&'static str>,
@@ -75,7 +79,7 @@ pub struct ChangeArrays {
 impl ChangeArrays {
     pub fn new(changes: &[TaskChange]) -> Self {
         Self {
-            ids: changes.iter().map(|c| c.task_id).collect(),
+            ids: Some(changes.iter().map(|c| c.task_id).collect()),
             from_status: changes.iter().map(|c| c.from.status.as_str()).collect(),
             from_approval: changes.iter().map(|c| c.from.approval.as_str()).collect(),
             to_status: changes.iter().map(|c| c.transition.next.status.as_str()).collect(),
@@ -93,22 +97,84 @@ impl ChangeArrays {
         }
     }
 
-    /// Binds the nine arrays as `$1`…`$9` of `query` (a statement built with
-    /// [`CHANGES_FROM`], [`CHANGES_SET`] and [`CHANGES_GUARD`]).
-    pub fn bind<'q, O>(
-        &'q self,
-        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    /// The table of `event`: every task state in which the pure function accepts it
+    /// and changes the state, with no reasons of its own (a caller's reason, cancel
+    /// or retry delay needs per-task changes).
+    pub fn for_event(event: TaskEvent) -> Self {
+        let mut changes = Vec::new();
+        for status in tanjiren_shared::model::TaskStatus::ALL {
+            for approval in tanjiren_shared::model::ApprovalStatus::ALL {
+                let from = TaskState::new(*status, *approval);
+                if let Ok(t) = transition(from, event)
+                    && t.next != from
+                {
+                    changes.push(TaskChange::new(Uuid::nil(), from, t));
+                }
+            }
+        }
+        Self {
+            ids: None,
+            ..Self::new(&changes)
+        }
+    }
+
+    /// Binds the arrays as `$1`…`$9` of `query` (a statement built with
+    /// [`CHANGES_FROM`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); for an event's
+    /// table, the eight arrays [`Self::source`] numbers.
+    pub fn bind<'q, Q: Binds<'q>>(&'q self, query: Q) -> Q {
+        let query = match &self.ids {
+            Some(ids) => query.push(ids),
+            None => query,
+        };
         query
-            .bind(&self.ids)
-            .bind(&self.from_status)
-            .bind(&self.from_approval)
-            .bind(&self.to_status)
-            .bind(&self.to_approval)
-            .bind(&self.reasons)
-            .bind(&self.cancel_reasons)
-            .bind(&self.cancelled_by)
-            .bind(&self.retry)
+            .push(&self.from_status)
+            .push(&self.from_approval)
+            .push(&self.to_status)
+            .push(&self.to_approval)
+            .push(&self.reasons)
+            .push(&self.cancel_reasons)
+            .push(&self.cancelled_by)
+            .push(&self.retry)
+    }
+
+    /// The row source `u` of an event's table whose first array is `$first`; join
+    /// it with [`CHANGES_STATE_GUARD`].
+    pub fn source(first: usize) -> String {
+        let types = ["text", "text", "text", "text", "text", "text", "text", "int8"];
+        let arrays: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("${}::{ty}[]", first + i))
+            .collect();
+        format!(
+            "unnest({}) AS u(from_status, from_approval, to_status, to_approval, reason, cancel_reason, \
+             cancelled_by, retry_ms)",
+            arrays.join(", ")
+        )
+    }
+}
+
+/// Adding bound values to any of sqlx's query kinds, so one change source binds
+/// into whichever a statement uses.
+pub trait Binds<'q>: Sized {
+    fn push<T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(self, value: T) -> Self;
+}
+
+impl<'q> Binds<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn push<T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(self, value: T) -> Self {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> Binds<'q> for sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn push<T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(self, value: T) -> Self {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> Binds<'q> for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn push<T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(self, value: T) -> Self {
+        self.bind(value)
     }
 }
 
@@ -136,6 +202,10 @@ pub const CHANGES_SET: &str = "status = u.to_status,
 pub const CHANGES_GUARD: &str = "t.id = u.id AND t.status IS NOT DISTINCT FROM u.from_status
     AND t.approval_status IS NOT DISTINCT FROM u.from_approval";
 
+/// The compare-and-swap of an event's table: the task is in the table row's state.
+pub const CHANGES_STATE_GUARD: &str = "t.status IS NOT DISTINCT FROM u.from_status
+    AND t.approval_status IS NOT DISTINCT FROM u.from_approval";
+
 /// Stores `changes` in one statement inside the caller's transaction; returns the
 /// ids of the tasks that changed (a task no longer in its `from` state is left as
 /// it is and not returned). Postgres' clock stamps every instant.
@@ -146,13 +216,15 @@ pub async fn store_task_changes(tx: &mut Tx<'_>, changes: &[TaskChange]) -> Resu
     if changes.is_empty() {
         return Ok(Vec::new());
     }
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!("UPDATE tasks t SET {CHANGES_SET} FROM {CHANGES_FROM} WHERE {CHANGES_GUARD} RETURNING t.id")
-    });
     let arrays = ChangeArrays::new(changes);
     arrays
-        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(SQL.as_str())))
+        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(STORE_CHANGES_SQL.as_str())))
         .fetch_all(&mut **tx)
         .await
         .map_err(db_error)
 }
+
+/// [`store_task_changes`]'s statement (public for the plan tests).
+pub static STORE_CHANGES_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("UPDATE tasks t SET {CHANGES_SET} FROM {CHANGES_FROM} WHERE {CHANGES_GUARD} RETURNING t.id")
+});

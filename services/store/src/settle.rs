@@ -15,6 +15,7 @@
 use crate::connections::Connections;
 use crate::db_error;
 use crate::lifecycle::{TaskChange, store_task_changes};
+use crate::rows::Text;
 use std::collections::{BTreeSet, HashMap};
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_shared::WireError;
@@ -31,16 +32,13 @@ pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
 pub struct LockedTask {
     pub id: Uuid,
     pub org_id: Uuid,
-    pub status: String,
-    pub approval_status: String,
+    pub status: Text<TaskStatus>,
+    pub approval_status: Text<ApprovalStatus>,
 }
 
 impl LockedTask {
-    pub fn state(&self) -> Option<TaskState> {
-        Some(TaskState::new(
-            self.status.parse().ok()?,
-            self.approval_status.parse().ok()?,
-        ))
+    pub fn state(&self) -> TaskState {
+        TaskState::new(*self.status, *self.approval_status)
     }
 }
 
@@ -104,7 +102,7 @@ pub async fn settle_finished(
         if live > 0 {
             continue;
         }
-        let Some(state) = tasks.get(&task_id).and_then(LockedTask::state) else {
+        let Some(state) = tasks.get(&task_id).map(LockedTask::state) else {
             continue;
         };
         let Ok(t) = transition(state, TaskEvent::StepsFinished { all_succeeded: all_ok }) else {

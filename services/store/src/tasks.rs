@@ -10,6 +10,7 @@
 //! runs the same two halves, [`prepare_tasks`] and [`insert_tasks`], inside its
 //! own transaction and then [`publish_planned`] after its commit.
 
+use crate::rows::Text;
 use crate::{Connections, db_error};
 use sqlx::PgConnection;
 use sqlx::types::Json;
@@ -319,8 +320,8 @@ struct KeyHolder {
     org_id: Uuid,
     idempotency_key: String,
     id: Uuid,
-    status: String,
-    approval_status: String,
+    status: Text<TaskStatus>,
+    approval_status: Text<ApprovalStatus>,
     intent: String,
     payload: Json<Mode>,
     targets: Vec<Uuid>,
@@ -480,14 +481,8 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                 reply: CreateTaskReply {
                     task_id: TaskId::from(holder.id),
                     org_id: r.org_id,
-                    status: holder
-                        .status
-                        .parse()
-                        .map_err(|_| WireError::internal("bad stored status"))?,
-                    approval_status: holder
-                        .approval_status
-                        .parse()
-                        .map_err(|_| WireError::internal("bad stored approval status"))?,
+                    status: *holder.status,
+                    approval_status: *holder.approval_status,
                     created: false,
                 },
                 same_request: holder.digest() == row_digest(r),

@@ -106,3 +106,64 @@ fn services_depend_on_the_shared_crates_never_on_each_other() {
         assert!(!shared.contains(io), "the pure domain links {io}");
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The `SET` list of every `UPDATE tasks` / `UPDATE steps` in `text` that assigns `status`.
+fn status_writes(text: &str) -> Vec<String> {
+    let update =
+        regex::Regex::new(r"(?is)UPDATE\s+(?:tasks|steps)\b.*?\bSET\b(.*?)(?:\bFROM\b|\bWHERE\b|\bRETURNING\b|;|$)")
+            .unwrap();
+    let assigns = regex::Regex::new(r"(?i)(?:^|[\s,])status\s*=").unwrap();
+    update
+        .captures_iter(text)
+        .filter(|c| assigns.is_match(&c[1]))
+        .map(|c| c[0].chars().take(120).collect())
+        .collect()
+}
+
+/// DESIGN §2: no SQL outside the store's lifecycle interpreter sets a task's or a
+/// step's status; services bind its fragments and tables instead. (Inserting a
+/// row in its initial state is not a change.)
+#[test]
+fn only_the_lifecycle_interpreter_writes_a_status() {
+    let mut files = Vec::new();
+    rust_files(&repo().join("services"), &mut files);
+    let interpreter = repo().join("services/store/src/lifecycle");
+    let mut offenders = Vec::new();
+    for f in &files {
+        if f.starts_with(&interpreter) || f == &repo().join("services/store/src/lifecycle.rs") {
+            continue;
+        }
+        for w in status_writes(&std::fs::read_to_string(f).unwrap()) {
+            offenders.push(format!("{}: {w}", f.display()));
+        }
+    }
+    assert!(files.len() > 50, "found {} files", files.len());
+    assert!(
+        offenders.is_empty(),
+        "status written outside the interpreter:\n{}",
+        offenders.join("\n")
+    );
+    // The check can fail: the statements the claim and the cancel used before the interpreter.
+    assert_eq!(
+        status_writes("UPDATE tasks t SET status = 'executing', started_at = now() WHERE t.id IN (SELECT 1)").len(),
+        1
+    );
+    assert_eq!(
+        status_writes("UPDATE steps SET cancel_requested_at = now(), status = $2 WHERE task_id = ANY($1)").len(),
+        1
+    );
+    assert!(status_writes("UPDATE steps SET dispatched_at = $3 WHERE status = 'queued'").is_empty());
+    assert!(status_writes("UPDATE tasks SET approval_status = $2 WHERE id = $1").is_empty());
+}

@@ -15,6 +15,7 @@ mod layout;
 mod lease_authority;
 mod leases;
 mod lifecycle;
+mod lifecycle_model;
 mod lifecycle_store;
 mod limits;
 mod logs;

@@ -288,3 +288,102 @@ async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_a
     );
     env.finish(Vec::new()).await;
 }
+
+/// The generic plan of `sql` (any number of parameters, each typed by a cast or its
+/// context in the statement) on a default-pool connection: Postgres' default
+/// planner settings (sequential scans allowed) except that the plan is generic, the
+/// plan a prepared statement settles on when its parameters vary.
+async fn generic_default_plan(env: &TestEnv, sql: &str) -> String {
+    let params = regex::Regex::new(r"\$(\d+)")
+        .unwrap()
+        .captures_iter(sql)
+        .map(|c| c[1].parse::<usize>().unwrap())
+        .max()
+        .unwrap_or(0);
+    let mut conn = env.conns.db.acquire().await.unwrap();
+    let seqscan: String = sqlx::query_scalar("SHOW enable_seqscan")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(seqscan, "on");
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe AS {sql}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    let args = vec!["NULL"; params].join(", ");
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE probe({args})")))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
+    sqlx::query("RESET plan_cache_mode").execute(&mut *conn).await.unwrap();
+    rows.join("\n")
+}
+
+/// Every statement that changes a status — the real SQL the services run, built by
+/// the lifecycle interpreter — plans onto the index named for it with a long
+/// history, generic plans and default planner settings.
+#[tokio::test]
+async fn every_lifecycle_statement_stays_on_its_index() {
+    let env = TestEnv::new().await;
+    let ws = env.workstation("plan-lc").await;
+    let org = env.org.as_uuid();
+    // 20,000 finished tasks, each with its execution and a finished step; analysed.
+    sqlx::query(
+        "WITH t AS (
+            INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs,
+                               root_task_id, created_by, finished_at)
+            SELECT id, $1, 'history', 'command', '{\"mode\":\"command\",\"command\":\"true\"}', ARRAY[$2::uuid],
+                   'completed', 'not_required', 60, id, 'seed', now()
+            FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 20000)) g
+            RETURNING id
+         ), e AS (
+            INSERT INTO executions (id, task_id) SELECT gen_random_uuid(), id FROM t RETURNING id, task_id
+         )
+         INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, lease_generation,
+                            dispatched_at, queue_deadline, finished_at)
+         SELECT gen_random_uuid(), e.id, e.task_id, $1, $2, 'succeeded', 2, now(), now(), now() FROM e",
+    )
+    .bind(org)
+    .bind(ws)
+    .execute(&env.conns.db)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE tasks").execute(&env.conns.db).await.unwrap();
+    sqlx::query("ANALYZE steps").execute(&env.conns.db).await.unwrap();
+
+    let mut statements = Vec::new();
+    statements.extend(tanjiren_lease::lifecycle_statements());
+    statements.extend(tanjiren_ingest::lifecycle_statements());
+    statements.extend(tanjiren_scheduler::lifecycle_statements());
+    statements.extend(tanjiren_approval::lifecycle_statements());
+    statements.push((
+        "store_task_changes",
+        tanjiren_store::lifecycle::STORE_CHANGES_SQL.as_str(),
+    ));
+    let expected = |name: &str| -> &[&str] {
+        match name {
+            "lease.claim" => &["steps_pkey", "tasks_pkey"],
+            "tasks.cancel (steps)" => &["steps_task"],
+            "doctrine evaluation" | "store_task_changes" => &["tasks_pkey"],
+            _ => &["steps_pkey"],
+        }
+    };
+    assert!(statements.len() >= 9, "{statements:?}");
+    for (name, sql) in statements {
+        let p = generic_default_plan(&env, sql).await;
+        println!("-- {name}\n{p}\n");
+        for index in expected(name) {
+            assert!(p.contains(index), "{name} does not use {index}:\n{p}");
+        }
+        assert!(
+            !p.contains("Seq Scan on tasks") && !p.contains("Seq Scan on steps"),
+            "{name} scans a table:\n{p}"
+        );
+    }
+    env.finish(Vec::new()).await;
+}

@@ -1,0 +1,210 @@
+//! The one place that turns step lifecycle decisions into SQL. Every statement
+//! that changes a step's status joins a change source `sc` built here and sets
+//! the columns of [`StepSet`]; its compare-and-swap on the state is
+//! [`STEP_GUARD`]. The decisions come from the pure
+//! `tanjiren_shared::lifecycle::step::transition`, in one of two shapes:
+//!
+//! - [`StepChanges::for_event`]: the function evaluated for one event over every
+//!   step state it accepts, bound as a small table. The statement joins the table
+//!   on the step's *current* state, so a set-based statement (a claim batch, a
+//!   sweep, a cancel of every step of a task) still changes each row exactly as the
+//!   function says, and a row in a state the event is refused in does not match.
+//! - [`StepChanges::for_steps`]: decisions already made per step (from rows locked
+//!   by the caller), joined by id, guarded by the state each was decided from.
+//!
+//! The columns that go with a state follow from the decision: a lease that begins
+//! gets the generation + 1, its owner, expiry, claim and heartbeat instants; a
+//! lease that ends gets the generation + 1 and no owner or expiry; entering
+//! `queued` asks the scheduler to dispatch at once (`dispatched_at` = epoch);
+//! entering a final status stamps `finished_at` and, for `failed` / `cancelled`,
+//! the reason; a stop asked stamps `cancel_requested_at`. Per-statement columns
+//! (a result's exit code, output tails) are set by the statement beside these.
+
+use super::Binds;
+use std::collections::HashMap;
+use tanjiren_shared::lifecycle::step::{StepEffect, StepEvent, StepState, StepTransition, transition};
+use uuid::Uuid;
+
+/// A batch of step decisions as the arrays a statement binds for `sc`.
+#[derive(Debug, Default, Clone)]
+pub struct StepChanges {
+    ids: Option<Vec<Uuid>>,
+    from_status: Vec<&'static str>,
+    from_stop: Vec<bool>,
+    to_status: Vec<&'static str>,
+    to_stop: Vec<bool>,
+    lease: Vec<&'static str>,
+    reason: Vec<Option<&'static str>>,
+    /// A table's transitions by the state they leave, for the caller's effects.
+    table: HashMap<StepState, StepTransition>,
+}
+
+impl StepChanges {
+    /// The table of `event`: every step state in which the pure function accepts it
+    /// and changes something. Built once per statement kind (it is tiny).
+    pub fn for_event(event: StepEvent) -> Self {
+        Self::for_event_where(event, |_| true)
+    }
+
+    /// [`Self::for_event`] restricted to the transitions `keep` admits (a fast path
+    /// that must not end steps, say, because it does not settle their tasks).
+    pub fn for_event_where(event: StepEvent, keep: impl Fn(&StepTransition) -> bool) -> Self {
+        let mut out = Self::default();
+        for from in StepState::all() {
+            if let Ok(t) = transition(from, event)
+                && !t.is_noop(from)
+                && keep(&t)
+            {
+                out.push(from, &t);
+                out.table.insert(from, t);
+            }
+        }
+        out
+    }
+
+    /// Decisions made per step: `(step id, the state it was decided from, the decision)`.
+    pub fn for_steps<'a>(changes: impl IntoIterator<Item = (Uuid, StepState, &'a StepTransition)>) -> Self {
+        let mut out = Self {
+            ids: Some(Vec::new()),
+            ..Self::default()
+        };
+        for (id, from, t) in changes {
+            out.ids.get_or_insert_with(Vec::new).push(id);
+            out.push(from, t);
+        }
+        out
+    }
+
+    fn push(&mut self, from: StepState, t: &StepTransition) {
+        self.from_status.push(from.status.as_str());
+        self.from_stop.push(from.stop_requested);
+        self.to_status.push(t.next.status.as_str());
+        self.to_stop.push(t.next.stop_requested);
+        self.lease.push(t.lease.as_str());
+        self.reason.push(t.reason.map(|r| r.as_str()));
+    }
+
+    /// The transition the table holds for a step that was in `from` (None when the
+    /// event is refused there or changes nothing).
+    pub fn decided(&self, from: StepState) -> Option<&StepTransition> {
+        self.table.get(&from)
+    }
+
+    /// Whether the table's transition from `from` has `effect`.
+    pub fn has_effect(&self, from: StepState, effect: StepEffect) -> bool {
+        self.decided(from).is_some_and(|t| t.effects.contains(&effect))
+    }
+
+    /// True when no state accepts the event (nothing to bind or run).
+    pub fn is_empty(&self) -> bool {
+        self.from_status.is_empty()
+    }
+
+    /// Binds the arrays in the order [`Self::source`] numbers them.
+    pub fn bind<'q, Q: Binds<'q>>(&'q self, q: Q) -> Q {
+        let q = match &self.ids {
+            Some(ids) => q.push(ids),
+            None => q,
+        };
+        q.push(&self.from_status)
+            .push(&self.from_stop)
+            .push(&self.to_status)
+            .push(&self.to_stop)
+            .push(&self.lease)
+            .push(&self.reason)
+    }
+
+    /// The change source `sc` for a statement whose first array is `$first`
+    /// (six arrays for a table; seven, the ids first, for per-step decisions, joined
+    /// with `s.id = sc.id`).
+    pub fn source(&self, first: usize) -> String {
+        source(first, self.ids.is_some())
+    }
+}
+
+/// The row source `sc` over arrays bound from `$first` on.
+pub fn source(first: usize, by_id: bool) -> String {
+    let n = |i: usize| first + i;
+    if by_id {
+        format!(
+            "unnest(${}::uuid[], ${}::text[], ${}::bool[], ${}::text[], ${}::bool[], ${}::text[], ${}::text[]) \
+             AS sc(id, from_status, from_stop, to_status, to_stop, lease, reason)",
+            n(0),
+            n(1),
+            n(2),
+            n(3),
+            n(4),
+            n(5),
+            n(6)
+        )
+    } else {
+        format!(
+            "unnest(${}::text[], ${}::bool[], ${}::text[], ${}::bool[], ${}::text[], ${}::text[]) \
+             AS sc(from_status, from_stop, to_status, to_stop, lease, reason)",
+            n(0),
+            n(1),
+            n(2),
+            n(3),
+            n(4),
+            n(5)
+        )
+    }
+}
+
+/// The compare-and-swap on `steps s`: the step is still in the state the change
+/// was decided from. (Per-step changes add `s.id = sc.id`.)
+pub const STEP_GUARD: &str = "s.status IS NOT DISTINCT FROM sc.from_status \
+     AND (s.cancel_requested_at IS NOT NULL) = sc.from_stop";
+
+/// The statement's own expressions the state-derived columns need.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSet<'a> {
+    /// The instant that stamps the change (`now()`, or a bound sweep instant).
+    pub at: &'a str,
+    /// Who holds a lease that begins (a claim's owner column); `NULL` elsewhere.
+    pub owner: &'a str,
+    /// How long a lease that begins lasts, in milliseconds; `NULL` elsewhere.
+    pub lease_ms: &'a str,
+    /// A reason the caller brings (a worker's own `failure_reason`); `NULL` elsewhere.
+    pub reason: &'a str,
+}
+
+impl Default for StepSet<'_> {
+    fn default() -> Self {
+        Self {
+            at: "now()",
+            owner: "NULL",
+            lease_ms: "NULL",
+            reason: "NULL",
+        }
+    }
+}
+
+impl StepSet<'_> {
+    /// The `SET` list (without the keyword) of every state-derived column of `steps s`.
+    pub fn sql(&self) -> String {
+        let StepSet {
+            at,
+            owner,
+            lease_ms,
+            reason,
+        } = self;
+        format!(
+            "status = sc.to_status,
+    lease_generation = CASE WHEN sc.lease = 'keep' THEN s.lease_generation ELSE s.lease_generation + 1 END,
+    lease_owner = CASE sc.lease WHEN 'keep' THEN s.lease_owner WHEN 'begin' THEN {owner} END,
+    lease_expires_at = CASE sc.lease WHEN 'keep' THEN s.lease_expires_at
+                       WHEN 'begin' THEN {at} + make_interval(secs => ({lease_ms})::float8 / 1000) END,
+    claimed_at = CASE WHEN sc.lease = 'begin' THEN {at} ELSE s.claimed_at END,
+    started_at = CASE WHEN sc.lease = 'begin' THEN COALESCE(s.started_at, {at}) ELSE s.started_at END,
+    last_heartbeat_at = CASE WHEN sc.lease = 'begin' THEN {at} ELSE s.last_heartbeat_at END,
+    dispatched_at = CASE WHEN sc.to_status = 'queued' AND sc.from_status <> 'queued'
+                         THEN 'epoch'::timestamptz ELSE s.dispatched_at END,
+    failure_reason = CASE WHEN sc.to_status IN ('failed', 'cancelled') AND sc.from_status <> sc.to_status
+                          THEN COALESCE({reason}, sc.reason) ELSE s.failure_reason END,
+    finished_at = CASE WHEN sc.to_status IN ('succeeded', 'failed', 'cancelled') AND sc.from_status <> sc.to_status
+                       THEN {at} ELSE s.finished_at END,
+    cancel_requested_at = CASE WHEN sc.to_stop AND NOT sc.from_stop THEN {at} ELSE s.cancel_requested_at END"
+        )
+    }
+}
