@@ -592,6 +592,31 @@ async fn store_progress(
         .collect())
 }
 
+/// A batch's progress and results (the lifecycle's `Reported`, decided per locked
+/// step and bound by id as `$7`…`$13`) with the output tails, in one statement.
+pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE steps s SET {set},
+            stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
+            stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
+            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE u.exit_code END,
+            stop_confirmed_at = CASE WHEN sc.to_status <> sc.from_status AND s.cancel_requested_at IS NOT NULL
+                                          AND u.stopped_all
+                                     THEN now() ELSE s.stop_confirmed_at END
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::bool[])
+              AS u(id, stdout_tail, stderr_tail, exit_code, failure_reason, stopped_all),
+              {source}
+         WHERE s.id = u.id AND sc.id = u.id AND {STEP_GUARD}
+         RETURNING s.id, s.lease_generation",
+        set = StepSet {
+            reason: "u.failure_reason",
+            ..StepSet::default()
+        }
+        .sql(),
+        source = steps::source(7, true),
+    )
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,28 +647,3 @@ mod tests {
         assert_eq!(one, vec![lines[..1].to_vec()]);
     }
 }
-
-/// A batch's progress and results (the lifecycle's `Reported`, decided per locked
-/// step and bound by id as `$7`…`$13`) with the output tails, in one statement.
-pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE steps s SET {set},
-            stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
-            stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
-            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE u.exit_code END,
-            stop_confirmed_at = CASE WHEN sc.to_status <> sc.from_status AND s.cancel_requested_at IS NOT NULL
-                                          AND u.stopped_all
-                                     THEN now() ELSE s.stop_confirmed_at END
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::bool[])
-              AS u(id, stdout_tail, stderr_tail, exit_code, failure_reason, stopped_all),
-              {source}
-         WHERE s.id = u.id AND sc.id = u.id AND {STEP_GUARD}
-         RETURNING s.id, s.lease_generation",
-        set = StepSet {
-            reason: "u.failure_reason",
-            ..StepSet::default()
-        }
-        .sql(),
-        source = steps::source(7, true),
-    )
-});
