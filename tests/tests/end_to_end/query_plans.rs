@@ -289,6 +289,29 @@ async fn id_lookups_with_a_state_guard_stay_on_the_primary_key_when_statistics_a
     env.finish(Vec::new()).await;
 }
 
+/// The index scans of `tasks` or `steps` in `plan` that have no `Index Cond`: walks
+/// of a whole index (what a plan made from empty statistics does for an id lookup).
+fn index_walks(plan: &str) -> Vec<String> {
+    let lines: Vec<&str> = plan.lines().collect();
+    let depth = |l: &str| l.len() - l.trim_start().len();
+    let mut walks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let scans = line.contains("Index Scan using") || line.contains("Index Only Scan using");
+        if !scans || !(line.contains(" on steps") || line.contains(" on tasks")) {
+            continue;
+        }
+        let own = depth(line);
+        let has_cond = lines[i + 1..]
+            .iter()
+            .take_while(|l| depth(l) > own && !l.trim_start().starts_with("->"))
+            .any(|l| l.contains("Index Cond:"));
+        if !has_cond {
+            walks.push(line.trim().to_string());
+        }
+    }
+    walks
+}
+
 /// The generic plan of `sql` (any number of parameters, each typed by a cast or its
 /// context in the statement) on a default-pool connection: Postgres' default
 /// planner settings (sequential scans allowed) except that the plan is generic, the
@@ -384,6 +407,64 @@ async fn every_lifecycle_statement_stays_on_its_index() {
             !p.contains("Seq Scan on tasks") && !p.contains("Seq Scan on steps"),
             "{name} scans a table:\n{p}"
         );
+        assert!(index_walks(&p).is_empty(), "{name} walks a whole index:\n{p}");
+    }
+    env.finish(Vec::new()).await;
+}
+
+/// The generic plan of `sql` (parameters typed by casts or context) on a hot-pool
+/// connection, the pool the hot path runs on (sequential scans off, generic plans).
+async fn generic_hot_plan(env: &TestEnv, sql: &str) -> String {
+    let params = regex::Regex::new(r"\$(\d+)")
+        .unwrap()
+        .captures_iter(sql)
+        .map(|c| c[1].parse::<usize>().unwrap())
+        .max()
+        .unwrap_or(0);
+    let mut conn = env.conns.hot.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe AS {sql}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    let args = vec!["NULL"; params].join(", ");
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE probe({args})")))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
+    rows.join("\n")
+}
+
+/// A fresh install: the hot path's first plans are made on empty tables, and with
+/// generic plans they are kept while the tables grow. They must still be the index
+/// lookups, not a walk of a whole index that costs nothing only while it is empty
+/// (which `ANALYZE` of the empty tables at migrate time caused: `db::analyze`).
+#[tokio::test]
+async fn on_a_fresh_database_the_hot_statements_plan_onto_their_indexes() {
+    let env = TestEnv::new().await;
+    // The first start's bootstrap analyses what holds rows, as `tanjiren up` does.
+    let analysed = tanjiren_store::db::analyze(&env.conns.db).await.unwrap();
+    assert!(analysed.iter().any(|t| t.ends_with(".organisations")), "{analysed:?}");
+    assert!(!analysed.iter().any(|t| t.ends_with(".steps")), "{analysed:?}");
+    let mut statements: Vec<(&str, &str)> = Vec::new();
+    statements.extend(tanjiren_lease::lifecycle_statements());
+    statements.extend(tanjiren_ingest::lifecycle_statements());
+    statements.extend(tanjiren_approval::lifecycle_statements());
+    statements.push((
+        "store_task_changes",
+        tanjiren_store::lifecycle::STORE_CHANGES_SQL.as_str(),
+    ));
+    statements.push(("steps' tasks", "SELECT DISTINCT task_id FROM steps WHERE id = ANY($1)"));
+    for (name, sql) in statements {
+        let p = generic_hot_plan(&env, sql).await;
+        println!("-- {name}\n{p}\n");
+        let index = match name {
+            "tasks.cancel (steps)" => "steps_task",
+            "doctrine evaluation" | "store_task_changes" => "tasks_pkey",
+            _ => "steps_pkey",
+        };
+        assert!(p.contains(index), "{name} does not use {index}:\n{p}");
+        assert!(index_walks(&p).is_empty(), "{name} walks a whole index:\n{p}");
     }
     env.finish(Vec::new()).await;
 }
