@@ -23,7 +23,7 @@ use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, Transition, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
-use tanjiren_store::lifecycle::{CHANGES_FROM, CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange};
+use tanjiren_store::lifecycle::{CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange, changes_from};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -257,8 +257,7 @@ async fn store_snapshots(
         .collect();
     let arrays = ChangeArrays::new(&changes);
     let n = assessed.len();
-    let (mut ids, mut versions, mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
-        Vec::with_capacity(n),
+    let (mut versions, mut classes, mut rules, mut reasons, mut digests, mut deadlines) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -267,7 +266,6 @@ async fn store_snapshots(
         Vec::with_capacity(n),
     );
     for a in assessed {
-        ids.push(a.task.id);
         versions.push(a.doctrine_version.map(|v| v as i32));
         classes.push(a.verdict.approval_class.as_str());
         rules.push(Json(
@@ -279,14 +277,13 @@ async fn store_snapshots(
     }
     arrays
         .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(EVALUATED_SQL.as_str())))
-        .bind(&ids)
         .bind(&versions)
         .bind(&classes)
         .bind(&rules)
         .bind(&reasons)
         .bind(&digests)
-        .bind(now)
         .bind(&deadlines)
+        .bind(now)
         .fetch_all(&mut **tx)
         .await
         .map_err(db_error)
@@ -315,15 +312,20 @@ fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEve
 pub(crate) static EVALUATED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE tasks t SET {CHANGES_SET},
-            doctrine_version = x.version, approval_class = x.class, approval_rules = x.rules,
-            approval_reason_required = x.reason_required, payload_digest = x.digest,
-            approval_requested_at = CASE WHEN x.deadline IS NULL THEN NULL ELSE $16::timestamptz END,
-            approval_deadline = x.deadline
-         FROM {CHANGES_FROM}
-         JOIN unnest($10::uuid[], $11::int4[], $12::text[], $13::jsonb[], $14::bool[], $15::text[],
-                     $17::timestamptz[])
-              AS x(id, version, class, rules, reason_required, digest, deadline) ON x.id = u.id
+            doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
+            approval_reason_required = u.reason_required, payload_digest = u.digest,
+            approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $16::timestamptz END,
+            approval_deadline = u.deadline
+         FROM {from}
          WHERE {CHANGES_GUARD}
-         RETURNING t.id"
+         RETURNING t.id",
+        from = changes_from(&[
+            ("version", "int4"),
+            ("class", "text"),
+            ("rules", "jsonb"),
+            ("reason_required", "bool"),
+            ("digest", "text"),
+            ("deadline", "timestamptz"),
+        ])
     )
 });

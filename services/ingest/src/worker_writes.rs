@@ -546,11 +546,9 @@ async fn store_progress(
     // The generation of every admitted step after this transaction.
     let mut generations: HashMap<Uuid, i64> = fences.values().map(|f| (f.id, f.lease_generation)).collect();
     if !updates.is_empty() {
-        let mut ids = vec![];
         let (mut outs, mut errs, mut codes, mut reasons, mut stopped_all) = (vec![], vec![], vec![], vec![], vec![]);
         let mut decisions = Vec::with_capacity(updates.len());
         for (id, u) in &updates {
-            ids.push(*id);
             outs.push(u.stdout_tail.as_deref());
             errs.push(u.stderr_tail.as_deref());
             codes.push(u.exit_code);
@@ -561,14 +559,16 @@ async fn store_progress(
         let changes = StepChanges::for_steps(decisions);
         // A result ends the lease in the same statement (the lifecycle's lease
         // change): a finished step never holds a lease, whatever happens to the release.
-        let query = sqlx::query_as(sqlx::AssertSqlSafe(PROGRESS_SQL.as_str()))
-            .bind(&ids)
+        let after: Vec<(Uuid, i64)> = changes
+            .bind(sqlx::query_as(sqlx::AssertSqlSafe(PROGRESS_SQL.as_str())))
             .bind(&outs)
             .bind(&errs)
             .bind(&codes)
             .bind(&reasons)
-            .bind(&stopped_all);
-        let after: Vec<(Uuid, i64)> = changes.bind(query).fetch_all(&mut *tx).await.map_err(db_error)?;
+            .bind(&stopped_all)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
         generations.extend(after);
     }
 
@@ -593,27 +593,36 @@ async fn store_progress(
 }
 
 /// A batch's progress and results (the lifecycle's `Reported`, decided per locked
-/// step and bound by id as `$7`…`$13`) with the output tails, in one statement.
+/// step and bound by id as `$1`…`$7`) with the output tails (`$8`…`$12`), in one
+/// statement over one `unnest`.
 pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE steps s SET {set},
-            stdout_tail = COALESCE(u.stdout_tail, s.stdout_tail),
-            stderr_tail = COALESCE(u.stderr_tail, s.stderr_tail),
-            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE u.exit_code END,
+            stdout_tail = COALESCE(sc.stdout_tail, s.stdout_tail),
+            stderr_tail = COALESCE(sc.stderr_tail, s.stderr_tail),
+            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE sc.exit_code END,
             stop_confirmed_at = CASE WHEN sc.to_status <> sc.from_status AND s.cancel_requested_at IS NOT NULL
-                                          AND u.stopped_all
+                                          AND sc.stopped_all
                                      THEN now() ELSE s.stop_confirmed_at END
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::bool[])
-              AS u(id, stdout_tail, stderr_tail, exit_code, failure_reason, stopped_all),
-              {source}
-         WHERE s.id = u.id AND sc.id = u.id AND {STEP_GUARD}
+         FROM {source}
+         WHERE s.id = sc.id AND {STEP_GUARD}
          RETURNING s.id, s.lease_generation",
         set = StepSet {
-            reason: "u.failure_reason",
+            reason: "sc.failure_reason",
             ..StepSet::default()
         }
         .sql(),
-        source = steps::source(7, true),
+        source = steps::source(
+            1,
+            true,
+            &[
+                ("stdout_tail", "text"),
+                ("stderr_tail", "text"),
+                ("exit_code", "int4"),
+                ("failure_reason", "text"),
+                ("stopped_all", "bool"),
+            ]
+        ),
     )
 });
 

@@ -8,7 +8,7 @@
 //! terminal state.
 //!
 //! A statement that must store columns of its own with the change (doctrine
-//! evaluation's snapshot) composes [`CHANGES_SET`], [`CHANGES_FROM`] and
+//! evaluation's snapshot) composes [`CHANGES_SET`], [`changes_from`] and
 //! [`CHANGES_GUARD`] into its single `UPDATE` with [`ChangeArrays::bind`], so the
 //! row gets one new version, not two.
 //!
@@ -119,7 +119,7 @@ impl ChangeArrays {
     }
 
     /// Binds the arrays as `$1`…`$9` of `query` (a statement built with
-    /// [`CHANGES_FROM`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); for an event's
+    /// [`changes_from`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); for an event's
     /// table, the eight arrays [`Self::source`] numbers.
     pub fn bind<'q, Q: Binds<'q>>(&'q self, query: Q) -> Q {
         let query = match &self.ids {
@@ -178,11 +178,33 @@ impl<'q, O> Binds<'q> for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::
     }
 }
 
-/// The changes as a row source `u`, from the arrays bound as `$1`…`$9`. A statement
-/// that stores more columns with the change joins its own `unnest($10…)` to `u.id`.
-pub const CHANGES_FROM: &str = "unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-     $7::text[], $8::text[], $9::int8[]) \
-     AS u(id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms)";
+/// The changes as a row source `u`, from the arrays bound as `$1`…`$9`, followed by
+/// the statement's own per-task arrays `extra` (column name, element type), bound
+/// from `$10` on in the same order as the changes. One `unnest` for all of them:
+/// joining a second `unnest` on the id rescans it once per row (measured 2–4× the
+/// statement's time on a batch of 35).
+pub fn changes_from(extra: &[(&str, &str)]) -> String {
+    let mut arrays = vec![
+        "$1::uuid[]".to_string(),
+        "$2::text[]".into(),
+        "$3::text[]".into(),
+        "$4::text[]".into(),
+        "$5::text[]".into(),
+        "$6::text[]".into(),
+        "$7::text[]".into(),
+        "$8::text[]".into(),
+        "$9::int8[]".into(),
+    ];
+    let mut columns =
+        "id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms"
+            .to_string();
+    for (i, (name, ty)) in extra.iter().enumerate() {
+        arrays.push(format!("${}::{ty}[]", 10 + i));
+        columns.push_str(", ");
+        columns.push_str(name);
+    }
+    format!("unnest({}) AS u({columns})", arrays.join(", "))
+}
 
 /// The columns a change sets on `tasks t`, all derived from the new state.
 pub const CHANGES_SET: &str = "status = u.to_status,
@@ -226,5 +248,8 @@ pub async fn store_task_changes(tx: &mut Tx<'_>, changes: &[TaskChange]) -> Resu
 
 /// [`store_task_changes`]'s statement (public for the plan tests).
 pub static STORE_CHANGES_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!("UPDATE tasks t SET {CHANGES_SET} FROM {CHANGES_FROM} WHERE {CHANGES_GUARD} RETURNING t.id")
+    format!(
+        "UPDATE tasks t SET {CHANGES_SET} FROM {} WHERE {CHANGES_GUARD} RETURNING t.id",
+        changes_from(&[])
+    )
 });

@@ -118,37 +118,36 @@ impl StepChanges {
     /// (six arrays for a table; seven, the ids first, for per-step decisions, joined
     /// with `s.id = sc.id`).
     pub fn source(&self, first: usize) -> String {
-        source(first, self.ids.is_some())
+        source(first, self.ids.is_some(), &[])
     }
 }
 
-/// The row source `sc` over arrays bound from `$first` on.
-pub fn source(first: usize, by_id: bool) -> String {
-    let n = |i: usize| first + i;
+/// The row source `sc` over arrays bound from `$first` on: `id` first when
+/// `by_id`, then the decision's six columns, then the statement's own per-step
+/// arrays `extra` (column name, element type) in the same order as the steps,
+/// bound right after. One `unnest` for all: joining a second `unnest` on the id
+/// rescans it once per row (measured 4× the statement's time on a batch of 35).
+pub fn source(first: usize, by_id: bool, extra: &[(&str, &str)]) -> String {
+    let mut columns: Vec<(&str, &str)> = Vec::new();
     if by_id {
-        format!(
-            "unnest(${}::uuid[], ${}::text[], ${}::bool[], ${}::text[], ${}::bool[], ${}::text[], ${}::text[]) \
-             AS sc(id, from_status, from_stop, to_status, to_stop, lease, reason)",
-            n(0),
-            n(1),
-            n(2),
-            n(3),
-            n(4),
-            n(5),
-            n(6)
-        )
-    } else {
-        format!(
-            "unnest(${}::text[], ${}::bool[], ${}::text[], ${}::bool[], ${}::text[], ${}::text[]) \
-             AS sc(from_status, from_stop, to_status, to_stop, lease, reason)",
-            n(0),
-            n(1),
-            n(2),
-            n(3),
-            n(4),
-            n(5)
-        )
+        columns.push(("id", "uuid"));
     }
+    columns.extend([
+        ("from_status", "text"),
+        ("from_stop", "bool"),
+        ("to_status", "text"),
+        ("to_stop", "bool"),
+        ("lease", "text"),
+        ("reason", "text"),
+    ]);
+    columns.extend(extra.iter().copied());
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}[]", first + i))
+        .collect();
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    format!("unnest({}) AS sc({})", arrays.join(", "), names.join(", "))
 }
 
 /// The compare-and-swap on `steps s`: the step is still in the state the change
