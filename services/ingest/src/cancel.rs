@@ -163,7 +163,7 @@ struct ChangedStep {
     to_status: Text<StepStatus>,
 }
 
-/// For each step event a task's effect can carry: its table (binding as `$2`…`$7`)
+/// For each step event a task's effect can carry: its table (written into the statement)
 /// applied to every step of the tasks `$1`, returning each changed step with the
 /// state it left and the status it entered.
 pub(crate) static STEPS_OF_TASKS: LazyLock<HashMap<StepEvent, (StepChanges, String)>> = LazyLock::new(|| {

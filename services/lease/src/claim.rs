@@ -37,8 +37,8 @@ struct Won {
     started_approval: Option<Text<ApprovalStatus>>,
 }
 
-/// The claim statement and the lifecycle tables it binds after its own six
-/// parameters: the steps' `Claimed` (`$7`…`$12`), the tasks' `StepClaimed` (`$13`…`$20`).
+/// The claim statement with the lifecycle tables it is written from: the steps'
+/// `Claimed` and the tasks' `StepClaimed`.
 pub(crate) struct Claim {
     steps: StepChanges,
     tasks: ChangeArrays,
@@ -47,6 +47,7 @@ pub(crate) struct Claim {
 
 pub(crate) static CLAIM: LazyLock<Claim> = LazyLock::new(|| {
     let steps = StepChanges::for_event(StepEvent::Claimed);
+    let tasks = ChangeArrays::for_event(TaskEvent::StepClaimed);
     let sql = format!(
         "WITH won AS (
             UPDATE steps s SET {step_set}
@@ -75,13 +76,9 @@ pub(crate) static CLAIM: LazyLock<Claim> = LazyLock::new(|| {
         }
         .sql(),
         step_source = steps.source(7),
-        task_source = ChangeArrays::source(13),
+        task_source = tasks.table_source(),
     );
-    Claim {
-        steps,
-        tasks: ChangeArrays::for_event(TaskEvent::StepClaimed),
-        sql,
-    }
+    Claim { steps, tasks, sql }
 });
 
 pub(crate) async fn handle(

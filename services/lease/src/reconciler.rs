@@ -137,7 +137,7 @@ impl Reconciler {
     }
 }
 
-/// The lifecycle's `LeaseExpired` (its table binds as `$4`…`$9`) on the steps whose
+/// The lifecycle's `LeaseExpired` (its table written into the statement) on the steps whose
 /// lease, at the generation the sweep saw, expired before the sweep's instant `$3`.
 pub(crate) static EXPIRE: LazyLock<(StepChanges, String)> = LazyLock::new(|| {
     let table = StepChanges::for_event(StepEvent::LeaseExpired);

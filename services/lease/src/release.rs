@@ -45,9 +45,9 @@ pub(crate) struct Release {
     end: StepChanges,
     /// Hands back the steps `requeue` accepts and reports, for every request, the
     /// step as it was before this statement, plus the new generation of those
-    /// handed back. One statement for the whole batch; the table binds as `$5`…`$10`.
+    /// handed back. One statement for the whole batch; the table is written into it.
     pub(crate) requeue_sql: String,
-    /// Ends the steps `end` accepts (`$3`…`$8`), by compare-and-swap on the lease.
+    /// Ends the steps `end` accepts, by compare-and-swap on the lease.
     pub(crate) end_sql: String,
 }
 

@@ -268,7 +268,7 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     Ok(handle)
 }
 
-/// The lifecycle's `QueueTimedOut` (its table binds as `$3`…`$8`) on the steps
+/// The lifecycle's `QueueTimedOut` (its table written into the statement) on the steps
 /// `$1` still queued past their deadline at the tick's instant `$2`.
 pub(crate) static QUEUE_TIMEOUT: LazyLock<(StepChanges, String)> = LazyLock::new(|| {
     let table = StepChanges::for_event(StepEvent::QueueTimedOut);

@@ -14,7 +14,8 @@
 //!
 //! A set-based statement that decides inside SQL (the claim starts every task
 //! whose first step it wins) binds the function's table for its event
-//! ([`ChangeArrays::for_event`]) and joins it on the task's current state with
+//! ([`ChangeArrays::for_event`], written into the statement) and joins it on the
+//! task's current state with
 //! [`CHANGES_STATE_GUARD`]. Steps have the same interpreter in [`steps`].
 
 pub mod steps;
@@ -119,12 +120,12 @@ impl ChangeArrays {
     }
 
     /// Binds the arrays as `$1`…`$9` of `query` (a statement built with
-    /// [`changes_from`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); for an event's
-    /// table, the eight arrays [`Self::source`] numbers.
+    /// [`changes_from`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); nothing for an
+    /// event's table, which is written into the statement ([`Self::table_source`]).
     pub fn bind<'q, Q: Binds<'q>>(&'q self, query: Q) -> Q {
         let query = match &self.ids {
             Some(ids) => query.push(ids),
-            None => query,
+            None => return query,
         };
         query
             .push(&self.from_status)
@@ -137,20 +138,31 @@ impl ChangeArrays {
             .push(&self.retry)
     }
 
-    /// The row source `u` of an event's table whose first array is `$first`; join
-    /// it with [`CHANGES_STATE_GUARD`].
-    pub fn source(first: usize) -> String {
-        let types = ["text", "text", "text", "text", "text", "text", "text", "int8"];
-        let arrays: Vec<String> = types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| format!("${}::{ty}[]", first + i))
+    /// The row source `u` of an event's table ([`Self::for_event`]), written into the
+    /// statement as a `VALUES` list (the table is fixed for the life of the process);
+    /// join it with [`CHANGES_STATE_GUARD`]. Binds nothing.
+    pub fn table_source(&self) -> String {
+        const COLUMNS: &str =
+            "u(from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms)";
+        let rows: Vec<String> = (0..self.from_status.len())
+            .map(|i| {
+                format!(
+                    "({}::text, {}::text, {}::text, {}::text, {}::text, NULL::text, NULL::text, NULL::int8)",
+                    steps::literal(Some(self.from_status[i])),
+                    steps::literal(Some(self.from_approval[i])),
+                    steps::literal(Some(self.to_status[i])),
+                    steps::literal(Some(self.to_approval[i])),
+                    steps::literal(self.reasons[i].as_deref()),
+                )
+            })
             .collect();
-        format!(
-            "unnest({}) AS u(from_status, from_approval, to_status, to_approval, reason, cancel_reason, \
-             cancelled_by, retry_ms)",
-            arrays.join(", ")
-        )
+        if rows.is_empty() {
+            return format!(
+                "(SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, \
+                 NULL::int8 WHERE false) AS {COLUMNS}"
+            );
+        }
+        format!("(VALUES {}) AS {COLUMNS}", rows.join(", "))
     }
 }
 

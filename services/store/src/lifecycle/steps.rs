@@ -5,8 +5,8 @@
 //! `tanjiren_shared::lifecycle::step::transition`, in one of two shapes:
 //!
 //! - [`StepChanges::for_event`]: the function evaluated for one event over every
-//!   step state it accepts, bound as a small table. The statement joins the table
-//!   on the step's *current* state, so a set-based statement (a claim batch, a
+//!   step state it accepts, written into the statement as a small `VALUES` table.
+//!   The statement joins the table on the step's *current* state, so a set-based statement (a claim batch, a
 //!   sweep, a cancel of every step of a task) still changes each row exactly as the
 //!   function says, and a row in a state the event is refused in does not match.
 //! - [`StepChanges::for_steps`]: decisions already made per step (from rows locked
@@ -100,11 +100,12 @@ impl StepChanges {
         self.from_status.is_empty()
     }
 
-    /// Binds the arrays in the order [`Self::source`] numbers them.
+    /// Binds the arrays in the order [`Self::source`] numbers them (nothing for an
+    /// event's table, which is written into the statement).
     pub fn bind<'q, Q: Binds<'q>>(&'q self, q: Q) -> Q {
         let q = match &self.ids {
             Some(ids) => q.push(ids),
-            None => q,
+            None => return q,
         };
         q.push(&self.from_status)
             .push(&self.from_stop)
@@ -114,11 +115,44 @@ impl StepChanges {
             .push(&self.reason)
     }
 
-    /// The change source `sc` for a statement whose first array is `$first`
-    /// (six arrays for a table; seven, the ids first, for per-step decisions, joined
-    /// with `s.id = sc.id`).
+    /// The change source `sc`. An event's table is fixed for the life of the process,
+    /// so it is written into the statement as a `VALUES` list: the planner sees its
+    /// exact rows, and folds a one-row table (most events) into constants, so the
+    /// state-derived columns cost no comparisons per row. Per-step decisions are
+    /// seven arrays bound from `$first` on (the ids first; join with `s.id = sc.id`).
     pub fn source(&self, first: usize) -> String {
-        source(first, self.ids.is_some(), &[])
+        if self.ids.is_some() {
+            return source(first, true, &[]);
+        }
+        const COLUMNS: &str = "sc(from_status, from_stop, to_status, to_stop, lease, reason)";
+        if self.from_status.is_empty() {
+            return format!(
+                "(SELECT NULL::text, NULL::bool, NULL::text, NULL::bool, NULL::text, NULL::text WHERE false) AS {COLUMNS}"
+            );
+        }
+        let rows: Vec<String> = (0..self.from_status.len())
+            .map(|i| {
+                format!(
+                    "({}::text, {}, {}::text, {}, {}::text, {}::text)",
+                    literal(Some(self.from_status[i])),
+                    self.from_stop[i],
+                    literal(Some(self.to_status[i])),
+                    self.to_stop[i],
+                    literal(Some(self.lease[i])),
+                    literal(self.reason[i]),
+                )
+            })
+            .collect();
+        format!("(VALUES {}) AS {COLUMNS}", rows.join(", "))
+    }
+}
+
+/// A text value as an SQL literal (`NULL` for none). The values are the lifecycle's
+/// own snake_case names; quotes are doubled all the same.
+pub(crate) fn literal(value: Option<&str>) -> String {
+    match value {
+        Some(v) => format!("'{}'", v.replace('\'', "''")),
+        None => "NULL".to_string(),
     }
 }
 
