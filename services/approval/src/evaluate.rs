@@ -23,7 +23,7 @@ use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, Transition, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
-use tanjiren_store::lifecycle::{CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange, changes_from};
+use tanjiren_store::lifecycle::{CHANGE_ARRAYS, CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange, changes_from};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -308,24 +308,30 @@ fn requested_event(a: &Assessed<'_>, now: DateTime<Utc>) -> ApprovalRequestedEve
     }
 }
 
+/// The doctrine snapshot stored with each evaluated task, bound in this order after
+/// the change arrays.
+const SNAPSHOT_COLUMNS: [(&str, &str); 6] = [
+    ("version", "int4"),
+    ("class", "text"),
+    ("rules", "jsonb"),
+    ("reason_required", "bool"),
+    ("digest", "text"),
+    ("deadline", "timestamptz"),
+];
+
 /// Doctrine evaluation's change and snapshot, one statement (see the function using it).
 pub(crate) static EVALUATED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE tasks t SET {CHANGES_SET},
             doctrine_version = u.version, approval_class = u.class, approval_rules = u.rules,
             approval_reason_required = u.reason_required, payload_digest = u.digest,
-            approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE $16::timestamptz END,
+            approval_requested_at = CASE WHEN u.deadline IS NULL THEN NULL ELSE ${now}::timestamptz END,
             approval_deadline = u.deadline
          FROM {from}
          WHERE {CHANGES_GUARD}
          RETURNING t.id",
-        from = changes_from(&[
-            ("version", "int4"),
-            ("class", "text"),
-            ("rules", "jsonb"),
-            ("reason_required", "bool"),
-            ("digest", "text"),
-            ("deadline", "timestamptz"),
-        ])
+        from = changes_from(&SNAPSHOT_COLUMNS),
+        // The evaluation instant follows the change arrays and the snapshot's.
+        now = CHANGE_ARRAYS + SNAPSHOT_COLUMNS.len() + 1,
     )
 });

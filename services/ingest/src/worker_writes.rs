@@ -593,15 +593,15 @@ async fn store_progress(
 }
 
 /// A batch's progress and results (the lifecycle's `Reported`, decided per locked
-/// step and bound by id as `$1`…`$7`) with the output tails (`$8`…`$12`), in one
+/// step and bound by id) with the output tails (bound after the decisions), in one
 /// statement over one `unnest`.
 pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE steps s SET {set},
             stdout_tail = COALESCE(sc.stdout_tail, s.stdout_tail),
             stderr_tail = COALESCE(sc.stderr_tail, s.stderr_tail),
-            exit_code = CASE WHEN sc.to_status = sc.from_status THEN s.exit_code ELSE sc.exit_code END,
-            stop_confirmed_at = CASE WHEN sc.to_status <> sc.from_status AND s.cancel_requested_at IS NOT NULL
+            exit_code = CASE WHEN sc.finishes THEN sc.exit_code ELSE s.exit_code END,
+            stop_confirmed_at = CASE WHEN sc.finishes AND s.cancel_requested_at IS NOT NULL
                                           AND sc.stopped_all
                                      THEN now() ELSE s.stop_confirmed_at END
          FROM {source}

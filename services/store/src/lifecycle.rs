@@ -62,7 +62,11 @@ impl TaskChange {
     }
 }
 
-/// A batch of changes as the arrays the statement binds as `$1`…`$9`.
+/// A batch of changes as the arrays the statement binds as `$1`…`$14`
+/// ([`CHANGE_ARRAYS`]). Besides the states and reasons, each change carries the
+/// facts about it that the columns follow from (fails, cancels, enters `queued`,
+/// enters `executing`, ends), computed here once rather than by text comparisons
+/// in every row of the statement.
 #[derive(Debug, Default)]
 pub struct ChangeArrays {
     /// `None` for an event's table, joined on the task's state rather than its id.
@@ -75,6 +79,28 @@ pub struct ChangeArrays {
     cancel_reasons: Vec<Option<String>>,
     cancelled_by: Vec<Option<String>>,
     retry: Vec<Option<i64>>,
+    fails: Vec<bool>,
+    cancels: Vec<bool>,
+    queues: Vec<bool>,
+    starts: Vec<bool>,
+    finishes: Vec<bool>,
+}
+
+/// How many arrays [`ChangeArrays::bind`] binds for per-task changes (`$1`…`$14`);
+/// a statement's own arrays ([`changes_from`]'s `extra`) follow.
+pub const CHANGE_ARRAYS: usize = 14;
+
+/// The facts of one change: (fails, cancels, enters queued, enters executing, ends).
+fn facts(from: TaskState, t: &Transition) -> [bool; 5] {
+    use tanjiren_shared::model::TaskStatus as S;
+    let to = t.next.status;
+    [
+        to == S::Failed,
+        to == S::Cancelled,
+        to == S::Queued && from.status != S::Queued,
+        to == S::Executing && from.status != S::Executing,
+        to.is_terminal(),
+    ]
 }
 
 impl ChangeArrays {
@@ -95,6 +121,11 @@ impl ChangeArrays {
                 .map(|c| c.cancel.as_ref().map(|(_, by)| by.clone()))
                 .collect(),
             retry: changes.iter().map(|c| c.retry_after_ms).collect(),
+            fails: changes.iter().map(|c| facts(c.from, &c.transition)[0]).collect(),
+            cancels: changes.iter().map(|c| facts(c.from, &c.transition)[1]).collect(),
+            queues: changes.iter().map(|c| facts(c.from, &c.transition)[2]).collect(),
+            starts: changes.iter().map(|c| facts(c.from, &c.transition)[3]).collect(),
+            finishes: changes.iter().map(|c| facts(c.from, &c.transition)[4]).collect(),
         }
     }
 
@@ -119,7 +150,7 @@ impl ChangeArrays {
         }
     }
 
-    /// Binds the arrays as `$1`…`$9` of `query` (a statement built with
+    /// Binds the arrays as `$1`…`$14` of `query` (a statement built with
     /// [`changes_from`], [`CHANGES_SET`] and [`CHANGES_GUARD`]); nothing for an
     /// event's table, which is written into the statement ([`Self::table_source`]).
     pub fn bind<'q, Q: Binds<'q>>(&'q self, query: Q) -> Q {
@@ -136,30 +167,41 @@ impl ChangeArrays {
             .push(&self.cancel_reasons)
             .push(&self.cancelled_by)
             .push(&self.retry)
+            .push(&self.fails)
+            .push(&self.cancels)
+            .push(&self.queues)
+            .push(&self.starts)
+            .push(&self.finishes)
     }
 
     /// The row source `u` of an event's table ([`Self::for_event`]), written into the
     /// statement as a `VALUES` list (the table is fixed for the life of the process);
     /// join it with [`CHANGES_STATE_GUARD`]. Binds nothing.
     pub fn table_source(&self) -> String {
-        const COLUMNS: &str =
-            "u(from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms)";
+        const COLUMNS: &str = "u(from_status, from_approval, to_status, to_approval, reason, cancel_reason, \
+             cancelled_by, retry_ms, fails, cancels, queues, starts, finishes)";
         let rows: Vec<String> = (0..self.from_status.len())
             .map(|i| {
                 format!(
-                    "({}::text, {}::text, {}::text, {}::text, {}::text, NULL::text, NULL::text, NULL::int8)",
+                    "({}::text, {}::text, {}::text, {}::text, {}::text, NULL::text, NULL::text, NULL::int8, \
+                     {}, {}, {}, {}, {})",
                     steps::literal(Some(self.from_status[i])),
                     steps::literal(Some(self.from_approval[i])),
                     steps::literal(Some(self.to_status[i])),
                     steps::literal(Some(self.to_approval[i])),
                     steps::literal(self.reasons[i].as_deref()),
+                    self.fails[i],
+                    self.cancels[i],
+                    self.queues[i],
+                    self.starts[i],
+                    self.finishes[i],
                 )
             })
             .collect();
         if rows.is_empty() {
             return format!(
                 "(SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, \
-                 NULL::int8 WHERE false) AS {COLUMNS}"
+                 NULL::int8, false, false, false, false, false WHERE false) AS {COLUMNS}"
             );
         }
         format!("(VALUES {}) AS {COLUMNS}", rows.join(", "))
@@ -190,9 +232,9 @@ impl<'q, O> Binds<'q> for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::
     }
 }
 
-/// The changes as a row source `u`, from the arrays bound as `$1`…`$9`, followed by
+/// The changes as a row source `u`, from the arrays bound as `$1`…`$14`, followed by
 /// the statement's own per-task arrays `extra` (column name, element type), bound
-/// from `$10` on in the same order as the changes. One `unnest` for all of them:
+/// from `$15` on in the same order as the changes. One `unnest` for all of them:
 /// joining a second `unnest` on the id rescans it once per row (measured 2–4× the
 /// statement's time on a batch of 35).
 pub fn changes_from(extra: &[(&str, &str)]) -> String {
@@ -206,12 +248,17 @@ pub fn changes_from(extra: &[(&str, &str)]) -> String {
         "$7::text[]".into(),
         "$8::text[]".into(),
         "$9::int8[]".into(),
+        "$10::bool[]".into(),
+        "$11::bool[]".into(),
+        "$12::bool[]".into(),
+        "$13::bool[]".into(),
+        "$14::bool[]".into(),
     ];
-    let mut columns =
-        "id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, retry_ms"
-            .to_string();
+    let mut columns = "id, from_status, from_approval, to_status, to_approval, reason, cancel_reason, cancelled_by, \
+                       retry_ms, fails, cancels, queues, starts, finishes"
+        .to_string();
     for (i, (name, ty)) in extra.iter().enumerate() {
-        arrays.push(format!("${}::{ty}[]", 10 + i));
+        arrays.push(format!("${}::{ty}[]", CHANGE_ARRAYS + 1 + i));
         columns.push_str(", ");
         columns.push_str(name);
     }
@@ -221,12 +268,12 @@ pub fn changes_from(extra: &[(&str, &str)]) -> String {
 /// The columns a change sets on `tasks t`, all derived from the new state.
 pub const CHANGES_SET: &str = "status = u.to_status,
     approval_status = u.to_approval,
-    failure_reason = CASE WHEN u.to_status = 'failed' THEN u.reason ELSE t.failure_reason END,
-    cancel_reason = CASE WHEN u.to_status = 'cancelled' THEN u.cancel_reason ELSE t.cancel_reason END,
-    cancelled_by = CASE WHEN u.to_status = 'cancelled' THEN u.cancelled_by ELSE t.cancelled_by END,
-    queued_at = CASE WHEN u.to_status = 'queued' AND u.from_status <> 'queued' THEN now() ELSE t.queued_at END,
-    started_at = CASE WHEN u.to_status = 'executing' AND u.from_status <> 'executing' THEN now() ELSE t.started_at END,
-    finished_at = CASE WHEN u.to_status IN ('completed', 'failed', 'cancelled') THEN now() ELSE t.finished_at END,
+    failure_reason = CASE WHEN u.fails THEN u.reason ELSE t.failure_reason END,
+    cancel_reason = CASE WHEN u.cancels THEN u.cancel_reason ELSE t.cancel_reason END,
+    cancelled_by = CASE WHEN u.cancels THEN u.cancelled_by ELSE t.cancelled_by END,
+    queued_at = CASE WHEN u.queues THEN now() ELSE t.queued_at END,
+    started_at = CASE WHEN u.starts THEN now() ELSE t.started_at END,
+    finished_at = CASE WHEN u.finishes THEN now() ELSE t.finished_at END,
     retry_at = CASE WHEN u.retry_ms IS NULL THEN t.retry_at
                     ELSE now() + make_interval(secs => u.retry_ms::float8 / 1000) END";
 

@@ -22,7 +22,8 @@
 
 use super::Binds;
 use std::collections::HashMap;
-use tanjiren_shared::lifecycle::step::{StepEffect, StepEvent, StepState, StepTransition, transition};
+use tanjiren_shared::lifecycle::step::{LeaseChange, StepEffect, StepEvent, StepState, StepTransition, transition};
+use tanjiren_shared::model::StepStatus;
 use uuid::Uuid;
 
 /// A batch of step decisions as the arrays a statement binds for `sc`.
@@ -32,8 +33,10 @@ pub struct StepChanges {
     from_status: Vec<&'static str>,
     from_stop: Vec<bool>,
     to_status: Vec<&'static str>,
-    to_stop: Vec<bool>,
-    lease: Vec<&'static str>,
+    /// The facts the columns follow from, computed once per change rather than by
+    /// text comparisons in every row: (lease begins, lease ends, re-queued, ends,
+    /// records a reason, asks to stop).
+    facts: Vec<[bool; 6]>,
     reason: Vec<Option<&'static str>>,
     /// A table's transitions by the state they leave, for the caller's effects.
     table: HashMap<StepState, StepTransition>,
@@ -76,12 +79,23 @@ impl StepChanges {
     }
 
     fn push(&mut self, from: StepState, t: &StepTransition) {
+        let to = t.next.status;
         self.from_status.push(from.status.as_str());
         self.from_stop.push(from.stop_requested);
-        self.to_status.push(t.next.status.as_str());
-        self.to_stop.push(t.next.stop_requested);
-        self.lease.push(t.lease.as_str());
+        self.to_status.push(to.as_str());
+        self.facts.push([
+            t.lease == LeaseChange::Begin,
+            t.lease == LeaseChange::End,
+            to == StepStatus::Queued && from.status != StepStatus::Queued,
+            to.is_terminal() && !from.status.is_terminal(),
+            matches!(to, StepStatus::Failed | StepStatus::Cancelled) && to != from.status,
+            t.next.stop_requested && !from.stop_requested,
+        ]);
         self.reason.push(t.reason.map(|r| r.as_str()));
+    }
+
+    fn fact(&self, which: usize) -> Vec<bool> {
+        self.facts.iter().map(|f| f[which]).collect()
     }
 
     /// The transition the table holds for a step that was in `from` (None when the
@@ -107,12 +121,11 @@ impl StepChanges {
             Some(ids) => q.push(ids),
             None => return q,
         };
-        q.push(&self.from_status)
-            .push(&self.from_stop)
-            .push(&self.to_status)
-            .push(&self.to_stop)
-            .push(&self.lease)
-            .push(&self.reason)
+        let mut q = q.push(&self.from_status).push(&self.from_stop).push(&self.to_status);
+        for which in 0..6 {
+            q = q.push(self.fact(which));
+        }
+        q.push(&self.reason)
     }
 
     /// The change source `sc`. An event's table is fixed for the life of the process,
@@ -124,28 +137,40 @@ impl StepChanges {
         if self.ids.is_some() {
             return source(first, true, &[]);
         }
-        const COLUMNS: &str = "sc(from_status, from_stop, to_status, to_stop, lease, reason)";
+        let columns = format!("sc({})", COLUMNS.map(|(name, _)| name).join(", "));
         if self.from_status.is_empty() {
-            return format!(
-                "(SELECT NULL::text, NULL::bool, NULL::text, NULL::bool, NULL::text, NULL::text WHERE false) AS {COLUMNS}"
-            );
+            let nulls = COLUMNS.map(|(_, ty)| format!("NULL::{ty}")).join(", ");
+            return format!("(SELECT {nulls} WHERE false) AS {columns}");
         }
         let rows: Vec<String> = (0..self.from_status.len())
             .map(|i| {
+                let [begins, ends, requeues, finishes, records, asks] = self.facts[i];
                 format!(
-                    "({}::text, {}, {}::text, {}, {}::text, {}::text)",
+                    "({}::text, {}, {}::text, {begins}, {ends}, {requeues}, {finishes}, {records}, {asks}, {}::text)",
                     literal(Some(self.from_status[i])),
                     self.from_stop[i],
                     literal(Some(self.to_status[i])),
-                    self.to_stop[i],
-                    literal(Some(self.lease[i])),
                     literal(self.reason[i]),
                 )
             })
             .collect();
-        format!("(VALUES {}) AS {COLUMNS}", rows.join(", "))
+        format!("(VALUES {}) AS {columns}", rows.join(", "))
     }
 }
+
+/// The columns of `sc` (after `id`, for per-step decisions), with their types.
+const COLUMNS: [(&str, &str); 10] = [
+    ("from_status", "text"),
+    ("from_stop", "bool"),
+    ("to_status", "text"),
+    ("begins", "bool"),
+    ("ends", "bool"),
+    ("requeues", "bool"),
+    ("finishes", "bool"),
+    ("records_reason", "bool"),
+    ("asks_stop", "bool"),
+    ("reason", "text"),
+];
 
 /// A text value as an SQL literal (`NULL` for none). The values are the lifecycle's
 /// own snake_case names; quotes are doubled all the same.
@@ -166,14 +191,7 @@ pub fn source(first: usize, by_id: bool, extra: &[(&str, &str)]) -> String {
     if by_id {
         columns.push(("id", "uuid"));
     }
-    columns.extend([
-        ("from_status", "text"),
-        ("from_stop", "bool"),
-        ("to_status", "text"),
-        ("to_stop", "bool"),
-        ("lease", "text"),
-        ("reason", "text"),
-    ]);
+    columns.extend(COLUMNS);
     columns.extend(extra.iter().copied());
     let arrays: Vec<String> = columns
         .iter()
@@ -224,20 +242,17 @@ impl StepSet<'_> {
         } = self;
         format!(
             "status = sc.to_status,
-    lease_generation = CASE WHEN sc.lease = 'keep' THEN s.lease_generation ELSE s.lease_generation + 1 END,
-    lease_owner = CASE sc.lease WHEN 'keep' THEN s.lease_owner WHEN 'begin' THEN {owner} END,
-    lease_expires_at = CASE sc.lease WHEN 'keep' THEN s.lease_expires_at
-                       WHEN 'begin' THEN {at} + make_interval(secs => ({lease_ms})::float8 / 1000) END,
-    claimed_at = CASE WHEN sc.lease = 'begin' THEN {at} ELSE s.claimed_at END,
-    started_at = CASE WHEN sc.lease = 'begin' THEN COALESCE(s.started_at, {at}) ELSE s.started_at END,
-    last_heartbeat_at = CASE WHEN sc.lease = 'begin' THEN {at} ELSE s.last_heartbeat_at END,
-    dispatched_at = CASE WHEN sc.to_status = 'queued' AND sc.from_status <> 'queued'
-                         THEN 'epoch'::timestamptz ELSE s.dispatched_at END,
-    failure_reason = CASE WHEN sc.to_status IN ('failed', 'cancelled') AND sc.from_status <> sc.to_status
-                          THEN COALESCE({reason}, sc.reason) ELSE s.failure_reason END,
-    finished_at = CASE WHEN sc.to_status IN ('succeeded', 'failed', 'cancelled') AND sc.from_status <> sc.to_status
-                       THEN {at} ELSE s.finished_at END,
-    cancel_requested_at = CASE WHEN sc.to_stop AND NOT sc.from_stop THEN {at} ELSE s.cancel_requested_at END"
+    lease_generation = CASE WHEN sc.begins OR sc.ends THEN s.lease_generation + 1 ELSE s.lease_generation END,
+    lease_owner = CASE WHEN sc.begins THEN {owner} WHEN sc.ends THEN NULL ELSE s.lease_owner END,
+    lease_expires_at = CASE WHEN sc.begins THEN {at} + make_interval(secs => ({lease_ms})::float8 / 1000)
+                            WHEN sc.ends THEN NULL ELSE s.lease_expires_at END,
+    claimed_at = CASE WHEN sc.begins THEN {at} ELSE s.claimed_at END,
+    started_at = CASE WHEN sc.begins THEN COALESCE(s.started_at, {at}) ELSE s.started_at END,
+    last_heartbeat_at = CASE WHEN sc.begins THEN {at} ELSE s.last_heartbeat_at END,
+    dispatched_at = CASE WHEN sc.requeues THEN 'epoch'::timestamptz ELSE s.dispatched_at END,
+    failure_reason = CASE WHEN sc.records_reason THEN COALESCE({reason}, sc.reason) ELSE s.failure_reason END,
+    finished_at = CASE WHEN sc.finishes THEN {at} ELSE s.finished_at END,
+    cancel_requested_at = CASE WHEN sc.asks_stop THEN {at} ELSE s.cancel_requested_at END"
         )
     }
 }
