@@ -74,10 +74,13 @@ pub fn with_own_step_guard(config: &Config) -> Config {
 pub enum WorkerStartError {
     #[error(transparent)]
     Startup(#[from] StartupError),
+    /// No token is configured and no credential of this workstation is saved (at the
+    /// path carried).
     #[error(
-        "the worker needs a token: set TANJIREN_TOKEN (or `token` in the config file) to a token with the worker, admin or owner role"
+        "the worker needs a token to enrol this workstation (no credential is saved at {0}): set TANJIREN_TOKEN \
+         (or `token` in the config file) to a token with the worker, admin or owner role"
     )]
-    MissingToken,
+    MissingToken(String),
     #[error("cannot register this workstation: {0}")]
     Register(WireError),
 }
@@ -123,9 +126,6 @@ pub async fn start(
     executor: Arc<dyn Executor>,
     shutdown: Shutdown,
 ) -> Result<Worker, WorkerStartError> {
-    if config.token.trim().is_empty() {
-        return Err(WorkerStartError::MissingToken);
-    }
     let name = configured_name(config);
     validate_workstation_name(&name).map_err(|e| {
         WorkerStartError::Register(WireError::invalid(format!(
@@ -133,6 +133,11 @@ pub async fn start(
             e.message.trim_start_matches("name: ")
         )))
     })?;
+    // The token is needed to enrol; once enrolled, the saved credential is enough.
+    let saved = credentials::path(config, &name);
+    if config.token.trim().is_empty() && credentials::read(&saved).is_none() {
+        return Err(WorkerStartError::MissingToken(saved.display().to_string()));
+    }
     // Nothing a step started may outlive it, not even the worker that ran it.
     executor.stop_leftovers().await;
     let nats = tanjiren_bus::connect_nats(config, "tanjiren-worker").await?;
@@ -211,6 +216,17 @@ async fn enrol(
         match register(&bus, name, shutdown).await {
             Ok(reply) => return Ok((bus, reply)),
             Err(e) if matches!(e.code, ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
+                if config.token.trim().is_empty() {
+                    return Err(WireError::new(
+                        e.code,
+                        format!(
+                            "the workstation credential saved at {} was refused ({}) and no token is configured \
+                             to enrol again: set TANJIREN_TOKEN",
+                            path.display(),
+                            e.message
+                        ),
+                    ));
+                }
                 tracing::warn!(path = %path.display(), error = %e, "the saved workstation credential was refused; enrolling again");
             }
             Err(e) => return Err(e),
@@ -328,13 +344,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_token_is_required() {
-        let c = Config::default();
+    async fn a_token_is_required_until_a_credential_is_saved() {
+        let dir = std::env::temp_dir().join(format!("tanjiren-worker-{}", uuid::Uuid::new_v4().simple()));
+        let c = Config {
+            worker_state_dir: dir.display().to_string(),
+            workstation_name: "ws-token".into(),
+            ..Config::default()
+        };
         let e = start(&c, Arc::new(NoopExecutor), Shutdown::new())
             .await
             .err()
             .expect("no token");
-        assert!(matches!(e, WorkerStartError::MissingToken));
-        assert!(e.to_string().contains("TANJIREN_TOKEN"));
+        assert!(matches!(e, WorkerStartError::MissingToken(_)), "{e}");
+        assert!(e.to_string().contains("TANJIREN_TOKEN"), "{e}");
+        assert!(e.to_string().contains("credentials/ws-token"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

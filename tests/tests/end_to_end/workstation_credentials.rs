@@ -294,3 +294,57 @@ async fn a_revoked_credential_stops_working_and_the_worker_enrols_again() {
     w.stop().await;
     env.finish(services).await;
 }
+
+/// The enrolment token is needed once: a restart with no token configured runs on
+/// the saved credential, and if that credential is revoked the worker says so
+/// (rather than asking for a token it never needed before).
+#[tokio::test]
+async fn a_saved_credential_is_enough_to_start_without_the_token() {
+    let env = TestEnv::new().await;
+    let mut services = env.start_all().await;
+    env.worker("ws-saved").await.stop().await;
+    let path = env.credential_dir().join("ws-saved");
+    let saved = std::fs::read_to_string(&path).unwrap().trim().to_string();
+
+    let w = env.worker_with("ws-saved", |c| c.token = String::new()).await;
+    let t = env
+        .create(&command("echo on the saved credential", &["ws-saved"]))
+        .await
+        .unwrap()
+        .task_id;
+    assert_eq!(
+        env.wait_terminal(t, Duration::from_secs(20)).await.status,
+        TaskStatus::Completed
+    );
+    w.stop().await;
+
+    // Revoked (fresh services, so no cached lookup): no token to enrol again with.
+    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
+        .bind(hash_secret(&saved))
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    let ingest = services.remove(services.iter().position(|r| r.svc == Service::Ingest).unwrap());
+    ingest.stop().await;
+    services.push(env.start(Service::Ingest).await);
+    let mut config = env.config.clone();
+    config.token = String::new();
+    config.workstation_name = "ws-saved".into();
+    config.worker_credential_file = path.display().to_string();
+    config.worker_state_dir = env.credential_dir().join("state").display().to_string();
+    let e = tanjiren_worker::start(
+        &config,
+        std::sync::Arc::new(tanjiren_worker::NoopExecutor),
+        tanjiren_bus::Shutdown::new(),
+    )
+    .await
+    .err()
+    .expect("a revoked credential and no token");
+    let text = e.to_string();
+    assert!(
+        text.contains("was refused") && text.contains("no token is configured"),
+        "{text}"
+    );
+    assert!(!text.contains(&saved), "the credential must not appear in the error");
+    env.finish(services).await;
+}
