@@ -94,6 +94,11 @@ pub struct Config {
     pub worker_concurrency: usize,
     /// Worker: the shell commands run under (`$shell -c "$command"`).
     pub worker_shell: String,
+    /// Worker: the AI agent adapter it runs `prompt` and `investigate` steps with,
+    /// advertised at registration: empty (none), `openai` or `command`.
+    pub worker_agent: String,
+    /// Worker: the agent's model, advertised with the adapter; empty when unknown.
+    pub worker_agent_model: String,
     /// Worker: time between SIGTERM and SIGKILL when stopping a step.
     pub kill_grace_ms: u64,
     /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
@@ -155,6 +160,8 @@ impl Default for Config {
             worker_credential_file: String::new(),
             worker_concurrency: 4,
             worker_shell: "/bin/sh".into(),
+            worker_agent: String::new(),
+            worker_agent_model: String::new(),
             kill_grace_ms: 10_000,
             step_guard: "auto".into(),
             step_cgroup: "auto".into(),
@@ -279,6 +286,7 @@ impl Config {
                 )));
             }
         }
+        self.worker_agent_info()?;
         if self.batch_max == 0
             || self.batch_max_bytes == 0
             || self.max_in_flight == 0
@@ -291,6 +299,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The agent the worker advertises (`worker_agent`, `worker_agent_model`); `None`
+    /// when `worker_agent` is empty.
+    ///
+    /// # Errors
+    /// `worker_agent` names no adapter, or the model is too long or not printable.
+    pub fn worker_agent_info(&self) -> Result<Option<crate::agents::AgentInfo>, ConfigError> {
+        let adapter = self.worker_agent.trim();
+        if adapter.is_empty() {
+            return Ok(None);
+        }
+        let adapter = adapter.parse::<crate::agents::AgentAdapter>().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "worker_agent must be empty, `openai` or `command`, not `{}`",
+                self.worker_agent
+            ))
+        })?;
+        let model = self.worker_agent_model.trim();
+        let info = crate::agents::AgentInfo {
+            adapter,
+            model: (!model.is_empty()).then(|| model.to_string()),
+        };
+        info.validate("worker_agent_model")
+            .map_err(|e| ConfigError::Invalid(e.message))?;
+        Ok(Some(info))
     }
 
     /// The retry policy of a task that sets none (the organisation default).

@@ -7,6 +7,7 @@
 //! environment, no telemetry set-up; the processes do that at their edges
 //! (`tanjiren-bus`, `tanjiren-store`) and call in here for every decision.
 
+pub mod agents;
 pub mod approvals;
 pub mod artifacts;
 pub mod codec;

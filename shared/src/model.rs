@@ -171,6 +171,12 @@ impl Mode {
             Mode::Investigate { .. } => "investigate",
         }
     }
+
+    /// Whether the step runs on the workstation's AI agent (`prompt`, `investigate`),
+    /// so every target must advertise one ([`crate::agents::AgentInfo`]).
+    pub fn needs_agent(&self) -> bool {
+        !matches!(self, Mode::Command { .. })
+    }
 }
 
 /// When a failed task is tried again (the mechanism lands with schedules and retries).

@@ -380,6 +380,11 @@ pub struct RegisterWorkstationRequest {
     /// Bounded at decoding by [`crate::model::validate_labels`].
     #[serde(default, deserialize_with = "registration_labels")]
     pub labels: BTreeMap<String, String>,
+    /// The AI agent this workstation's worker runs `prompt` and `investigate` steps
+    /// with; none when absent (such tasks are then refused for it at creation).
+    /// Each registration replaces what the last one advertised.
+    #[serde(default)]
+    pub agent: Option<crate::agents::AgentInfo>,
 }
 
 fn registration_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {

@@ -248,6 +248,21 @@ impl TestEnv {
         id
     }
 
+    /// Records that workstation `name` advertises an AI agent (as its worker would at
+    /// registration with `worker_agent`), so `prompt` / `investigate` tasks may target it.
+    pub async fn give_agent(&self, name: &str, adapter: &str, model: Option<&str>) {
+        let updated =
+            sqlx::query("UPDATE workstations SET agent_adapter = $3, agent_model = $4 WHERE org_id = $1 AND name = $2")
+                .bind(self.org.as_uuid())
+                .bind(name)
+                .bind(adapter)
+                .bind(model)
+                .execute(&self.conns.db)
+                .await
+                .unwrap();
+        assert_eq!(updated.rows_affected(), 1, "no workstation `{name}`");
+    }
+
     /// Another API token of this organisation.
     pub async fn token(&self, role: Role, name: &str) -> String {
         make_token(&self.conns, self.org, role, name).await

@@ -58,17 +58,26 @@ async fn register_one(
     req: &RegisterWorkstationRequest,
 ) -> Result<RegisterWorkstationReply, WireError> {
     validate_workstation_name(&req.name)?;
+    if let Some(agent) = &req.agent {
+        agent.validate("agent")?;
+    }
+    // What the worker advertises now replaces what it advertised before.
+    let adapter = req.agent.as_ref().map(|a| a.adapter.as_str());
+    let model = req.agent.as_ref().and_then(|a| a.model.as_deref());
     let labels = serde_json::to_value(&req.labels).expect("labels serialise");
     let org = principal.org_id;
     if let Some(own) = principal.workstation_id {
         let updated: Option<(Uuid,)> = sqlx::query_as(
-            "UPDATE workstations SET labels = $3, last_seen_at = now() WHERE id = $1 AND org_id = $2 AND name = $4
+            "UPDATE workstations SET labels = $3, last_seen_at = now(), agent_adapter = $5, agent_model = $6
+             WHERE id = $1 AND org_id = $2 AND name = $4
              RETURNING id",
         )
         .bind(own.as_uuid())
         .bind(org.as_uuid())
         .bind(labels)
         .bind(&req.name)
+        .bind(adapter)
+        .bind(model)
         .fetch_optional(&conns.hot)
         .await
         .map_err(db_error)?;
@@ -93,8 +102,10 @@ async fn register_one(
     let credential_id = Uuid::now_v7();
     let (id,): (Uuid,) = sqlx::query_as(
         "WITH ws AS (
-            INSERT INTO workstations (id, org_id, name, labels, last_seen_at) VALUES ($1, $2, $3, $4, now())
-            ON CONFLICT (org_id, name) DO UPDATE SET labels = EXCLUDED.labels, last_seen_at = now()
+            INSERT INTO workstations (id, org_id, name, labels, last_seen_at, agent_adapter, agent_model)
+            VALUES ($1, $2, $3, $4, now(), $7, $8)
+            ON CONFLICT (org_id, name) DO UPDATE SET labels = EXCLUDED.labels, last_seen_at = now(),
+                agent_adapter = EXCLUDED.agent_adapter, agent_model = EXCLUDED.agent_model
             RETURNING id
          ), cred AS (
             INSERT INTO api_tokens (id, org_id, name, role, token_hash, workstation_id)
@@ -108,6 +119,8 @@ async fn register_one(
     .bind(labels)
     .bind(credential_id)
     .bind(credential.hash())
+    .bind(adapter)
+    .bind(model)
     .fetch_one(&conns.hot)
     .await
     .map_err(db_error)?;

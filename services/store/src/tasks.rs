@@ -153,8 +153,9 @@ pub async fn prepare_tasks(
             .map(|r| r.expect("every request answered"))
             .collect());
     }
-    let known: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-        "SELECT id, org_id, name FROM workstations WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))",
+    let known: Vec<(Uuid, Uuid, String, bool)> = sqlx::query_as(
+        "SELECT id, org_id, name, agent_adapter IS NOT NULL FROM workstations
+         WHERE org_id = ANY($1) AND (id = ANY($2) OR name = ANY($3))",
     )
     .bind(&orgs)
     .bind(&ids)
@@ -163,9 +164,13 @@ pub async fn prepare_tasks(
     .await
     .map_err(db_error)?;
     let mut by_ref: HashMap<(Uuid, String), Uuid> = HashMap::with_capacity(known.len() * 2);
-    for (id, org, name) in known {
+    let mut with_agent = std::collections::HashSet::new();
+    for (id, org, name, has_agent) in known {
         by_ref.insert((org, id.to_string()), id);
         by_ref.insert((org, name), id);
+        if has_agent {
+            with_agent.insert(id);
+        }
     }
     let previous: HashMap<Uuid, (Uuid, Uuid, i32)> = if retry_of.is_empty() {
         HashMap::new()
@@ -185,7 +190,7 @@ pub async fn prepare_tasks(
     Ok(results
         .into_iter()
         .zip(requests)
-        .map(|(r, (p, spec))| r.unwrap_or_else(|| build_row(config, p, spec, &by_ref, &previous)))
+        .map(|(r, (p, spec))| r.unwrap_or_else(|| build_row(config, p, spec, &by_ref, &with_agent, &previous)))
         .collect())
 }
 
@@ -194,6 +199,7 @@ fn build_row(
     p: &Principal,
     spec: &TaskSpec,
     by_ref: &HashMap<(Uuid, String), Uuid>,
+    with_agent: &std::collections::HashSet<Uuid>,
     previous: &HashMap<Uuid, (Uuid, Uuid, i32)>,
 ) -> Result<NewTask, WireError> {
     let org = p.org_id.as_uuid();
@@ -203,6 +209,15 @@ fn build_row(
         let id = by_ref
             .get(&(org, canonical))
             .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))?;
+        // A prompt or investigation runs on the workstation's AI agent: refuse it now
+        // for a workstation that advertises none, rather than fail after a lease.
+        if spec.mode.needs_agent() && !with_agent.contains(id) {
+            return Err(WireError::invalid(format!(
+                "targets: workstation `{t}` has no AI agent, which a `{}` task needs \
+                 (its worker advertises one with `worker_agent`; see docs/operations.md)",
+                spec.mode.name()
+            )));
+        }
         let id = WorkstationId::from(*id);
         if targets.contains(&id) {
             return Err(WireError::invalid(format!(

@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tanjiren_bus::{ServiceHandle, Shutdown, StartupError};
+use tanjiren_shared::agents::AgentInfo;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::model::validate_workstation_name;
 use tanjiren_shared::protocol::{RegisterWorkstationReply, RegisterWorkstationRequest};
@@ -133,6 +134,9 @@ pub async fn start(
             e.message.trim_start_matches("name: ")
         )))
     })?;
+    let agent_info = config
+        .worker_agent_info()
+        .map_err(|e| WorkerStartError::Register(WireError::invalid(e.to_string())))?;
     // The token is needed to enrol; once enrolled, the saved credential is enough.
     let saved = credentials::path(config, &name);
     if config.token.trim().is_empty() && credentials::read(&saved).is_none() {
@@ -141,7 +145,7 @@ pub async fn start(
     // Nothing a step started may outlive it, not even the worker that ran it.
     executor.stop_leftovers().await;
     let nats = tanjiren_bus::connect_nats(config, "tanjiren-worker").await?;
-    let (bus, registered) = enrol(&nats, config, &name, &shutdown)
+    let (bus, registered) = enrol(&nats, config, &name, agent_info.as_ref(), &shutdown)
         .await
         .map_err(WorkerStartError::Register)?;
     let id = Identity {
@@ -207,13 +211,14 @@ async fn enrol(
     nats: &async_nats::Client,
     config: &Config,
     name: &str,
+    agent: Option<&AgentInfo>,
     shutdown: &Shutdown,
 ) -> Result<(Bus, RegisterWorkstationReply), WireError> {
     let subjects = config.subjects();
     let path = credentials::path(config, name);
     if let Some(saved) = credentials::read(&path) {
         let bus = Bus::new(nats.clone(), subjects.clone(), &saved);
-        match register(&bus, name, shutdown).await {
+        match register(&bus, name, agent, shutdown).await {
             Ok(reply) => return Ok((bus, reply)),
             Err(e) if matches!(e.code, ErrorCode::Unauthorized | ErrorCode::Forbidden) => {
                 if config.token.trim().is_empty() {
@@ -233,7 +238,7 @@ async fn enrol(
         }
     }
     let bus = Bus::new(nats.clone(), subjects.clone(), config.token.trim());
-    let reply = register(&bus, name, shutdown).await?;
+    let reply = register(&bus, name, agent, shutdown).await?;
     let Some(credential) = reply.credential.clone() else {
         // The configured token is this workstation's credential already.
         return Ok((bus, reply));
@@ -246,10 +251,16 @@ async fn enrol(
     Ok((Bus::new(nats.clone(), subjects, &credential), reply))
 }
 
-async fn register(bus: &Bus, name: &str, shutdown: &Shutdown) -> Result<RegisterWorkstationReply, WireError> {
+async fn register(
+    bus: &Bus,
+    name: &str,
+    agent: Option<&AgentInfo>,
+    shutdown: &Shutdown,
+) -> Result<RegisterWorkstationReply, WireError> {
     let request = RegisterWorkstationRequest {
         name: name.to_string(),
         labels: BTreeMap::new(),
+        agent: agent.cloned(),
     };
     let subject = bus.subjects.workstations_register();
     match bus

@@ -150,6 +150,7 @@ async fn each_rule_kind_decides_the_class() {
     let services = start(&env).await;
     env.workstation_with_labels("web-prod", &[("env", "production")]).await;
     env.workstation_with_labels("web-stage", &[("env", "staging")]).await;
+    env.give_agent("web-stage", "command", None).await;
     env.workstation("db-01").await;
     let v = publish(
         &env,

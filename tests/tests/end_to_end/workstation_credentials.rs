@@ -26,6 +26,7 @@ async fn register(
         &RegisterWorkstationRequest {
             name: name.into(),
             labels: Default::default(),
+            agent: None,
         },
     )
     .await
@@ -346,5 +347,88 @@ async fn a_saved_credential_is_enough_to_start_without_the_token() {
         "{text}"
     );
     assert!(!text.contains(&saved), "the credential must not appear in the error");
+    env.finish(services).await;
+}
+
+/// A workstation advertises its AI agent at registration (each registration
+/// replaces the last), and a `prompt` or `investigate` task for a workstation that
+/// advertises none is refused at creation, naming it — not failed after a lease.
+#[tokio::test]
+async fn the_agent_a_workstation_advertises_decides_whether_prompts_may_target_it() {
+    use tanjiren_shared::agents::{AgentAdapter, AgentInfo};
+    use tanjiren_shared::model::Mode;
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    let agent = |name: &'static str| {
+        let env = &env;
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<String>)>(
+                "SELECT agent_adapter, agent_model FROM workstations WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_one(&env.conns.db)
+            .await
+            .unwrap()
+        }
+    };
+    // A real worker configured with an agent advertises it.
+    let w = env
+        .worker_with("ws-agent", |c| {
+            c.worker_agent = "openai".into();
+            c.worker_agent_model = "llama3.1:8b".into();
+        })
+        .await;
+    assert_eq!(
+        agent("ws-agent").await,
+        (Some("openai".into()), Some("llama3.1:8b".into()))
+    );
+    env.worker("ws-plain").await.stop().await;
+    assert_eq!(agent("ws-plain").await, (None, None));
+
+    let prompt = |targets: &[&str]| {
+        let mut spec = command("unused", targets);
+        spec.mode = Mode::Prompt {
+            prompt: "What is the disk usage?".into(),
+        };
+        spec
+    };
+    let refused = env.create(&prompt(&["ws-agent", "ws-plain"])).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidRequest);
+    assert!(
+        refused.message.contains("ws-plain") && refused.message.contains("no AI agent"),
+        "{}",
+        refused.message
+    );
+    let mut investigate = prompt(&["ws-plain"]);
+    investigate.mode = Mode::Investigate {
+        questions: vec!["What is the disk usage?".into()],
+    };
+    assert_eq!(
+        env.create(&investigate).await.unwrap_err().code,
+        ErrorCode::InvalidRequest
+    );
+    env.create(&prompt(&["ws-agent"])).await.unwrap();
+    env.create(&command("true", &["ws-plain"])).await.unwrap();
+
+    // Registration validates what is advertised, and the next one replaces it.
+    let bad = env
+        .call::<_, RegisterWorkstationReply>(
+            &env.conns.subjects.workstations_register(),
+            &env.worker_token,
+            &RegisterWorkstationRequest {
+                name: "ws-bad".into(),
+                labels: Default::default(),
+                agent: Some(AgentInfo {
+                    adapter: AgentAdapter::Command,
+                    model: Some("x".repeat(201)),
+                }),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, ErrorCode::InvalidRequest);
+    w.stop().await;
+    env.worker("ws-agent").await.stop().await;
+    assert_eq!(agent("ws-agent").await, (None, None));
     env.finish(services).await;
 }

@@ -447,6 +447,7 @@ async fn list_columns_line_up_whatever_the_status_mode_and_intent() {
     let env = TestEnv::new().await;
     let (services, worker) = installation(&env, "cols-1").await;
     env.workstation("cols-offline").await; // nobody claims its steps: they stay queued
+    env.give_agent("cols-offline", "openai", Some("llama3.1:8b")).await;
     let done = env.create(&command("true", &["cols-1"])).await.unwrap().task_id;
     let failed = env.create(&command("exit 1", &["cols-1"])).await.unwrap().task_id;
     let mut wide = command("true", &["cols-offline"]);
