@@ -79,11 +79,8 @@ pub struct ChangeArrays {
     cancel_reasons: Vec<Option<String>>,
     cancelled_by: Vec<Option<String>>,
     retry: Vec<Option<i64>>,
-    fails: Vec<bool>,
-    cancels: Vec<bool>,
-    queues: Vec<bool>,
-    starts: Vec<bool>,
-    finishes: Vec<bool>,
+    /// [`facts`] of each change, computed once.
+    facts: Vec<[bool; 5]>,
 }
 
 /// How many arrays [`ChangeArrays::bind`] binds for per-task changes (`$1`…`$14`);
@@ -121,12 +118,13 @@ impl ChangeArrays {
                 .map(|c| c.cancel.as_ref().map(|(_, by)| by.clone()))
                 .collect(),
             retry: changes.iter().map(|c| c.retry_after_ms).collect(),
-            fails: changes.iter().map(|c| facts(c.from, &c.transition)[0]).collect(),
-            cancels: changes.iter().map(|c| facts(c.from, &c.transition)[1]).collect(),
-            queues: changes.iter().map(|c| facts(c.from, &c.transition)[2]).collect(),
-            starts: changes.iter().map(|c| facts(c.from, &c.transition)[3]).collect(),
-            finishes: changes.iter().map(|c| facts(c.from, &c.transition)[4]).collect(),
+            facts: changes.iter().map(|c| facts(c.from, &c.transition)).collect(),
         }
+    }
+
+    /// Fact `which` of [`facts`] for every change, as the array bound for it.
+    fn fact(&self, which: usize) -> Vec<bool> {
+        self.facts.iter().map(|f| f[which]).collect()
     }
 
     /// The table of `event`: every task state in which the pure function accepts it
@@ -167,11 +165,11 @@ impl ChangeArrays {
             .push(&self.cancel_reasons)
             .push(&self.cancelled_by)
             .push(&self.retry)
-            .push(&self.fails)
-            .push(&self.cancels)
-            .push(&self.queues)
-            .push(&self.starts)
-            .push(&self.finishes)
+            .push(self.fact(0))
+            .push(self.fact(1))
+            .push(self.fact(2))
+            .push(self.fact(3))
+            .push(self.fact(4))
     }
 
     /// The row source `u` of an event's table ([`Self::for_event`]), written into the
@@ -190,11 +188,11 @@ impl ChangeArrays {
                     steps::literal(Some(self.to_status[i])),
                     steps::literal(Some(self.to_approval[i])),
                     steps::literal(self.reasons[i].as_deref()),
-                    self.fails[i],
-                    self.cancels[i],
-                    self.queues[i],
-                    self.starts[i],
-                    self.finishes[i],
+                    self.facts[i][0],
+                    self.facts[i][1],
+                    self.facts[i][2],
+                    self.facts[i][3],
+                    self.facts[i][4],
                 )
             })
             .collect();

@@ -67,16 +67,6 @@ pub enum LeaseChange {
     End,
 }
 
-impl LeaseChange {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            LeaseChange::Keep => "keep",
-            LeaseChange::Begin => "begin",
-            LeaseChange::End => "end",
-        }
-    }
-}
-
 /// Why a step ended other than by succeeding, as stored in `failure_reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
