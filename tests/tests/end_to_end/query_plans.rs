@@ -201,20 +201,60 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
     env.finish(Vec::new()).await;
 }
 
-/// The generic plan of `sql` (one parameter, a uuid array) on a hot-pool connection,
-/// which runs with the hot session settings (`plan_cache_mode = force_generic_plan`).
-async fn generic_plan(env: &TestEnv, sql: &str) -> String {
-    let mut conn = env.conns.hot.acquire().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe(uuid[]) AS {sql}")))
+/// `EXPLAIN` of `sql` prepared on `conn` and executed with every parameter NULL
+/// (each typed by a cast or its context in the statement): the generic plan when
+/// the session forces generic plans.
+async fn prepared_plan(conn: &mut sqlx::PgConnection, sql: &str) -> String {
+    let params = regex::Regex::new(r"\$(\d+)")
+        .unwrap()
+        .captures_iter(sql)
+        .map(|c| c[1].parse::<usize>().unwrap())
+        .max()
+        .unwrap_or(0);
+    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe AS {sql}")))
         .execute(&mut *conn)
         .await
-        .unwrap();
-    let rows: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE probe('{}')")
+        .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    let args = vec!["NULL"; params].join(", ");
+    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE probe({args})")))
         .fetch_all(&mut *conn)
         .await
         .unwrap();
     sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
     rows.join("\n")
+}
+
+/// The generic plan of `sql` on a hot-pool connection, the pool the hot path runs
+/// on (its session settings: sequential scans off, `plan_cache_mode = force_generic_plan`).
+async fn generic_plan(env: &TestEnv, sql: &str) -> String {
+    let mut conn = env.conns.hot.acquire().await.unwrap();
+    prepared_plan(&mut conn, sql).await
+}
+
+/// Every statement by which a service changes a status (through the lifecycle
+/// interpreter), by name.
+fn lifecycle_statements() -> Vec<(&'static str, &'static str)> {
+    let mut statements = Vec::new();
+    statements.extend(tanjiren_lease::lifecycle_statements());
+    statements.extend(tanjiren_ingest::lifecycle_statements());
+    statements.extend(tanjiren_scheduler::lifecycle_statements());
+    statements.extend(tanjiren_approval::lifecycle_statements());
+    statements.push((
+        "store_task_changes",
+        tanjiren_store::lifecycle::STORE_CHANGES_SQL.as_str(),
+    ));
+    assert!(statements.len() >= 9, "{statements:?}");
+    statements
+}
+
+/// The indexes the statement named `name` must look rows up with.
+fn expected_indexes(name: &str) -> &'static [&'static str] {
+    match name {
+        "lease.claim" => &["steps_pkey", "tasks_pkey"],
+        "tasks.cancel (steps)" => &["steps_task"],
+        "doctrine evaluation" | "store_task_changes" => &["tasks_pkey"],
+        _ => &["steps_pkey"],
+    }
 }
 
 #[tokio::test]
@@ -317,12 +357,6 @@ fn index_walks(plan: &str) -> Vec<String> {
 /// planner settings (sequential scans allowed) except that the plan is generic, the
 /// plan a prepared statement settles on when its parameters vary.
 async fn generic_default_plan(env: &TestEnv, sql: &str) -> String {
-    let params = regex::Regex::new(r"\$(\d+)")
-        .unwrap()
-        .captures_iter(sql)
-        .map(|c| c[1].parse::<usize>().unwrap())
-        .max()
-        .unwrap_or(0);
     let mut conn = env.conns.db.acquire().await.unwrap();
     let seqscan: String = sqlx::query_scalar("SHOW enable_seqscan")
         .fetch_one(&mut *conn)
@@ -333,18 +367,9 @@ async fn generic_default_plan(env: &TestEnv, sql: &str) -> String {
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe AS {sql}")))
-        .execute(&mut *conn)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {sql}"));
-    let args = vec!["NULL"; params].join(", ");
-    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE probe({args})")))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
+    let plan = prepared_plan(&mut conn, sql).await;
     sqlx::query("RESET plan_cache_mode").execute(&mut *conn).await.unwrap();
-    rows.join("\n")
+    plan
 }
 
 /// Every statement that changes a status — the real SQL the services run, built by
@@ -379,28 +404,10 @@ async fn every_lifecycle_statement_stays_on_its_index() {
     sqlx::query("ANALYZE tasks").execute(&env.conns.db).await.unwrap();
     sqlx::query("ANALYZE steps").execute(&env.conns.db).await.unwrap();
 
-    let mut statements = Vec::new();
-    statements.extend(tanjiren_lease::lifecycle_statements());
-    statements.extend(tanjiren_ingest::lifecycle_statements());
-    statements.extend(tanjiren_scheduler::lifecycle_statements());
-    statements.extend(tanjiren_approval::lifecycle_statements());
-    statements.push((
-        "store_task_changes",
-        tanjiren_store::lifecycle::STORE_CHANGES_SQL.as_str(),
-    ));
-    let expected = |name: &str| -> &[&str] {
-        match name {
-            "lease.claim" => &["steps_pkey", "tasks_pkey"],
-            "tasks.cancel (steps)" => &["steps_task"],
-            "doctrine evaluation" | "store_task_changes" => &["tasks_pkey"],
-            _ => &["steps_pkey"],
-        }
-    };
-    assert!(statements.len() >= 9, "{statements:?}");
-    for (name, sql) in statements {
+    for (name, sql) in lifecycle_statements() {
         let p = generic_default_plan(&env, sql).await;
         println!("-- {name}\n{p}\n");
-        for index in expected(name) {
+        for index in expected_indexes(name) {
             assert!(p.contains(index), "{name} does not use {index}:\n{p}");
         }
         assert!(
@@ -410,29 +417,6 @@ async fn every_lifecycle_statement_stays_on_its_index() {
         assert!(index_walks(&p).is_empty(), "{name} walks a whole index:\n{p}");
     }
     env.finish(Vec::new()).await;
-}
-
-/// The generic plan of `sql` (parameters typed by casts or context) on a hot-pool
-/// connection, the pool the hot path runs on (sequential scans off, generic plans).
-async fn generic_hot_plan(env: &TestEnv, sql: &str) -> String {
-    let params = regex::Regex::new(r"\$(\d+)")
-        .unwrap()
-        .captures_iter(sql)
-        .map(|c| c[1].parse::<usize>().unwrap())
-        .max()
-        .unwrap_or(0);
-    let mut conn = env.conns.hot.acquire().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE probe AS {sql}")))
-        .execute(&mut *conn)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {sql}"));
-    let args = vec!["NULL"; params].join(", ");
-    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE probe({args})")))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("DEALLOCATE probe").execute(&mut *conn).await.unwrap();
-    rows.join("\n")
 }
 
 /// A fresh install: the hot path's first plans are made on empty tables, and with
@@ -446,24 +430,14 @@ async fn on_a_fresh_database_the_hot_statements_plan_onto_their_indexes() {
     let analysed = tanjiren_store::db::analyze(&env.conns.db).await.unwrap();
     assert!(analysed.iter().any(|t| t.ends_with(".organisations")), "{analysed:?}");
     assert!(!analysed.iter().any(|t| t.ends_with(".steps")), "{analysed:?}");
-    let mut statements: Vec<(&str, &str)> = Vec::new();
-    statements.extend(tanjiren_lease::lifecycle_statements());
-    statements.extend(tanjiren_ingest::lifecycle_statements());
-    statements.extend(tanjiren_approval::lifecycle_statements());
-    statements.push((
-        "store_task_changes",
-        tanjiren_store::lifecycle::STORE_CHANGES_SQL.as_str(),
-    ));
+    let mut statements = lifecycle_statements();
     statements.push(("steps' tasks", "SELECT DISTINCT task_id FROM steps WHERE id = ANY($1)"));
     for (name, sql) in statements {
-        let p = generic_hot_plan(&env, sql).await;
+        let p = generic_plan(&env, sql).await;
         println!("-- {name}\n{p}\n");
-        let index = match name {
-            "tasks.cancel (steps)" => "steps_task",
-            "doctrine evaluation" | "store_task_changes" => "tasks_pkey",
-            _ => "steps_pkey",
-        };
-        assert!(p.contains(index), "{name} does not use {index}:\n{p}");
+        for index in expected_indexes(name) {
+            assert!(p.contains(index), "{name} does not use {index}:\n{p}");
+        }
         assert!(index_walks(&p).is_empty(), "{name} walks a whole index:\n{p}");
     }
     env.finish(Vec::new()).await;

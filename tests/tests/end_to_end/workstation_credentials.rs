@@ -32,6 +32,21 @@ async fn register(
     .await
 }
 
+/// Revokes the credential `saved` and restarts `restart`, so their token caches do
+/// not remember it as valid.
+async fn revoke(env: &TestEnv, services: &mut Vec<tanjiren_tests::Running>, saved: &str, restart: &[Service]) {
+    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
+        .bind(hash_secret(saved))
+        .execute(&env.conns.db)
+        .await
+        .unwrap();
+    for svc in restart {
+        let old = services.remove(services.iter().position(|r| r.svc == *svc).unwrap());
+        old.stop().await;
+        services.push(env.start(*svc).await);
+    }
+}
+
 async fn queued_step(env: &TestEnv, ws: &str) -> (tanjiren_shared::ids::TaskId, StepId) {
     let task = env.create(&command("true", &[ws])).await.unwrap().task_id;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -252,18 +267,8 @@ async fn a_revoked_credential_stops_working_and_the_worker_enrols_again() {
     assert_eq!(issued().await, 1);
     w.stop().await;
 
-    // Revoked, the credential is refused (a fresh service, so no cached lookup).
-    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
-        .bind(hash_secret(&saved))
-        .execute(&env.conns.db)
-        .await
-        .unwrap();
-    let lease = services.remove(services.iter().position(|r| r.svc == Service::Lease).unwrap());
-    lease.stop().await;
-    let ingest = services.remove(services.iter().position(|r| r.svc == Service::Ingest).unwrap());
-    ingest.stop().await;
-    services.push(env.start(Service::Lease).await);
-    services.push(env.start(Service::Ingest).await);
+    // Revoked, the credential is refused (fresh services, so no cached lookup).
+    revoke(&env, &mut services, &saved, &[Service::Lease, Service::Ingest]).await;
     let e = env
         .call::<_, HeartbeatReply>(
             &env.conns.subjects.lease_heartbeat(),
@@ -319,15 +324,8 @@ async fn a_saved_credential_is_enough_to_start_without_the_token() {
     );
     w.stop().await;
 
-    // Revoked (fresh services, so no cached lookup): no token to enrol again with.
-    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = $1")
-        .bind(hash_secret(&saved))
-        .execute(&env.conns.db)
-        .await
-        .unwrap();
-    let ingest = services.remove(services.iter().position(|r| r.svc == Service::Ingest).unwrap());
-    ingest.stop().await;
-    services.push(env.start(Service::Ingest).await);
+    // Revoked (a fresh ingest, so no cached lookup): no token to enrol again with.
+    revoke(&env, &mut services, &saved, &[Service::Ingest]).await;
     let mut config = env.config.clone();
     config.token = String::new();
     config.workstation_name = "ws-saved".into();
