@@ -22,8 +22,12 @@ pub enum ArtifactKind {
     Link,
     /// Captured material backing a finding (command output, a config excerpt, …).
     Evidence,
-    /// The outcome summary Tanjiren writes when a task ends (never added by callers).
+    /// The outcome summary Tanjiren writes when a task ends, or the closing summary an
+    /// investigate step's agent writes for its investigation (never added by callers).
     Summary,
+    /// A `prompt` step's answer from the workstation's AI agent, one per step, stored
+    /// with the step's result (never added by callers).
+    Response,
 }
 
 impl ArtifactKind {
@@ -33,6 +37,7 @@ impl ArtifactKind {
             ArtifactKind::Link => "link",
             ArtifactKind::Evidence => "evidence",
             ArtifactKind::Summary => "summary",
+            ArtifactKind::Response => "response",
         }
     }
 }
@@ -51,9 +56,10 @@ impl FromStr for ArtifactKind {
             "link" => ArtifactKind::Link,
             "evidence" => ArtifactKind::Evidence,
             "summary" => ArtifactKind::Summary,
+            "response" => ArtifactKind::Response,
             other => {
                 return Err(WireError::invalid(format!(
-                    "kind: unknown artifact kind `{other}` (note, link, evidence, summary)"
+                    "kind: unknown artifact kind `{other}` (note, link, evidence, summary, response)"
                 )));
             }
         })
@@ -96,6 +102,10 @@ pub struct WorkerArtifactRequest {
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
     pub worker_id: String,
     pub kind: ArtifactKind,
+    /// An `investigate` step's answer: which question (0-based) of the task it
+    /// answers. Only with `kind: evidence`; the question's text is taken from the task.
+    #[serde(default)]
+    pub question_index: Option<u32>,
     #[serde(flatten)]
     pub content: ArtifactContent,
 }
@@ -152,6 +162,14 @@ pub struct ArtifactView {
     pub investigation_id: Option<Uuid>,
     #[serde(default)]
     pub step_id: Option<StepId>,
+    /// The workstation of `step_id`, by name.
+    #[serde(default)]
+    pub workstation: Option<String>,
+    /// An investigation's answer: the question's index (0-based) and text.
+    #[serde(default)]
+    pub question_index: Option<u32>,
+    #[serde(default)]
+    pub question: Option<String>,
     pub title: String,
     pub body: String,
     #[serde(default)]
@@ -166,10 +184,10 @@ pub const MAX_TITLE_BYTES: usize = 512;
 /// Checks an artifact about to be added; `max_bytes` bounds title + body + url.
 /// `summary` is Tanjiren's own and cannot be added by callers.
 pub fn validate(kind: ArtifactKind, content: &ArtifactContent, max_bytes: usize) -> Result<(), WireError> {
-    if kind == ArtifactKind::Summary {
-        return Err(WireError::invalid(
-            "kind: `summary` artifacts are written by Tanjiren when a task ends; use note, link or evidence",
-        ));
+    if matches!(kind, ArtifactKind::Summary | ArtifactKind::Response) {
+        return Err(WireError::invalid(format!(
+            "kind: `{kind}` artifacts are written by Tanjiren; use note, link or evidence"
+        )));
     }
     let size = content.title.len() + content.body.len() + content.url.as_ref().map_or(0, String::len);
     if size > max_bytes {
@@ -275,6 +293,15 @@ mod tests {
                 .code,
             ErrorCode::InvalidRequest
         );
+        assert_eq!(
+            validate(ArtifactKind::Response, &c("t", "b", None), 1024)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidRequest
+        );
+        for kind in ["note", "link", "evidence", "summary", "response"] {
+            assert_eq!(kind.parse::<ArtifactKind>().unwrap().as_str(), kind);
+        }
         assert!(validate(ArtifactKind::Note, &c(" ", "", None), 1024).is_err());
         assert!(validate(ArtifactKind::Note, &c("", "found it", None), 1024).is_ok());
         assert_eq!("evidence".parse::<ArtifactKind>().unwrap(), ArtifactKind::Evidence);

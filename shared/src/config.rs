@@ -98,7 +98,44 @@ pub struct Config {
     /// advertised at registration: empty (none), `openai` or `command`.
     pub worker_agent: String,
     /// Worker: the agent's model, advertised with the adapter; empty when unknown.
+    /// The `openai` adapter asks for this model (it is required there).
     pub worker_agent_model: String,
+    /// Worker, `command` adapter: the CLI agent's command line, run like a command
+    /// step (`$worker_shell -c`, same containment, timeout and cancellation). The
+    /// prompt is on its standard input and in `$TANJIREN_PROMPT` (when under 100 KiB),
+    /// e.g. `claude -p "$TANJIREN_PROMPT"` or `ollama run llama3.2`.
+    pub worker_agent_command: String,
+    /// Worker, `command` adapter: a JSON Pointer (`/result`) picking the response
+    /// from the agent's JSON-lines output (the last line with a string there); empty
+    /// means the whole standard output is the response.
+    pub worker_agent_response_pointer: String,
+    /// Worker, `openai` adapter: the API's base URL, up to `/v1` (the adapter posts
+    /// to `{base}/chat/completions`). Ollama serves `http://127.0.0.1:11434/v1`.
+    pub worker_agent_base_url: String,
+    /// Worker, `openai` adapter: the API key (sent as a bearer token, never logged,
+    /// never sent to Tanjiren's services); empty reads `worker_agent_api_key_file`,
+    /// and with neither none is sent (local servers need none).
+    pub worker_agent_api_key: String,
+    /// Worker, `openai` adapter: a file holding the API key.
+    pub worker_agent_api_key_file: String,
+    /// Worker, `openai` adapter: the longest one HTTP request may take, in
+    /// milliseconds (each request is bounded by the step's timeout as well).
+    pub worker_agent_request_timeout_ms: u64,
+    /// Worker, `openai` adapter: `max_tokens` of each request; 0 leaves it to the server.
+    pub worker_agent_max_tokens: u64,
+    /// Worker, `openai` adapter: `temperature` of each request (0–2); empty leaves it
+    /// to the server.
+    pub worker_agent_temperature: String,
+    /// Worker: how many times one agent request is retried after a retryable failure
+    /// (HTTP 429 or 5xx, a connection error), with exponential backoff from 500 ms,
+    /// or as long as `Retry-After` says (at most 60 s), within the step's timeout.
+    pub worker_agent_max_retries: u64,
+    /// Worker, `openai` adapter: the read-only commands the model may call through its
+    /// `run_command` tool, as patterns separated by `;` or new lines (none by default,
+    /// and then no tool is offered). A pattern is words like a command line; `*`
+    /// matches within one word (not across `/`), and a last word `...` allows any
+    /// further words: `df -h`, `uptime`, `cat /var/log/*.log`, `journalctl -u * ...`.
+    pub worker_agent_tools: String,
     /// Worker: time between SIGTERM and SIGKILL when stopping a step.
     pub kill_grace_ms: u64,
     /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
@@ -162,6 +199,16 @@ impl Default for Config {
             worker_shell: "/bin/sh".into(),
             worker_agent: String::new(),
             worker_agent_model: String::new(),
+            worker_agent_command: String::new(),
+            worker_agent_response_pointer: String::new(),
+            worker_agent_base_url: "https://api.openai.com/v1".into(),
+            worker_agent_api_key: String::new(),
+            worker_agent_api_key_file: String::new(),
+            worker_agent_request_timeout_ms: 300_000,
+            worker_agent_max_tokens: 0,
+            worker_agent_temperature: String::new(),
+            worker_agent_max_retries: 3,
+            worker_agent_tools: String::new(),
             kill_grace_ms: 10_000,
             step_guard: "auto".into(),
             step_cgroup: "auto".into(),
@@ -318,6 +365,36 @@ impl Config {
             ))
         })?;
         let model = self.worker_agent_model.trim();
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        match adapter {
+            crate::agents::AgentAdapter::Command if self.worker_agent_command.trim().is_empty() => {
+                return invalid(
+                    "worker_agent `command` needs worker_agent_command, the CLI agent's command line".into(),
+                );
+            }
+            crate::agents::AgentAdapter::Openai if model.is_empty() => {
+                return invalid("worker_agent `openai` needs worker_agent_model, the model to ask for".into());
+            }
+            crate::agents::AgentAdapter::Openai
+                if !(self.worker_agent_base_url.starts_with("http://")
+                    || self.worker_agent_base_url.starts_with("https://")) =>
+            {
+                return invalid(format!(
+                    "worker_agent_base_url must be an http or https URL, not `{}`",
+                    self.worker_agent_base_url
+                ));
+            }
+            _ => {}
+        }
+        self.worker_agent_temperature()?;
+        let pointer = self.worker_agent_response_pointer.trim();
+        if !(pointer.is_empty() || pointer.starts_with('/')) {
+            return invalid(format!(
+                "worker_agent_response_pointer must be empty or a JSON Pointer starting with `/`, not `{pointer}`"
+            ));
+        }
+        crate::agents::ToolAllowList::parse(&self.worker_agent_tools)
+            .map_err(|e| ConfigError::Invalid(format!("worker_agent_tools: {e}")))?;
         let info = crate::agents::AgentInfo {
             adapter,
             model: (!model.is_empty()).then(|| model.to_string()),
@@ -325,6 +402,23 @@ impl Config {
         info.validate("worker_agent_model")
             .map_err(|e| ConfigError::Invalid(e.message))?;
         Ok(Some(info))
+    }
+
+    /// `worker_agent_temperature` as a number; `None` when empty.
+    ///
+    /// # Errors
+    /// Not a number between 0 and 2.
+    pub fn worker_agent_temperature(&self) -> Result<Option<f32>, ConfigError> {
+        let raw = self.worker_agent_temperature.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match raw.parse::<f32>() {
+            Ok(t) if (0.0..=2.0).contains(&t) => Ok(Some(t)),
+            _ => Err(ConfigError::Invalid(format!(
+                "worker_agent_temperature must be empty or a number from 0 to 2, not `{raw}`"
+            ))),
+        }
     }
 
     /// The retry policy of a task that sets none (the organisation default).

@@ -107,6 +107,14 @@ pub struct RuleConditions {
     /// A regular expression found in the intent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<String>,
+    /// A target workstation's AI agent uses one of these adapters (`openai`,
+    /// `command`), as its worker advertises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<Vec<String>>,
+    /// A regular expression found in the model a target workstation's agent
+    /// advertises (a workstation advertising no model never matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// A doctrine that cannot be published, and where the fault is.
@@ -138,6 +146,8 @@ impl From<DoctrineError> for crate::WireError {
 pub struct TargetFacts {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The AI agent the workstation advertises, if any.
+    pub agent: Option<crate::agents::AgentInfo>,
 }
 
 /// What doctrine needs to know about a task.
@@ -198,6 +208,8 @@ struct Rule {
     labels: Option<BTreeMap<String, String>>,
     text: Option<Regex>,
     intent: Option<Regex>,
+    agents: Option<Vec<crate::agents::AgentAdapter>>,
+    model: Option<Regex>,
 }
 
 impl Doctrine {
@@ -323,7 +335,7 @@ impl Rule {
                 return false;
             }
         }
-        if self.workstations.is_none() && self.labels.is_none() {
+        if self.workstations.is_none() && self.labels.is_none() && self.agents.is_none() && self.model.is_none() {
             return true;
         }
         // Target conditions: one target must satisfy all of them.
@@ -333,6 +345,20 @@ impl Rule {
     fn target_matches(&self, target: &TargetFacts) -> bool {
         if let Some(names) = &self.workstations
             && !names.contains(&target.name)
+        {
+            return false;
+        }
+        if let Some(adapters) = &self.agents
+            && !target.agent.as_ref().is_some_and(|a| adapters.contains(&a.adapter))
+        {
+            return false;
+        }
+        if let Some(re) = &self.model
+            && !target
+                .agent
+                .as_ref()
+                .and_then(|a| a.model.as_deref())
+                .is_some_and(|m| re.is_match(m))
         {
             return false;
         }
@@ -356,9 +382,16 @@ fn compile_rule(spec: &RuleSpec) -> Result<Rule, String> {
         return Err("description: longer than 4096 bytes".into());
     }
     let c = &spec.conditions;
-    if c.modes.is_none() && c.workstations.is_none() && c.labels.is_none() && c.text.is_none() && c.intent.is_none() {
+    if c.modes.is_none()
+        && c.workstations.is_none()
+        && c.labels.is_none()
+        && c.text.is_none()
+        && c.intent.is_none()
+        && c.agents.is_none()
+        && c.model.is_none()
+    {
         return Err(
-            "match: give at least one condition (modes, workstations, labels, text, intent); \
+            "match: give at least one condition (modes, workstations, labels, text, intent, agents, model); \
                     to match every task use \"modes\": [\"command\", \"prompt\", \"investigate\"]"
                 .into(),
         );
@@ -403,7 +436,25 @@ fn compile_rule(spec: &RuleSpec) -> Result<Rule, String> {
         // A workstation can only carry labels within the registration limits.
         crate::model::validate_labels("match.labels", labels.iter()).map_err(|e| e.message)?;
     }
+    let agents = match &c.agents {
+        None => None,
+        Some(list) if list.is_empty() => return Err("match.agents: must not be empty".into()),
+        Some(list) => Some(
+            list.iter()
+                .map(|a| {
+                    a.parse::<crate::agents::AgentAdapter>()
+                        .map_err(|_| format!("match.agents: unknown adapter `{a}`; expected openai or command"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     Ok(Rule {
+        agents,
+        model: c
+            .model
+            .as_deref()
+            .map(|p| compile_pattern("match.model", p))
+            .transpose()?,
         name: spec.name.clone(),
         class: spec.class,
         require_reason: spec.require_reason,
@@ -481,6 +532,7 @@ mod tests {
         TargetFacts {
             name: name.into(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            agent: None,
         }
     }
 
@@ -777,5 +829,44 @@ mod tests {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }
         assert!("critical".parse::<ApprovalClass>().is_err());
+    }
+
+    #[test]
+    fn agent_rules_match_the_targets_adapter_and_model() {
+        let d = doctrine(serde_json::json!({"rules": [
+            {"name": "hosted-prompts", "class": "sensitive_write",
+             "match": {"modes": ["prompt", "investigate"], "agents": ["openai"], "model": "^gpt-"}},
+            {"name": "cli-agents", "class": "production_mutation", "match": {"agents": ["command"]}}
+        ]}));
+        let with = |adapter: crate::agents::AgentAdapter, model: Option<&str>| TargetFacts {
+            agent: Some(crate::agents::AgentInfo {
+                adapter,
+                model: model.map(str::to_string),
+            }),
+            ..target("ws", &[])
+        };
+        let prompt = || Mode::Prompt { prompt: "hi".into() };
+        use crate::agents::AgentAdapter::{Command, Openai};
+        let v = verdict(&d, "x", prompt(), &[with(Openai, Some("gpt-4.1-mini"))]);
+        assert_eq!(v.approval_class, ApprovalClass::SensitiveWrite);
+        let v = verdict(&d, "x", prompt(), &[with(Openai, Some("llama3.2"))]);
+        assert_eq!(v.approval_class, ApprovalClass::None, "another model");
+        let v = verdict(&d, "x", prompt(), &[with(Openai, None)]);
+        assert_eq!(v.approval_class, ApprovalClass::None, "no model advertised");
+        let v = verdict(&d, "x", prompt(), &[target("plain", &[]), with(Command, None)]);
+        assert_eq!(v.matched_rules.len(), 1);
+        assert_eq!(v.matched_rules[0].name, "cli-agents");
+        let v = verdict(&d, "x", prompt(), &[target("plain", &[])]);
+        assert_eq!(v.approval_class, ApprovalClass::None, "no agent at all");
+        let bad = Doctrine::from_value(&serde_json::json!({"rules": [
+            {"name": "r", "class": "sensitive_write", "match": {"agents": ["gpt"]}}
+        ]}))
+        .unwrap_err();
+        assert!(bad.message.contains("match.agents"), "{bad}");
+        let bad = Doctrine::from_value(&serde_json::json!({"rules": [
+            {"name": "r", "class": "sensitive_write", "match": {"model": "("}}
+        ]}))
+        .unwrap_err();
+        assert!(bad.message.contains("match.model"), "{bad}");
     }
 }

@@ -16,6 +16,7 @@ pub mod cron_rules;
 pub mod doctrine;
 pub mod error;
 pub mod ids;
+pub mod investigations;
 pub mod lease;
 pub mod lifecycle;
 pub mod logs;

@@ -159,7 +159,15 @@ pub struct SummaryStep {
     pub duration_ms: Option<i64>,
     pub failure_reason: Option<String>,
     pub log_truncated: bool,
+    /// The worker's words on how the step ended, if it gave any.
+    pub message: Option<String>,
+    /// A `prompt` step's response, or an investigate step's closing summary (its
+    /// start: [`SUMMARY_RESPONSE_BYTES`]).
+    pub response: Option<String>,
 }
+
+/// Of each step's agent response, the bytes an outcome summary quotes.
+pub const SUMMARY_RESPONSE_BYTES: usize = 2000;
 
 /// One deduplicated error line: a stderr signature and how often it occurred.
 #[derive(Clone, Debug, PartialEq)]
@@ -230,7 +238,24 @@ pub fn render_summary(input: &SummaryInput) -> String {
         if st.log_truncated {
             let _ = write!(s, ", output truncated at the log cap");
         }
+        if let Some(m) = st
+            .message
+            .as_deref()
+            .filter(|_| st.status != crate::model::StepStatus::Succeeded)
+        {
+            let _ = write!(s, " ({})", cut_at_boundary(m, SUMMARY_EXEMPLAR_BYTES));
+        }
         s.push('\n');
+        if let Some(r) = &st.response {
+            let quoted = cut_at_boundary(r.trim(), SUMMARY_RESPONSE_BYTES);
+            let more = if quoted.len() < r.trim().len() { " […]" } else { "" };
+            for line in quoted.lines() {
+                let _ = writeln!(s, "  > {line}");
+            }
+            if !more.is_empty() {
+                let _ = writeln!(s, "  >{more}");
+            }
+        }
     }
     if !input.top_errors.is_empty() {
         let _ = writeln!(s, "\nTop error lines (deduplicated):");
@@ -316,6 +341,8 @@ mod tests {
                     duration_ms: Some(1500),
                     failure_reason: Some("non_zero_exit".into()),
                     log_truncated: true,
+                    message: Some("exited with code 3".into()),
+                    response: None,
                 },
                 SummaryStep {
                     workstation: "ws-b".into(),
@@ -324,6 +351,8 @@ mod tests {
                     duration_ms: Some(20),
                     failure_reason: None,
                     log_truncated: false,
+                    message: None,
+                    response: Some("The disk is 93% full.\nMost of it is /var/log.".into()),
                 },
             ],
             top_errors: vec![SummaryErrorLine {
@@ -337,8 +366,13 @@ mod tests {
             text.starts_with("Task failed (attempt 2).\nReason: non_zero_exit\n"),
             "{text}"
         );
-        assert!(text.contains("- ws-a: failed, exit code 3, duration 1.5 s, reason non_zero_exit, output truncated"));
-        assert!(text.contains("- ws-b: succeeded, exit code 0, duration 20 ms\n"));
+        assert!(text.contains(
+            "- ws-a: failed, exit code 3, duration 1.5 s, reason non_zero_exit, output truncated at the log cap \
+             (exited with code 3)\n"
+        ));
+        assert!(text.contains(
+            "- ws-b: succeeded, exit code 0, duration 20 ms\n  > The disk is 93% full.\n  > Most of it is /var/log.\n"
+        ));
         assert!(text.contains("- 42× [ws-a] error: disk full"));
         assert_eq!(summary_title(&input), "Outcome: failed — deploy");
         let done = SummaryInput {

@@ -127,6 +127,9 @@ pub enum FailureReason {
     LeaseExpired,
     /// The mode is not supported by the worker that claimed it.
     Unsupported,
+    /// The workstation's AI agent failed: an HTTP error status, a refusal, a malformed
+    /// stream, or the agent process exiting non-zero (the message names which).
+    AgentError,
     /// The task sat queued past its queue timeout.
     QueueTimeout,
     /// An approver rejected the task.
@@ -147,6 +150,7 @@ impl FailureReason {
                 | FailureReason::Timeout
                 | FailureReason::CannotStart
                 | FailureReason::Unsupported
+                | FailureReason::AgentError
         )
     }
 }

@@ -25,6 +25,10 @@ pub struct CreateTaskReply {
     pub approval_status: ApprovalStatus,
     /// False when an earlier create with the same idempotency key made this task.
     pub created: bool,
+    /// The investigation the task belongs to: the one asked for, or the one an
+    /// `investigate` task created without one opened.
+    #[serde(default)]
+    pub investigation_id: Option<uuid::Uuid>,
 }
 
 /// Published on `events.{org}.submit.outcome` for each durable submission.
@@ -185,6 +189,16 @@ pub struct StepView {
     /// True once the step reached the per-step log cap (a marker line says so).
     #[serde(default)]
     pub log_truncated: bool,
+    /// The worker's words on how the step ended (`exited with code 3`, `the agent's
+    /// server answered HTTP 401: …`), at most 2 KiB; absent before it ends.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// `prompt` and `investigate` steps: the model that answered, as the agent named it.
+    #[serde(default)]
+    pub agent_model: Option<String>,
+    /// The tokens the agent reported for the step (all its requests), when it did.
+    #[serde(default)]
+    pub usage: Option<crate::agents::TokenUsage>,
 }
 
 /// `tasks.cancel` request.
@@ -573,6 +587,10 @@ pub struct StepResult {
     /// a cancelled step count as `stop_confirmed`. Absent from older workers: 0.
     #[serde(default)]
     pub processes_left: u32,
+    /// `prompt` and `investigate` steps: what the agent answered (see
+    /// [`crate::agents::AgentReport`]). Absent for `command` steps.
+    #[serde(default)]
+    pub agent: Option<crate::agents::AgentReport>,
 }
 
 /// `ingest.progress` request: output preview, and the result when the step is done.

@@ -99,6 +99,19 @@ impl Subjects {
     pub fn artifacts_get(&self) -> String {
         self.s("artifacts.get")
     }
+    // Investigations (served by ingest, operators).
+    pub fn investigations_create(&self) -> String {
+        self.s("investigations.create")
+    }
+    pub fn investigations_get(&self) -> String {
+        self.s("investigations.get")
+    }
+    pub fn investigations_list(&self) -> String {
+        self.s("investigations.list")
+    }
+    pub fn investigations_close(&self) -> String {
+        self.s("investigations.close")
+    }
     /// Task events of every organisation and status (one filter subject, NATS 2.9-safe).
     pub fn all_task_events(&self) -> String {
         self.s("events.*.task.*")

@@ -21,6 +21,8 @@ use tanjiren_shared::secret::ApiToken;
 use tanjiren_store::{Connections, ServiceHandle, Shutdown};
 use uuid::Uuid;
 
+pub mod fake_openai;
+
 pub use tanjiren_worker::{NoopExecutor, ShellExecutor};
 
 pub use tanjiren_catalog::Service;
@@ -475,4 +477,30 @@ pub fn command(cmd: &str, targets: &[&str]) -> TaskSpec {
         idempotency_key: None,
         retry_of_task_id: None,
     }
+}
+
+/// A `prompt` task for `targets`.
+pub fn prompt(text: &str, targets: &[&str]) -> TaskSpec {
+    TaskSpec {
+        intent: "ask the agent".into(),
+        mode: Mode::Prompt { prompt: text.into() },
+        ..command("true", targets)
+    }
+}
+
+/// An `investigate` task for `targets`.
+pub fn investigate(intent: &str, questions: &[&str], targets: &[&str]) -> TaskSpec {
+    TaskSpec {
+        intent: intent.into(),
+        mode: Mode::Investigate {
+            questions: questions.iter().map(|q| q.to_string()).collect(),
+        },
+        ..command("true", targets)
+    }
+}
+
+/// The test CLI agent (`tests/agents/cli-agent.sh`) as `worker_agent_command`,
+/// with `env` (`NAME=value …`) in front.
+pub fn cli_agent(env: &str) -> String {
+    format!("{env} sh {}/agents/cli-agent.sh", env!("CARGO_MANIFEST_DIR"))
 }

@@ -87,15 +87,16 @@ pub(crate) async fn target_facts<'e, E>(db: E, ids: &[Uuid]) -> Result<HashMap<U
 where
     E: sqlx::PgExecutor<'e>,
 {
-    let rows: Vec<(Uuid, String, Json<serde_json::Value>)> =
-        sqlx::query_as("SELECT id, name, labels FROM workstations WHERE id = ANY($1)")
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(Uuid, String, Json<serde_json::Value>, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT id, name, labels, agent_adapter, agent_model FROM workstations WHERE id = ANY($1)")
             .bind(ids)
             .fetch_all(db)
             .await
             .map_err(db_error)?;
     Ok(rows
         .into_iter()
-        .map(|(id, name, labels)| {
+        .map(|(id, name, labels, adapter, model)| {
             let labels = match labels.0 {
                 serde_json::Value::Object(m) => m
                     .into_iter()
@@ -106,7 +107,11 @@ where
                     .collect(),
                 _ => Default::default(),
             };
-            (id, TargetFacts { name, labels })
+            // An adapter this version does not know is no agent doctrine can match.
+            let agent = adapter
+                .and_then(|a| a.parse().ok())
+                .map(|adapter| tanjiren_shared::agents::AgentInfo { adapter, model });
+            (id, TargetFacts { name, labels, agent })
         })
         .collect())
 }

@@ -12,10 +12,11 @@ use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{
     AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView, GetArtifactRequest,
-    ListArtifactsReply, ListArtifactsRequest, WorkerArtifactRequest, validate,
+    ListArtifactsReply, ListArtifactsRequest, MAX_TITLE_BYTES, WorkerArtifactRequest, validate,
 };
 use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use tanjiren_shared::model::Mode;
 use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
 
@@ -27,6 +28,9 @@ struct ArtifactRow {
     root_task_id: Option<Uuid>,
     investigation_id: Option<Uuid>,
     step_id: Option<Uuid>,
+    workstation: Option<String>,
+    question_index: Option<i32>,
+    question: Option<String>,
     title: String,
     body: String,
     url: Option<String>,
@@ -34,8 +38,11 @@ struct ArtifactRow {
     created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str =
-    "id, kind, task_id, root_task_id, investigation_id, step_id, title, body, url, created_by, created_at";
+/// The columns of [`ArtifactRow`], read from `artifacts` (unaliased).
+const COLUMNS: &str = "id, kind, task_id, root_task_id, investigation_id, step_id,
+    (SELECT w.name FROM steps s JOIN workstations w ON w.id = s.workstation_id WHERE s.id = artifacts.step_id)
+        AS workstation,
+    question_index, question, title, body, url, created_by, created_at";
 
 impl ArtifactRow {
     fn view(self) -> Result<ArtifactView, WireError> {
@@ -46,6 +53,9 @@ impl ArtifactRow {
             root_task_id: self.root_task_id.map(TaskId::from),
             investigation_id: self.investigation_id,
             step_id: self.step_id.map(StepId::from),
+            workstation: self.workstation,
+            question_index: self.question_index.and_then(|i| u32::try_from(i).ok()),
+            question: self.question,
             title: self.title,
             body: self.body,
             url: self.url,
@@ -63,13 +73,20 @@ pub(crate) struct NewArtifact {
     pub root_task_id: Option<Uuid>,
     pub investigation_id: Option<Uuid>,
     pub step_id: Option<Uuid>,
+    /// An investigation's answer: the question's index and text.
+    pub question: Option<(u32, String)>,
     pub content: ArtifactContent,
     pub created_by: String,
 }
 
-/// Inserts artifacts in one statement; returns their ids in order. A second
-/// `summary` of one task is dropped by the unique index (its id is not returned).
-pub(crate) async fn insert(exec: impl sqlx::PgExecutor<'_>, new: Vec<NewArtifact>) -> Result<Vec<Uuid>, WireError> {
+/// Inserts artifacts in one statement; one entry per artifact, in order: its id, or
+/// `None` when a unique index already holds its like (a task's second outcome
+/// summary, a step's second response or closing summary, a second answer to one
+/// question of a step) and it was dropped.
+pub(crate) async fn insert(
+    exec: impl sqlx::PgExecutor<'_>,
+    new: Vec<NewArtifact>,
+) -> Result<Vec<Option<Uuid>>, WireError> {
     #[allow(clippy::type_complexity)]
     let mut cols: (
         Vec<Uuid>,
@@ -80,7 +97,11 @@ pub(crate) async fn insert(exec: impl sqlx::PgExecutor<'_>, new: Vec<NewArtifact
     ) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut ids, mut steps, mut titles, mut bodies, mut urls, mut bys, mut sizes) =
         (vec![], vec![], vec![], vec![], vec![], vec![], Vec::<i32>::new());
+    let (mut indexes, mut questions): (Vec<Option<i32>>, Vec<Option<String>>) = (vec![], vec![]);
     for a in new {
+        let (index, question) = a.question.map_or((None, None), |(i, q)| (Some(i as i32), Some(q)));
+        indexes.push(index);
+        questions.push(question);
         let id = Uuid::now_v7();
         ids.push(id);
         cols.0.push(a.org_id);
@@ -97,12 +118,12 @@ pub(crate) async fn insert(exec: impl sqlx::PgExecutor<'_>, new: Vec<NewArtifact
         urls.push(a.content.url);
         bys.push(a.created_by);
     }
-    sqlx::query_scalar(
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO artifacts (id, org_id, kind, task_id, root_task_id, investigation_id, step_id, title, body, url,
-                                created_by, size_bytes)
+                                created_by, size_bytes, question_index, question)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::uuid[], $7::uuid[],
-                              $8::text[], $9::text[], $10::text[], $11::text[], $12::int4[])
-         ON CONFLICT (task_id) WHERE kind = 'summary' DO NOTHING
+                              $8::text[], $9::text[], $10::text[], $11::text[], $12::int4[], $13::int4[], $14::text[])
+         ON CONFLICT DO NOTHING
          RETURNING id",
     )
     .bind(&ids)
@@ -117,9 +138,13 @@ pub(crate) async fn insert(exec: impl sqlx::PgExecutor<'_>, new: Vec<NewArtifact
     .bind(&urls)
     .bind(&bys)
     .bind(&sizes)
+    .bind(&indexes)
+    .bind(&questions)
     .fetch_all(exec)
     .await
-    .map_err(db_error)
+    .map_err(db_error)?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    Ok(ids.into_iter().map(|id| inserted.contains(&id).then_some(id)).collect())
 }
 
 /// Operators: `artifacts.add`. One transaction per batch.
@@ -153,22 +178,42 @@ async fn add_batch(
     .into_iter()
     .map(|(id, org, root, inv)| (id, (org, root, inv)))
     .collect();
+    let investigation_ids: Vec<Uuid> = batch.iter().filter_map(|r| r.body.investigation_id).collect();
+    let investigations: HashMap<Uuid, Uuid> = if investigation_ids.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, Uuid)>("SELECT id, org_id FROM investigations WHERE id = ANY($1)")
+            .bind(&investigation_ids)
+            .fetch_all(&conns.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .collect()
+    };
     let max = conns.config.max_artifact_bytes;
     let mut results: Vec<Result<usize, WireError>> = Vec::with_capacity(batch.len());
     let mut new = Vec::new();
     for req in batch {
         let b = &req.body;
         let org = req.principal.org_id.as_uuid();
-        let checked = validate(b.kind, &b.content, max).and_then(|_| match (b.task_id, b.investigation_id) {
-            (None, None) => Err(WireError::invalid(
-                "task_id/investigation_id: attach the artifact to a task or an investigation",
-            )),
-            (Some(t), inv) => match tasks.get(&t.as_uuid()) {
-                Some((o, root, task_inv)) if *o == org => Ok((Some(t.as_uuid()), Some(*root), inv.or(*task_inv))),
-                _ => Err(WireError::not_found(format!("task_id: no task {t}"))),
-            },
-            (None, Some(inv)) => Ok((None, None, Some(inv))),
-        });
+        let known_investigation = || match b.investigation_id {
+            Some(inv) if investigations.get(&inv) != Some(&org) => Err(WireError::not_found(format!(
+                "investigation_id: no investigation {inv} in this organisation"
+            ))),
+            _ => Ok(()),
+        };
+        let checked = validate(b.kind, &b.content, max)
+            .and_then(|_| known_investigation())
+            .and_then(|_| match (b.task_id, b.investigation_id) {
+                (None, None) => Err(WireError::invalid(
+                    "task_id/investigation_id: attach the artifact to a task or an investigation",
+                )),
+                (Some(t), inv) => match tasks.get(&t.as_uuid()) {
+                    Some((o, root, task_inv)) if *o == org => Ok((Some(t.as_uuid()), Some(*root), inv.or(*task_inv))),
+                    _ => Err(WireError::not_found(format!("task_id: no task {t}"))),
+                },
+                (None, Some(inv)) => Ok((None, None, Some(inv))),
+            });
         match checked {
             Ok((task_id, root_task_id, investigation_id)) => {
                 results.push(Ok(new.len()));
@@ -179,6 +224,7 @@ async fn add_batch(
                     root_task_id,
                     investigation_id,
                     step_id: None,
+                    question: None,
                     content: b.content.clone(),
                     created_by: req.principal.token_name.clone(),
                 });
@@ -193,7 +239,13 @@ async fn add_batch(
     };
     Ok(results
         .into_iter()
-        .map(|r| r.map(|i| AddArtifactReply { artifact_id: ids[i] }))
+        .map(|r| {
+            r.and_then(|i| {
+                ids[i]
+                    .map(|artifact_id| AddArtifactReply { artifact_id })
+                    .ok_or_else(|| WireError::internal("an operator's artifact was not stored"))
+            })
+        })
         .collect())
 }
 
@@ -204,6 +256,7 @@ struct StepOwner {
     fence: StepFence,
     root_task_id: Uuid,
     investigation_id: Option<Uuid>,
+    payload: sqlx::types::Json<Mode>,
 }
 
 /// Workers: `ingest.artifacts`, fenced by `(step_id, lease_generation, worker_id)` and the
@@ -231,7 +284,8 @@ async fn worker_add_batch(
     let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let steps: HashMap<Uuid, StepOwner> = sqlx::query_as::<_, StepOwner>(
         "SELECT s.id, s.org_id, s.task_id, s.workstation_id, s.lease_generation, s.lease_owner, s.status,
-                s.cancel_requested_at IS NOT NULL AS stop_requested, t.root_task_id, t.investigation_id
+                s.cancel_requested_at IS NOT NULL AS stop_requested, t.root_task_id, t.investigation_id,
+                t.payload
          FROM steps s JOIN tasks t ON t.id = s.task_id
          WHERE s.id = ANY($1) ORDER BY s.id FOR SHARE OF s",
     )
@@ -256,8 +310,16 @@ async fn worker_add_batch(
                     .map(|_| s)
                     .inspect_err(|e| crate::worker_writes::reject_stale(conns, "artifacts", s.fence.id, e))
             });
-        match fenced.and_then(|s| validate(b.kind, &b.content, max).map(|_| s)) {
-            Ok(s) => {
+        let checked = fenced.and_then(|s| {
+            let (question, content) = match b.question_index {
+                None => (None, b.content.clone()),
+                Some(i) => answer(s, b, i, max)?,
+            };
+            validate(b.kind, &content, max)?;
+            Ok((s, question, content))
+        });
+        match checked {
+            Ok((s, question, content)) => {
                 results.push(Ok(new.len()));
                 new.push(NewArtifact {
                     org_id: s.fence.org_id,
@@ -266,7 +328,8 @@ async fn worker_add_batch(
                     root_task_id: Some(s.root_task_id),
                     investigation_id: s.investigation_id,
                     step_id: Some(s.fence.id),
-                    content: b.content.clone(),
+                    question,
+                    content,
                     created_by: req.principal.token_name.clone(),
                 });
             }
@@ -276,13 +339,101 @@ async fn worker_add_batch(
     let ids = if new.is_empty() {
         vec![]
     } else {
-        insert(&mut *tx, new).await?
+        let keys: Vec<Option<(Uuid, i32)>> = new
+            .iter()
+            .map(|a| a.step_id.zip(a.question.as_ref().map(|(i, _)| *i as i32)))
+            .collect();
+        let mut ids = insert(&mut *tx, new).await?;
+        // A retried answer was stored by its first try: reply with that artifact.
+        let again: Vec<(Uuid, i32)> = ids
+            .iter()
+            .zip(&keys)
+            .filter(|(id, _)| id.is_none())
+            .filter_map(|(_, k)| *k)
+            .collect();
+        if !again.is_empty() {
+            let (steps, indexes): (Vec<Uuid>, Vec<i32>) = again.into_iter().unzip();
+            let found: HashMap<(Uuid, i32), Uuid> = sqlx::query_as::<_, (Uuid, i32, Uuid)>(
+                "SELECT a.step_id, a.question_index, a.id FROM artifacts a
+                 JOIN unnest($1::uuid[], $2::int4[]) AS k(step_id, question_index)
+                   ON a.step_id = k.step_id AND a.question_index = k.question_index",
+            )
+            .bind(&steps)
+            .bind(&indexes)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|(s, i, id)| ((s, i), id))
+            .collect();
+            for (id, key) in ids.iter_mut().zip(&keys) {
+                if id.is_none() {
+                    *id = key.and_then(|k| found.get(&k).copied());
+                }
+            }
+        }
+        ids
     };
     tx.commit().await.map_err(db_error)?;
     Ok(results
         .into_iter()
-        .map(|r| r.map(|i| AddArtifactReply { artifact_id: ids[i] }))
+        .map(|r| {
+            r.and_then(|i| {
+                ids[i]
+                    .map(|artifact_id| AddArtifactReply { artifact_id })
+                    .ok_or_else(|| WireError::conflict("this step already stored that artifact"))
+            })
+        })
         .collect())
+}
+
+/// An investigate step's answer to question `index`: the question (index and text,
+/// from the task) and the content to store — titled by the question, the answer cut
+/// to fit `max` bytes (an answer is never refused for its size: the step's log has
+/// all of it).
+fn answer(
+    s: &StepOwner,
+    b: &WorkerArtifactRequest,
+    index: u32,
+    max: usize,
+) -> Result<(Option<(u32, String)>, ArtifactContent), WireError> {
+    let Mode::Investigate { questions } = &s.payload.0 else {
+        return Err(WireError::invalid(
+            "question_index: only an investigate step answers questions",
+        ));
+    };
+    if b.kind != ArtifactKind::Evidence {
+        return Err(WireError::invalid("question_index: an answer is `evidence`"));
+    }
+    let question = questions.get(index as usize).ok_or_else(|| {
+        WireError::invalid(format!(
+            "question_index: {index} is out of range; the task has {} questions",
+            questions.len()
+        ))
+    })?;
+    let title = format!("Q{}: {}", index + 1, question);
+    let title = cut_to(&title, MAX_TITLE_BYTES);
+    let mut body = b.content.body.clone();
+    if body.trim().is_empty() {
+        body = "(the agent gave an empty answer)".into();
+    }
+    let body = cut_to(&body, max.saturating_sub(title.len()));
+    Ok((
+        Some((index, question.clone())),
+        ArtifactContent { title, body, url: None },
+    ))
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, `…` ending a cut one.
+pub(crate) fn cut_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 pub(crate) async fn list(

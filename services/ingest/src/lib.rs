@@ -9,6 +9,7 @@
 mod artifacts;
 mod cancel;
 mod create;
+mod investigations;
 mod read;
 mod submit;
 mod summary;
@@ -84,6 +85,18 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .await?;
     router
         .route(s.artifacts_get(), Access::Operators, artifacts::get)
+        .await?;
+    router
+        .route(s.investigations_create(), Access::Operators, investigations::create)
+        .await?;
+    router
+        .route(s.investigations_get(), Access::Operators, investigations::get)
+        .await?;
+    router
+        .route(s.investigations_list(), Access::Operators, investigations::list)
+        .await?;
+    router
+        .route(s.investigations_close(), Access::Operators, investigations::close)
         .await?;
     let auth = router.authenticator();
     let mut handle = router.into_handle();

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tanjiren_bus::serve::page_budget;
 use tanjiren_shared::WireError;
+use tanjiren_shared::agents::TokenUsage;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, ScheduleId, StepId, TaskId, WorkstationId};
 use tanjiren_shared::model::{ApprovalStatus, Mode, StepStatus, TaskStatus};
@@ -91,6 +92,10 @@ struct StepRow {
     stderr_tail: String,
     log_bytes: i64,
     log_truncated: bool,
+    message: Option<String>,
+    agent_model: Option<String>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
 }
 
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
@@ -126,7 +131,7 @@ pub async fn get_task(
         "SELECT s.id, s.execution_id, s.workstation_id, w.name AS workstation_name, s.status, s.lease_generation, s.lease_owner,
                 s.lease_expires_at, s.exit_code, s.failure_reason, s.started_at, s.finished_at, s.last_heartbeat_at,
                 s.cancel_requested_at, s.stop_confirmed_at, s.stdout_tail, s.stderr_tail,
-                s.log_bytes, s.log_truncated,
+                s.log_bytes, s.log_truncated, s.message, s.agent_model, s.input_tokens, s.output_tokens,
                 (extract(epoch FROM s.lease_expires_at - now()) * 1000)::int8 AS lease_expires_in_ms,
                 CASE WHEN s.lease_expires_at IS NOT NULL
                      THEN (extract(epoch FROM now() - s.last_heartbeat_at) * 1000)::int8 END AS last_heartbeat_age_ms
@@ -166,6 +171,12 @@ pub async fn get_task(
                 stderr_tail: s.stderr_tail,
                 log_bytes: s.log_bytes,
                 log_truncated: s.log_truncated,
+                message: s.message,
+                agent_model: s.agent_model,
+                usage: s.input_tokens.zip(s.output_tokens).map(|(i, o)| TokenUsage {
+                    input_tokens: i.max(0) as u64,
+                    output_tokens: o.max(0) as u64,
+                }),
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
@@ -278,7 +289,12 @@ pub(crate) async fn list(
     each(&conns, batch, list_tasks).await
 }
 
-async fn list_tasks(conns: &Connections, org: OrgId, req: &ListTasksRequest) -> Result<ListTasksReply, WireError> {
+/// One page of `tasks.list`.
+pub(crate) async fn list_tasks(
+    conns: &Connections,
+    org: OrgId,
+    req: &ListTasksRequest,
+) -> Result<ListTasksReply, WireError> {
     if let Some(m) = &req.mode
         && !matches!(m.as_str(), "command" | "prompt" | "investigate")
     {

@@ -24,7 +24,8 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind};
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::logs::{
-    SUMMARY_TOP_ERRORS, SummaryErrorLine, SummaryInput, SummaryStep, render_summary, summary_title,
+    SUMMARY_RESPONSE_BYTES, SUMMARY_TOP_ERRORS, SummaryErrorLine, SummaryInput, SummaryStep, render_summary,
+    summary_title,
 };
 use tanjiren_shared::model::{StepStatus, TaskStatus};
 use tanjiren_shared::protocol::TaskEventMessage;
@@ -156,7 +157,7 @@ pub struct Swept {
 pub async fn sweep_summaries(conns: &Connections, since: DateTime<Utc>) -> Result<Swept, WireError> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT t.id FROM tasks t
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' LIMIT 1) s
+         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' AND a.step_id IS NULL LIMIT 1) s
                 ON true
          WHERE t.status IN ('completed', 'failed', 'cancelled') AND t.finished_at > $1 AND s.found IS NULL
          ORDER BY t.finished_at LIMIT $2",
@@ -198,6 +199,8 @@ struct StepLine {
     finished_at: Option<DateTime<Utc>>,
     failure_reason: Option<String>,
     log_truncated: bool,
+    message: Option<String>,
+    response: Option<String>,
 }
 
 /// Writes the summary of each ended task that has none yet (one insert; a
@@ -209,7 +212,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
          FROM tasks t
          -- A lateral probe per task (a parameterised look-up in artifacts_one_summary):
          -- with NOT EXISTS the planner may read every summary ever written instead.
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' LIMIT 1) s
+         LEFT JOIN LATERAL (SELECT 1 AS found FROM artifacts a WHERE a.task_id = t.id AND a.kind = 'summary' AND a.step_id IS NULL LIMIT 1) s
                 ON true
          WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing') AND s.found IS NULL",
     )
@@ -223,11 +226,15 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     let steps: Vec<StepLine> = sqlx::query_as(
         "SELECT s.task_id, w.name AS workstation, s.status, s.exit_code, s.started_at, s.finished_at,
-                s.failure_reason, s.log_truncated
+                s.failure_reason, s.log_truncated, s.message,
+                -- A probe of artifacts_step_response: the step's agent answer, if any.
+                (SELECT left(a.body, $2) FROM artifacts a
+                 WHERE a.step_id = s.id AND a.kind IN ('response', 'summary') LIMIT 1) AS response
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.id",
     )
     .bind(&ids)
+    .bind(SUMMARY_RESPONSE_BYTES as i32 + 1)
     .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
@@ -259,6 +266,8 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             },
             failure_reason: s.failure_reason,
             log_truncated: s.log_truncated,
+            message: s.message,
+            response: s.response,
         });
     }
     for (task, ws, count, exemplar) in errors {
@@ -294,6 +303,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             root_task_id: Some(t.root_task_id),
             investigation_id: t.investigation_id,
             step_id: None,
+            question: None,
             content: ArtifactContent {
                 title: summary_title(&input),
                 body: render_summary(&input),
@@ -302,5 +312,5 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             created_by: AUTHOR.into(),
         });
     }
-    Ok(insert(&conns.hot, new).await?.len())
+    Ok(insert(&conns.hot, new).await?.into_iter().flatten().count())
 }

@@ -7,15 +7,19 @@
 //! task's outcome is decided by the lifecycle function and stored by
 //! compare-and-swap in that same transaction.
 
+use crate::artifacts::{NewArtifact, cut_to, insert};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 use tanjiren_ops::metrics::Count;
+use tanjiren_shared::agents::AgentReport;
+use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind, MAX_TITLE_BYTES};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
 use tanjiren_shared::lifecycle::step::{
     LeaseChange, StepEffect, StepEvent, StepState, StepTransition, transition as step_transition,
 };
-use tanjiren_shared::logs::{cap_marker, sanitise_line, signature};
+use tanjiren_shared::logs::{cap_marker, replace_nul, sanitise_line, signature};
+use tanjiren_shared::model::Mode;
 use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
     LiveLogBatch, LogBatch, LogBatchReply, LogLine, LogStream, Principal, ProgressReply, ProgressReport,
@@ -33,6 +37,8 @@ use uuid::Uuid;
 const MAX_BATCH_LINES: usize = 10_000;
 /// Below NATS's default 1 MiB payload limit, with room for the envelope.
 const MAX_BATCH_BYTES: usize = 960 * 1024;
+/// A result's message is kept to this many bytes.
+const MAX_MESSAGE_BYTES: usize = 2048;
 /// Tails are kept to this many bytes (the worker sends the last 4 KiB).
 const MAX_TAIL_BYTES: usize = 8 * 1024;
 
@@ -434,8 +440,12 @@ struct StepUpdate {
     exit_code: Option<i32>,
     /// The worker's own reason for a failed or cancelled result.
     failure_reason: Option<String>,
+    /// With a result: the worker's words on how the step ended.
+    message: Option<String>,
     /// With a result: whether nothing the step started is left (`processes_left == 0`).
     stopped_all: Option<bool>,
+    /// With a result of a `prompt` or `investigate` step: what its agent answered.
+    agent: Option<AgentReport>,
 }
 
 /// The last [`MAX_TAIL_BYTES`] of a tail, NUL replaced (whether cut or not).
@@ -536,7 +546,9 @@ async fn store_progress(
             },
             exit_code: None,
             failure_reason: None,
+            message: None,
             stopped_all: None,
+            agent: None,
         });
         if let Some(t) = &b.stdout_tail {
             u.stdout_tail = Some(tail(t));
@@ -552,6 +564,11 @@ async fn store_progress(
             u.exit_code = r.exit_code;
             u.failure_reason = r.failure_reason.map(|f| f.as_str().to_string());
             u.stopped_all = Some(r.processes_left == 0);
+            u.agent = r.agent.clone();
+            u.message = r
+                .message
+                .as_deref()
+                .map(|m| cut_to(&replace_nul(m.to_string()), MAX_MESSAGE_BYTES));
         }
         results.push(Ok((fence.id, fence.task_id)));
     }
@@ -560,13 +577,24 @@ async fn store_progress(
     let mut generations: HashMap<Uuid, i64> = fences.values().map(|f| (f.id, f.lease_generation)).collect();
     if !updates.is_empty() {
         let (mut outs, mut errs, mut codes, mut reasons, mut stopped_all) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut models, mut tokens_in, mut tokens_out, mut messages) = (vec![], vec![], vec![], vec![]);
         let mut decisions = Vec::with_capacity(updates.len());
         for (id, u) in &updates {
             outs.push(u.stdout_tail.as_deref());
             errs.push(u.stderr_tail.as_deref());
             codes.push(u.exit_code);
             reasons.push(u.failure_reason.as_deref());
+            messages.push(u.message.as_deref());
             stopped_all.push(u.stopped_all);
+            let agent = u.agent.as_ref();
+            models.push(
+                agent
+                    .and_then(|a| a.model.as_deref())
+                    .map(|m| cut_to(&replace_nul(m.to_string()), 200)),
+            );
+            let usage = agent.and_then(|a| a.usage);
+            tokens_in.push(usage.map(|u| u.input_tokens.min(i64::MAX as u64) as i64));
+            tokens_out.push(usage.map(|u| u.output_tokens.min(i64::MAX as u64) as i64));
             decisions.push((*id, u.from, &u.change));
         }
         let changes = StepChanges::for_steps(decisions);
@@ -579,10 +607,16 @@ async fn store_progress(
             .bind(&codes)
             .bind(&reasons)
             .bind(&stopped_all)
+            .bind(&models)
+            .bind(&tokens_in)
+            .bind(&tokens_out)
+            .bind(&messages)
             .fetch_all(&mut *tx)
             .await
             .map_err(db_error)?;
+        let stored: BTreeSet<Uuid> = after.iter().map(|(id, _)| *id).collect();
         generations.extend(after);
+        store_agent_answers(&mut tx, &conns.config, &fences, &updates, &stored).await?;
     }
 
     let decided = settle_finished(&mut tx, &tasks, &finished_tasks, &conns.config.default_retry_policy()).await?;
@@ -614,6 +648,10 @@ pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
             stdout_tail = COALESCE(sc.stdout_tail, s.stdout_tail),
             stderr_tail = COALESCE(sc.stderr_tail, s.stderr_tail),
             exit_code = CASE WHEN sc.finishes THEN sc.exit_code ELSE s.exit_code END,
+            message = CASE WHEN sc.finishes THEN sc.message ELSE s.message END,
+            agent_model = COALESCE(sc.agent_model, s.agent_model),
+            input_tokens = COALESCE(sc.input_tokens, s.input_tokens),
+            output_tokens = COALESCE(sc.output_tokens, s.output_tokens),
             stop_confirmed_at = CASE WHEN sc.finishes AND s.cancel_requested_at IS NOT NULL
                                           AND sc.stopped_all
                                      THEN now() ELSE s.stop_confirmed_at END
@@ -634,10 +672,102 @@ pub(crate) static PROGRESS_SQL: LazyLock<String> = LazyLock::new(|| {
                 ("exit_code", "int4"),
                 ("failure_reason", "text"),
                 ("stopped_all", "bool"),
+                ("agent_model", "text"),
+                ("input_tokens", "int8"),
+                ("output_tokens", "int8"),
+                ("message", "text"),
             ]
         ),
     )
 });
+
+/// With the results of `prompt` and `investigate` steps, in their transaction: each
+/// step's answer as an artifact of its task — a prompt's `response`, an
+/// investigation's closing `summary` (attached to the investigation too). Only for
+/// steps whose result was stored (`stored`), and only non-empty answers.
+async fn store_agent_answers(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    config: &tanjiren_shared::config::Config,
+    fences: &HashMap<Uuid, StepFence>,
+    updates: &HashMap<Uuid, StepUpdate>,
+    stored: &BTreeSet<Uuid>,
+) -> Result<(), WireError> {
+    let answered: Vec<(Uuid, &AgentReport)> = updates
+        .iter()
+        .filter(|(id, u)| stored.contains(id) && u.change.next.status.is_terminal())
+        .filter_map(|(id, u)| {
+            u.agent
+                .as_ref()
+                .filter(|a| !a.response.trim().is_empty())
+                .map(|a| (*id, a))
+        })
+        .collect();
+    if answered.is_empty() {
+        return Ok(());
+    }
+    let task_ids: Vec<Uuid> = answered.iter().map(|(id, _)| fences[id].task_id).collect();
+    let tasks: HashMap<Uuid, (sqlx::types::Json<Mode>, Uuid, Option<Uuid>, String)> =
+        sqlx::query_as::<_, (Uuid, sqlx::types::Json<Mode>, Uuid, Option<Uuid>, String)>(
+            "SELECT id, payload, root_task_id, investigation_id, intent FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&task_ids)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|(id, mode, root, inv, intent)| (id, (mode, root, inv, intent)))
+        .collect();
+    let workstations: HashMap<Uuid, String> =
+        sqlx::query_as::<_, (Uuid, String)>("SELECT id, name FROM workstations WHERE id = ANY($1)")
+            .bind(
+                answered
+                    .iter()
+                    .map(|(id, _)| fences[id].workstation_id)
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .collect();
+    let mut new = Vec::with_capacity(answered.len());
+    for (step, report) in answered {
+        let fence = &fences[&step];
+        let Some((mode, root, investigation, intent)) = tasks.get(&fence.task_id) else {
+            continue;
+        };
+        let ws = workstations.get(&fence.workstation_id).map_or("?", String::as_str);
+        let (kind, title) = match &mode.0 {
+            Mode::Prompt { .. } => (ArtifactKind::Response, format!("Response from {ws}")),
+            Mode::Investigate { .. } => (
+                ArtifactKind::Summary,
+                format!("Investigation summary from {ws}: {intent}"),
+            ),
+            Mode::Command { .. } => continue,
+        };
+        let title = cut_to(&title, MAX_TITLE_BYTES);
+        let body = cut_to(
+            &replace_nul(report.response.clone()),
+            config.max_artifact_bytes.saturating_sub(title.len()),
+        );
+        new.push(NewArtifact {
+            org_id: fence.org_id,
+            kind,
+            task_id: Some(fence.task_id),
+            root_task_id: Some(*root),
+            investigation_id: *investigation,
+            step_id: Some(step),
+            question: None,
+            content: ArtifactContent { title, body, url: None },
+            created_by: report
+                .model
+                .clone()
+                .map_or_else(|| "agent".to_string(), |m| format!("agent ({m})")),
+        });
+    }
+    insert(&mut **tx, new).await?;
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

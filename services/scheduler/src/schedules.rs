@@ -154,11 +154,34 @@ pub async fn create(
     let valid = req.validate(&limits, conns.config.min_schedule_interval_secs, now)?;
     // The template must make a task the creation path accepts: resolve its targets now.
     let probe = vec![(caller.clone(), req.template.to_spec("schedule:validation".into()))];
-    let mut conn = conns.db.acquire().await.map_err(db_error)?;
+    let mut conn = conns.db.begin().await.map_err(db_error)?;
     prepare_tasks(&mut conn, &conns.config, &probe)
         .await?
         .remove(0)
         .map_err(|e| WireError::new(e.code, format!("template.{}", e.message)))?;
+    // Every tick of an investigation lands in one investigation: a template without
+    // one gets its own, opened with the schedule (in the same transaction).
+    let mut template = req.template.clone();
+    if matches!(template.mode, tanjiren_shared::model::Mode::Investigate { .. }) && template.investigation_id.is_none()
+    {
+        let id = uuid::Uuid::now_v7();
+        let title = format!("{} (schedule {})", template.intent.trim(), req.name);
+        let mut end = title
+            .len()
+            .min(tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES);
+        while !title.is_char_boundary(end) {
+            end -= 1;
+        }
+        sqlx::query("INSERT INTO investigations (id, org_id, title, opened_by) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(caller.org_id.as_uuid())
+            .bind(&title[..end])
+            .bind(&caller.token_name)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        template.investigation_id = Some(id);
+    }
     let next_run_at = valid.cron.next_after(valid.zone, now);
     let sql = format!(
         "INSERT INTO task_schedules (id, org_id, name, cron, cron_normalized, timezone, template, enabled, overlap,
@@ -173,7 +196,7 @@ pub async fn create(
         .bind(valid.cron.as_str())
         .bind(valid.cron.normalized())
         .bind(valid.zone.name())
-        .bind(Json(&req.template))
+        .bind(Json(&template))
         .bind(req.enabled)
         .bind(req.overlap.as_str())
         .bind(req.catch_up_ticks as i32)
@@ -189,6 +212,7 @@ pub async fn create(
             }
             _ => db_error(e),
         })?;
+    conn.commit().await.map_err(db_error)?;
     tracing::info!(schedule = %row.id, name = %row.name, cron = %row.cron_normalized, "schedule created");
     row.view()
 }

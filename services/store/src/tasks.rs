@@ -20,6 +20,7 @@ use tanjiren_shared::approvals::{RequestFacts, request_digest};
 use tanjiren_shared::config::Config;
 use tanjiren_shared::error::{ErrorDetails, quote};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
+use tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES;
 use tanjiren_shared::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
@@ -40,6 +41,11 @@ pub struct NewTask {
     created_by_token_id: Uuid,
     /// The schedule whose tick this task is (set by the scheduler; retries keep it).
     pub schedule_id: Option<Uuid>,
+    /// The investigation it belongs to: the request's, or one this task opens.
+    pub investigation_id: Option<Uuid>,
+    /// The title of the investigation this task opens (an `investigate` task
+    /// created without `investigation_id`), opened in the task's own insert.
+    opens_investigation: Option<String>,
 }
 
 /// The limits a task spec is validated against under `config`.
@@ -172,6 +178,21 @@ pub async fn prepare_tasks(
             with_agent.insert(id);
         }
     }
+    let investigation_ids: Vec<Uuid> = requests.iter().filter_map(|(_, s)| s.investigation_id).collect();
+    let investigations: HashMap<Uuid, (Uuid, bool)> = if investigation_ids.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, Uuid, bool)>(
+            "SELECT id, org_id, status = 'open' FROM investigations WHERE id = ANY($1)",
+        )
+        .bind(&investigation_ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .map(|(id, org, open)| (id, (org, open)))
+        .collect()
+    };
     let previous: HashMap<Uuid, (Uuid, Uuid, i32)> = if retry_of.is_empty() {
         HashMap::new()
     } else {
@@ -190,19 +211,61 @@ pub async fn prepare_tasks(
     Ok(results
         .into_iter()
         .zip(requests)
-        .map(|(r, (p, spec))| r.unwrap_or_else(|| build_row(config, p, spec, &by_ref, &with_agent, &previous)))
+        .map(|(r, (p, spec))| {
+            r.unwrap_or_else(|| {
+                let known = Known {
+                    by_ref: &by_ref,
+                    with_agent: &with_agent,
+                    previous: &previous,
+                    investigations: &investigations,
+                };
+                build_row(config, p, spec, &known)
+            })
+        })
         .collect())
 }
 
-fn build_row(
-    config: &Config,
-    p: &Principal,
-    spec: &TaskSpec,
-    by_ref: &HashMap<(Uuid, String), Uuid>,
-    with_agent: &std::collections::HashSet<Uuid>,
-    previous: &HashMap<Uuid, (Uuid, Uuid, i32)>,
-) -> Result<NewTask, WireError> {
+/// What [`prepare_tasks`] looked up for a batch.
+struct Known<'a> {
+    /// Workstations by (organisation, id or name).
+    by_ref: &'a HashMap<(Uuid, String), Uuid>,
+    /// Workstations that advertise an AI agent.
+    with_agent: &'a std::collections::HashSet<Uuid>,
+    /// Tasks retried: (organisation, root, attempt).
+    previous: &'a HashMap<Uuid, (Uuid, Uuid, i32)>,
+    /// Investigations named: (organisation, open).
+    investigations: &'a HashMap<Uuid, (Uuid, bool)>,
+}
+
+fn build_row(config: &Config, p: &Principal, spec: &TaskSpec, known: &Known<'_>) -> Result<NewTask, WireError> {
+    let Known {
+        by_ref,
+        with_agent,
+        previous,
+        investigations,
+    } = known;
     let org = p.org_id.as_uuid();
+    let (investigation_id, opens_investigation) = match spec.investigation_id {
+        Some(inv) => match investigations.get(&inv) {
+            Some((o, true)) if *o == org => (Some(inv), None),
+            Some((o, false)) if *o == org => {
+                return Err(WireError::conflict(format!(
+                    "investigation_id: investigation {inv} is closed and takes no new tasks"
+                )));
+            }
+            _ => {
+                return Err(WireError::not_found(format!(
+                    "investigation_id: no investigation {inv} in this organisation"
+                )));
+            }
+        },
+        // An investigation run without one opens its own, titled by its intent.
+        None if matches!(spec.mode, Mode::Investigate { .. }) => (
+            Some(Uuid::now_v7()),
+            Some(cut_title(&spec.intent, MAX_INVESTIGATION_TITLE_BYTES)),
+        ),
+        None => (None, None),
+    };
     let mut targets = Vec::with_capacity(spec.targets.len());
     for t in &spec.targets {
         let canonical = t.parse::<Uuid>().map(|u| u.to_string()).unwrap_or_else(|_| t.clone());
@@ -250,7 +313,19 @@ fn build_row(
         created_by: p.token_name.clone(),
         created_by_token_id: p.token_id,
         schedule_id: None,
+        investigation_id,
+        opens_investigation,
     })
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut_title(s: &str, max: usize) -> String {
+    let s = s.trim();
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// Inserts rows; returns one result per row (request index, reply): a row whose key
@@ -344,6 +419,8 @@ struct KeyHolder {
     queue_timeout_secs: i64,
     retry_policy: Option<Json<RetryPolicy>>,
     investigation_id: Option<Uuid>,
+    /// The investigation it belongs to (`investigation_id` is what its request named).
+    stored_investigation_id: Option<Uuid>,
     retry_of_task_id: Option<Uuid>,
 }
 
@@ -375,6 +452,8 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     let mut queue_timeouts = Vec::with_capacity(n);
     let mut policies = Vec::with_capacity(n);
     let mut investigations = Vec::with_capacity(n);
+    let mut new_investigations: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut new_titles: Vec<Option<String>> = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     let mut retry_ofs = Vec::with_capacity(n);
     let mut roots = Vec::with_capacity(n);
@@ -397,7 +476,9 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                 .as_ref()
                 .map(|p| Json(serde_json::to_value(p).expect("policy serialises"))),
         );
-        investigations.push(r.spec.investigation_id);
+        investigations.push(r.investigation_id);
+        new_investigations.push(r.opens_investigation.as_ref().and(r.investigation_id));
+        new_titles.push(r.opens_investigation.clone());
         keys.push(r.spec.idempotency_key.clone());
         retry_ofs.push(r.spec.retry_of_task_id.map(|t| t.as_uuid()));
         roots.push(r.root_task_id.as_uuid());
@@ -406,8 +487,11 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
         creator_ids.push(r.created_by_token_id);
         schedules.push(r.schedule_id);
     }
+    // An investigate task without an investigation opens one in the same statement,
+    // only if the task itself is inserted (not when its idempotency key was taken).
     let inserted: Vec<(Uuid,)> = sqlx::query_as(
-        "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
+        "WITH ins AS (
+         INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
                             investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
                             created_by_token_id, schedule_id)
          SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
@@ -420,7 +504,15 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
                    queue_timeout_secs, created_by_token_id, schedule_id)
          ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id",
+         RETURNING id, org_id, created_by
+         ), opened AS (
+         INSERT INTO investigations (id, org_id, title, opened_by, opened_by_task_id)
+         SELECT n.investigation_id, ins.org_id, n.title, ins.created_by, ins.id
+         FROM unnest($1::uuid[], $18::uuid[], $19::text[]) AS n(task_id, investigation_id, title)
+         JOIN ins ON ins.id = n.task_id
+         WHERE n.investigation_id IS NOT NULL
+         )
+         SELECT id FROM ins",
     )
     .bind(&ids)
     .bind(&orgs)
@@ -439,6 +531,8 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     .bind(&queue_timeouts)
     .bind(&creator_ids)
     .bind(&schedules)
+    .bind(&new_investigations)
+    .bind(&new_titles)
     .fetch_all(&mut *conn)
     .await
     .map_err(|e| match &e {
@@ -462,8 +556,13 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
         HashMap::new()
     } else {
         sqlx::query_as::<_, KeyHolder>(
+            // The investigation a task opened itself was not part of its request.
             "SELECT t.org_id, t.idempotency_key, t.id, t.status, t.approval_status, t.intent, t.payload, t.targets,
-                    t.timeout_secs, t.queue_timeout_secs, t.retry_policy, t.investigation_id, t.retry_of_task_id
+                    t.timeout_secs, t.queue_timeout_secs, t.retry_policy, t.retry_of_task_id,
+                    CASE WHEN EXISTS (SELECT 1 FROM investigations i
+                                      WHERE i.id = t.investigation_id AND i.opened_by_task_id = t.id)
+                         THEN NULL ELSE t.investigation_id END AS investigation_id,
+                    t.investigation_id AS stored_investigation_id
              FROM tasks t JOIN unnest($1::uuid[], $2::text[]) AS k(org_id, key)
                ON t.org_id = k.org_id AND t.idempotency_key = k.key",
         )
@@ -486,6 +585,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                 status: TaskStatus::Planned,
                 approval_status: ApprovalStatus::Unevaluated,
                 created: true,
+                investigation_id: r.investigation_id,
             })
         } else {
             let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
@@ -499,6 +599,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                     status: *holder.status,
                     approval_status: *holder.approval_status,
                     created: false,
+                    investigation_id: holder.stored_investigation_id,
                 },
                 same_request: holder.digest() == row_digest(r),
             }

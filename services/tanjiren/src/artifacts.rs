@@ -55,7 +55,7 @@ pub enum ArtifactCommand {
 
 fn kind(s: &str) -> anyhow::Result<ArtifactKind> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| anyhow::anyhow!("kind must be note, link, evidence or summary"))
+        .map_err(|_| anyhow::anyhow!("kind must be note, link, evidence, summary or response"))
 }
 
 pub async fn run(config: &Config, cmd: ArtifactCommand) -> anyhow::Result<ExitCode> {

@@ -15,6 +15,7 @@ mod admin;
 mod approvals;
 mod artifacts;
 mod client;
+mod investigations;
 mod launcher;
 mod schedules;
 mod task_args;
@@ -87,6 +88,11 @@ pub enum Command {
         #[command(subcommand)]
         command: artifacts::ArtifactCommand,
     },
+    /// Open, list, show and close investigations (their tasks, evidence and summaries).
+    Investigation {
+        #[command(subcommand)]
+        command: investigations::InvestigationCommand,
+    },
     /// Create, inspect and follow tasks.
     Task {
         #[command(subcommand)]
@@ -158,6 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workstation { command } => workstations::run(&config, command).await,
         Command::Task { command } => tasks::run(&config, command).await,
         Command::Artifact { command } => artifacts::run(&config, command).await,
+        Command::Investigation { command } => investigations::run(&config, command).await,
         Command::Doctrine { command } => approvals::doctrine(&config, command).await,
         Command::Schedule { command } => schedules::run(&config, command).await,
     }
@@ -180,6 +187,7 @@ mod tests {
             &["task", "list"][..],
             &["task", "get", "01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c"],
             &["artifact", "get", "01936f2e-8b22-7d4e-a1c3-5b7e9f0a2b3c"],
+            &["investigation", "list"],
             &["approval", "pending"],
             &["doctrine", "show"],
             &["schedule", "list"],

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{StepId, TaskId};
-use tanjiren_shared::model::{Mode, TaskSpec, TaskStatus};
+use tanjiren_shared::model::{Mode, StepStatus, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{
     CancelTaskReply, CancelTaskRequest, CreateTaskReply, ListTasksReply, ListTasksRequest, LogLine, LogStream, TaskView,
 };
@@ -29,6 +29,10 @@ pub enum TaskCommand {
         /// Retrying with the same key returns the same task.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Add the task to this open investigation (an investigate task without one
+        /// opens a new investigation, titled by its intent).
+        #[arg(long)]
+        investigation: Option<uuid::Uuid>,
         /// Wait for the task to finish — following its automatic retries until the
         /// last attempt ends — print that attempt, and exit non-zero unless it completed.
         #[arg(long)]
@@ -52,6 +56,9 @@ pub enum TaskCommand {
         /// Workstation name or id.
         #[arg(long)]
         workstation: Option<String>,
+        /// Only the tasks of this investigation.
+        #[arg(long)]
+        investigation: Option<uuid::Uuid>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
@@ -91,11 +98,13 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             task,
             retry,
             idempotency_key,
+            investigation,
             wait,
             json,
         } => {
             let spec = TaskSpec {
                 idempotency_key,
+                investigation_id: investigation,
                 retry_policy: retry.policy(),
                 ..task.into_spec(config)?
             };
@@ -106,6 +115,9 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                     outln!("{}", serde_json::to_string_pretty(&reply)?)?;
                 } else {
                     outln!("{}", reply.task_id)?;
+                    if let Some(inv) = reply.investigation_id.filter(|_| investigation.is_none()) {
+                        eprintln!("investigation {inv}");
+                    }
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -128,6 +140,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             status,
             mode,
             workstation,
+            investigation,
             limit,
             json,
         } => {
@@ -135,6 +148,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 status,
                 mode,
                 workstation,
+                investigation_id: investigation,
                 before: None,
                 limit: Some(limit),
                 ..Default::default()
@@ -366,6 +380,16 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
                 )?,
             }
         }
+        if let Some(m) = s.message.as_deref().filter(|_| s.status != StepStatus::Succeeded) {
+            outln!("    {}", one_line(m, 200))?;
+        }
+        if let Some(model) = &s.agent_model {
+            let usage = s
+                .usage
+                .map(|u| format!(", {} tokens in, {} out", u.input_tokens, u.output_tokens))
+                .unwrap_or_default();
+            outln!("    agent model {model}{usage}")?;
+        }
         for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {
             if !tail.is_empty() {
                 outln!("    {label}:")?;
@@ -374,6 +398,44 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    print_answers(t)?;
+    Ok(())
+}
+
+/// What the agents answered: each step's response or closing summary, and an
+/// investigation's evidence by question, in full.
+fn print_answers(t: &TaskView) -> anyhow::Result<()> {
+    use tanjiren_shared::artifacts::ArtifactKind;
+    let answers: Vec<_> = t
+        .artifacts
+        .iter()
+        .filter(|a| a.task_id == Some(t.task_id) && a.step_id.is_some())
+        .filter(|a| matches!(a.kind, ArtifactKind::Response | ArtifactKind::Summary) || a.question_index.is_some())
+        .collect();
+    if answers.is_empty() {
+        return Ok(());
+    }
+    if let Some(inv) = t.investigation_id {
+        outln!("investigation {inv}")?;
+    }
+    for a in answers {
+        let ws = a.workstation.as_deref().unwrap_or("?");
+        let heading = match (a.kind, &a.question) {
+            (ArtifactKind::Response, _) => format!("response from {ws}"),
+            (ArtifactKind::Summary, _) => format!("summary from {ws}"),
+            (_, Some(q)) => format!(
+                "evidence from {ws}, question {}: {}",
+                a.question_index.map_or(0, |i| i + 1),
+                one_line(q, 100)
+            ),
+            _ => format!("{} from {ws}", a.kind),
+        };
+        outln!("\n── {heading}")?;
+        outln!("{}", a.body.trim_end())?;
+    }
+    if t.artifacts_truncated {
+        outln!("\n(more artifacts: tanjiren artifact list --task {})", t.task_id)?;
     }
     Ok(())
 }

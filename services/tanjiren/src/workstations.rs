@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 #[derive(Debug, Subcommand)]
 pub enum WorkstationCommand {
-    /// List workstations with their live credentials and when they were last seen.
+    /// List workstations with their live credentials, when they were last seen and their AI agent.
     List {
         /// Organisation name.
         #[arg(long, default_value = crate::admin::DEFAULT_ORG)]
@@ -33,11 +33,18 @@ pub async fn run(config: &Config, cmd: WorkstationCommand) -> anyhow::Result<Exi
     let pool = db::connect_and_migrate(&config.database_url, 2).await?;
     match cmd {
         WorkstationCommand::List { org } => {
-            type Row = (Uuid, String, i64, Option<chrono::DateTime<chrono::Utc>>);
+            type Row = (
+                Uuid,
+                String,
+                i64,
+                Option<chrono::DateTime<chrono::Utc>>,
+                Option<String>,
+                Option<String>,
+            );
             let rows: Vec<Row> = sqlx::query_as(
                 "SELECT w.id, w.name,
                         (SELECT count(*) FROM api_tokens t WHERE t.workstation_id = w.id AND t.revoked_at IS NULL),
-                        w.last_seen_at
+                        w.last_seen_at, w.agent_adapter, w.agent_model
                  FROM workstations w JOIN organisations o ON o.id = w.org_id
                  WHERE o.name = $1 ORDER BY w.name",
             )
@@ -46,14 +53,19 @@ pub async fn run(config: &Config, cmd: WorkstationCommand) -> anyhow::Result<Exi
             .await?;
             let rows = rows
                 .into_iter()
-                .map(|(id, name, credentials, seen)| {
+                .map(|(id, name, credentials, seen, adapter, model)| {
                     let seen = seen
                         .map(|s| s.format("%Y-%m-%d %H:%M:%S").to_string())
                         .unwrap_or_else(|| "never".into());
-                    vec![id.to_string(), name, credentials.to_string(), seen]
+                    let agent = match (adapter, model) {
+                        (Some(a), Some(m)) => format!("{a} ({m})"),
+                        (Some(a), None) => a,
+                        (None, _) => "-".into(),
+                    };
+                    vec![id.to_string(), name, credentials.to_string(), seen, agent]
                 })
                 .collect();
-            crate::output::table(&["ID", "NAME", "CREDENTIALS", "LAST SEEN (UTC)"], rows)?;
+            crate::output::table(&["ID", "NAME", "CREDENTIALS", "LAST SEEN (UTC)", "AI AGENT"], rows)?;
         }
         WorkstationCommand::Revoke { name, org } => {
             let revoked = sqlx::query(

@@ -210,6 +210,8 @@ pub(crate) struct SpawnRequest<'a> {
     pub shell: &'a str,
     pub command: &'a str,
     pub workstation: &'a str,
+    /// Variables added to the step's environment (after `TANJIREN_*` are removed).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Containment {
@@ -593,6 +595,7 @@ fn step_command(command: &mut Command, req: &SpawnRequest<'_>) {
         .env("TANJIREN_WORKSTATION", req.workstation)
         .env("TANJIREN_TASK_ID", req.assignment.task_id.to_string())
         .env(STEP_ID_VAR, req.assignment.step_id.to_string())
+        .envs(req.env.iter().copied())
         .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

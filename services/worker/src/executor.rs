@@ -41,10 +41,21 @@ pub struct OutputLine {
     pub at: DateTime<Utc>,
 }
 
-/// Where an executor writes output lines. Sending waits while the channel is full.
+/// An investigate step's answer to one of its questions, stored as an `evidence`
+/// artifact as soon as it is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuestionAnswer {
+    /// 0-based, into the task's questions.
+    pub question_index: u32,
+    pub text: String,
+}
+
+/// Where an executor writes output lines (and an investigation's answers). Sending
+/// waits while the channel is full.
 #[derive(Debug, Clone)]
 pub struct OutputSink {
     tx: mpsc::Sender<OutputLine>,
+    answers: Option<mpsc::Sender<QuestionAnswer>>,
 }
 
 /// The consumer of an [`OutputSink`] has gone away; stop producing output.
@@ -56,7 +67,30 @@ impl OutputSink {
     /// A sink holding at most `capacity` lines in flight, and the receiver that drains it.
     pub fn bounded(capacity: usize) -> (Self, mpsc::Receiver<OutputLine>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx }, rx)
+        (Self { tx, answers: None }, rx)
+    }
+
+    /// This sink, also taking answers (at most `capacity` in flight), and their receiver.
+    pub fn with_answers(self, capacity: usize) -> (Self, mpsc::Receiver<QuestionAnswer>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Self {
+                answers: Some(tx),
+                ..self
+            },
+            rx,
+        )
+    }
+
+    /// Hands over an answer to be stored; dropped when this sink takes no answers.
+    pub async fn answer(&self, question_index: u32, text: String) -> Result<(), SinkClosed> {
+        match &self.answers {
+            Some(tx) => tx
+                .send(QuestionAnswer { question_index, text })
+                .await
+                .map_err(|_| SinkClosed),
+            None => Ok(()),
+        }
     }
 
     /// Sends one line, waiting for room.
@@ -91,6 +125,7 @@ pub(crate) fn succeeded() -> StepResult {
         failure_reason: None,
         message: None,
         processes_left: 0,
+        agent: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! lease. This crate is a library; a launcher binary calls [`start`].
 
 mod agent;
+mod ai;
 mod bus;
 mod cgroup;
 mod containment;
@@ -21,7 +22,7 @@ mod record;
 mod shell;
 mod step;
 
-pub use executor::{BoxFuture, Executor, NoopExecutor, OutputLine, OutputSink, SinkClosed};
+pub use executor::{BoxFuture, Executor, NoopExecutor, OutputLine, OutputSink, QuestionAnswer, SinkClosed};
 pub use shell::ShellExecutor;
 
 use agent::{Agent, Identity, Settings};

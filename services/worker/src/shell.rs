@@ -44,18 +44,34 @@ pub struct ShellExecutor {
     /// Given to every command as `TANJIREN_WORKSTATION`.
     workstation: String,
     containment: Arc<Containment>,
+    /// The AI agent `prompt` and `investigate` steps run on (`worker_agent`); without
+    /// one they are reported `unsupported`.
+    ai: Option<Arc<dyn crate::ai::AiBackend>>,
+}
+
+impl std::fmt::Debug for dyn crate::ai::AiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl ShellExecutor {
     /// Uses `worker_shell`, `kill_grace_ms`, the workstation name the worker registers,
     /// and the containment `step_guard`, `step_cgroup` and `worker_state_dir` allow on
     /// this host (checked here, once; the outcome is logged).
+    /// With `worker_agent` set, `prompt` and `investigate` steps run on that agent
+    /// (see [`crate::ai`]).
     pub fn new(config: &Config) -> Self {
-        Self {
+        let shell = Self {
             shell: config.worker_shell.clone(),
             kill_grace: Duration::from_millis(config.kill_grace_ms),
             workstation: crate::configured_name(config),
             containment: Arc::new(Containment::from_config(config)),
+            ai: None,
+        };
+        Self {
+            ai: crate::ai::backend(config, &shell),
+            ..shell
         }
     }
 
@@ -68,22 +84,25 @@ impl ShellExecutor {
             kill_grace,
             workstation: crate::host_name(),
             containment: Arc::new(Containment::minimal(kill_grace)),
+            ai: None,
         }
     }
 
-    async fn run_command(
+    /// Runs `command` as a step's process: contained, its output streamed to `output`,
+    /// stopped at `deadline` (reported as the step's timeout) or on `cancel`.
+    pub(crate) async fn run_process(
         &self,
-        assignment: &Assignment,
-        command: &str,
+        run: ProcessRun<'_>,
         output: OutputSink,
-        cancel: CancellationToken,
+        cancel: &CancellationToken,
     ) -> StepResult {
-        let timeout_secs = assignment.timeout_secs;
+        let timeout_secs = run.assignment.timeout_secs;
         let request = SpawnRequest {
-            assignment,
+            assignment: run.assignment,
             shell: &self.shell,
-            command,
+            command: run.command,
             workstation: &self.workstation,
+            env: run.env,
         };
         let (mut step, stdout, stderr) = match self.containment.spawn(&request).await {
             Ok(s) => s,
@@ -93,8 +112,7 @@ impl ShellExecutor {
         let pumps = pump_both(Some(stdout), Some(stderr), output, stop_at_idle.clone()).fuse();
         pin_mut!(pumps);
 
-        let deadline = deadline_after(timeout_secs);
-        let ending = wait_for_ending(&mut step, pumps.as_mut(), deadline, &cancel).await;
+        let ending = wait_for_ending(&mut step, pumps.as_mut(), run.deadline, cancel).await;
         let mut result = match ending {
             Ending::Exited(status) => {
                 self.finish_output(&mut step, pumps.as_mut(), &stop_at_idle).await;
@@ -118,6 +136,7 @@ impl ShellExecutor {
                     failure_reason: None,
                     message: Some("cancelled; every process of the step was stopped".into()),
                     processes_left: 0,
+                    agent: None,
                 }
             }
         };
@@ -194,8 +213,19 @@ impl Executor for ShellExecutor {
     ) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
             match &assignment.mode {
-                Mode::Command { command } => self.run_command(assignment, command, output, cancel).await,
-                other => unsupported(other.name()),
+                Mode::Command { command } => {
+                    let run = ProcessRun {
+                        assignment,
+                        command,
+                        env: &[],
+                        deadline: deadline_after(assignment.timeout_secs),
+                    };
+                    self.run_process(run, output, &cancel).await
+                }
+                Mode::Prompt { .. } | Mode::Investigate { .. } => match &self.ai {
+                    Some(ai) => crate::ai::run_step(ai.as_ref(), assignment, output, &cancel).await,
+                    None => unsupported(assignment.mode.name()),
+                },
             }
         })
     }
@@ -203,6 +233,17 @@ impl Executor for ShellExecutor {
     fn stop_leftovers(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.containment.stop_leftovers())
     }
+}
+
+/// One process run for a step: a command step's command, a CLI agent, a tool call.
+pub(crate) struct ProcessRun<'a> {
+    pub assignment: &'a Assignment,
+    /// Run as `$worker_shell -c "$command"`.
+    pub command: &'a str,
+    /// Variables added to the step's environment.
+    pub env: &'a [(&'a str, &'a str)],
+    /// When the process is stopped and the step reported `timeout`.
+    pub deadline: Instant,
 }
 
 enum Ending {
@@ -317,7 +358,8 @@ async fn idle_after(stop_at_idle: &CancellationToken) {
     tokio::time::sleep(IDLE_AFTER_KILL).await;
 }
 
-fn deadline_after(timeout_secs: u64) -> Instant {
+/// `timeout_secs` from now (a timeout too large to represent is 30 years).
+pub(crate) fn deadline_after(timeout_secs: u64) -> Instant {
     let now = Instant::now();
     now.checked_add(Duration::from_secs(timeout_secs))
         .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
@@ -361,16 +403,17 @@ fn unsupported(mode: &str) -> StepResult {
     failed(
         None,
         Some(FailureReason::Unsupported),
-        format!("mode `{mode}` is not available on this worker (it runs `command` steps only)"),
+        format!("mode `{mode}` needs an AI agent, and this worker has none configured (worker_agent)"),
     )
 }
 
-fn failed(exit_code: Option<i32>, failure_reason: Option<FailureReason>, message: String) -> StepResult {
+pub(crate) fn failed(exit_code: Option<i32>, failure_reason: Option<FailureReason>, message: String) -> StepResult {
     StepResult {
         status: StepStatus::Failed,
         exit_code,
         failure_reason,
         message: Some(message),
+        agent: None,
         processes_left: 0,
     }
 }

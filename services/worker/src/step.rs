@@ -5,13 +5,14 @@
 
 use crate::agent::Agent;
 use crate::bus::{Bus, CallBackoff, CallError};
-use crate::executor::OutputSink;
+use crate::executor::{OutputSink, QuestionAnswer};
 use crate::lease::HeldStep;
 use crate::log_shipper::LogShipper;
 use crate::output::StreamTails;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tanjiren_shared::ErrorCode;
+use tanjiren_shared::artifacts::{AddArtifactReply, ArtifactContent, ArtifactKind, WorkerArtifactRequest};
 use tanjiren_shared::protocol::{
     Assignment, LogBatch, LogBatchReply, LogLine, ProgressReply, ProgressReport, ReleaseReply, ReleaseRequest,
     StepResult,
@@ -59,6 +60,7 @@ async fn run_and_report(agent: &Agent, assignment: &Assignment, step: &HeldStep)
 /// Runs the executor and the log shipper side by side; returns once every line was shipped.
 async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (StepResult, StreamTails) {
     let (sink, lines) = OutputSink::bounded(OUTPUT_BUFFER_LINES);
+    let (sink, mut answers) = sink.with_answers(ANSWER_BUFFER);
     let producer_done = CancellationToken::new();
     let run = async {
         let result = agent.executor.run(assignment, sink, step.cancel_token()).await;
@@ -74,8 +76,27 @@ async fn execute(agent: &Agent, assignment: &Assignment, step: &HeldStep) -> (St
         agent.settings.batch,
         agent.settings.progress_every,
     );
-    tokio::join!(run, shipper.run(lines, &producer_done))
+    let answer_writer = StepWriter {
+        bus: &agent.bus,
+        worker_id: &agent.id.worker_id,
+        step,
+    };
+    // Each answer is stored as soon as it is given, so an investigation that fails or
+    // is cancelled later keeps what was answered before.
+    let store_answers = async {
+        while let Some(answer) = answers.recv().await {
+            answer_writer.send_answer(answer).await;
+        }
+    };
+    let ((result, tails), ()) = tokio::join!(
+        async { tokio::join!(run, shipper.run(lines, &producer_done)) },
+        store_answers
+    );
+    (result, tails)
 }
+
+/// Answers waiting to be stored; the investigation waits when this many are in flight.
+const ANSWER_BUFFER: usize = 4;
 
 /// Writes on behalf of one step, under its lease generation.
 pub(crate) struct StepWriter<'a> {
@@ -96,6 +117,24 @@ impl StepWriter<'_> {
         };
         let subject = self.bus.subjects.ingest_logs();
         let _: Option<LogBatchReply> = self.write("log batch", &subject, &batch, CallBackoff::LOGS).await;
+    }
+
+    /// An investigation's answer to one question, as `evidence` on `ingest.artifacts`.
+    pub async fn send_answer(&self, answer: QuestionAnswer) {
+        let request = WorkerArtifactRequest {
+            step_id: self.step.step_id,
+            lease_generation: self.step.generation,
+            worker_id: self.worker_id.to_string(),
+            kind: ArtifactKind::Evidence,
+            question_index: Some(answer.question_index),
+            content: ArtifactContent {
+                title: String::new(),
+                body: answer.text,
+                url: None,
+            },
+        };
+        let subject = self.bus.subjects.ingest_artifacts();
+        let _: Option<AddArtifactReply> = self.write("answer", &subject, &request, CallBackoff::PROGRESS).await;
     }
 
     /// A progress report while the step runs: the current tails, no result.

@@ -77,7 +77,29 @@ async fn operators_add_list_and_get_every_kind_with_validation() {
         let r: AddArtifactReply = env.call(&s.artifacts_add(), tok, &req).await.unwrap();
         ids.push(r.artifact_id);
     }
-    let inv = uuid::Uuid::now_v7();
+    // An investigation must exist in the organisation to take artifacts.
+    let unknown: Result<AddArtifactReply, _> = env
+        .call(
+            &s.artifacts_add(),
+            tok,
+            &AddArtifactRequest {
+                investigation_id: Some(uuid::Uuid::now_v7()),
+                ..add(ArtifactKind::Note, None, "", "nowhere", None)
+            },
+        )
+        .await;
+    assert_eq!(unknown.unwrap_err().code, ErrorCode::NotFound);
+    let opened: tanjiren_shared::investigations::InvestigationView = env
+        .call(
+            &s.investigations_create(),
+            tok,
+            &tanjiren_shared::investigations::CreateInvestigationRequest {
+                title: "artifacts test".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let inv = opened.investigation_id;
     let r: AddArtifactReply = env
         .call(
             &s.artifacts_add(),
@@ -219,6 +241,7 @@ async fn workers_add_artifacts_under_their_lease_only() {
         lease_generation: generation,
         worker_id: "w".into(),
         kind: ArtifactKind::Evidence,
+        question_index: None,
         content: ArtifactContent {
             title: "uname".into(),
             body: "Linux".into(),

@@ -159,6 +159,7 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
             failure_reason: None,
             message: None,
             processes_left: 0,
+            agent: None,
         }),
     };
     assert_eq!(

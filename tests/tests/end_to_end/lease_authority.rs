@@ -631,6 +631,7 @@ async fn a_worker_may_not_report_a_reason_only_tanjiren_decides() {
                         failure_reason: Some(reason),
                         message: None,
                         processes_left: 0,
+                        agent: None,
                     }),
                 },
             )

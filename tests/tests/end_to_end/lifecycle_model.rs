@@ -278,6 +278,7 @@ async fn random_event_sequences_store_exactly_what_the_pure_lifecycle_decides() 
                                     failure_reason: None,
                                     message: None,
                                     processes_left: 0,
+                                    agent: None,
                                 }),
                             },
                         )

@@ -4,6 +4,7 @@
 // Tests: a failed step should stop the test at once, helpers included.
 #![allow(clippy::unwrap_used)]
 
+mod agents;
 mod approvals;
 mod artifacts;
 mod bad_input;

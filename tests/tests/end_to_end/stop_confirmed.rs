@@ -66,6 +66,7 @@ async fn report_cancelled(env: &TestEnv, step: StepId, processes_left: u32) {
                     failure_reason: None,
                     message: Some("cancelled".into()),
                     processes_left,
+                    agent: None,
                 }),
             },
         )

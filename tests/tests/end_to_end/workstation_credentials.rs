@@ -135,6 +135,7 @@ async fn a_credential_of_another_workstation_can_neither_claim_nor_write() {
             failure_reason: None,
             message: None,
             processes_left: 0,
+            agent: None,
         }),
     };
     let artifact = WorkerArtifactRequest {
@@ -142,6 +143,7 @@ async fn a_credential_of_another_workstation_can_neither_claim_nor_write() {
         lease_generation: 1,
         worker_id: "a-1".into(),
         kind: ArtifactKind::Evidence,
+        question_index: None,
         content: ArtifactContent {
             title: "forged".into(),
             body: "x".into(),

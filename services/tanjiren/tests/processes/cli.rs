@@ -110,6 +110,55 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// What the README promises: `up` with an agent configured answers a prompt and an
+/// investigation from the CLI, and `task get` shows the response and the evidence.
+#[test]
+fn up_with_an_agent_answers_a_prompt_and_an_investigation_from_the_cli() {
+    let mut install = Install::new();
+    let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/agents/cli-agent.sh");
+    install.env.push(("TANJIREN_WORKER_AGENT".into(), "command".into()));
+    install.env.push((
+        "TANJIREN_WORKER_AGENT_COMMAND".into(),
+        format!("sh {}", agent.display()),
+    ));
+    let mut up = install.up();
+    let asked = install.run(&["task", "create", "--prompt", "Review the auth module", "--wait"]);
+    let out = text(&asked);
+    assert!(asked.status.success(), "{out}");
+    assert!(out.contains("── response from cli-host-"), "{out}");
+    assert!(out.contains("\nCLI answer: Review the auth module\n"), "{out}");
+
+    let investigated = install.run(&[
+        "task",
+        "create",
+        "--intent",
+        "disk pressure",
+        "--question",
+        "What is the disk usage?",
+        "--question",
+        "Which directory grows fastest?",
+        "--wait",
+    ]);
+    let out = text(&investigated);
+    assert!(investigated.status.success(), "{out}");
+    let first = out.find("question 1: What is the disk usage?").expect(&out);
+    let second = out.find("question 2: Which directory grows fastest?").expect(&out);
+    assert!(first < second, "{out}");
+    assert!(out.contains("CLI answer: Which directory grows fastest?"), "{out}");
+    assert!(out.contains("── summary from cli-host-"), "{out}");
+    let investigation = out
+        .lines()
+        .find_map(|l| l.strip_prefix("investigation "))
+        .map(|s| s.trim().to_string())
+        .expect("the investigation is named");
+    let shown = text(&install.run(&["investigation", "get", &investigation]));
+    assert!(shown.contains("title     disk pressure"), "{shown}");
+    assert!(shown.contains("evidence from cli-host-"), "{shown}");
+    let listed = text(&install.run(&["workstation", "list"]));
+    assert!(listed.contains("command"), "the agent is shown: {listed}");
+    stop(&mut up);
+}
+
 #[test]
 fn up_then_a_task_from_the_cli_completes_with_its_output() {
     let install = Install::new();

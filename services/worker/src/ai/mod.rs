@@ -1,0 +1,231 @@
+//! `prompt` and `investigate` steps on the workstation's AI agent (issue 11). An
+//! [`AiBackend`] answers one conversation at a time — [`cli::CliAgent`] runs a CLI
+//! agent as the step's process, [`openai::OpenAiAgent`] talks to an OpenAI-compatible
+//! server — streaming what it produces into the step's output. This module drives a
+//! step: one question for `prompt`; for `investigate` each question in order with
+//! the earlier answers as context (each answer handed over as evidence at once),
+//! then the closing summary. The conversation rules are `tanjiren_shared::agents`.
+
+pub(crate) mod cli;
+pub(crate) mod openai;
+
+use crate::executor::{BoxFuture, OutputSink, succeeded};
+use crate::shell::{ShellExecutor, deadline_after, failed};
+use std::sync::Arc;
+use tanjiren_shared::agents::{
+    AgentAdapter, AgentReport, TokenUsage, Turn, bound_response, question_turns, summary_turns,
+};
+use tanjiren_shared::config::Config;
+use tanjiren_shared::model::{FailureReason, Mode};
+use tanjiren_shared::protocol::{Assignment, LogStream, StepResult};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// One question put to the agent.
+pub(crate) struct Ask<'a> {
+    pub assignment: &'a Assignment,
+    pub turns: &'a [Turn],
+    /// The step's output: the answer streams here as it is produced.
+    pub output: &'a OutputSink,
+    pub cancel: &'a CancellationToken,
+    /// The step's deadline, shared by every question of it.
+    pub deadline: Instant,
+}
+
+/// What the agent answered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Answer {
+    pub text: String,
+    pub model: Option<String>,
+    pub usage: Option<TokenUsage>,
+}
+
+/// Answers one conversation. `Err` is how the step ends instead: timed out, cancelled,
+/// or failed (`agent_error` naming the HTTP status or exit code, `cannot_start`).
+pub(crate) trait AiBackend: Send + Sync + 'static {
+    /// The adapter's name, for logs.
+    fn name(&self) -> &'static str;
+    fn ask<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Answer, StepResult>>;
+}
+
+/// The backend `worker_agent` configures, if any. `process` runs CLI agents and tool
+/// calls (as the step's processes).
+pub(crate) fn backend(config: &Config, process: &ShellExecutor) -> Option<Arc<dyn AiBackend>> {
+    let info = match config.worker_agent_info() {
+        Ok(info) => info?,
+        Err(e) => {
+            tracing::error!(error = %e, "the AI agent is misconfigured; prompt and investigate steps will fail");
+            return None;
+        }
+    };
+    Some(match info.adapter {
+        AgentAdapter::Command => Arc::new(cli::CliAgent::new(config, process.clone())),
+        AgentAdapter::Openai => Arc::new(openai::OpenAiAgent::new(config, process.clone())),
+    })
+}
+
+/// Runs a `prompt` or `investigate` step on `ai`.
+pub(crate) async fn run_step(
+    ai: &dyn AiBackend,
+    assignment: &Assignment,
+    output: OutputSink,
+    cancel: &CancellationToken,
+) -> StepResult {
+    let deadline = deadline_after(assignment.timeout_secs);
+    // The dispatch carries no intent; the questions speak for themselves.
+    let intent = "questions about this workstation";
+    match &assignment.mode {
+        Mode::Prompt { prompt } => {
+            let turns = vec![
+                Turn {
+                    role: tanjiren_shared::agents::Role::System,
+                    content: tanjiren_shared::agents::SYSTEM_PROMPT.into(),
+                },
+                Turn {
+                    role: tanjiren_shared::agents::Role::User,
+                    content: prompt.clone(),
+                },
+            ];
+            let answer = ai
+                .ask(Ask {
+                    assignment,
+                    turns: &turns,
+                    output: &output,
+                    cancel,
+                    deadline,
+                })
+                .await;
+            match answer {
+                Ok(a) => answered(a.text, a.model, a.usage),
+                Err(ended) => ended,
+            }
+        }
+        Mode::Investigate { questions } => {
+            let mut answers: Vec<String> = Vec::with_capacity(questions.len());
+            let mut usage: Option<TokenUsage> = None;
+            let mut model = None;
+            let add = |usage: &mut Option<TokenUsage>, u: Option<TokenUsage>| {
+                if let Some(u) = u {
+                    usage.get_or_insert_with(TokenUsage::default).add(u);
+                }
+            };
+            for (i, question) in questions.iter().enumerate() {
+                let heading = format!("── question {}/{}: {question}", i + 1, questions.len());
+                if output.send(LogStream::Stdout, heading).await.is_err() {
+                    return ended_early(cancel);
+                }
+                let turns = question_turns(intent, questions, &answers, i);
+                let asked = ai
+                    .ask(Ask {
+                        assignment,
+                        turns: &turns,
+                        output: &output,
+                        cancel,
+                        deadline,
+                    })
+                    .await;
+                let answer = match asked {
+                    Ok(a) => a,
+                    Err(mut ended) => {
+                        let note = format!("at question {} of {}", i + 1, questions.len());
+                        ended.message = Some(match ended.message.take() {
+                            Some(m) => format!("{m} ({note}; {i} answered and kept)"),
+                            None => note,
+                        });
+                        ended.agent = Some(AgentReport {
+                            response: String::new(),
+                            model,
+                            usage,
+                        });
+                        return ended;
+                    }
+                };
+                add(&mut usage, answer.usage);
+                model = answer.model.or(model);
+                let text = bound_response(answer.text);
+                if output.answer(i as u32, text.clone()).await.is_err() {
+                    return ended_early(cancel);
+                }
+                answers.push(text);
+            }
+            if output.send(LogStream::Stdout, "── summary".to_string()).await.is_err() {
+                return ended_early(cancel);
+            }
+            let turns = summary_turns(intent, questions, &answers);
+            match ai
+                .ask(Ask {
+                    assignment,
+                    turns: &turns,
+                    output: &output,
+                    cancel,
+                    deadline,
+                })
+                .await
+            {
+                Ok(a) => {
+                    add(&mut usage, a.usage);
+                    answered(a.text, a.model.or(model), usage)
+                }
+                Err(mut ended) => {
+                    let note = format!(
+                        "writing the summary; all {} questions answered and kept",
+                        questions.len()
+                    );
+                    ended.message = Some(match ended.message.take() {
+                        Some(m) => format!("{m} ({note})"),
+                        None => note,
+                    });
+                    ended
+                }
+            }
+        }
+        Mode::Command { .. } => failed(None, Some(FailureReason::Unsupported), "not an agent step".into()),
+    }
+}
+
+/// A step whose agent answered.
+fn answered(text: String, model: Option<String>, usage: Option<TokenUsage>) -> StepResult {
+    StepResult {
+        agent: Some(AgentReport {
+            response: bound_response(text),
+            model,
+            usage,
+        }),
+        ..succeeded()
+    }
+}
+
+/// The output consumer went away: the worker is stopping the step.
+fn ended_early(cancel: &CancellationToken) -> StepResult {
+    if cancel.is_cancelled() {
+        cancelled()
+    } else {
+        failed(None, None, "the step's output could not be shipped".into())
+    }
+}
+
+/// A step stopped on request before its agent finished.
+pub(crate) fn cancelled() -> StepResult {
+    StepResult {
+        status: tanjiren_shared::model::StepStatus::Cancelled,
+        exit_code: None,
+        failure_reason: None,
+        message: Some("cancelled; the agent was stopped".into()),
+        processes_left: 0,
+        agent: None,
+    }
+}
+
+/// An agent failure: `agent_error` with `message`.
+pub(crate) fn agent_error(exit_code: Option<i32>, message: String) -> StepResult {
+    failed(exit_code, Some(FailureReason::AgentError), message)
+}
+
+/// The step's timeout passed while the agent worked.
+pub(crate) fn timed_out(timeout_secs: u64) -> StepResult {
+    failed(
+        None,
+        Some(FailureReason::Timeout),
+        format!("the agent was stopped after {timeout_secs} s"),
+    )
+}

@@ -1,0 +1,577 @@
+//! The `openai` adapter: the Chat Completions API of OpenAI and of the servers that
+//! copy it (Ollama, vLLM, llama.cpp's server, LM Studio), streamed as server-sent
+//! events. The answer goes into the step's output line by line as it arrives; a
+//! request is retried after HTTP 429, 5xx or a broken connection (backoff, honouring
+//! `Retry-After`), bounded by `worker_agent_max_retries` and the step's deadline;
+//! cancelling the step drops the request at once. With `worker_agent_tools` set the
+//! model is offered one tool, `run_command`, whose calls run as the step's processes
+//! when the allow-list admits them (and are refused, with the reason shown to the
+//! model, when it does not). The API key is sent as a bearer token and nowhere else.
+
+use super::{AiBackend, Answer, Ask, agent_error, cancelled, timed_out};
+use crate::executor::{BoxFuture, OutputSink};
+use crate::shell::{ProcessRun, ShellExecutor};
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tanjiren_shared::agents::{Role, TokenUsage, ToolAllowList, usage_of};
+use tanjiren_shared::config::Config;
+use tanjiren_shared::model::{FailureReason, StepStatus};
+use tanjiren_shared::protocol::{LogStream, StepResult};
+
+/// Tool rounds (model asks, worker runs) per question before further calls are refused.
+const MAX_TOOL_ROUNDS: usize = 8;
+/// Output of one tool call shown to the model, in bytes (the log has all of it).
+const MAX_TOOL_OUTPUT_BYTES: usize = 16 * 1024;
+/// Of an error response, the bytes read for its message.
+const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
+/// First retry delay (doubled per retry) and the longest `Retry-After` honoured.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The API key, kept out of every `Debug` and log line.
+struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+pub(crate) struct OpenAiAgent {
+    client: reqwest::Client,
+    url: String,
+    /// `Err` when the key file cannot be read: every request then fails saying so.
+    key: Result<Option<ApiKey>, String>,
+    model: String,
+    request_timeout: Duration,
+    max_tokens: Option<u64>,
+    temperature: Option<f32>,
+    max_retries: u32,
+    tools: ToolAllowList,
+    process: ShellExecutor,
+}
+
+impl OpenAiAgent {
+    pub fn new(config: &Config, process: ShellExecutor) -> Self {
+        let key = if !config.worker_agent_api_key.is_empty() {
+            Ok(Some(ApiKey(config.worker_agent_api_key.trim().to_string())))
+        } else if !config.worker_agent_api_key_file.is_empty() {
+            std::fs::read_to_string(&config.worker_agent_api_key_file)
+                .map(|k| Some(ApiKey(k.trim().to_string())))
+                .map_err(|e| {
+                    format!(
+                        "cannot read worker_agent_api_key_file {}: {e}",
+                        config.worker_agent_api_key_file
+                    )
+                })
+        } else {
+            Ok(None)
+        };
+        if let Err(e) = &key {
+            tracing::error!(error = %e, "the AI agent has no API key");
+        }
+        Self {
+            client: reqwest::Client::new(),
+            url: format!(
+                "{}/chat/completions",
+                config.worker_agent_base_url.trim_end_matches('/')
+            ),
+            key,
+            model: config.worker_agent_model.trim().to_string(),
+            request_timeout: Duration::from_millis(config.worker_agent_request_timeout_ms.max(1)),
+            max_tokens: (config.worker_agent_max_tokens > 0).then_some(config.worker_agent_max_tokens),
+            temperature: config.worker_agent_temperature().ok().flatten(),
+            max_retries: config.worker_agent_max_retries.min(100) as u32,
+            tools: ToolAllowList::parse(&config.worker_agent_tools).unwrap_or_default(),
+            process,
+        }
+    }
+
+    async fn converse(&self, ask: Ask<'_>) -> Result<Answer, StepResult> {
+        let mut messages: Vec<Value> = ask
+            .turns
+            .iter()
+            .map(|t| {
+                let role = match t.role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                };
+                json!({"role": role, "content": t.content})
+            })
+            .collect();
+        let mut usage: Option<TokenUsage> = None;
+        let mut model = None;
+        for round in 0.. {
+            let reply = self.complete_retrying(&messages, &ask).await?;
+            if let Some(u) = reply.usage {
+                usage.get_or_insert_with(TokenUsage::default).add(u);
+            }
+            model = reply.model.or(model);
+            if reply.tool_calls.is_empty() {
+                return Ok(Answer {
+                    text: reply.content,
+                    model: model.or_else(|| Some(self.model.clone())),
+                    usage,
+                });
+            }
+            messages.push(json!({
+                "role": "assistant",
+                "content": if reply.content.is_empty() { Value::Null } else { Value::String(reply.content) },
+                "tool_calls": reply.tool_calls.iter().map(|c| json!({
+                    "id": c.id, "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })).collect::<Vec<_>>(),
+            }));
+            for call in &reply.tool_calls {
+                let content = self.call_tool(call, &ask, round >= MAX_TOOL_ROUNDS).await?;
+                messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// One completion, retried while the failure is retryable and time is left.
+    async fn complete_retrying(&self, messages: &[Value], ask: &Ask<'_>) -> Result<Completion, StepResult> {
+        let mut attempt = 0u32;
+        loop {
+            let failure = match self.complete(messages, ask).await {
+                Ok(c) => return Ok(c),
+                Err(Failure::Final(result)) => return Err(result),
+                Err(Failure::Retryable { message, retry_after }) => (message, retry_after),
+            };
+            let (message, retry_after) = failure;
+            if attempt >= self.max_retries {
+                let tries = if attempt == 0 {
+                    String::new()
+                } else {
+                    format!(" (after {attempt} retries)")
+                };
+                return Err(agent_error(None, format!("{message}{tries}")));
+            }
+            let delay = retry_after
+                .unwrap_or(FIRST_BACKOFF * 2u32.saturating_pow(attempt))
+                .min(MAX_BACKOFF);
+            attempt += 1;
+            let note = format!(
+                "[agent] {message}; retry {attempt} of {} in {} ms",
+                self.max_retries,
+                delay.as_millis()
+            );
+            let _ = ask.output.send(LogStream::Stderr, note).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = ask.cancel.cancelled() => return Err(cancelled()),
+                _ = tokio::time::sleep_until(ask.deadline) => return Err(timed_out(ask.assignment.timeout_secs)),
+            }
+        }
+    }
+
+    /// One streamed request.
+    async fn complete(&self, messages: &[Value], ask: &Ask<'_>) -> Result<Completion, Failure> {
+        let key = self
+            .key
+            .as_ref()
+            .map_err(|e| Failure::Final(agent_error(None, e.clone())))?;
+        let mut body = json!({
+            "model": self.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if let Some(m) = self.max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        if let Some(t) = self.temperature {
+            body["temperature"] = json!(t);
+        }
+        if !self.tools.is_empty() {
+            body["tools"] = json!([self.tool_definition()]);
+        }
+        let mut request = self.client.post(&self.url).json(&body).timeout(self.request_timeout);
+        if let Some(k) = key {
+            request = request.bearer_auth(&k.0);
+        }
+        let response = tokio::select! {
+            r = request.send() => r.map_err(|e| transport(&e))?,
+            _ = ask.cancel.cancelled() => return Err(Failure::Final(cancelled())),
+            _ = tokio::time::sleep_until(ask.deadline) => return Err(Failure::Final(timed_out(ask.assignment.timeout_secs))),
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let detail = error_detail(response).await;
+            let message = format!("the agent's server answered HTTP {}{detail}", status.as_u16());
+            return Err(if status.as_u16() == 429 || status.is_server_error() {
+                Failure::Retryable { message, retry_after }
+            } else {
+                Failure::Final(agent_error(None, message))
+            });
+        }
+        let mut events = response.bytes_stream().eventsource();
+        let mut reply = Completion::default();
+        let mut lines = LineBuffer::default();
+        let mut finished = false;
+        loop {
+            let event = tokio::select! {
+                e = events.next() => e,
+                _ = ask.cancel.cancelled() => return Err(Failure::Final(cancelled())),
+                _ = tokio::time::sleep_until(ask.deadline) => return Err(Failure::Final(timed_out(ask.assignment.timeout_secs))),
+            };
+            let event = match event {
+                None => break,
+                Some(Ok(e)) => e,
+                Some(Err(EventStreamError::Transport(e))) => return Err(transport(&e)),
+                Some(Err(e)) => return Err(malformed(&format!("{e}"))),
+            };
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                finished = true;
+                break;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let chunk: Value =
+                serde_json::from_str(data).map_err(|e| malformed(&format!("{e} in `{}`", cut(data, 120))))?;
+            if let Some(err) = chunk.get("error") {
+                let message = err.get("message").and_then(Value::as_str).unwrap_or("no message");
+                return Err(Failure::Final(agent_error(
+                    None,
+                    format!("the agent's server reported an error mid-stream: {}", cut(message, 300)),
+                )));
+            }
+            if let Some(m) = chunk.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()) {
+                reply.model = Some(m.to_string());
+            }
+            if let Some(u) = chunk.get("usage").and_then(usage_of) {
+                reply.usage = Some(u);
+            }
+            let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+                if chunk.get("usage").is_some() {
+                    continue;
+                }
+                return Err(malformed(&format!("a chunk without `choices`: `{}`", cut(data, 120))));
+            };
+            for choice in choices {
+                let delta = choice.get("delta").unwrap_or(&Value::Null);
+                if let Some(text) = delta.get("content").and_then(Value::as_str) {
+                    reply.content.push_str(text);
+                    if lines.push(text, ask.output).await.is_err() {
+                        return Err(Failure::Final(cancelled()));
+                    }
+                }
+                if let Some(text) = delta.get("refusal").and_then(Value::as_str) {
+                    reply.refusal.push_str(text);
+                }
+                for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                    reply.add_tool_delta(call);
+                }
+                if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                    finished = true;
+                }
+            }
+        }
+        let _ = lines.finish(ask.output).await;
+        if !reply.refusal.is_empty() {
+            return Err(Failure::Final(agent_error(
+                None,
+                format!("the model refused: {}", cut(&reply.refusal, 300)),
+            )));
+        }
+        if !finished {
+            return Err(malformed("the stream ended before the answer was complete"));
+        }
+        Ok(reply)
+    }
+
+    fn tool_definition(&self) -> Value {
+        let allowed: Vec<&str> = self.tools.patterns().collect();
+        json!({
+            "type": "function",
+            "function": {
+                "name": "run_command",
+                "description": format!(
+                    "Runs one read-only command on the workstation (no shell: the words are the program and \
+                     its arguments) and returns its exit code and output. Only these patterns are allowed \
+                     (`*` matches within a word, `...` any further words): {}",
+                    allowed.join("; ")
+                ),
+                "parameters": {
+                    "type": "object",
+                    "properties": {"command": {"type": "string", "description": "the command line"}},
+                    "required": ["command"],
+                },
+            },
+        })
+    }
+
+    /// Runs (or refuses) one tool call; returns what the model is told. `Err` when the
+    /// step must end (cancelled, timed out).
+    async fn call_tool(&self, call: &ToolCall, ask: &Ask<'_>, over_limit: bool) -> Result<String, StepResult> {
+        let command = serde_json::from_str::<Value>(&call.arguments)
+            .ok()
+            .and_then(|v| v.get("command").and_then(Value::as_str).map(str::to_string));
+        let checked = match (&command, call.name.as_str()) {
+            _ if over_limit => Err(format!(
+                "refused: at most {MAX_TOOL_ROUNDS} rounds of tool calls per question"
+            )),
+            (_, name) if name != "run_command" => Err(format!("refused: there is no tool `{name}`; use run_command")),
+            (None, _) => Err("refused: the arguments must be {\"command\": \"…\"}".to_string()),
+            (Some(c), _) if self.tools.is_empty() => {
+                Err(format!("refused: `{c}`: this workstation allows no commands"))
+            }
+            (Some(c), _) => self.tools.check(c),
+        };
+        let shown = command.as_deref().unwrap_or(&call.arguments);
+        let words = match checked {
+            Ok(words) => words,
+            Err(refusal) => {
+                let _ = ask
+                    .output
+                    .send(LogStream::Stderr, format!("[tool] {} → {refusal}", cut(shown, 200)))
+                    .await;
+                return Ok(refusal);
+            }
+        };
+        let _ = ask.output.send(LogStream::Stdout, format!("[tool] $ {shown}")).await;
+        let quoted = shlex::try_join(words.iter().map(String::as_str))
+            .map_err(|e| agent_error(None, format!("cannot quote the tool call: {e}")))?;
+        let line = format!("exec {quoted}");
+        let (inner, mut rx) = OutputSink::bounded(64);
+        let run = self.process.run_process(
+            ProcessRun {
+                assignment: ask.assignment,
+                command: &line,
+                env: &[],
+                deadline: ask.deadline,
+            },
+            inner,
+            ask.cancel,
+        );
+        let capture = async {
+            let mut seen = String::new();
+            while let Some(l) = rx.recv().await {
+                if seen.len() + l.text.len() < MAX_TOOL_OUTPUT_BYTES {
+                    seen.push_str(&l.text);
+                    seen.push('\n');
+                }
+                if ask.output.send(l.stream, l.text).await.is_err() {
+                    break;
+                }
+            }
+            seen
+        };
+        let (result, seen) = tokio::join!(run, capture);
+        let code = match (result.status, result.failure_reason) {
+            (StepStatus::Succeeded, _) => 0,
+            (StepStatus::Failed, Some(FailureReason::NonZeroExit)) => result.exit_code.unwrap_or(-1),
+            (StepStatus::Failed, Some(FailureReason::CannotStart)) => {
+                return Ok(format!("cannot start: {}", result.message.unwrap_or_default()));
+            }
+            _ => return Err(result),
+        };
+        let _ = ask.output.send(LogStream::Stdout, format!("[tool] exit {code}")).await;
+        Ok(format!("exit code {code}\n{seen}"))
+    }
+}
+
+impl AiBackend for OpenAiAgent {
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+
+    fn ask<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Answer, StepResult>> {
+        Box::pin(self.converse(ask))
+    }
+}
+
+/// How one request failed.
+enum Failure {
+    /// 429, 5xx, a connection error: worth another try.
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The step ends so.
+    Final(StepResult),
+}
+
+fn transport(e: &reqwest::Error) -> Failure {
+    // The error's own text names the URL, never the key (it is in a header).
+    let kind = if e.is_timeout() {
+        "timed out (worker_agent_request_timeout_ms)"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "broke off"
+    };
+    Failure::Retryable {
+        message: format!("the request to the agent's server {kind}: {e}"),
+        retry_after: None,
+    }
+}
+
+fn malformed(what: &str) -> Failure {
+    Failure::Final(agent_error(
+        None,
+        format!("malformed stream from the agent's server: {what}"),
+    ))
+}
+
+/// The start of an error response: its `error.message` when it is JSON.
+async fn error_detail(response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX_ERROR_BODY_BYTES {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY_BYTES)]).into_owned();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("error"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or(text);
+    let message = message.trim();
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", cut(message, 300))
+    }
+}
+
+/// At most `max` bytes of `s`, on a character boundary, `…` when cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// What one streamed completion produced.
+#[derive(Debug, Default)]
+struct Completion {
+    content: String,
+    refusal: String,
+    model: Option<String>,
+    usage: Option<TokenUsage>,
+    tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ToolCall {
+    id: String,
+    name: String,
+    /// JSON text, assembled from the stream's fragments.
+    arguments: String,
+}
+
+impl Completion {
+    /// Folds one `tool_calls` delta in: the first fragment of a call carries its id and
+    /// name, later ones (same `index`) more of its arguments.
+    fn add_tool_delta(&mut self, delta: &Value) {
+        let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if index >= 64 {
+            return;
+        }
+        while self.tool_calls.len() <= index {
+            self.tool_calls.push(ToolCall::default());
+        }
+        let call = &mut self.tool_calls[index];
+        if let Some(id) = delta.get("id").and_then(Value::as_str) {
+            call.id = id.to_string();
+        }
+        if let Some(f) = delta.get("function") {
+            if let Some(name) = f.get("name").and_then(Value::as_str) {
+                call.name.push_str(name);
+            }
+            if let Some(args) = f.get("arguments").and_then(Value::as_str) {
+                call.arguments.push_str(args);
+            }
+        }
+    }
+}
+
+/// Streamed text cut into output lines as they complete.
+#[derive(Default)]
+struct LineBuffer {
+    pending: String,
+}
+
+impl LineBuffer {
+    async fn push(&mut self, text: &str, output: &OutputSink) -> Result<(), crate::executor::SinkClosed> {
+        self.pending.push_str(text);
+        while let Some(at) = self.pending.find('\n') {
+            let line: String = self.pending.drain(..=at).collect();
+            output
+                .send(LogStream::Stdout, line.trim_end_matches(['\n', '\r']).to_string())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(self, output: &OutputSink) -> Result<(), crate::executor::SinkClosed> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        output.send(LogStream::Stdout, self.pending).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_call_fragments_assemble_by_index() {
+        let mut c = Completion::default();
+        c.add_tool_delta(
+            &json!({"index": 0, "id": "call_1", "function": {"name": "run_command", "arguments": "{\"comm"}}),
+        );
+        c.add_tool_delta(&json!({"index": 0, "function": {"arguments": "and\": \"df -h\"}"}}));
+        c.add_tool_delta(&json!({"index": 1, "id": "call_2", "function": {"name": "run_command", "arguments": "{}"}}));
+        assert_eq!(c.tool_calls.len(), 2);
+        assert_eq!(c.tool_calls[0].id, "call_1");
+        assert_eq!(c.tool_calls[0].arguments, "{\"command\": \"df -h\"}");
+        assert_eq!(c.tool_calls[1].name, "run_command");
+    }
+
+    #[test]
+    fn the_key_never_prints() {
+        assert_eq!(format!("{:?}", ApiKey("sk-secret".into())), "ApiKey(***)");
+    }
+
+    #[tokio::test]
+    async fn streamed_text_becomes_whole_lines() {
+        let (sink, mut rx) = OutputSink::bounded(16);
+        let mut b = LineBuffer::default();
+        b.push("Hello, ", &sink).await.unwrap();
+        b.push("world\nsecond", &sink).await.unwrap();
+        b.push(" line\r\nlast", &sink).await.unwrap();
+        b.finish(&sink).await.unwrap();
+        drop(sink);
+        let mut got = Vec::new();
+        while let Some(l) = rx.recv().await {
+            got.push(l.text);
+        }
+        assert_eq!(got, ["Hello, world", "second line", "last"]);
+    }
+}
