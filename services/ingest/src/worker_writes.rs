@@ -565,6 +565,10 @@ async fn store_progress(
             u.failure_reason = r.failure_reason.map(|f| f.as_str().to_string());
             u.stopped_all = Some(r.processes_left == 0);
             u.agent = r.agent.clone();
+            // An agent's answer is previewed from its start (the log has the rest).
+            if let Some(answer) = r.agent.as_ref().filter(|a| !a.response.trim().is_empty()) {
+                u.stdout_tail = Some(replace_nul(cut_to(&answer.response, MAX_TAIL_BYTES)));
+            }
             u.message = r
                 .message
                 .as_deref()

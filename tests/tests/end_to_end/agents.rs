@@ -284,6 +284,10 @@ async fn an_openai_prompt_streams_records_usage_and_model_and_never_leaks_the_ke
     );
     let responses = of_task(&env, task, ArtifactKind::Response).await;
     assert_eq!(responses[0].body, "Answer: Summarise the last boot");
+    assert_eq!(
+        step.stdout_tail, "Answer: Summarise the last boot",
+        "the preview is the answer"
+    );
     assert!(log_text(&env, task).await.contains("Answer: Summarise the last boot"));
     let received = server.received();
     assert!(!received.is_empty());
