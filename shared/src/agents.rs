@@ -142,12 +142,12 @@ Answer the operator's request about this workstation precisely and concisely.";
 ///
 /// # Panics
 /// If `index` is out of `questions` or `answers` is shorter than `index`.
-pub fn question_turns(intent: &str, questions: &[String], answers: &[String], index: usize) -> Vec<Turn> {
+pub fn question_turns(questions: &[String], answers: &[String], index: usize) -> Vec<Turn> {
     let mut turns = vec![Turn {
         role: Role::System,
         content: format!(
-            "{SYSTEM_PROMPT} You are running an investigation: {intent}. \
-             Answer each question with the evidence you find; the earlier questions and answers are given."
+            "{SYSTEM_PROMPT} You are answering the questions of an investigation of this workstation, in order: \
+             answer each with the evidence you find; the earlier questions and your answers are given."
         ),
     }];
     for (q, a) in questions[..index].iter().zip(&answers[..index]) {
@@ -169,8 +169,8 @@ pub fn question_turns(intent: &str, questions: &[String], answers: &[String], in
 
 /// The request for an investigation's closing summary: every question and answer of
 /// this run, then the ask.
-pub fn summary_turns(intent: &str, questions: &[String], answers: &[String]) -> Vec<Turn> {
-    let mut turns = question_turns(intent, questions, answers, 0);
+pub fn summary_turns(questions: &[String], answers: &[String]) -> Vec<Turn> {
+    let mut turns = question_turns(questions, answers, 0);
     turns.pop();
     for (q, a) in questions.iter().zip(answers) {
         turns.push(Turn {
@@ -388,7 +388,7 @@ mod tests {
     fn each_question_carries_the_earlier_answers_in_order() {
         let questions = qs(3);
         let answers = vec!["a1".to_string(), "a2".to_string()];
-        let turns = question_turns("disk check", &questions, &answers, 2);
+        let turns = question_turns(&questions, &answers, 2);
         let shape: Vec<(Role, &str)> = turns.iter().skip(1).map(|t| (t.role, t.content.as_str())).collect();
         assert_eq!(
             shape,
@@ -400,8 +400,8 @@ mod tests {
                 (Role::User, "question 3?"),
             ]
         );
-        assert!(turns[0].content.contains("disk check"));
-        let first = question_turns("x", &questions, &[], 0);
+        assert!(turns[0].content.contains("investigation"));
+        let first = question_turns(&questions, &[], 0);
         assert_eq!(first.len(), 2);
         assert_eq!(first[1].content, "question 1?");
     }
@@ -410,7 +410,7 @@ mod tests {
     fn the_summary_asks_after_every_answer() {
         let questions = qs(2);
         let answers = vec!["a1".to_string(), "a2".to_string()];
-        let turns = summary_turns("x", &questions, &answers);
+        let turns = summary_turns(&questions, &answers);
         assert_eq!(turns.len(), 6);
         assert_eq!(turns[4].content, "a2");
         assert_eq!(turns[5].content, SUMMARY_REQUEST);
@@ -429,7 +429,7 @@ mod tests {
             },
         ];
         assert_eq!(flatten(&one), "Review auth.rs");
-        let many = question_turns("x", &qs(2), &["a1".to_string()], 1);
+        let many = question_turns(&qs(2), &["a1".to_string()], 1);
         let text = flatten(&many);
         assert!(text.starts_with("## Context"), "{text}");
         assert!(text.ends_with("## Question\n\nquestion 2?"), "{text}");

@@ -72,8 +72,6 @@ pub(crate) async fn run_step(
     cancel: &CancellationToken,
 ) -> StepResult {
     let deadline = deadline_after(assignment.timeout_secs);
-    // The dispatch carries no intent; the questions speak for themselves.
-    let intent = "questions about this workstation";
     match &assignment.mode {
         Mode::Prompt { prompt } => {
             let turns = vec![
@@ -114,7 +112,7 @@ pub(crate) async fn run_step(
                 if output.send(LogStream::Stdout, heading).await.is_err() {
                     return ended_early(cancel);
                 }
-                let turns = question_turns(intent, questions, &answers, i);
+                let turns = question_turns(questions, &answers, i);
                 let asked = ai
                     .ask(Ask {
                         assignment,
@@ -151,7 +149,7 @@ pub(crate) async fn run_step(
             if output.send(LogStream::Stdout, "── summary".to_string()).await.is_err() {
                 return ended_early(cancel);
             }
-            let turns = summary_turns(intent, questions, &answers);
+            let turns = summary_turns(questions, &answers);
             match ai
                 .ask(Ask {
                     assignment,
