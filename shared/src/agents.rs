@@ -194,12 +194,17 @@ pub const SUMMARY_REQUEST: &str = "Summarise the findings of this investigation 
 what was found, what it means, and what should be done next.";
 
 /// A conversation as one text, for agents that take a single prompt (CLI agents): each
-/// earlier turn under a heading, the last user turn at the end. A conversation of one
-/// user turn (after the system turn) is that turn's text alone, so a `prompt` task's
-/// prompt reaches a CLI agent exactly as written.
+/// turn under a heading, the last user turn at the end. A `prompt` task's conversation
+/// (only [`SYSTEM_PROMPT`] and one user turn) is that turn's text alone, so its prompt
+/// reaches a CLI agent exactly as written; every question of an investigation keeps its
+/// context, the first one too.
 pub fn flatten(turns: &[Turn]) -> String {
     let rest: Vec<&Turn> = turns.iter().filter(|t| t.role != Role::System).collect();
-    if let [only] = rest.as_slice() {
+    let plain_system = turns
+        .iter()
+        .filter(|t| t.role == Role::System)
+        .all(|t| t.content == SYSTEM_PROMPT);
+    if let ([only], true) = (rest.as_slice(), plain_system) {
         return only.content.clone();
     }
     let mut out = String::new();
@@ -429,6 +434,12 @@ mod tests {
             },
         ];
         assert_eq!(flatten(&one), "Review auth.rs");
+        let first_question = flatten(&question_turns(&qs(2), &[], 0));
+        assert!(first_question.starts_with("## Context"), "{first_question}");
+        assert!(
+            first_question.ends_with("## Question\n\nquestion 1?"),
+            "{first_question}"
+        );
         let many = question_turns(&qs(2), &["a1".to_string()], 1);
         let text = flatten(&many);
         assert!(text.starts_with("## Context"), "{text}");

@@ -124,7 +124,8 @@ pub struct Config {
     /// Worker, `openai` adapter: `max_tokens` of each request; 0 leaves it to the server.
     pub worker_agent_max_tokens: u64,
     /// Worker, `openai` adapter: `temperature` of each request (0–2); empty leaves it
-    /// to the server.
+    /// to the server. A config file may give it as a number (`0.2`) or a string.
+    #[serde(deserialize_with = "number_or_string")]
     pub worker_agent_temperature: String,
     /// Worker: how many times one agent request is retried after a retryable failure
     /// (HTTP 429 or 5xx, a connection error), with exponential backoff from 500 ms,
@@ -155,6 +156,20 @@ pub struct Config {
     pub log_batch_max_bytes: usize,
     /// …or this long after its first line.
     pub log_flush_ms: u64,
+}
+
+/// A knob kept as text that a config file may also write as a number (`0.2`).
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Number(f64),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::Text(t) => t,
+        Raw::Number(n) => n.to_string(),
+    })
 }
 
 impl Default for Config {
@@ -354,6 +369,17 @@ impl Config {
     /// # Errors
     /// `worker_agent` names no adapter, or the model is too long or not printable.
     pub fn worker_agent_info(&self) -> Result<Option<crate::agents::AgentInfo>, ConfigError> {
+        // The adapter's own knobs are checked even without an adapter: a mistake in
+        // them shows at once, not when an agent is turned on.
+        self.worker_agent_temperature()?;
+        let pointer = self.worker_agent_response_pointer.trim();
+        if !(pointer.is_empty() || pointer.starts_with('/')) {
+            return Err(ConfigError::Invalid(format!(
+                "worker_agent_response_pointer must be empty or a JSON Pointer starting with `/`, not `{pointer}`"
+            )));
+        }
+        crate::agents::ToolAllowList::parse(&self.worker_agent_tools)
+            .map_err(|e| ConfigError::Invalid(format!("worker_agent_tools: {e}")))?;
         let adapter = self.worker_agent.trim();
         if adapter.is_empty() {
             return Ok(None);
@@ -386,15 +412,6 @@ impl Config {
             }
             _ => {}
         }
-        self.worker_agent_temperature()?;
-        let pointer = self.worker_agent_response_pointer.trim();
-        if !(pointer.is_empty() || pointer.starts_with('/')) {
-            return invalid(format!(
-                "worker_agent_response_pointer must be empty or a JSON Pointer starting with `/`, not `{pointer}`"
-            ));
-        }
-        crate::agents::ToolAllowList::parse(&self.worker_agent_tools)
-            .map_err(|e| ConfigError::Invalid(format!("worker_agent_tools: {e}")))?;
         let info = crate::agents::AgentInfo {
             adapter,
             model: (!model.is_empty()).then(|| model.to_string()),
@@ -408,12 +425,12 @@ impl Config {
     ///
     /// # Errors
     /// Not a number between 0 and 2.
-    pub fn worker_agent_temperature(&self) -> Result<Option<f32>, ConfigError> {
+    pub fn worker_agent_temperature(&self) -> Result<Option<f64>, ConfigError> {
         let raw = self.worker_agent_temperature.trim();
         if raw.is_empty() {
             return Ok(None);
         }
-        match raw.parse::<f32>() {
+        match raw.parse::<f64>() {
             Ok(t) if (0.0..=2.0).contains(&t) => Ok(Some(t)),
             _ => Err(ConfigError::Invalid(format!(
                 "worker_agent_temperature must be empty or a number from 0 to 2, not `{raw}`"
@@ -527,6 +544,19 @@ mod tests {
         assert!(e.to_string().contains("step_guard"), "{e}");
         let e = Config::layered(None, None, env(&[("TANJIREN_STEP_CGROUP", "yes")])).unwrap_err();
         assert!(e.to_string().contains("step_cgroup"), "{e}");
+    }
+
+    #[test]
+    fn the_temperature_is_a_number_in_a_file_or_text_anywhere() {
+        let c = Config::layered(Some("worker_agent_temperature = 0.2"), None, env(&[])).unwrap();
+        assert_eq!(c.worker_agent_temperature().unwrap(), Some(0.2));
+        let c = Config::layered(Some("worker_agent_temperature = \"1\""), None, env(&[])).unwrap();
+        assert_eq!(c.worker_agent_temperature().unwrap(), Some(1.0));
+        let c = Config::layered(None, None, env(&[("TANJIREN_WORKER_AGENT_TEMPERATURE", "0.7")])).unwrap();
+        assert_eq!(c.worker_agent_temperature().unwrap(), Some(0.7));
+        let e = Config::layered(Some("worker_agent_temperature = 5"), None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("worker_agent_temperature"), "{e}");
+        assert_eq!(Config::default().worker_agent_temperature().unwrap(), None);
     }
 
     #[test]

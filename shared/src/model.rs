@@ -27,18 +27,26 @@ pub(crate) use text_enum;
 /// `strum::{Display, EnumString, IntoStaticStr, VariantArray}` with
 /// `#[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {kind} `{value}`")]
+#[error("`{value}` is not one of {expected}")]
 pub struct UnknownVariant {
+    /// The enum's type name (`TaskStatus`).
     pub kind: &'static str,
     pub value: String,
+    /// Every accepted value, comma-separated (`planned, queued, …`).
+    pub expected: String,
 }
 
 /// The [`UnknownVariant`] for text `value` that names no variant of `T`.
-pub fn unknown_variant<T>(value: &str) -> UnknownVariant {
+pub fn unknown_variant<T>(value: &str) -> UnknownVariant
+where
+    T: strum::VariantArray + Copy + Into<&'static str>,
+{
     let full = std::any::type_name::<T>();
+    let expected: Vec<&'static str> = T::VARIANTS.iter().map(|v| (*v).into()).collect();
     UnknownVariant {
         kind: full.rsplit("::").next().unwrap_or(full),
         value: value.to_string(),
+        expected: expected.join(", "),
     }
 }
 
@@ -564,7 +572,10 @@ mod tests {
             assert_eq!(s.as_str().parse::<ApprovalStatus>().unwrap(), *s);
         }
         let e = "running".parse::<TaskStatus>().unwrap_err();
-        assert_eq!(e.to_string(), "unknown TaskStatus `running`");
+        assert_eq!(
+            e.to_string(),
+            "`running` is not one of planned, queued, executing, completed, failed, cancelled"
+        );
     }
 
     #[test]
@@ -645,7 +656,8 @@ mod text_tests {
                 assert_eq!(text.parse::<$name>().unwrap(), *v);
             }
             let e = "no_such_thing".parse::<$name>().unwrap_err();
-            assert_eq!(e.to_string(), format!("unknown {} `no_such_thing`", stringify!($name)));
+            let all: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+            assert_eq!(e.to_string(), format!("`no_such_thing` is not one of {}", all.join(", ")));
         )+};
     }
 

@@ -298,7 +298,9 @@ pub(crate) async fn list_tasks(
     if let Some(m) = &req.mode
         && !matches!(m.as_str(), "command" | "prompt" | "investigate")
     {
-        return Err(WireError::invalid(format!("mode: unknown mode `{m}`")));
+        return Err(WireError::invalid(format!(
+            "mode: `{m}` is not one of command, prompt, investigate"
+        )));
     }
     let limit = req.limit.unwrap_or(50).clamp(1, 500) as i64;
     let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = "));

@@ -21,8 +21,10 @@ pub enum ArtifactCommand {
         /// note, link or evidence.
         #[arg(long)]
         kind: String,
+        /// The task to attach it to (it is listed from every attempt of the task).
         #[arg(long)]
         task: Option<TaskId>,
+        /// The investigation to attach it to (with --task too: both).
         #[arg(long)]
         investigation: Option<Uuid>,
         #[arg(long, default_value = "")]
@@ -36,10 +38,13 @@ pub enum ArtifactCommand {
     },
     /// List the artifacts of a task (all attempts) or of an investigation.
     List {
+        /// The task's artifacts (of all its attempts).
         #[arg(long)]
         task: Option<TaskId>,
+        /// The investigation's artifacts.
         #[arg(long)]
         investigation: Option<Uuid>,
+        /// note, link, evidence, summary or response.
         #[arg(long)]
         kind: Option<String>,
         #[arg(long)]

@@ -73,8 +73,12 @@ pub fn table_lines(header: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
     t.lines().map(|l| l.trim_end().to_string()).collect()
 }
 
-/// Prints [`table_lines`] to standard output.
+/// Prints [`table_lines`] to standard output; for an empty list, nothing there (a
+/// script counting lines sees none) and `none found` on standard error (for a person).
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        errln!("none found");
+    }
     for l in table_lines(header, rows) {
         outln!("{l}")?;
     }

@@ -35,6 +35,14 @@ impl TaskArgs {
     /// The task these flags describe; the intent defaults to the payload and the
     /// targets to this machine. Retry policy, idempotency and links are the caller's.
     pub fn into_spec(self, config: &Config) -> anyhow::Result<TaskSpec> {
+        for (flag, value) in [("--command", &self.command), ("--prompt", &self.prompt)] {
+            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+                bail!("{flag} must not be empty");
+            }
+        }
+        if self.questions.iter().any(|q| q.trim().is_empty()) {
+            bail!("--question must not be empty");
+        }
         let mode = match (self.command, self.prompt, self.questions.is_empty()) {
             (Some(c), None, true) => Mode::Command { command: c },
             (None, Some(p), true) => Mode::Prompt { prompt: p },

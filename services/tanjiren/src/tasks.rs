@@ -218,8 +218,16 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
 async fn wait_for_chain(client: &Client, first: TaskId, max_attempts: Option<u32>) -> anyhow::Result<TaskView> {
     let mut id = first;
     let mut announced: Option<TaskId> = None;
+    let mut since = std::time::Instant::now();
+    let mut hinted = false;
     loop {
         let t = client.get(id).await?;
+        if !hinted && since.elapsed() >= WAIT_HINT_AFTER {
+            if let Some(hint) = waiting_hint(&t) {
+                errln!("{hint}");
+            }
+            hinted = true;
+        }
         if t.status.is_terminal() {
             let next = t.attempts.iter().find(|a| a.retry_of_task_id == Some(id)).cloned();
             let coming = match (&next, t.retry_at) {
@@ -238,11 +246,48 @@ async fn wait_for_chain(client: &Client, first: TaskId, max_attempts: Option<u32
             }
             if let Some(n) = next {
                 id = n.task_id;
+                since = std::time::Instant::now();
+                hinted = false;
                 continue;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How long `--wait` waits quietly before saying what the task is waiting for.
+const WAIT_HINT_AFTER: Duration = Duration::from_secs(5);
+
+/// What a task that is taking a while is waiting for, when it is not simply running:
+/// an approval, or workers that have not claimed its steps.
+fn waiting_hint(t: &TaskView) -> Option<String> {
+    use tanjiren_shared::model::{ApprovalStatus, StepStatus};
+    if t.approval_status == ApprovalStatus::Pending {
+        return Some(format!(
+            "waiting for an approval (`tanjiren approval pending`; approve with `tanjiren approval approve {}`)",
+            t.task_id
+        ));
+    }
+    let queued: Vec<String> = t
+        .steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Queued)
+        .map(|s| {
+            s.workstation_name
+                .clone()
+                .unwrap_or_else(|| s.workstation_id.to_string())
+        })
+        .collect();
+    if queued.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "still queued: no worker of {} has claimed its step yet; is it running? \
+         (`tanjiren workstation list` shows when each was last seen; the step fails with \
+         queue_timeout after {} s)",
+        queued.join(", "),
+        t.queue_timeout_secs
+    ))
 }
 
 /// `attempt 2 of 3 failed: non_zero_exit (exit 1)` — how one ended attempt ended;
@@ -313,6 +358,9 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
         since(t.created_at, t.started_at),
         since(t.created_at, t.finished_at)
     )?;
+    if let Some(inv) = t.investigation_id {
+        outln!("investigation {inv}")?;
+    }
     crate::approvals::print_task_approval(t)?;
     if t.status == TaskStatus::Cancelled {
         let confirmed = match t.stop_confirmed {
@@ -390,7 +438,17 @@ fn print_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_default();
             outln!("    agent model {model}{usage}")?;
         }
-        for (label, tail) in [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)] {
+        // An agent's answer is printed in full below: its preview would only repeat it.
+        let answered = t.artifacts.iter().any(|a| {
+            a.step_id == Some(s.step_id)
+                && matches!(
+                    a.kind,
+                    tanjiren_shared::artifacts::ArtifactKind::Response
+                        | tanjiren_shared::artifacts::ArtifactKind::Summary
+                )
+        });
+        let tails = [("stdout", &s.stdout_tail), ("stderr", &s.stderr_tail)];
+        for (label, tail) in tails.into_iter().filter(|(label, _)| !(answered && *label == "stdout")) {
             if !tail.is_empty() {
                 outln!("    {label}:")?;
                 for line in tail.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
@@ -413,12 +471,6 @@ fn print_answers(t: &TaskView) -> anyhow::Result<()> {
         .filter(|a| a.task_id == Some(t.task_id) && a.step_id.is_some())
         .filter(|a| matches!(a.kind, ArtifactKind::Response | ArtifactKind::Summary) || a.question_index.is_some())
         .collect();
-    if answers.is_empty() {
-        return Ok(());
-    }
-    if let Some(inv) = t.investigation_id {
-        outln!("investigation {inv}")?;
-    }
     for a in answers {
         let ws = a.workstation.as_deref().unwrap_or("?");
         let heading = match (a.kind, &a.question) {

@@ -205,6 +205,14 @@ async fn an_agent_exiting_non_zero_fails_the_step_with_agent_error() {
     assert_eq!(step.exit_code, Some(3));
     assert!(step.stderr_tail.contains("the agent gave up"), "{step:?}");
     assert!(of_task(&env, task, ArtifactKind::Response).await.is_empty());
+    // Exit 0 with nothing on standard output is no answer either.
+    let silent = env.create(&prompt("be SILENT", &["ws-fail"])).await.unwrap().task_id;
+    let t = env.wait_terminal(silent, WAIT).await;
+    assert_eq!(t.failure_reason.as_deref(), Some("agent_error"));
+    assert_eq!(
+        t.steps[0].message.as_deref(),
+        Some("the agent printed nothing on standard output (its standard error is in the step's log)")
+    );
     w.stop().await;
     env.finish(services).await;
 }
@@ -349,7 +357,10 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
     );
     let log = log_text(&env, limited).await;
     assert!(
-        log.contains("HTTP 429: Rate limit reached; retry 1 of 2 in 1000 ms"),
+        log.contains(&format!(
+            "HTTP 429 to POST {}/chat/completions: Rate limit reached; retry 1 of 2 in 1000 ms",
+            server.base_url
+        )),
         "{log}"
     );
     // 500 every time: retried, then failed naming the status.
@@ -359,7 +370,13 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
     assert_eq!(t.steps[0].failure_reason.as_deref(), Some("agent_error"));
     assert_eq!(
         t.steps[0].message.as_deref(),
-        Some("the agent's server answered HTTP 500: the model crashed (after 2 retries)")
+        Some(
+            format!(
+                "the agent's server answered HTTP 500 to POST {}/chat/completions: the model crashed (after 2 retries)",
+                server.base_url
+            )
+            .as_str()
+        )
     );
     let asked = server
         .received()
@@ -371,7 +388,7 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
     for (marker, expect) in [
         ("[refuse]", "the model refused: I can't help with that."),
         ("[malformed]", "malformed stream"),
-        ("[401]", "HTTP 401: Incorrect API key provided"),
+        ("[401]", "/chat/completions: Incorrect API key provided"),
     ] {
         let task = env
             .create(&prompt(&format!("x {marker}"), &["ws-ai"]))
@@ -384,6 +401,21 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
         assert!(message.contains(expect), "{marker}: {message}");
         assert!(!message.contains("retry"), "{marker} is not retried: {message}");
     }
+    // The classic mistake: a base URL without `/v1`. The message says what to check.
+    let lost = env
+        .worker_with("ws-no-v1", |c| {
+            openai(c, &server);
+            c.worker_agent_base_url = server.base_url.trim_end_matches("/v1").to_string();
+        })
+        .await;
+    let task = env.create(&prompt("hello", &["ws-no-v1"])).await.unwrap().task_id;
+    let t = env.wait_terminal(task, WAIT).await;
+    let message = t.steps[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("HTTP 404") && message.contains("does worker_agent_base_url end in `/v1`?"),
+        "{message}"
+    );
+    lost.stop().await;
     w.stop().await;
     env.finish(services).await;
 }

@@ -84,6 +84,39 @@ fn task_id_of(out: &str) -> TaskId {
         .unwrap_or_else(|| panic!("no task id in:\n{out}"))
 }
 
+/// `--wait` on a task nobody picks up says, after a few seconds, what it waits for
+/// (instead of sitting silent until the queue timeout).
+#[tokio::test]
+async fn waiting_for_a_workstation_whose_worker_is_down_says_so() {
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    env.workstation("ws-off").await;
+    let out = run(
+        &env,
+        &[
+            "task",
+            "create",
+            "--command",
+            "true",
+            "-t",
+            "ws-off",
+            "--queue-timeout",
+            "7",
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", both(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("still queued: no worker of ws-off has claimed its step yet; is it running?"),
+        "{}",
+        both(&out)
+    );
+    assert!(stdout(&out).contains("queue_timeout"), "{}", both(&out));
+    env.finish(services).await;
+}
+
 #[tokio::test]
 async fn a_failing_command_without_a_retry_policy_runs_once() {
     // The product default, whatever the test harness prefers.

@@ -58,6 +58,9 @@ pub(crate) fn backend(config: &Config, process: &ShellExecutor) -> Option<Arc<dy
             return None;
         }
     };
+    if info.adapter == AgentAdapter::Command && !config.worker_agent_tools.trim().is_empty() {
+        tracing::warn!("worker_agent_tools is for the openai adapter; a CLI agent's own tools are its business");
+    }
     Some(match info.adapter {
         AgentAdapter::Command => Arc::new(cli::CliAgent::new(config, process.clone())),
         AgentAdapter::Openai => Arc::new(openai::OpenAiAgent::new(config, process.clone())),
@@ -93,7 +96,7 @@ pub(crate) async fn run_step(
                     deadline,
                 })
                 .await;
-            match answer {
+            match answer.and_then(|a| non_empty(ai, a)) {
                 Ok(a) => answered(a.text, a.model, a.usage),
                 Err(ended) => ended,
             }
@@ -121,7 +124,8 @@ pub(crate) async fn run_step(
                         cancel,
                         deadline,
                     })
-                    .await;
+                    .await
+                    .and_then(|a| non_empty(ai, a));
                 let answer = match asked {
                     Ok(a) => a,
                     Err(mut ended) => {
@@ -159,6 +163,7 @@ pub(crate) async fn run_step(
                     deadline,
                 })
                 .await
+                .and_then(|a| non_empty(ai, a))
             {
                 Ok(a) => {
                     add(&mut usage, a.usage);
@@ -179,6 +184,22 @@ pub(crate) async fn run_step(
         }
         Mode::Command { .. } => failed(None, Some(FailureReason::Unsupported), "not an agent step".into()),
     }
+}
+
+/// An answer with no text is the agent's failure, not a success with nothing to
+/// keep: a CLI agent that printed only to standard error, a model that stopped at once.
+fn non_empty(ai: &dyn AiBackend, answer: Answer) -> Result<Answer, StepResult> {
+    if !answer.text.trim().is_empty() {
+        return Ok(answer);
+    }
+    Err(agent_error(
+        None,
+        match ai.name() {
+            "command" => "the agent printed nothing on standard output (its standard error is in the step's log)",
+            _ => "the model returned an empty answer",
+        }
+        .into(),
+    ))
 }
 
 /// A step whose agent answered.

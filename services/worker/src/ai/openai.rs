@@ -47,7 +47,7 @@ pub(crate) struct OpenAiAgent {
     model: String,
     request_timeout: Duration,
     max_tokens: Option<u64>,
-    temperature: Option<f32>,
+    temperature: Option<f64>,
     max_retries: u32,
     tools: ToolAllowList,
     process: ShellExecutor,
@@ -208,7 +208,16 @@ impl OpenAiAgent {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
             let detail = error_detail(response).await;
-            let message = format!("the agent's server answered HTTP {}{detail}", status.as_u16());
+            let hint = if status.as_u16() == 404 {
+                " (no such endpoint: does worker_agent_base_url end in `/v1`?)"
+            } else {
+                ""
+            };
+            let message = format!(
+                "the agent's server answered HTTP {} to POST {}{detail}{hint}",
+                status.as_u16(),
+                self.url
+            );
             return Err(if status.as_u16() == 429 || status.is_server_error() {
                 Failure::Retryable { message, retry_after }
             } else {
@@ -405,7 +414,17 @@ enum Failure {
 }
 
 fn transport(e: &reqwest::Error) -> Failure {
-    // The error's own text names the URL, never the key (it is in a header).
+    // The error's own text names the URL, never the key (it is in a header); its
+    // sources say why (`Connection refused`, a TLS failure).
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !why.contains(&text) {
+            why = format!("{why}: {text}");
+        }
+        source = s.source();
+    }
     let kind = if e.is_timeout() {
         "timed out (worker_agent_request_timeout_ms)"
     } else if e.is_connect() {
@@ -414,7 +433,7 @@ fn transport(e: &reqwest::Error) -> Failure {
         "broke off"
     };
     Failure::Retryable {
-        message: format!("the request to the agent's server {kind}: {e}"),
+        message: format!("the request to the agent's server {kind}: {why}"),
         retry_after: None,
     }
 }
