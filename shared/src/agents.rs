@@ -27,6 +27,20 @@ text_enum!(AgentAdapter);
 /// Longest model name accepted, in bytes.
 pub const MAX_MODEL_BYTES: usize = 200;
 
+/// A model name as an agent reported it, made safe to store and print: control
+/// characters dropped, cut to [`MAX_MODEL_BYTES`] on a character boundary (the rule
+/// [`AgentInfo::validate`] enforces on what workers advertise).
+pub fn clean_model(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len().min(MAX_MODEL_BYTES));
+    for c in raw.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > MAX_MODEL_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// What a workstation advertises about its agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
@@ -269,8 +283,38 @@ pub struct ToolAllowList {
 #[derive(Clone, Debug)]
 struct ToolPattern {
     text: String,
-    words: Vec<globset::GlobMatcher>,
+    words: Vec<PatternWord>,
     any_rest: bool,
+}
+
+/// One word of a pattern: its glob, and what a wildcard in it may not stand for.
+#[derive(Clone, Debug)]
+struct PatternWord {
+    glob: globset::GlobMatcher,
+    /// The word has `*`, `?` or `[`: it matches more than itself.
+    wild: bool,
+    /// It starts with `-`: it may match an option.
+    option: bool,
+    /// It names a `.` or `..` path segment itself.
+    dot_segments: bool,
+}
+
+impl PatternWord {
+    /// A wildcard never stands for an option (a word starting with `-`, unless the
+    /// pattern word starts with one) nor for a `.` or `..` path segment: `grep * f`
+    /// must not admit `grep -r f`, nor `cat /var/log/*` admit `cat /var/log/..`.
+    fn admits(&self, word: &str) -> bool {
+        if !self.glob.is_match(word) {
+            return false;
+        }
+        if !self.wild {
+            return true;
+        }
+        if word.starts_with('-') && !self.option {
+            return false;
+        }
+        self.dot_segments || !word.split('/').any(|seg| seg == "." || seg == "..")
+    }
 }
 
 /// Patterns accepted in one allow-list, and words in one pattern.
@@ -301,7 +345,12 @@ impl ToolAllowList {
                     .backslash_escape(true)
                     .build()
                     .map_err(|e| format!("`{raw}`: {e}"))?;
-                matchers.push(glob.compile_matcher());
+                matchers.push(PatternWord {
+                    glob: glob.compile_matcher(),
+                    wild: w.contains(['*', '?', '[']),
+                    option: w.starts_with('-'),
+                    dot_segments: w.split('/').any(|seg| seg == "." || seg == ".."),
+                });
             }
             patterns.push(ToolPattern {
                 text: raw.to_string(),
@@ -330,16 +379,19 @@ impl ToolAllowList {
     /// # Errors
     /// Why it is refused: it does not split into words, or no pattern allows it.
     pub fn check(&self, command: &str) -> Result<Vec<String>, String> {
+        if command.chars().any(|c| c.is_control() && c != '\t' && c != ' ') {
+            return Err("refused: the command contains a control character (NUL, a new line, …)".into());
+        }
         let words = shlex::split(command)
             .filter(|w| !w.is_empty())
-            .ok_or_else(|| "the command does not split into words (unbalanced quotes?)".to_string())?;
+            .ok_or_else(|| "refused: the command does not split into words (unbalanced quotes?)".to_string())?;
         let allowed = self.patterns.iter().any(|p| {
             let count_ok = if p.any_rest {
                 words.len() >= p.words.len()
             } else {
                 words.len() == p.words.len()
             };
-            count_ok && p.words.iter().zip(&words).all(|(m, w)| m.is_match(w))
+            count_ok && p.words.iter().zip(&words).all(|(m, w)| m.admits(w))
         });
         if allowed {
             Ok(words)
@@ -501,6 +553,37 @@ mod tests {
     }
 
     #[test]
+    fn wildcards_never_stand_for_options_or_dot_segments() {
+        let list = ToolAllowList::parse("grep * /srv/logs/*.log; ls /srv/logs/*; sort -n *; cat ../notes.txt").unwrap();
+        assert!(list.check("grep error /srv/logs/app.log").is_ok());
+        assert!(
+            list.check("grep -r /srv/logs/app.log").is_err(),
+            "an option through `*`"
+        );
+        assert!(list.check("ls /srv/logs/..").is_err(), "`..` through `*`");
+        assert!(list.check("ls /srv/logs/.").is_err(), "`.` through `*`");
+        assert!(
+            list.check("ls /srv/logs/.hidden").is_ok(),
+            "a dot file is a name, not a segment"
+        );
+        assert!(
+            list.check("sort -n data.txt").is_ok(),
+            "an option written in the pattern"
+        );
+        assert!(list.check("sort -n --output=/etc/passwd").is_err());
+        assert!(
+            list.check("cat ../notes.txt").is_ok(),
+            "a literal `..` in the pattern is the pattern's"
+        );
+        assert!(
+            list.check("ls /srv/logs/a\0b")
+                .unwrap_err()
+                .contains("control character")
+        );
+        assert!(list.check("ls /srv/logs/a\nb").is_err());
+    }
+
+    #[test]
     fn bad_allow_lists_are_refused_and_empty_offers_nothing() {
         assert!(ToolAllowList::parse("").unwrap().is_empty());
         assert!(ToolAllowList::parse(" ; \n").unwrap().is_empty());
@@ -529,5 +612,13 @@ mod tests {
         );
         assert_eq!(extract_response("plain text", "/result"), None);
         assert_eq!(extract_response("{\"result\": 3}", "/result"), None);
+    }
+
+    #[test]
+    fn reported_model_names_are_cleaned_and_bounded() {
+        assert_eq!(clean_model("llama3.2"), "llama3.2");
+        assert_eq!(clean_model("\u{1b}[2Jgpt\u{1}-4"), "[2Jgpt-4");
+        let long = clean_model(&"é".repeat(MAX_MODEL_BYTES));
+        assert!(long.len() <= MAX_MODEL_BYTES && long.chars().all(|c| c == 'é'));
     }
 }

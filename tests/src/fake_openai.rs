@@ -10,7 +10,12 @@
 //! - `[malformed]`: a chunk that is not JSON;
 //! - `[refuse]`: a `refusal` delta;
 //! - `[tool:CMD]`: first asks for the tool call `run_command {"command": CMD}`; once the
-//!   tool's result arrives, answers `Tool said: {its first two lines}`.
+//!   tool's result arrives, answers `Tool said: {its first two lines}`;
+//! - `[tool-loop]`: asks for `run_command {"command": "uptime"}` every time;
+//! - `[endless]`: one content line that never ends (64 KiB pieces for five minutes);
+//! - `[echo-key]`: 401 quoting the request's `Authorization` header;
+//! - `[redirect]`: 307 to another URL;
+//! - `[stall-error]`: 500 whose body starts and then stalls for five minutes.
 //!
 //! Every request is recorded (headers and body) for the tests to inspect.
 // A test fixture: a failed setup step should stop the test at once.
@@ -93,6 +98,36 @@ fn respond(state: &Mutex<Vec<Recorded>>, headers: &HeaderMap, body: &[u8]) -> Re
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     let question = last_user(&body);
     let last = messages.last().cloned().unwrap_or(Value::Null);
+    if question.contains("[echo-key]") {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": {"message": format!("bad credentials: {auth}")}}),
+        );
+    }
+    if question.contains("[redirect]") {
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header("location", "http://127.0.0.1:9/v1/chat/completions")
+            .body(Body::empty())
+            .unwrap();
+    }
+    if question.contains("[stall-error]") {
+        let stream = futures::stream::once(async { Ok::<_, Infallible>(Bytes::from_static(b"{\"err")) }).chain(
+            futures::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                Ok(Bytes::new())
+            }),
+        );
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
     if question.contains("[401]") {
         return plain(
             StatusCode::UNAUTHORIZED,
@@ -135,6 +170,28 @@ fn respond(state: &Mutex<Vec<Recorded>>, headers: &HeaderMap, body: &[u8]) -> Re
             }),
         );
         return sse(Body::from_stream(stream));
+    }
+    if question.contains("[endless]") {
+        let start = Bytes::from("data: {\"choices\":[{\"delta\":{\"content\":\"");
+        let piece = Bytes::from(vec![b'a'; 64 * 1024]);
+        let stream = futures::stream::once(async move { Ok::<_, Infallible>(start) }).chain(futures::stream::unfold(
+            (piece, std::time::Instant::now()),
+            |(piece, began)| async move {
+                (began.elapsed() < Duration::from_secs(300)).then(|| (Ok(piece.clone()), (piece, began)))
+            },
+        ));
+        return sse(Body::from_stream(stream));
+    }
+    if question.contains("[tool-loop]") {
+        return sse(Body::from(format!(
+            "{}{}",
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_loop", "type": "function",
+                                       "function": {"name": "run_command", "arguments": "{\"command\": \"uptime\"}"}}]}),
+                Some("tool_calls")
+            ),
+            done
+        )));
     }
     if question.contains("[malformed]") {
         return sse(Body::from(format!(

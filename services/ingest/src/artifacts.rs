@@ -209,6 +209,12 @@ async fn add_batch(
                     "task_id/investigation_id: attach the artifact to a task or an investigation",
                 )),
                 (Some(t), inv) => match tasks.get(&t.as_uuid()) {
+                    Some((o, _, Some(task_inv))) if *o == org && inv.is_some_and(|i| i != *task_inv) => {
+                        Err(WireError::invalid(format!(
+                            "investigation_id: task {t} belongs to investigation {task_inv}; \
+                             an artifact of the task is attached to that one"
+                        )))
+                    }
                     Some((o, root, task_inv)) if *o == org => Ok((Some(t.as_uuid()), Some(*root), inv.or(*task_inv))),
                     _ => Err(WireError::not_found(format!("task_id: no task {t}"))),
                 },
@@ -467,6 +473,17 @@ async fn list_one(
             q.push(" AND root_task_id = ").push_bind(root);
         }
         (None, Some(inv)) => {
+            let known: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM investigations WHERE id = $1 AND org_id = $2")
+                .bind(inv)
+                .bind(org.as_uuid())
+                .fetch_optional(&conns.db)
+                .await
+                .map_err(db_error)?;
+            if known.is_none() {
+                return Err(WireError::not_found(format!(
+                    "investigation_id: no investigation {inv} in this organisation"
+                )));
+            }
             q.push(" AND investigation_id = ").push_bind(inv);
         }
         _ => {

@@ -11,7 +11,7 @@ use crate::artifacts::{NewArtifact, cut_to, insert};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 use tanjiren_ops::metrics::Count;
-use tanjiren_shared::agents::AgentReport;
+use tanjiren_shared::agents::{AgentReport, clean_model};
 use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind, MAX_TITLE_BYTES};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
@@ -591,11 +591,7 @@ async fn store_progress(
             messages.push(u.message.as_deref());
             stopped_all.push(u.stopped_all);
             let agent = u.agent.as_ref();
-            models.push(
-                agent
-                    .and_then(|a| a.model.as_deref())
-                    .map(|m| cut_to(&replace_nul(m.to_string()), 200)),
-            );
+            models.push(agent.and_then(|a| a.model.as_deref()).map(clean_model));
             let usage = agent.and_then(|a| a.usage);
             tokens_in.push(usage.map(|u| u.input_tokens.min(i64::MAX as u64) as i64));
             tokens_out.push(usage.map(|u| u.output_tokens.min(i64::MAX as u64) as i64));
@@ -765,7 +761,9 @@ async fn store_agent_answers(
             content: ArtifactContent { title, body, url: None },
             created_by: report
                 .model
-                .clone()
+                .as_deref()
+                .map(clean_model)
+                .filter(|m| !m.is_empty())
                 .map_or_else(|| "agent".to_string(), |m| format!("agent ({m})")),
         });
     }

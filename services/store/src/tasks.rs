@@ -349,6 +349,7 @@ async fn insert(
                     same_request: false,
                 } => Err(key_conflict(row, reply.task_id)),
                 Inserted::Created(reply) | Inserted::Existing { reply, .. } => Ok(reply),
+                Inserted::Refused(e) => Err(e),
             };
             (*i, r)
         })
@@ -387,6 +388,8 @@ enum Inserted {
         reply: CreateTaskReply,
         same_request: bool,
     },
+    /// Not inserted for another reason (its investigation was closed meanwhile).
+    Refused(WireError),
 }
 
 /// Inserts `rows` `planned` in one statement inside the caller's transaction; one
@@ -394,14 +397,19 @@ enum Inserted {
 /// organisation is not inserted: its reply names the task holding the key
 /// (`created: false`). Publish with [`publish_planned`] after the commit.
 /// (The scheduler's keys — one per tick or failed task — only ever repeat a request.)
+///
+/// # Errors
+/// A row refused (its investigation was closed while the batch was prepared) fails
+/// the whole call, so the caller's transaction is rolled back and tried again.
 pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<CreateTaskReply>, WireError> {
-    Ok(insert_rows(conn, rows)
+    insert_rows(conn, rows)
         .await?
         .into_iter()
         .map(|o| match o {
-            Inserted::Created(reply) | Inserted::Existing { reply, .. } => reply,
+            Inserted::Created(reply) | Inserted::Existing { reply, .. } => Ok(reply),
+            Inserted::Refused(e) => Err(e),
         })
-        .collect())
+        .collect()
 }
 
 /// A task holding an idempotency key, with what its request digest is made of.
@@ -454,6 +462,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     let mut investigations = Vec::with_capacity(n);
     let mut new_investigations: Vec<Option<Uuid>> = Vec::with_capacity(n);
     let mut new_titles: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut joins: Vec<Option<Uuid>> = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     let mut retry_ofs = Vec::with_capacity(n);
     let mut roots = Vec::with_capacity(n);
@@ -479,6 +488,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
         investigations.push(r.investigation_id);
         new_investigations.push(r.opens_investigation.as_ref().and(r.investigation_id));
         new_titles.push(r.opens_investigation.clone());
+        joins.push(r.spec.investigation_id);
         keys.push(r.spec.idempotency_key.clone());
         retry_ofs.push(r.spec.retry_of_task_id.map(|t| t.as_uuid()));
         roots.push(r.root_task_id.as_uuid());
@@ -489,8 +499,13 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     }
     // An investigate task without an investigation opens one in the same statement,
     // only if the task itself is inserted (not when its idempotency key was taken).
+    // A task joining an investigation is inserted only if the investigation is still
+    // open, checked under a share lock: `investigations.close` waits for this insert,
+    // and an insert waiting for a close sees it closed (no task lands after a close).
     let inserted: Vec<(Uuid,)> = sqlx::query_as(
-        "WITH ins AS (
+        "WITH open_inv AS (
+         SELECT id FROM investigations WHERE id = ANY($20::uuid[]) AND status = 'open' FOR SHARE
+         ), ins AS (
          INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
                             investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
                             created_by_token_id, schedule_id)
@@ -499,10 +514,11 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
                 queue_timeout_secs, created_by_token_id, schedule_id
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
                      $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
-                     $17::uuid[])
+                     $17::uuid[], $20::uuid[])
               AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
                    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                   queue_timeout_secs, created_by_token_id, schedule_id)
+                   queue_timeout_secs, created_by_token_id, schedule_id, joins)
+         WHERE t.joins IS NULL OR t.joins IN (SELECT id FROM open_inv)
          ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, org_id, created_by
          ), opened AS (
@@ -533,6 +549,7 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     .bind(&schedules)
     .bind(&new_investigations)
     .bind(&new_titles)
+    .bind(&joins)
     .fetch_all(&mut *conn)
     .await
     .map_err(|e| match &e {
@@ -543,13 +560,14 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     })?;
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
 
-    // Rows not inserted lost an idempotency-key conflict: answer with the task that holds the key.
+    // Rows not inserted lost an idempotency-key conflict (answer with the task that
+    // holds the key) or found their investigation closed.
     let mut lookup_orgs = Vec::new();
     let mut lookup_keys = Vec::new();
     for r in rows {
-        if !inserted.contains(&r.id.as_uuid()) {
+        if let (false, Some(key)) = (inserted.contains(&r.id.as_uuid()), &r.spec.idempotency_key) {
             lookup_orgs.push(r.org_id.as_uuid());
-            lookup_keys.push(r.spec.idempotency_key.clone().expect("only keyed rows can conflict"));
+            lookup_keys.push(key.clone());
         }
     }
     let existing: HashMap<(Uuid, String), KeyHolder> = if lookup_keys.is_empty() {
@@ -589,9 +607,15 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
             })
         } else {
             let key = (r.org_id.as_uuid(), r.spec.idempotency_key.clone().unwrap_or_default());
-            let holder = existing
-                .get(&key)
-                .ok_or_else(|| WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"))?;
+            let Some(holder) = existing.get(&key) else {
+                replies.push(Inserted::Refused(match r.spec.investigation_id {
+                    Some(inv) => WireError::conflict(format!(
+                        "investigation_id: investigation {inv} was closed and takes no new tasks"
+                    )),
+                    None => WireError::new(ErrorCode::Conflict, "idempotency key conflict; retry the request"),
+                }));
+                continue;
+            };
             Inserted::Existing {
                 reply: CreateTaskReply {
                     task_id: TaskId::from(holder.id),

@@ -270,6 +270,18 @@ async fn an_openai_prompt_streams_records_usage_and_model_and_never_leaks_the_ke
     let message = failed.steps[0].message.clone().unwrap_or_default();
     assert!(message.contains("HTTP 401"), "{message}");
     assert!(!message.contains(SECRET), "{message}");
+    // A server quoting the key back in its error: the key is taken out before it is kept.
+    let echoed = env
+        .create(&prompt("who am I [echo-key]", &["ws-ai"]))
+        .await
+        .unwrap()
+        .task_id;
+    let t = env.wait_terminal(echoed, WAIT).await;
+    let message = t.steps[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("bad credentials: Bearer [redacted API key]"),
+        "{message}"
+    );
     let task = env
         .create(&prompt("Summarise the last boot", &["ws-ai"]))
         .await
@@ -401,6 +413,25 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
         assert!(message.contains(expect), "{marker}: {message}");
         assert!(!message.contains("retry"), "{marker} is not retried: {message}");
     }
+    // A redirect is not followed: the conversation goes nowhere else.
+    let moved = env.create(&prompt("x [redirect]", &["ws-ai"])).await.unwrap().task_id;
+    let t = env.wait_terminal(moved, WAIT).await;
+    let message = t.steps[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("HTTP 307") && message.contains("redirects are not followed"),
+        "{message}"
+    );
+    // An endless line is refused at its bound, quickly, instead of being read for minutes.
+    let started = Instant::now();
+    let endless = env.create(&prompt("x [endless]", &["ws-ai"])).await.unwrap().task_id;
+    let t = env.wait_terminal(endless, WAIT).await;
+    let message = t.steps[0].message.clone().unwrap_or_default();
+    assert!(message.contains("a line longer than 1024 KiB"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
     // The classic mistake: a base URL without `/v1`. The message says what to check.
     let lost = env
         .worker_with("ws-no-v1", |c| {
@@ -643,8 +674,45 @@ async fn investigations_are_created_listed_closed_and_take_tasks_until_closed() 
         .unwrap();
     assert_eq!(all.investigations.len(), 2);
     assert!(all.investigations[0].investigation_id > all.investigations[1].investigation_id);
+    // An artifact of a task goes with the task's investigation, not another.
+    let other: InvestigationView = env
+        .call(
+            &s.investigations_create(),
+            &env.member_token,
+            &CreateInvestigationRequest { title: "other".into() },
+        )
+        .await
+        .unwrap();
+    let misfiled: Result<tanjiren_shared::artifacts::AddArtifactReply, _> = env
+        .call(
+            &s.artifacts_add(),
+            &env.member_token,
+            &tanjiren_shared::artifacts::AddArtifactRequest {
+                kind: ArtifactKind::Note,
+                task_id: Some(second),
+                investigation_id: Some(other.investigation_id),
+                content: tanjiren_shared::artifacts::ArtifactContent {
+                    title: "n".into(),
+                    body: String::new(),
+                    url: None,
+                },
+            },
+        )
+        .await;
+    assert_eq!(misfiled.unwrap_err().code, ErrorCode::InvalidRequest);
     // Another organisation sees none of it.
     let (_, stranger) = env.other_org().await;
+    let foreign: Result<ListArtifactsReply, _> = env
+        .call(
+            &s.artifacts_list(),
+            &stranger,
+            &ListArtifactsRequest {
+                investigation_id: Some(opened.investigation_id),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(foreign.unwrap_err().code, ErrorCode::NotFound);
     let hidden: Result<InvestigationView, _> = env
         .call(
             &s.investigations_get(),
@@ -693,6 +761,27 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
     assert_eq!(t.status, TaskStatus::Cancelled);
     let deadline = Instant::now() + WAIT;
     while env.get(slow).await.unwrap().steps[0].stop_confirmed_at.is_none() {
+        assert!(Instant::now() < deadline, "the worker never confirmed the stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
+
+    // Cancel while an error response's body stalls.
+    let stalled = env.create(&prompt("x [stall-error]", &["ws-a"])).await.unwrap().task_id;
+    let deadline = Instant::now() + WAIT;
+    while server
+        .received()
+        .iter()
+        .all(|r| !r.body.to_string().contains("x [stall-error]"))
+    {
+        assert!(Instant::now() < deadline, "never asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    cancel(&env, stalled).await;
+    let deadline = Instant::now() + WAIT;
+    while env.get(stalled).await.unwrap().steps[0].stop_confirmed_at.is_none() {
         assert!(Instant::now() < deadline, "the worker never confirmed the stop");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -809,6 +898,23 @@ async fn tool_calls_run_when_allowed_and_are_refused_otherwise() {
     );
     assert!(!std::path::Path::new(&marker).exists(), "the refused command never ran");
     // Shell syntax in an allowed call is only words: nothing else runs.
+    // A model that keeps calling tools is stopped after 8 rounds.
+    let looping = env
+        .create(&prompt("x [tool-loop]", &["ws-tools"]))
+        .await
+        .unwrap()
+        .task_id;
+    let t = env.wait_terminal(looping, WAIT).await;
+    assert_eq!(
+        t.steps[0].message.as_deref(),
+        Some("the model was still calling tools after 8 rounds; the question was given up")
+    );
+    let asked = server
+        .received()
+        .iter()
+        .filter(|r| r.body.to_string().contains("x [tool-loop]"))
+        .count();
+    assert_eq!(asked, 9, "the first request and 8 rounds of tool results");
     let sneaky = env
         .create(&prompt(&format!("x [tool:echo hi; touch {marker}]"), &["ws-tools"]))
         .await
@@ -918,5 +1024,48 @@ async fn a_schedule_of_an_investigation_keeps_its_ticks_in_one_investigation() {
     assert_eq!(tick.investigation_id, Some(investigation));
     let reply = env.create(&tick).await.unwrap();
     assert_eq!(reply.investigation_id, Some(investigation));
+    env.finish(services).await;
+}
+
+/// A create racing a close: the close is in flight (its transaction holds the row,
+/// not yet committed) when a task asks to join; the task must not land in the
+/// investigation once the close commits.
+#[tokio::test]
+async fn a_task_racing_the_close_of_its_investigation_is_refused() {
+    let env = TestEnv::new().await;
+    let services = env.start_all().await;
+    env.workstation("ws-a").await;
+    let opened: InvestigationView = env
+        .call(
+            &env.conns.subjects.investigations_create(),
+            &env.member_token,
+            &CreateInvestigationRequest { title: "race".into() },
+        )
+        .await
+        .unwrap();
+    let inv = opened.investigation_id;
+    let mut closing = env.conns.db.begin().await.unwrap();
+    sqlx::query("UPDATE investigations SET status = 'closed', closed_at = now(), closed_by = 'test' WHERE id = $1")
+        .bind(inv)
+        .execute(&mut *closing)
+        .await
+        .unwrap();
+    let mut spec = tanjiren_tests::command("true", &["ws-a"]);
+    spec.investigation_id = Some(inv);
+    let create = env.create(&spec);
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        closing.commit().await.unwrap();
+    };
+    let (created, ()) = tokio::join!(create, commit);
+    let e = created.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+    assert!(e.message.contains("closed"), "{e:?}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE investigation_id = $1")
+        .bind(inv)
+        .fetch_one(&env.conns.db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "no task joined the closed investigation");
     env.finish(services).await;
 }

@@ -11,17 +11,29 @@
 use super::{AiBackend, Answer, Ask, agent_error, cancelled, timed_out};
 use crate::executor::{BoxFuture, OutputSink};
 use crate::shell::{ProcessRun, ShellExecutor};
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::Duration;
-use tanjiren_shared::agents::{Role, TokenUsage, ToolAllowList, usage_of};
+use tanjiren_shared::agents::{MAX_RESPONSE_BYTES, Role, TokenUsage, ToolAllowList, clean_model, usage_of};
 use tanjiren_shared::config::Config;
+use tanjiren_shared::logs::MAX_LINE_BYTES;
 use tanjiren_shared::model::{FailureReason, StepStatus};
 use tanjiren_shared::protocol::{LogStream, StepResult};
 
-/// Tool rounds (model asks, worker runs) per question before further calls are refused.
+/// Tool rounds (model asks, worker runs) per question; a model still calling tools
+/// after them fails the question.
 const MAX_TOOL_ROUNDS: usize = 8;
+/// The most an answer may stream, in bytes: past it the request is stopped (the
+/// result keeps [`MAX_RESPONSE_BYTES`], the log up to its cap).
+const MAX_STREAMED_BYTES: usize = 16 * 1024 * 1024;
+/// Longest line (and event) of the event stream, in bytes.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Longest arguments of one tool call, in bytes (a longer call is refused).
+const MAX_TOOL_ARGUMENT_BYTES: usize = 64 * 1024;
+/// Of a refusal, the bytes kept.
+const MAX_REFUSAL_BYTES: usize = 4 * 1024;
+/// How long an error response's body is read for its message.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
 /// Output of one tool call shown to the model, in bytes (the log has all of it).
 const MAX_TOOL_OUTPUT_BYTES: usize = 16 * 1024;
 /// Of an error response, the bytes read for its message.
@@ -72,8 +84,17 @@ impl OpenAiAgent {
         if let Err(e) = &key {
             tracing::error!(error = %e, "the AI agent has no API key");
         }
+        // No redirects: an API client that followed one would send the conversation
+        // to whichever host the redirect names.
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot build the agent's HTTP client as configured; using the defaults");
+                reqwest::Client::new()
+            });
         Self {
-            client: reqwest::Client::new(),
+            client,
             url: format!(
                 "{}/chat/completions",
                 config.worker_agent_base_url.trim_end_matches('/')
@@ -112,10 +133,18 @@ impl OpenAiAgent {
             model = reply.model.or(model);
             if reply.tool_calls.is_empty() {
                 return Ok(Answer {
-                    text: reply.content,
+                    text: self.scrub(reply.content),
                     model: model.or_else(|| Some(self.model.clone())),
                     usage,
                 });
+            }
+            if round >= MAX_TOOL_ROUNDS {
+                return Err(agent_error(
+                    None,
+                    format!(
+                        "the model was still calling tools after {MAX_TOOL_ROUNDS} rounds; the question was given up"
+                    ),
+                ));
             }
             messages.push(json!({
                 "role": "assistant",
@@ -126,7 +155,7 @@ impl OpenAiAgent {
                 })).collect::<Vec<_>>(),
             }));
             for call in &reply.tool_calls {
-                let content = self.call_tool(call, &ask, round >= MAX_TOOL_ROUNDS).await?;
+                let content = self.call_tool(call, &ask).await?;
                 messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": content}));
             }
         }
@@ -207,11 +236,16 @@ impl OpenAiAgent {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let detail = error_detail(response).await;
-            let hint = if status.as_u16() == 404 {
-                " (no such endpoint: does worker_agent_base_url end in `/v1`?)"
-            } else {
-                ""
+            let detail = tokio::select! {
+                d = tokio::time::timeout(ERROR_BODY_WAIT, error_detail(response)) => d.unwrap_or_default(),
+                _ = ask.cancel.cancelled() => return Err(Failure::Final(cancelled())),
+                _ = tokio::time::sleep_until(ask.deadline) => return Err(Failure::Final(timed_out(ask.assignment.timeout_secs))),
+            };
+            let detail = self.scrub(detail);
+            let hint = match status.as_u16() {
+                404 => " (no such endpoint: does worker_agent_base_url end in `/v1`?)",
+                300..=399 => " (redirects are not followed: set worker_agent_base_url to where it points)",
+                _ => "",
             };
             let message = format!(
                 "the agent's server answered HTTP {} to POST {}{detail}{hint}",
@@ -224,68 +258,92 @@ impl OpenAiAgent {
                 Failure::Final(agent_error(None, message))
             });
         }
-        let mut events = response.bytes_stream().eventsource();
+        let mut body = response.bytes_stream();
+        let mut sse = SseDecoder::default();
         let mut reply = Completion::default();
         let mut lines = LineBuffer::default();
         let mut finished = false;
-        loop {
-            let event = tokio::select! {
-                e = events.next() => e,
+        let mut streamed = 0usize;
+        'stream: loop {
+            // Cancel and the deadline first: a server that is always ready must not starve them.
+            let chunk = tokio::select! {
+                biased;
                 _ = ask.cancel.cancelled() => return Err(Failure::Final(cancelled())),
                 _ = tokio::time::sleep_until(ask.deadline) => return Err(Failure::Final(timed_out(ask.assignment.timeout_secs))),
+                c = body.next() => c,
             };
-            let event = match event {
-                None => break,
-                Some(Ok(e)) => e,
-                Some(Err(EventStreamError::Transport(e))) => return Err(transport(&e)),
-                Some(Err(e)) => return Err(malformed(&format!("{e}"))),
+            let (events, ended) = match chunk {
+                None => (sse.finish().map_err(|e| malformed(&e))?.into_iter().collect(), true),
+                Some(Ok(bytes)) => (sse.feed(&bytes).map_err(|e| malformed(&e))?, false),
+                Some(Err(e)) => return Err(transport(&e)),
             };
-            let data = event.data.trim();
-            if data == "[DONE]" {
-                finished = true;
-                break;
-            }
-            if data.is_empty() {
-                continue;
-            }
-            let chunk: Value =
-                serde_json::from_str(data).map_err(|e| malformed(&format!("{e} in `{}`", cut(data, 120))))?;
-            if let Some(err) = chunk.get("error") {
-                let message = err.get("message").and_then(Value::as_str).unwrap_or("no message");
-                return Err(Failure::Final(agent_error(
-                    None,
-                    format!("the agent's server reported an error mid-stream: {}", cut(message, 300)),
-                )));
-            }
-            if let Some(m) = chunk.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()) {
-                reply.model = Some(m.to_string());
-            }
-            if let Some(u) = chunk.get("usage").and_then(usage_of) {
-                reply.usage = Some(u);
-            }
-            let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
-                if chunk.get("usage").is_some() {
+            for data in events {
+                let data = self.scrub(data);
+                let data = data.trim();
+                if data == "[DONE]" {
+                    finished = true;
+                    break 'stream;
+                }
+                if data.is_empty() {
                     continue;
                 }
-                return Err(malformed(&format!("a chunk without `choices`: `{}`", cut(data, 120))));
-            };
-            for choice in choices {
-                let delta = choice.get("delta").unwrap_or(&Value::Null);
-                if let Some(text) = delta.get("content").and_then(Value::as_str) {
-                    reply.content.push_str(text);
-                    if lines.push(text, ask.output).await.is_err() {
-                        return Err(Failure::Final(cancelled()));
+                let chunk: Value =
+                    serde_json::from_str(data).map_err(|e| malformed(&format!("{e} in `{}`", cut(data, 120))))?;
+                if let Some(err) = chunk.get("error") {
+                    let message = err.get("message").and_then(Value::as_str).unwrap_or("no message");
+                    return Err(Failure::Final(agent_error(
+                        None,
+                        format!("the agent's server reported an error mid-stream: {}", cut(message, 300)),
+                    )));
+                }
+                if let Some(m) = chunk
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .map(clean_model)
+                    .filter(|m| !m.is_empty())
+                {
+                    reply.model = Some(m);
+                }
+                if let Some(u) = chunk.get("usage").and_then(usage_of) {
+                    reply.usage = Some(u);
+                }
+                let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+                    if chunk.get("usage").is_some() {
+                        continue;
+                    }
+                    return Err(malformed(&format!("a chunk without `choices`: `{}`", cut(data, 120))));
+                };
+                for choice in choices {
+                    let delta = choice.get("delta").unwrap_or(&Value::Null);
+                    if let Some(text) = delta.get("content").and_then(Value::as_str) {
+                        streamed += text.len();
+                        if streamed > MAX_STREAMED_BYTES {
+                            return Err(Failure::Final(agent_error(
+                                None,
+                                format!(
+                                    "the answer passed {} MiB; the request was stopped",
+                                    MAX_STREAMED_BYTES >> 20
+                                ),
+                            )));
+                        }
+                        push_bounded(&mut reply.content, text, MAX_RESPONSE_BYTES);
+                        if lines.push(text, ask.output).await.is_err() {
+                            return Err(Failure::Final(cancelled()));
+                        }
+                    }
+                    if let Some(text) = delta.get("refusal").and_then(Value::as_str) {
+                        push_bounded(&mut reply.refusal, text, MAX_REFUSAL_BYTES);
+                    }
+                    for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                        reply.add_tool_delta(call);
+                    }
+                    if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                        finished = true;
                     }
                 }
-                if let Some(text) = delta.get("refusal").and_then(Value::as_str) {
-                    reply.refusal.push_str(text);
-                }
-                for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
-                    reply.add_tool_delta(call);
-                }
-                if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
-                    finished = true;
-                }
+            }
+            if ended {
+                break;
             }
         }
         let _ = lines.finish(ask.output).await;
@@ -324,13 +382,14 @@ impl OpenAiAgent {
 
     /// Runs (or refuses) one tool call; returns what the model is told. `Err` when the
     /// step must end (cancelled, timed out).
-    async fn call_tool(&self, call: &ToolCall, ask: &Ask<'_>, over_limit: bool) -> Result<String, StepResult> {
+    async fn call_tool(&self, call: &ToolCall, ask: &Ask<'_>) -> Result<String, StepResult> {
         let command = serde_json::from_str::<Value>(&call.arguments)
             .ok()
             .and_then(|v| v.get("command").and_then(Value::as_str).map(str::to_string));
         let checked = match (&command, call.name.as_str()) {
-            _ if over_limit => Err(format!(
-                "refused: at most {MAX_TOOL_ROUNDS} rounds of tool calls per question"
+            _ if call.too_long => Err(format!(
+                "refused: the call's arguments are longer than {} KiB",
+                MAX_TOOL_ARGUMENT_BYTES >> 10
             )),
             (_, name) if name != "run_command" => Err(format!("refused: there is no tool `{name}`; use run_command")),
             (None, _) => Err("refused: the arguments must be {\"command\": \"…\"}".to_string()),
@@ -350,9 +409,15 @@ impl OpenAiAgent {
                 return Ok(refusal);
             }
         };
+        let quoted = match shlex::try_join(words.iter().map(String::as_str)) {
+            Ok(q) => q,
+            Err(e) => {
+                let refusal = format!("refused: the command cannot be run as given ({e})");
+                let _ = ask.output.send(LogStream::Stderr, format!("[tool] {refusal}")).await;
+                return Ok(refusal);
+            }
+        };
         let _ = ask.output.send(LogStream::Stdout, format!("[tool] $ {shown}")).await;
-        let quoted = shlex::try_join(words.iter().map(String::as_str))
-            .map_err(|e| agent_error(None, format!("cannot quote the tool call: {e}")))?;
         let line = format!("exec {quoted}");
         let (inner, mut rx) = OutputSink::bounded(64);
         let run = self.process.run_process(
@@ -389,6 +454,17 @@ impl OpenAiAgent {
         };
         let _ = ask.output.send(LogStream::Stdout, format!("[tool] exit {code}")).await;
         Ok(format!("exit code {code}\n{seen}"))
+    }
+}
+
+impl OpenAiAgent {
+    /// `text` without the API key (a server may echo it back: an error quoting the
+    /// request's header, an answer repeating it), so the key never reaches Tanjiren.
+    fn scrub(&self, text: String) -> String {
+        match &self.key {
+            Ok(Some(k)) if k.0.len() >= 8 && text.contains(&k.0) => text.replace(&k.0, "[redacted API key]"),
+            _ => text,
+        }
     }
 }
 
@@ -499,8 +575,10 @@ struct Completion {
 struct ToolCall {
     id: String,
     name: String,
-    /// JSON text, assembled from the stream's fragments.
+    /// JSON text, assembled from the stream's fragments (at most [`MAX_TOOL_ARGUMENT_BYTES`]).
     arguments: String,
+    /// The arguments were longer than that: the call is refused.
+    too_long: bool,
 }
 
 impl Completion {
@@ -516,16 +594,108 @@ impl Completion {
         }
         let call = &mut self.tool_calls[index];
         if let Some(id) = delta.get("id").and_then(Value::as_str) {
-            call.id = id.to_string();
+            call.id = cut(id, 256);
         }
         if let Some(f) = delta.get("function") {
             if let Some(name) = f.get("name").and_then(Value::as_str) {
-                call.name.push_str(name);
+                push_bounded(&mut call.name, name, 256);
             }
             if let Some(args) = f.get("arguments").and_then(Value::as_str) {
-                call.arguments.push_str(args);
+                if call.arguments.len() + args.len() > MAX_TOOL_ARGUMENT_BYTES {
+                    call.too_long = true;
+                } else {
+                    call.arguments.push_str(args);
+                }
             }
         }
+    }
+}
+
+/// Appends `text` to `to` while `to` stays within `max` bytes (cut on a character boundary).
+fn push_bounded(to: &mut String, text: &str, max: usize) {
+    let room = max.saturating_sub(to.len());
+    if text.len() <= room {
+        to.push_str(text);
+    } else {
+        let mut end = room;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        to.push_str(&text[..end]);
+    }
+}
+
+/// Server-sent events decoded chunk by chunk, in memory bounded by
+/// [`MAX_EVENT_BYTES`] and in time linear in the bytes: only a chunk's new bytes are
+/// searched for line ends (a general-purpose SSE parser that rescanned its buffer,
+/// and never returned while the server kept sending one endless line, let a server
+/// pin the worker and starve cancellation). Only `data:` fields matter to Chat
+/// Completions (`event:`, `id:`, `retry:` and comments are skipped); an event is the
+/// `data` lines before a blank line, joined by new lines.
+#[derive(Default)]
+struct SseDecoder {
+    line: Vec<u8>,
+    data: String,
+    has_data: bool,
+}
+
+impl SseDecoder {
+    /// The events completed by `chunk`.
+    fn feed(&mut self, chunk: &[u8]) -> Result<Vec<String>, String> {
+        let mut events = Vec::new();
+        for piece in chunk.split_inclusive(|b| *b == b'\n') {
+            let (body, ends) = match piece.split_last() {
+                Some((b'\n', body)) => (body, true),
+                _ => (piece, false),
+            };
+            if self.line.len() + body.len() > MAX_EVENT_BYTES {
+                return Err(format!("a line longer than {} KiB", MAX_EVENT_BYTES >> 10));
+            }
+            self.line.extend_from_slice(body);
+            if ends {
+                let line = std::mem::take(&mut self.line);
+                if let Some(event) = self.line_ended(&line)? {
+                    events.push(event);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// At the end of the body: the event left without its blank line, if any.
+    fn finish(&mut self) -> Result<Option<String>, String> {
+        let line = std::mem::take(&mut self.line);
+        let mut last = if line.is_empty() { None } else { self.line_ended(&line)? };
+        if last.is_none() && self.has_data {
+            self.has_data = false;
+            last = Some(std::mem::take(&mut self.data));
+        }
+        Ok(last)
+    }
+
+    fn line_ended(&mut self, line: &[u8]) -> Result<Option<String>, String> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if !self.has_data {
+                return Ok(None);
+            }
+            self.has_data = false;
+            return Ok(Some(std::mem::take(&mut self.data)));
+        }
+        let Some(value) = line.strip_prefix(b"data:") else {
+            return Ok(None);
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        let value = std::str::from_utf8(value).map_err(|_| "an event that is not UTF-8".to_string())?;
+        if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
+            return Err(format!("an event longer than {} KiB", MAX_EVENT_BYTES >> 10));
+        }
+        if self.has_data {
+            self.data.push('\n');
+        }
+        self.data.push_str(value);
+        self.has_data = true;
+        Ok(None)
     }
 }
 
@@ -536,13 +706,17 @@ struct LineBuffer {
 }
 
 impl LineBuffer {
+    /// Linear in `text`: only the new text is searched for line ends, and a line that
+    /// grows past [`MAX_LINE_BYTES`] is sent in pieces of that size.
     async fn push(&mut self, text: &str, output: &OutputSink) -> Result<(), crate::executor::SinkClosed> {
-        self.pending.push_str(text);
-        while let Some(at) = self.pending.find('\n') {
-            let line: String = self.pending.drain(..=at).collect();
-            output
-                .send(LogStream::Stdout, line.trim_end_matches(['\n', '\r']).to_string())
-                .await?;
+        for piece in text.split_inclusive('\n') {
+            self.pending.push_str(piece);
+            if piece.ends_with('\n') || self.pending.len() >= MAX_LINE_BYTES {
+                let line = std::mem::take(&mut self.pending);
+                output
+                    .send(LogStream::Stdout, line.trim_end_matches(['\n', '\r']).to_string())
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -576,6 +750,72 @@ mod tests {
     #[test]
     fn the_key_never_prints() {
         assert_eq!(format!("{:?}", ApiKey("sk-secret".into())), "ApiKey(***)");
+    }
+
+    #[test]
+    fn events_survive_any_chunking_and_crlf() {
+        let stream =
+            b"data: {\"a\":1}\r\n\r\n: a comment\nevent: x\ndata: line one\ndata: line two\n\ndata: [DONE]\n\n";
+        for size in [1, 2, 3, 7, stream.len()] {
+            let mut d = SseDecoder::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(size) {
+                got.extend(d.feed(chunk).unwrap());
+            }
+            got.extend(d.finish().unwrap());
+            assert_eq!(got, ["{\"a\":1}", "line one\nline two", "[DONE]"], "chunks of {size}");
+        }
+        // An event cut off by the end of the body still counts.
+        let mut d = SseDecoder::default();
+        assert!(d.feed(b"data: tail").unwrap().is_empty());
+        assert_eq!(d.finish().unwrap().as_deref(), Some("tail"));
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_without_holding_more_than_the_bound() {
+        let mut d = SseDecoder::default();
+        let mb = vec![b'a'; 256 * 1024];
+        let mut refused = None;
+        for i in 0..16 {
+            if let Err(e) = d.feed(&mb) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (at, e) = refused.expect("refused");
+        assert_eq!(at, 4, "refused as soon as the line passed 1 MiB");
+        assert!(e.contains("longer than 1024 KiB"), "{e}");
+        assert!(d.line.len() <= MAX_EVENT_BYTES);
+        let mut d = SseDecoder::default();
+        assert!(d.feed(b"data: \xff\n").unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn bounded_pushes_stop_at_the_bound_on_a_character_boundary() {
+        let mut s = String::new();
+        push_bounded(&mut s, "ab", 3);
+        push_bounded(&mut s, "éé", 3);
+        assert_eq!(s, "ab");
+        push_bounded(&mut s, "c", 3);
+        assert_eq!(s, "abc");
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_shipped_in_bounded_pieces() {
+        let (sink, mut rx) = OutputSink::bounded(64);
+        let mut b = LineBuffer::default();
+        let chunk = "x".repeat(10_000);
+        for _ in 0..20 {
+            b.push(&chunk, &sink).await.unwrap();
+        }
+        b.finish(&sink).await.unwrap();
+        drop(sink);
+        let mut total = 0;
+        while let Some(l) = rx.recv().await {
+            assert!(l.text.len() <= MAX_LINE_BYTES + 10_000, "{}", l.text.len());
+            total += l.text.len();
+        }
+        assert_eq!(total, 200_000);
     }
 
     #[tokio::test]
