@@ -150,6 +150,20 @@ pub enum Role {
 pub const SYSTEM_PROMPT: &str = "You are the AI agent on a workstation managed by Tanjiren. \
 Answer the operator's request about this workstation precisely and concisely.";
 
+/// The conversation of a `prompt` step: the system turn, then the prompt.
+pub fn prompt_turns(prompt: &str) -> Vec<Turn> {
+    vec![
+        Turn {
+            role: Role::System,
+            content: SYSTEM_PROMPT.into(),
+        },
+        Turn {
+            role: Role::User,
+            content: prompt.into(),
+        },
+    ]
+}
+
 /// The conversation that puts question `index` (0-based) of an investigation to the
 /// agent: the system turn, then every earlier question with its answer, then this
 /// question. `answers` holds the answers to questions `0..index`.
@@ -475,16 +489,7 @@ mod tests {
 
     #[test]
     fn a_single_prompt_flattens_to_itself_and_a_conversation_to_headed_parts() {
-        let one = vec![
-            Turn {
-                role: Role::System,
-                content: SYSTEM_PROMPT.into(),
-            },
-            Turn {
-                role: Role::User,
-                content: "Review auth.rs".into(),
-            },
-        ];
+        let one = prompt_turns("Review auth.rs");
         assert_eq!(flatten(&one), "Review auth.rs");
         let first_question = flatten(&question_turns(&qs(2), &[], 0));
         assert!(first_question.starts_with("## Context"), "{first_question}");

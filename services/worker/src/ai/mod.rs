@@ -13,7 +13,7 @@ use crate::executor::{BoxFuture, OutputSink, succeeded};
 use crate::shell::{ShellExecutor, deadline_after, failed};
 use std::sync::Arc;
 use tanjiren_shared::agents::{
-    AgentAdapter, AgentReport, TokenUsage, Turn, bound_response, question_turns, summary_turns,
+    AgentAdapter, AgentReport, TokenUsage, Turn, bound_response, prompt_turns, question_turns, summary_turns,
 };
 use tanjiren_shared::config::Config;
 use tanjiren_shared::model::{FailureReason, Mode};
@@ -74,116 +74,115 @@ pub(crate) async fn run_step(
     output: OutputSink,
     cancel: &CancellationToken,
 ) -> StepResult {
-    let deadline = deadline_after(assignment.timeout_secs);
+    let step = Step {
+        ai,
+        assignment,
+        output: &output,
+        cancel,
+        deadline: deadline_after(assignment.timeout_secs),
+    };
     match &assignment.mode {
-        Mode::Prompt { prompt } => {
-            let turns = vec![
-                Turn {
-                    role: tanjiren_shared::agents::Role::System,
-                    content: tanjiren_shared::agents::SYSTEM_PROMPT.into(),
-                },
-                Turn {
-                    role: tanjiren_shared::agents::Role::User,
-                    content: prompt.clone(),
-                },
-            ];
-            let answer = ai
-                .ask(Ask {
-                    assignment,
-                    turns: &turns,
-                    output: &output,
-                    cancel,
-                    deadline,
-                })
-                .await;
-            match answer.and_then(|a| non_empty(ai, a)) {
-                Ok(a) => answered(a.text, a.model, a.usage),
-                Err(ended) => ended,
-            }
-        }
-        Mode::Investigate { questions } => {
-            let mut answers: Vec<String> = Vec::with_capacity(questions.len());
-            let mut usage: Option<TokenUsage> = None;
-            let mut model = None;
-            let add = |usage: &mut Option<TokenUsage>, u: Option<TokenUsage>| {
-                if let Some(u) = u {
-                    usage.get_or_insert_with(TokenUsage::default).add(u);
-                }
-            };
-            for (i, question) in questions.iter().enumerate() {
-                let heading = format!("── question {}/{}: {question}", i + 1, questions.len());
-                if output.send(LogStream::Stdout, heading).await.is_err() {
-                    return ended_early(cancel);
-                }
-                let turns = question_turns(questions, &answers, i);
-                let asked = ai
-                    .ask(Ask {
-                        assignment,
-                        turns: &turns,
-                        output: &output,
-                        cancel,
-                        deadline,
-                    })
-                    .await
-                    .and_then(|a| non_empty(ai, a));
-                let answer = match asked {
-                    Ok(a) => a,
-                    Err(mut ended) => {
-                        let note = format!("at question {} of {}", i + 1, questions.len());
-                        ended.message = Some(match ended.message.take() {
-                            Some(m) => format!("{m} ({note}; {i} answered and kept)"),
-                            None => note,
-                        });
-                        ended.agent = Some(AgentReport {
-                            response: String::new(),
-                            model,
-                            usage,
-                        });
-                        return ended;
-                    }
-                };
-                add(&mut usage, answer.usage);
-                model = answer.model.or(model);
-                let text = bound_response(answer.text);
-                if output.answer(i as u32, text.clone()).await.is_err() {
-                    return ended_early(cancel);
-                }
-                answers.push(text);
-            }
-            if output.send(LogStream::Stdout, "── summary".to_string()).await.is_err() {
-                return ended_early(cancel);
-            }
-            let turns = summary_turns(questions, &answers);
-            match ai
-                .ask(Ask {
-                    assignment,
-                    turns: &turns,
-                    output: &output,
-                    cancel,
-                    deadline,
-                })
-                .await
-                .and_then(|a| non_empty(ai, a))
-            {
-                Ok(a) => {
-                    add(&mut usage, a.usage);
-                    answered(a.text, a.model.or(model), usage)
-                }
-                Err(mut ended) => {
-                    let note = format!(
-                        "writing the summary; all {} questions answered and kept",
-                        questions.len()
-                    );
-                    ended.message = Some(match ended.message.take() {
-                        Some(m) => format!("{m} ({note})"),
-                        None => note,
-                    });
-                    ended
-                }
-            }
-        }
+        Mode::Prompt { prompt } => match step.ask(&prompt_turns(prompt)).await {
+            Ok(a) => answered(a.text, a.model, a.usage),
+            Err(ended) => ended,
+        },
+        Mode::Investigate { questions } => step.investigate(questions).await,
         Mode::Command { .. } => failed(None, Some(FailureReason::Unsupported), "not an agent step".into()),
     }
+}
+
+/// One agent step under way: what every question of it shares.
+struct Step<'a> {
+    ai: &'a dyn AiBackend,
+    assignment: &'a Assignment,
+    output: &'a OutputSink,
+    cancel: &'a CancellationToken,
+    deadline: Instant,
+}
+
+impl Step<'_> {
+    /// One conversation; an empty answer is a failure ([`non_empty`]).
+    async fn ask(&self, turns: &[Turn]) -> Result<Answer, StepResult> {
+        self.ai
+            .ask(Ask {
+                assignment: self.assignment,
+                turns,
+                output: self.output,
+                cancel: self.cancel,
+                deadline: self.deadline,
+            })
+            .await
+            .and_then(|a| non_empty(self.ai, a))
+    }
+
+    /// Each question in order with the earlier answers as context, every answer handed
+    /// over as evidence at once, then the summary. A failure says how far it got; what
+    /// was answered is kept.
+    async fn investigate(&self, questions: &[String]) -> StepResult {
+        let mut answers: Vec<String> = Vec::with_capacity(questions.len());
+        let mut usage: Option<TokenUsage> = None;
+        let mut model = None;
+        let add = |usage: &mut Option<TokenUsage>, u: Option<TokenUsage>| {
+            if let Some(u) = u {
+                usage.get_or_insert_with(TokenUsage::default).add(u);
+            }
+        };
+        for (i, question) in questions.iter().enumerate() {
+            let heading = format!("── question {}/{}: {question}", i + 1, questions.len());
+            if self.output.send(LogStream::Stdout, heading).await.is_err() {
+                return ended_early(self.cancel);
+            }
+            let answer = match self.ask(&question_turns(questions, &answers, i)).await {
+                Ok(a) => a,
+                Err(ended) => {
+                    let note = format!("at question {} of {}; {i} answered and kept", i + 1, questions.len());
+                    return with_note(ended, &note, model, usage);
+                }
+            };
+            add(&mut usage, answer.usage);
+            model = answer.model.or(model);
+            let text = bound_response(answer.text);
+            if self.output.answer(i as u32, text.clone()).await.is_err() {
+                return ended_early(self.cancel);
+            }
+            answers.push(text);
+        }
+        if self
+            .output
+            .send(LogStream::Stdout, "── summary".to_string())
+            .await
+            .is_err()
+        {
+            return ended_early(self.cancel);
+        }
+        match self.ask(&summary_turns(questions, &answers)).await {
+            Ok(a) => {
+                add(&mut usage, a.usage);
+                answered(a.text, a.model.or(model), usage)
+            }
+            Err(ended) => {
+                let note = format!(
+                    "writing the summary; all {} questions answered and kept",
+                    questions.len()
+                );
+                with_note(ended, &note, model, usage)
+            }
+        }
+    }
+}
+
+/// A step that ended early, its message saying where, with what its agent used so far.
+fn with_note(mut ended: StepResult, note: &str, model: Option<String>, usage: Option<TokenUsage>) -> StepResult {
+    ended.message = Some(match ended.message.take() {
+        Some(m) => format!("{m} ({note})"),
+        None => note.to_string(),
+    });
+    ended.agent = Some(AgentReport {
+        response: String::new(),
+        model,
+        usage,
+    });
+    ended
 }
 
 /// An answer with no text is the agent's failure, not a success with nothing to
