@@ -187,10 +187,12 @@ struct EndedTask {
     attempt: i32,
     root_task_id: Uuid,
     investigation_id: Option<Uuid>,
+    mode: String,
 }
 
 #[derive(sqlx::FromRow)]
 struct StepLine {
+    id: Uuid,
     task_id: Uuid,
     workstation: Option<String>,
     status: Text<StepStatus>,
@@ -200,7 +202,6 @@ struct StepLine {
     failure_reason: Option<String>,
     log_truncated: bool,
     message: Option<String>,
-    response: Option<String>,
 }
 
 /// Writes the summary of each ended task that has none yet (one insert; a
@@ -208,7 +209,7 @@ struct StepLine {
 pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<usize, WireError> {
     let tasks: Vec<EndedTask> = sqlx::query_as(
         "SELECT t.id, t.org_id, t.intent, t.status, t.failure_reason, t.cancel_reason, t.attempt, t.root_task_id,
-                t.investigation_id
+                t.investigation_id, t.mode
          FROM tasks t
          -- A lateral probe per task (a parameterised look-up in artifacts_one_summary):
          -- with NOT EXISTS the planner may read every summary ever written instead.
@@ -225,19 +226,39 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
     }
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     let steps: Vec<StepLine> = sqlx::query_as(
-        "SELECT s.task_id, w.name AS workstation, s.status, s.exit_code, s.started_at, s.finished_at,
-                s.failure_reason, s.log_truncated, s.message,
-                -- A probe of artifacts_step_response: the step's agent answer, if any.
-                (SELECT left(a.body, $2) FROM artifacts a
-                 WHERE a.step_id = s.id AND a.kind IN ('response', 'summary') LIMIT 1) AS response
+        "SELECT s.id, s.task_id, w.name AS workstation, s.status, s.exit_code, s.started_at, s.finished_at,
+                s.failure_reason, s.log_truncated, s.message
          FROM steps s LEFT JOIN workstations w ON w.id = s.workstation_id
          WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.id",
     )
     .bind(&ids)
-    .bind(SUMMARY_RESPONSE_BYTES as i32 + 1)
     .fetch_all(&conns.hot)
     .await
     .map_err(db_error)?;
+    // The answers of agent steps (prompt responses, investigations' closing
+    // summaries): looked up only when some ended task ran on an agent.
+    let agent_tasks: std::collections::HashSet<Uuid> =
+        tasks.iter().filter(|t| t.mode != "command").map(|t| t.id).collect();
+    let agent_steps: Vec<Uuid> = steps
+        .iter()
+        .filter(|s| agent_tasks.contains(&s.task_id))
+        .map(|s| s.id)
+        .collect();
+    let mut responses: HashMap<Uuid, String> = if agent_steps.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, String)>(
+            "SELECT step_id, left(body, $2) FROM artifacts
+             WHERE step_id = ANY($1) AND step_id IS NOT NULL AND kind IN ('response', 'summary')",
+        )
+        .bind(&agent_steps)
+        .bind(SUMMARY_RESPONSE_BYTES as i32 + 1)
+        .fetch_all(&conns.hot)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .collect()
+    };
     let errors: Vec<(Uuid, Option<String>, i64, String)> = sqlx::query_as(
         "SELECT task_id, workstation, count, exemplar FROM (
             SELECT g.task_id, w.name AS workstation, g.count, g.exemplar,
@@ -267,7 +288,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             failure_reason: s.failure_reason,
             log_truncated: s.log_truncated,
             message: s.message,
-            response: s.response,
+            response: responses.remove(&s.id),
         });
     }
     for (task, ws, count, exemplar) in errors {

@@ -15,6 +15,7 @@ use crate::{Connections, db_error};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use tanjiren_bus::events::publish_task_event;
 use tanjiren_shared::approvals::{RequestFacts, request_digest};
 use tanjiren_shared::config::Config;
@@ -448,6 +449,63 @@ impl KeyHolder {
     }
 }
 
+/// The rows of a batch as a table: `$1`–`$17` column by column, then what
+/// `extra_columns` adds (`, $20::uuid[]` …) under `extra_names`.
+fn task_rows(extra_columns: &str, extra_names: &str) -> String {
+    format!(
+        "SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
+                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                queue_timeout_secs, created_by_token_id, schedule_id
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
+                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
+                     $17::uuid[]{extra_columns})
+              AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
+                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+                   queue_timeout_secs, created_by_token_id, schedule_id{extra_names})"
+    )
+}
+
+const INSERT_INTO_TASKS: &str =
+    "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status,
+    timeout_secs, retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
+    queue_timeout_secs, created_by_token_id, schedule_id)";
+
+/// Inserts a batch in which no task belongs to an investigation (the common case).
+static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{INSERT_INTO_TASKS} {rows}
+         ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+        rows = task_rows("", "")
+    )
+});
+
+/// Inserts a batch with investigations. An investigate task without one opens it in the
+/// same statement, only if the task itself is inserted (not when its idempotency key
+/// was taken). A task joining an investigation is inserted only if it is still open,
+/// checked under a share lock: `investigations.close` waits for this insert, and an
+/// insert waiting for a close sees it closed (no task lands after a close).
+static INSERT_WITH_INVESTIGATIONS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH open_inv AS (
+            SELECT id FROM investigations WHERE id = ANY($20::uuid[]) AND status = 'open' FOR SHARE
+         ), ins AS (
+            {INSERT_INTO_TASKS} {rows}
+            WHERE t.joins IS NULL OR t.joins IN (SELECT id FROM open_inv)
+            ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING id, org_id, created_by
+         ), opened AS (
+            INSERT INTO investigations (id, org_id, title, opened_by, opened_by_task_id)
+            SELECT n.investigation_id, ins.org_id, n.title, ins.created_by, ins.id
+            FROM unnest($1::uuid[], $18::uuid[], $19::text[]) AS n(task_id, investigation_id, title)
+            JOIN ins ON ins.id = n.task_id
+            WHERE n.investigation_id IS NOT NULL
+         )
+         SELECT id FROM ins",
+        rows = task_rows(", $20::uuid[]", ", joins")
+    )
+});
+
 async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<Inserted>, WireError> {
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
@@ -497,62 +555,36 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
         creator_ids.push(r.created_by_token_id);
         schedules.push(r.schedule_id);
     }
-    // An investigate task without an investigation opens one in the same statement,
-    // only if the task itself is inserted (not when its idempotency key was taken).
-    // A task joining an investigation is inserted only if the investigation is still
-    // open, checked under a share lock: `investigations.close` waits for this insert,
-    // and an insert waiting for a close sees it closed (no task lands after a close).
-    let inserted: Vec<(Uuid,)> = sqlx::query_as(
-        "WITH open_inv AS (
-         SELECT id FROM investigations WHERE id = ANY($20::uuid[]) AND status = 'open' FOR SHARE
-         ), ins AS (
-         INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status, timeout_secs, retry_policy,
-                            investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, queue_timeout_secs,
-                            created_by_token_id, schedule_id)
-         SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
-                retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                queue_timeout_secs, created_by_token_id, schedule_id
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
-                     $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
-                     $17::uuid[], $20::uuid[])
-              AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
-                   investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                   queue_timeout_secs, created_by_token_id, schedule_id, joins)
-         WHERE t.joins IS NULL OR t.joins IN (SELECT id FROM open_inv)
-         ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id, org_id, created_by
-         ), opened AS (
-         INSERT INTO investigations (id, org_id, title, opened_by, opened_by_task_id)
-         SELECT n.investigation_id, ins.org_id, n.title, ins.created_by, ins.id
-         FROM unnest($1::uuid[], $18::uuid[], $19::text[]) AS n(task_id, investigation_id, title)
-         JOIN ins ON ins.id = n.task_id
-         WHERE n.investigation_id IS NOT NULL
-         )
-         SELECT id FROM ins",
-    )
-    .bind(&ids)
-    .bind(&orgs)
-    .bind(&intents)
-    .bind(&modes)
-    .bind(&payloads)
-    .bind(&targets)
-    .bind(&timeouts)
-    .bind(&policies)
-    .bind(&investigations)
-    .bind(&keys)
-    .bind(&retry_ofs)
-    .bind(&roots)
-    .bind(&attempts)
-    .bind(&creators)
-    .bind(&queue_timeouts)
-    .bind(&creator_ids)
-    .bind(&schedules)
-    .bind(&new_investigations)
-    .bind(&new_titles)
-    .bind(&joins)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| match &e {
+    let with_investigations = rows.iter().any(|r| r.investigation_id.is_some());
+    let sql = if with_investigations {
+        INSERT_WITH_INVESTIGATIONS_SQL.as_str()
+    } else {
+        INSERT_SQL.as_str()
+    };
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .bind(&orgs)
+        .bind(&intents)
+        .bind(&modes)
+        .bind(&payloads)
+        .bind(&targets)
+        .bind(&timeouts)
+        .bind(&policies)
+        .bind(&investigations)
+        .bind(&keys)
+        .bind(&retry_ofs)
+        .bind(&roots)
+        .bind(&attempts)
+        .bind(&creators)
+        .bind(&queue_timeouts)
+        .bind(&creator_ids)
+        .bind(&schedules);
+    let query = if with_investigations {
+        query.bind(&new_investigations).bind(&new_titles).bind(&joins)
+    } else {
+        query
+    };
+    let inserted: Vec<(Uuid,)> = query.fetch_all(&mut *conn).await.map_err(|e| match &e {
         sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
             WireError::invalid("a referenced task or workstation no longer exists")
         }
