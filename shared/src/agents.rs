@@ -178,16 +178,7 @@ pub fn question_turns(questions: &[String], answers: &[String], index: usize) ->
              answer each with the evidence you find; the earlier questions and your answers are given."
         ),
     }];
-    for (q, a) in questions[..index].iter().zip(&answers[..index]) {
-        turns.push(Turn {
-            role: Role::User,
-            content: q.clone(),
-        });
-        turns.push(Turn {
-            role: Role::Assistant,
-            content: a.clone(),
-        });
-    }
+    push_answered(&mut turns, &questions[..index], &answers[..index]);
     turns.push(Turn {
         role: Role::User,
         content: questions[index].clone(),
@@ -195,11 +186,8 @@ pub fn question_turns(questions: &[String], answers: &[String], index: usize) ->
     turns
 }
 
-/// The request for an investigation's closing summary: every question and answer of
-/// this run, then the ask.
-pub fn summary_turns(questions: &[String], answers: &[String]) -> Vec<Turn> {
-    let mut turns = question_turns(questions, answers, 0);
-    turns.pop();
+/// Each question followed by its answer.
+fn push_answered(turns: &mut Vec<Turn>, questions: &[String], answers: &[String]) {
     for (q, a) in questions.iter().zip(answers) {
         turns.push(Turn {
             role: Role::User,
@@ -210,6 +198,14 @@ pub fn summary_turns(questions: &[String], answers: &[String]) -> Vec<Turn> {
             content: a.clone(),
         });
     }
+}
+
+/// The request for an investigation's closing summary: every question and answer of
+/// this run, then the ask.
+pub fn summary_turns(questions: &[String], answers: &[String]) -> Vec<Turn> {
+    let mut turns = question_turns(questions, answers, 0);
+    turns.pop();
+    push_answered(&mut turns, questions, answers);
     turns.push(Turn {
         role: Role::User,
         content: SUMMARY_REQUEST.into(),

@@ -108,6 +108,43 @@ async fn cancel(env: &TestEnv, task: TaskId) {
         .unwrap();
 }
 
+/// Waits until the worker confirmed that the task's (first) step stopped.
+async fn wait_stop_confirmed(env: &TestEnv, task: TaskId) {
+    let deadline = Instant::now() + WAIT;
+    while env.get(task).await.unwrap().steps[0].stop_confirmed_at.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never confirmed the stop of {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ended task's step message (after waiting for the task to end).
+async fn step_message(env: &TestEnv, task: TaskId) -> String {
+    let t = env.wait_terminal(task, WAIT).await;
+    t.steps[0].message.clone().unwrap_or_default()
+}
+
+async fn open_investigation(env: &TestEnv, title: &str) -> Result<InvestigationView, tanjiren_shared::WireError> {
+    env.call(
+        &env.conns.subjects.investigations_create(),
+        &env.member_token,
+        &CreateInvestigationRequest { title: title.into() },
+    )
+    .await
+}
+
+async fn get_investigation(env: &TestEnv, id: uuid::Uuid) -> InvestigationView {
+    env.call(
+        &env.conns.subjects.investigations_get(),
+        &env.member_token,
+        &GetInvestigationRequest { investigation_id: id },
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_prompt_on_a_cli_agent_streams_to_the_log_and_keeps_its_response() {
     let env = TestEnv::new().await;
@@ -276,8 +313,7 @@ async fn an_openai_prompt_streams_records_usage_and_model_and_never_leaks_the_ke
         .await
         .unwrap()
         .task_id;
-    let t = env.wait_terminal(echoed, WAIT).await;
-    let message = t.steps[0].message.clone().unwrap_or_default();
+    let message = step_message(&env, echoed).await;
     assert!(
         message.contains("bad credentials: Bearer [redacted API key]"),
         "{message}"
@@ -415,8 +451,7 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
     }
     // A redirect is not followed: the conversation goes nowhere else.
     let moved = env.create(&prompt("x [redirect]", &["ws-ai"])).await.unwrap().task_id;
-    let t = env.wait_terminal(moved, WAIT).await;
-    let message = t.steps[0].message.clone().unwrap_or_default();
+    let message = step_message(&env, moved).await;
     assert!(
         message.contains("HTTP 307") && message.contains("redirects are not followed"),
         "{message}"
@@ -424,8 +459,7 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
     // An endless line is refused at its bound, quickly, instead of being read for minutes.
     let started = Instant::now();
     let endless = env.create(&prompt("x [endless]", &["ws-ai"])).await.unwrap().task_id;
-    let t = env.wait_terminal(endless, WAIT).await;
-    let message = t.steps[0].message.clone().unwrap_or_default();
+    let message = step_message(&env, endless).await;
     assert!(message.contains("a line longer than 1024 KiB"), "{message}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -440,8 +474,7 @@ async fn agent_errors_are_named_and_retryable_ones_are_retried_honouring_retry_a
         })
         .await;
     let task = env.create(&prompt("hello", &["ws-no-v1"])).await.unwrap().task_id;
-    let t = env.wait_terminal(task, WAIT).await;
-    let message = t.steps[0].message.clone().unwrap_or_default();
+    let message = step_message(&env, task).await;
     assert!(
         message.contains("HTTP 404") && message.contains("does worker_agent_base_url end in `/v1`?"),
         "{message}"
@@ -544,16 +577,7 @@ async fn an_investigation_on_two_workstations_keeps_every_answer_in_order_and_a_
             .all(|s| s.body.starts_with("Answer: Summarise the findings"))
     );
     // The investigation record.
-    let view: InvestigationView = env
-        .call(
-            &env.conns.subjects.investigations_get(),
-            &env.member_token,
-            &GetInvestigationRequest {
-                investigation_id: investigation,
-            },
-        )
-        .await
-        .unwrap();
+    let view = get_investigation(&env, investigation).await;
     assert_eq!(view.title, "Disk pressure on the build hosts");
     assert_eq!(view.status, InvestigationStatus::Open);
     assert_eq!(view.opened_by_task_id, Some(reply.task_id));
@@ -584,13 +608,7 @@ async fn investigations_are_created_listed_closed_and_take_tasks_until_closed() 
         .await
         .unwrap();
     assert_eq!(opened.status, InvestigationStatus::Open);
-    let blank: Result<InvestigationView, _> = env
-        .call(
-            &s.investigations_create(),
-            &env.member_token,
-            &CreateInvestigationRequest { title: " ".into() },
-        )
-        .await;
+    let blank = open_investigation(&env, " ").await;
     assert_eq!(blank.unwrap_err().code, ErrorCode::InvalidRequest);
     // A prompt and an investigation join it; neither opens another.
     let mut spec = investigate("login latency", &["How slow is sshd?"], &["ws-a"]);
@@ -675,14 +693,7 @@ async fn investigations_are_created_listed_closed_and_take_tasks_until_closed() 
     assert_eq!(all.investigations.len(), 2);
     assert!(all.investigations[0].investigation_id > all.investigations[1].investigation_id);
     // An artifact of a task goes with the task's investigation, not another.
-    let other: InvestigationView = env
-        .call(
-            &s.investigations_create(),
-            &env.member_token,
-            &CreateInvestigationRequest { title: "other".into() },
-        )
-        .await
-        .unwrap();
+    let other = open_investigation(&env, "other").await.unwrap();
     let misfiled: Result<tanjiren_shared::artifacts::AddArtifactReply, _> = env
         .call(
             &s.artifacts_add(),
@@ -759,11 +770,7 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
     cancel(&env, slow).await;
     let t = env.wait_terminal(slow, WAIT).await;
     assert_eq!(t.status, TaskStatus::Cancelled);
-    let deadline = Instant::now() + WAIT;
-    while env.get(slow).await.unwrap().steps[0].stop_confirmed_at.is_none() {
-        assert!(Instant::now() < deadline, "the worker never confirmed the stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stop_confirmed(&env, slow).await;
     assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
 
     // Cancel while an error response's body stalls.
@@ -780,11 +787,7 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
     cancel(&env, stalled).await;
-    let deadline = Instant::now() + WAIT;
-    while env.get(stalled).await.unwrap().steps[0].stop_confirmed_at.is_none() {
-        assert!(Instant::now() < deadline, "the worker never confirmed the stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stop_confirmed(&env, stalled).await;
     assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
 
     let questions = ["first?", "second [slow]?", "third?"];
@@ -1008,16 +1011,7 @@ async fn a_schedule_of_an_investigation_keeps_its_ticks_in_one_investigation() {
         .template
         .investigation_id
         .expect("the schedule opened an investigation for its ticks");
-    let view: InvestigationView = env
-        .call(
-            &env.conns.subjects.investigations_get(),
-            &env.member_token,
-            &GetInvestigationRequest {
-                investigation_id: investigation,
-            },
-        )
-        .await
-        .unwrap();
+    let view = get_investigation(&env, investigation).await;
     assert_eq!(view.title, "disk check (schedule nightly-disk)");
     // Every tick's task names it (the template is what each tick creates).
     let tick = created.template.to_spec("tick-1".into());
@@ -1035,14 +1029,7 @@ async fn a_task_racing_the_close_of_its_investigation_is_refused() {
     let env = TestEnv::new().await;
     let services = env.start_all().await;
     env.workstation("ws-a").await;
-    let opened: InvestigationView = env
-        .call(
-            &env.conns.subjects.investigations_create(),
-            &env.member_token,
-            &CreateInvestigationRequest { title: "race".into() },
-        )
-        .await
-        .unwrap();
+    let opened = open_investigation(&env, "race").await.unwrap();
     let inv = opened.investigation_id;
     let mut closing = env.conns.db.begin().await.unwrap();
     sqlx::query("UPDATE investigations SET status = 'closed', closed_at = now(), closed_by = 'test' WHERE id = $1")

@@ -7,8 +7,8 @@
 //! JSON-lines output (`worker_agent_response_pointer`). A non-zero exit is
 //! `agent_error` with the exit code.
 
-use super::{AiBackend, Answer, Ask, agent_error};
-use crate::executor::{BoxFuture, OutputSink};
+use super::{AiBackend, Answer, Ask, agent_error, run_captured};
+use crate::executor::BoxFuture;
 use crate::shell::{ProcessRun, ShellExecutor};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -52,37 +52,21 @@ impl CliAgent {
         }
         // The agent's standard input is the prompt; the rest is the configured command.
         let command = format!("exec <\"$TANJIREN_PROMPT_FILE\"\n{}", self.command);
-        let (inner, mut lines) = OutputSink::bounded(64);
-        let run = self.process.run_process(
-            ProcessRun {
-                assignment: ask.assignment,
-                command: &command,
-                env: &env,
-                deadline: ask.deadline,
-            },
-            inner,
-            ask.cancel,
-        );
-        // Forward every line to the step's output, keeping standard output as the response.
-        let capture = async {
-            let mut stdout = String::new();
-            let mut full = false;
-            while let Some(line) = lines.recv().await {
-                if line.stream == LogStream::Stdout && !full {
-                    if stdout.len() + line.text.len() + 1 > 2 * MAX_RESPONSE_BYTES {
-                        full = true;
-                    } else {
-                        stdout.push_str(&line.text);
-                        stdout.push('\n');
-                    }
-                }
-                if ask.output.send(line.stream, line.text).await.is_err() {
-                    break;
-                }
-            }
-            stdout
+        // Every line goes to the step's log; standard output is also the response.
+        let run = ProcessRun {
+            assignment: ask.assignment,
+            command: &command,
+            env: &env,
+            deadline: ask.deadline,
         };
-        let (result, stdout) = tokio::join!(run, capture);
+        let (result, stdout) = run_captured(
+            &self.process,
+            run,
+            &ask,
+            |stream| stream == LogStream::Stdout,
+            2 * MAX_RESPONSE_BYTES,
+        )
+        .await;
         drop(file);
         match (result.status, result.failure_reason) {
             (StepStatus::Succeeded, _) => {}

@@ -10,7 +10,7 @@ pub(crate) mod cli;
 pub(crate) mod openai;
 
 use crate::executor::{BoxFuture, OutputSink, succeeded};
-use crate::shell::{ShellExecutor, deadline_after, failed};
+use crate::shell::{ProcessRun, ShellExecutor, deadline_after, failed};
 use std::sync::Arc;
 use tanjiren_shared::agents::{
     AgentAdapter, AgentReport, TokenUsage, Turn, bound_response, prompt_turns, question_turns, summary_turns,
@@ -183,6 +183,39 @@ fn with_note(mut ended: StepResult, note: &str, model: Option<String>, usage: Op
         usage,
     });
     ended
+}
+
+/// Runs `run` as one of the step's processes (a CLI agent, a tool call): every line
+/// goes to the step's output, and the lines of the streams `keep` selects are kept
+/// too, up to `max` bytes (each ending in a new line), and returned with the result.
+pub(crate) async fn run_captured(
+    process: &ShellExecutor,
+    run: ProcessRun<'_>,
+    ask: &Ask<'_>,
+    keep: fn(LogStream) -> bool,
+    max: usize,
+) -> (StepResult, String) {
+    let (inner, mut lines) = OutputSink::bounded(64);
+    let running = process.run_process(run, inner, ask.cancel);
+    let capture = async {
+        let mut kept = String::new();
+        let mut full = false;
+        while let Some(line) = lines.recv().await {
+            if keep(line.stream) && !full {
+                if kept.len() + line.text.len() + 1 > max {
+                    full = true;
+                } else {
+                    kept.push_str(&line.text);
+                    kept.push('\n');
+                }
+            }
+            if ask.output.send(line.stream, line.text).await.is_err() {
+                break;
+            }
+        }
+        kept
+    };
+    tokio::join!(running, capture)
 }
 
 /// An answer with no text is the agent's failure, not a success with nothing to

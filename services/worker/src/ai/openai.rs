@@ -8,7 +8,7 @@
 //! when the allow-list admits them (and are refused, with the reason shown to the
 //! model, when it does not). The API key is sent as a bearer token and nowhere else.
 
-use super::{AiBackend, Answer, Ask, agent_error, cancelled, timed_out};
+use super::{AiBackend, Answer, Ask, agent_error, cancelled, run_captured, timed_out};
 use crate::executor::{BoxFuture, OutputSink};
 use crate::shell::{ProcessRun, ShellExecutor};
 use futures::StreamExt;
@@ -419,31 +419,13 @@ impl OpenAiAgent {
         };
         let _ = ask.output.send(LogStream::Stdout, format!("[tool] $ {shown}")).await;
         let line = format!("exec {quoted}");
-        let (inner, mut rx) = OutputSink::bounded(64);
-        let run = self.process.run_process(
-            ProcessRun {
-                assignment: ask.assignment,
-                command: &line,
-                env: &[],
-                deadline: ask.deadline,
-            },
-            inner,
-            ask.cancel,
-        );
-        let capture = async {
-            let mut seen = String::new();
-            while let Some(l) = rx.recv().await {
-                if seen.len() + l.text.len() < MAX_TOOL_OUTPUT_BYTES {
-                    seen.push_str(&l.text);
-                    seen.push('\n');
-                }
-                if ask.output.send(l.stream, l.text).await.is_err() {
-                    break;
-                }
-            }
-            seen
+        let run = ProcessRun {
+            assignment: ask.assignment,
+            command: &line,
+            env: &[],
+            deadline: ask.deadline,
         };
-        let (result, seen) = tokio::join!(run, capture);
+        let (result, seen) = run_captured(&self.process, run, ask, |_| true, MAX_TOOL_OUTPUT_BYTES).await;
         let code = match (result.status, result.failure_reason) {
             (StepStatus::Succeeded, _) => 0,
             (StepStatus::Failed, Some(FailureReason::NonZeroExit)) => result.exit_code.unwrap_or(-1),
