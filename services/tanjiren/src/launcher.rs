@@ -96,6 +96,14 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
             w.workstation_id()
         );
         errln!("Try, in another terminal:  tanjiren task create --command 'echo hello from tanjiren' --wait");
+        match config.worker_agent_info() {
+            Ok(Some(agent)) => errln!(
+                "Its AI agent: {}{} (try: tanjiren task create --prompt 'What is this machine busy with?' --wait)",
+                agent.adapter,
+                agent.model.map(|m| format!(", model {m}")).unwrap_or_default()
+            ),
+            _ => errln!("It has no AI agent for prompt and investigate tasks (set worker_agent: docs/operations.md)."),
+        }
     }
     if let Some(addr) = ops_addr {
         errln!("Health and metrics: http://{addr}/healthz, /readyz, /metrics");

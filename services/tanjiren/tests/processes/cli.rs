@@ -53,6 +53,11 @@ impl Install {
 
     /// Starts `tanjiren up` and waits until it says it is ready.
     fn up(&self) -> Child {
+        self.up_with_banner().0
+    }
+
+    /// [`Install::up`], with the lines it printed until it was ready.
+    fn up_with_banner(&self) -> (Child, Vec<String>) {
         let mut child = self
             .cmd(&["up"])
             .stderr(Stdio::piped())
@@ -74,7 +79,7 @@ impl Install {
                 seen.push(line);
                 if ready {
                     std::thread::spawn(move || while rx.recv().is_ok() {});
-                    return child;
+                    return (child, seen);
                 }
             }
         }
@@ -121,7 +126,11 @@ fn up_with_an_agent_answers_a_prompt_and_an_investigation_from_the_cli() {
         "TANJIREN_WORKER_AGENT_COMMAND".into(),
         format!("sh {}", agent.display()),
     ));
-    let mut up = install.up();
+    let (mut up, banner) = install.up_with_banner();
+    assert!(
+        banner.iter().any(|l| l.starts_with("Its AI agent: command")),
+        "{banner:?}"
+    );
     let asked = install.run(&["task", "create", "--prompt", "Review the auth module", "--wait"]);
     let out = text(&asked);
     assert!(asked.status.success(), "{out}");
