@@ -106,6 +106,7 @@ mod tests {
             token_name: "ws".into(),
             role: Role::Worker,
             workstation_id: ws,
+            scopes: Vec::new(),
         }
     }
 

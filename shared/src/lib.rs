@@ -24,6 +24,7 @@ pub mod model;
 pub mod protocol;
 pub mod retry;
 pub mod schedules;
+pub mod scopes;
 pub mod secret;
 pub mod subjects;
 

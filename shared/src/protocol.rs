@@ -649,6 +649,9 @@ pub struct Principal {
     /// Set for a workstation credential: the one workstation it may act for.
     #[serde(default)]
     pub workstation_id: Option<WorkstationId>,
+    /// The token's scopes; empty: its role alone decides (see [`crate::scopes`]).
+    #[serde(default)]
+    pub scopes: Vec<crate::scopes::Scope>,
 }
 
 #[cfg(test)]

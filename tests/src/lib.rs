@@ -270,6 +270,11 @@ impl TestEnv {
         make_token(&self.conns, self.org, role, name).await
     }
 
+    /// A token of this organisation narrowed to `scopes` (`mcp:read`, `mcp:operate`).
+    pub async fn scoped_token(&self, role: Role, name: &str, scopes: &[&str]) -> String {
+        make_scoped_token(&self.conns, self.org, role, name, scopes).await
+    }
+
     /// Who a token is, as the services see it (for calling service functions directly).
     pub async fn principal(&self, token: &str) -> Principal {
         tanjiren_store::auth::TokenStore::new(self.conns.db.clone())
@@ -429,13 +434,18 @@ impl TestWorker {
 }
 
 async fn make_token(conns: &Connections, org: OrgId, role: Role, name: &str) -> String {
+    make_scoped_token(conns, org, role, name, &[]).await
+}
+
+async fn make_scoped_token(conns: &Connections, org: OrgId, role: Role, name: &str, scopes: &[&str]) -> String {
     let token = ApiToken::from_random(rand::random::<[u8; 32]>());
-    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash) VALUES ($1, $2, $3, $4, $5)")
+    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(Uuid::now_v7())
         .bind(org.as_uuid())
         .bind(name)
         .bind(role.as_str())
         .bind(token.hash())
+        .bind(scopes)
         .execute(&conns.db)
         .await
         .unwrap();

@@ -82,18 +82,16 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .route(s.approvals_mint(), Access::Approvers, tokens::handle)
         .await?;
     router
-        .route(s.approvals_pending(), Access::Operators, read::pending)
+        .route(s.approvals_pending(), Access::Readers, read::pending)
         .await?;
-    router.route(s.approvals_list(), Access::Operators, read::list).await?;
-    router
-        .route(s.doctrine_get(), Access::Operators, doctrines::get)
-        .await?;
+    router.route(s.approvals_list(), Access::Readers, read::list).await?;
+    router.route(s.doctrine_get(), Access::Readers, doctrines::get).await?;
     router
         .route(s.doctrine_publish(), Access::Approvers, doctrines::publish)
         .await?;
     let cache = doctrines.clone();
     router
-        .route(s.doctrine_dry_run(), Access::Operators, move |c, b| {
+        .route(s.doctrine_dry_run(), Access::Readers, move |c, b| {
             doctrines::dry_run(c, cache.clone(), b)
         })
         .await?;

@@ -28,6 +28,7 @@ use tanjiren_ops::Metrics;
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, Reply, TextPolicy};
 use tanjiren_shared::model::Role;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal};
+use tanjiren_shared::scopes::Needs;
 use tanjiren_shared::{ErrorCode, WireError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -35,7 +36,11 @@ use tokio::task::JoinHandle;
 /// Who may call a subject (documented per subject in `docs/protocol.md` §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Operators and integrations: member, admin, owner.
+    /// Operators and integrations reading: member, admin, owner (a scoped token needs
+    /// `mcp:read` or `mcp:operate`).
+    Readers,
+    /// Operators and integrations changing something: member, admin, owner (a scoped
+    /// token needs `mcp:operate`).
     Operators,
     /// Enrolling a workstation: a `worker`-role organisation token (an enrolment
     /// token), an admin's or owner's token, or the workstation's own credential.
@@ -43,23 +48,56 @@ pub enum Access {
     /// Workstation agents: only a workstation credential (role `worker`, bound to one
     /// workstation); handlers then check every step against that workstation.
     Workstation,
-    /// Those who may decide approvals and publish doctrine: admin, owner.
+    /// Those who may decide approvals and publish doctrine: admin, owner (a scoped
+    /// token needs `mcp:operate`).
     Approvers,
 }
 
 impl Access {
-    fn allows(&self, principal: &Principal) -> bool {
+    /// Whether `principal` may call a subject of this kind: its role, then its scopes.
+    pub fn allows(&self, principal: &Principal) -> bool {
         let role = principal.role;
-        match self {
-            Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
+        let by_role = match self {
+            Access::Readers | Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
             Access::Enrol => matches!(role, Role::Worker | Role::Admin | Role::Owner),
             Access::Workstation => role == Role::Worker && principal.workstation_id.is_some(),
             Access::Approvers => matches!(role, Role::Admin | Role::Owner),
+        };
+        let by_scope = match self.needs() {
+            Some(needs) => needs.granted_by(&principal.scopes),
+            None => principal.scopes.is_empty(),
+        };
+        by_role && by_scope
+    }
+
+    /// What a scoped token needs here; `None`: scoped tokens may not (enrolment and
+    /// workstation subjects are for unscoped worker tokens and credentials).
+    fn needs(&self) -> Option<Needs> {
+        match self {
+            Access::Readers => Some(Needs::Read),
+            Access::Operators | Access::Approvers => Some(Needs::Operate),
+            Access::Enrol | Access::Workstation => None,
         }
     }
 
     /// Why a principal was refused.
-    fn refusal(&self, principal: &Principal) -> WireError {
+    pub fn refusal(&self, principal: &Principal) -> WireError {
+        if !principal.scopes.is_empty() {
+            let scopes: Vec<&str> = principal.scopes.iter().map(|s| s.as_str()).collect();
+            let message = match self.needs() {
+                Some(n) if !n.granted_by(&principal.scopes) => format!(
+                    "insufficient_scope: this subject needs the scope `{}`; the token has {}",
+                    n.scope(),
+                    scopes.join(", ")
+                ),
+                None => format!(
+                    "insufficient_scope: a scoped token ({}) may not use this subject",
+                    scopes.join(", ")
+                ),
+                Some(_) => format!("a {} token may not use this subject", principal.role),
+            };
+            return WireError::new(ErrorCode::Forbidden, message);
+        }
         let message = match self {
             Access::Workstation if principal.role == Role::Worker => {
                 "this subject needs a workstation credential: an enrolment token may only call \

@@ -46,9 +46,9 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     router
         .route(s.tasks_cancel(), Access::Operators, cancel::handle)
         .await?;
-    router.route(s.tasks_get(), Access::Operators, read::get).await?;
-    router.route(s.tasks_list(), Access::Operators, read::list).await?;
-    router.route(s.tasks_logs(), Access::Operators, read::logs).await?;
+    router.route(s.tasks_get(), Access::Readers, read::get).await?;
+    router.route(s.tasks_list(), Access::Readers, read::list).await?;
+    router.route(s.tasks_logs(), Access::Readers, read::logs).await?;
     router
         .route(s.workstations_register(), Access::Enrol, worker_writes::register)
         .await?;
@@ -81,19 +81,17 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .route(s.artifacts_add(), Access::Operators, artifacts::add)
         .await?;
     router
-        .route(s.artifacts_list(), Access::Operators, artifacts::list)
+        .route(s.artifacts_list(), Access::Readers, artifacts::list)
         .await?;
-    router
-        .route(s.artifacts_get(), Access::Operators, artifacts::get)
-        .await?;
+    router.route(s.artifacts_get(), Access::Readers, artifacts::get).await?;
     router
         .route(s.investigations_create(), Access::Operators, investigations::create)
         .await?;
     router
-        .route(s.investigations_get(), Access::Operators, investigations::get)
+        .route(s.investigations_get(), Access::Readers, investigations::get)
         .await?;
     router
-        .route(s.investigations_list(), Access::Operators, investigations::list)
+        .route(s.investigations_list(), Access::Readers, investigations::list)
         .await?;
     router
         .route(s.investigations_close(), Access::Operators, investigations::close)

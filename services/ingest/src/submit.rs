@@ -12,12 +12,11 @@ use std::time::Duration;
 use tanjiren_bus::Authenticate;
 use tanjiren_bus::streams::{durable_messages, ensure_streams};
 use tanjiren_ops::metrics::Count;
+use tanjiren_shared::WireError;
 use tanjiren_shared::codec::{CONTENT_TYPE, Encoding, TextPolicy};
-use tanjiren_shared::model::Role;
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{AUTHORIZATION, Principal, SubmitOutcome};
-use tanjiren_shared::{ErrorCode, WireError};
-use tanjiren_store::{Connections, Shutdown, StartupError};
+use tanjiren_store::{Access, Connections, Shutdown, StartupError};
 
 /// Durable consumer name shared by every ingest replica.
 pub const CONSUMER: &str = "ingest";
@@ -83,11 +82,9 @@ async fn process(conns: &Connections, auth: &dyn Authenticate, batch: Vec<async_
                 continue;
             }
         };
-        if !matches!(principal.role, Role::Member | Role::Admin | Role::Owner) {
-            let e = WireError::new(
-                ErrorCode::Forbidden,
-                format!("a {} token may not submit tasks", principal.role),
-            );
+        // The rule of `tasks.create`: the same role and scope.
+        if !Access::Operators.allows(&principal) {
+            let e = Access::Operators.refusal(&principal);
             report(conns, &principal, None, Err(e)).await;
             let _ = msg.ack_with(AckKind::Term).await;
             continue;

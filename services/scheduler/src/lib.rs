@@ -67,6 +67,7 @@ pub(crate) fn principal_of(org: Uuid, token_id: Uuid, token_name: &str) -> Princ
         token_name: token_name.to_string(),
         role: Role::Member,
         workstation_id: None,
+        scopes: Vec::new(),
     }
 }
 
@@ -228,10 +229,10 @@ pub async fn serve(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .route(s.schedules_create(), Access::Operators, schedules::create_handler)
         .await?;
     router
-        .route(s.schedules_list(), Access::Operators, schedules::list_handler)
+        .route(s.schedules_list(), Access::Readers, schedules::list_handler)
         .await?;
     router
-        .route(s.schedules_get(), Access::Operators, schedules::get_handler)
+        .route(s.schedules_get(), Access::Readers, schedules::get_handler)
         .await?;
     router
         .route(s.schedules_pause(), Access::Operators, schedules::pause_handler)

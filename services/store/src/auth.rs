@@ -1,5 +1,5 @@
 //! Authentication against the token table: `Authorization: Bearer <token>` → the
-//! token's organisation, role and, for a workstation credential, its workstation.
+//! token's organisation, role, scopes and, for a workstation credential, its workstation.
 //! Tokens are looked up by SHA-256 hash; answers (a principal, or "unknown") are
 //! cached in a bounded `moka` cache for [`CACHE_TTL`], so a burst of requests
 //! costs one query and a revoked token stops working within that time.
@@ -56,21 +56,26 @@ impl TokenStore {
         if let Some(known) = self.cache.get(&hash) {
             return known.ok_or_else(bad_token);
         }
-        type Row = (uuid::Uuid, uuid::Uuid, String, String, Option<uuid::Uuid>);
+        type Row = (uuid::Uuid, uuid::Uuid, String, String, Option<uuid::Uuid>, Vec<String>);
         let row: Option<Row> = sqlx::query_as(
-            "SELECT id, org_id, name, role, workstation_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+            "SELECT id, org_id, name, role, workstation_id, scopes FROM api_tokens
+             WHERE token_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
         .fetch_optional(&self.db)
         .await
         .map_err(crate::db_error)?;
-        let principal = row.and_then(|(token_id, org_id, name, role, workstation)| {
+        let principal = row.and_then(|(token_id, org_id, name, role, workstation, scopes)| {
+            // A scope this version does not know: the token is refused outright, never
+            // read as unscoped (which would give it its whole role).
+            let parsed: Vec<_> = scopes.iter().map(|s| s.parse().ok()).collect::<Option<_>>()?;
             Some(Principal {
                 org_id: org_id.into(),
                 token_id,
                 token_name: name,
                 role: role.parse::<Role>().ok()?,
                 workstation_id: workstation.map(Into::into),
+                scopes: parsed,
             })
         });
         self.cache.insert(hash, principal.clone());

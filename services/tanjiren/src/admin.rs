@@ -39,6 +39,11 @@ pub enum TokenCommand {
         /// A label for the token (shown as the creator of its tasks).
         #[arg(long)]
         name: Option<String>,
+        /// Narrow what the token may do (repeatable): `mcp:read` reads only, `mcp:operate`
+        /// reads and operates (create, cancel, retry, decide with an approval token, …).
+        /// Without it the role alone decides.
+        #[arg(long = "scope")]
+        scopes: Vec<tanjiren_shared::scopes::Scope>,
         /// Write the token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -86,7 +91,13 @@ pub async fn org(config: &Config, cmd: OrgCommand) -> anyhow::Result<ExitCode> {
 pub async fn token(config: &Config, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     let pool = db::connect_and_migrate(&config.database_url, 2).await?;
     match cmd {
-        TokenCommand::Create { org, role, name, out } => {
+        TokenCommand::Create {
+            org,
+            role,
+            name,
+            scopes,
+            out,
+        } => {
             let role: Role = role
                 .parse()
                 .map_err(|_| anyhow::anyhow!("role must be worker, member, admin or owner"))?;
@@ -98,7 +109,16 @@ pub async fn token(config: &Config, cmd: TokenCommand) -> anyhow::Result<ExitCod
                 bail!("no organisation named `{org}` (create it with `tanjiren org create {org}`)")
             };
             let name = name.unwrap_or_else(|| format!("{role}-token"));
-            let (id, token) = create_token(&pool, org_id.into(), role, &name).await?;
+            if !scopes.is_empty() && role == Role::Worker {
+                bail!("a worker token enrols workstations; it cannot be scoped");
+            }
+            let (id, token) = create_token(&pool, org_id.into(), role, &name, &scopes).await?;
+            let role = if scopes.is_empty() {
+                role.to_string()
+            } else {
+                let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+                format!("{role} ({})", scopes.join(", "))
+            };
             match out {
                 Some(path) => {
                     write_secret(&path, token.expose())?;
@@ -125,15 +145,27 @@ pub async fn token(config: &Config, cmd: TokenCommand) -> anyhow::Result<ExitCod
 }
 
 /// Creates a token; returns its id and the clear text (never stored).
-pub async fn create_token(pool: &PgPool, org: OrgId, role: Role, name: &str) -> anyhow::Result<(Uuid, ApiToken)> {
+/// Creates a token, narrowed to `scopes` when there are any; returns its id and the
+/// clear text (never stored).
+pub async fn create_token(
+    pool: &PgPool,
+    org: OrgId,
+    role: Role,
+    name: &str,
+    scopes: &[tanjiren_shared::scopes::Scope],
+) -> anyhow::Result<(Uuid, ApiToken)> {
     let token = ApiToken::from_random(rand::random::<[u8; 32]>());
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash) VALUES ($1, $2, $3, $4, $5)")
+    let mut scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    sqlx::query("INSERT INTO api_tokens (id, org_id, name, role, token_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(id)
         .bind(org.as_uuid())
         .bind(name)
         .bind(role.as_str())
         .bind(token.hash())
+        .bind(&scopes)
         .execute(pool)
         .await?;
     Ok((id, token))
@@ -198,7 +230,7 @@ pub async fn bootstrap(config: &Config, pool: &PgPool) -> anyhow::Result<Bootstr
             });
         }
     }
-    let (_, token) = create_token(pool, org_id, Role::Owner, "owner").await?;
+    let (_, token) = create_token(pool, org_id, Role::Owner, "owner", &[]).await?;
     let path = tanjiren_bus::config::token_path(config);
     write_secret(&path, token.expose())?;
     // A first start: statistics that see the organisation and its token.
@@ -227,7 +259,7 @@ pub async fn bootstrap_command(config: &Config, worker_token_file: Option<PathBu
         {
             outln!("worker token already present at {}", path.display())?;
         } else {
-            let (_, token) = create_token(&pool, b.org_id, Role::Worker, "worker").await?;
+            let (_, token) = create_token(&pool, b.org_id, Role::Worker, "worker", &[]).await?;
             write_secret(&path, token.expose())?;
             outln!("worker token written to {}", path.display())?;
         }

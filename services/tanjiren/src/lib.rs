@@ -181,6 +181,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokens_take_known_scopes_only() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["tanjiren", "token", "create"], args].concat());
+        let c = parse(&["--role", "member", "--scope", "mcp:read", "--scope", "mcp:operate"]).unwrap();
+        let Command::Token {
+            command: admin::TokenCommand::Create { scopes, .. },
+        } = c.command
+        else {
+            panic!("not token create");
+        };
+        use tanjiren_shared::scopes::Scope;
+        assert_eq!(scopes, [Scope::McpRead, Scope::McpOperate]);
+        let e = parse(&["--role", "member", "--scope", "mcp:write"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`mcp:write` is not one of mcp:read, mcp:operate"), "{e}");
+    }
+
+    #[test]
     fn operator_commands_are_quiet_unless_asked() {
         let cli = |args: &[&str]| Cli::try_parse_from([&["tanjiren"], args].concat()).unwrap();
         for args in [

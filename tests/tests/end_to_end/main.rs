@@ -26,5 +26,6 @@ mod reconnect;
 mod replicas;
 mod retries;
 mod schedules;
+mod scopes;
 mod stop_confirmed;
 mod workstation_credentials;
