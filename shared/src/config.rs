@@ -158,6 +158,19 @@ pub struct Config {
     pub log_flush_ms: u64,
 }
 
+/// `unknown knob `x``, with the nearest known knob when one is close (edit distance
+/// at most a third of the name).
+fn unknown_knob<'a>(unknown: &str, known: impl Iterator<Item = &'a str>) -> String {
+    let nearest = known
+        .map(|k| (strsim::levenshtein(unknown, k), k))
+        .min()
+        .filter(|(d, _)| *d <= unknown.len().max(3) / 3);
+    match nearest {
+        Some((_, k)) => format!("unknown knob `{unknown}`; did you mean `{k}`? (docs/operations.md lists them all)"),
+        None => format!("unknown knob `{unknown}` (docs/operations.md lists them all)"),
+    }
+}
+
 /// A knob kept as text that a config file may also write as a number (`0.2`).
 fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
@@ -267,6 +280,18 @@ impl Config {
                 .unwrap_or_else(|| "<inline>".into())
         };
         if let Some(text) = file_text {
+            // A misspelt knob is named with the nearest real one (serde would list all 60).
+            if let Ok(table) = toml::from_str::<toml::Table>(text) {
+                let Value::Object(known) = &value else {
+                    unreachable!("config is a struct")
+                };
+                if let Some(unknown) = table.keys().find(|k| !known.contains_key(k.as_str())) {
+                    return Err(ConfigError::File {
+                        path: path(),
+                        message: unknown_knob(unknown, known.keys().map(String::as_str)),
+                    });
+                }
+            }
             let from_file: Config = toml::from_str(text).map_err(|e| ConfigError::File {
                 path: path(),
                 message: e.to_string(),
@@ -544,6 +569,18 @@ mod tests {
         assert!(e.to_string().contains("step_guard"), "{e}");
         let e = Config::layered(None, None, env(&[("TANJIREN_STEP_CGROUP", "yes")])).unwrap_err();
         assert!(e.to_string().contains("step_cgroup"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_knob_is_named_with_the_nearest_one() {
+        let e = Config::layered(Some("worker_agent_modle = \"x\""), None, env(&[])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown knob `worker_agent_modle`; did you mean `worker_agent_model`?"),
+            "{e}"
+        );
+        let e = Config::layered(Some("flux_capacitor = 1"), None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("unknown knob `flux_capacitor` (docs"), "{e}");
     }
 
     #[test]
