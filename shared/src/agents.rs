@@ -122,10 +122,7 @@ pub fn bound_response(mut text: String) -> String {
     if text.len() <= MAX_RESPONSE_BYTES {
         return text;
     }
-    let mut end = MAX_RESPONSE_BYTES - RESPONSE_CUT_MARK.len();
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::logs::cut_at_boundary(&text, MAX_RESPONSE_BYTES - RESPONSE_CUT_MARK.len()).len();
     text.truncate(end);
     text.push_str(RESPONSE_CUT_MARK);
     text

@@ -104,6 +104,15 @@ pub fn cut_at_boundary(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `s` whole if it has at most `max` bytes, else cut on a char boundary and ended
+/// with `…`, `max` bytes at most in all.
+pub fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    format!("{}…", cut_at_boundary(s, max.saturating_sub('…'.len_utf8())))
+}
+
 /// Makes a line safe to store: NUL (which Postgres text cannot hold) becomes
 /// U+FFFD, and a line over [`MAX_LINE_BYTES`] is cut at a char boundary and
 /// marked with [`TRUNCATED_MARK`] — the worker does the same, this enforces it.
@@ -324,6 +333,14 @@ mod tests {
             lossy_line(b"bad \xff byte"),
             format!("bad \u{FFFD} byte{INVALID_UTF8_MARK}")
         );
+    }
+
+    #[test]
+    fn shortened_text_stays_within_its_bytes_on_a_boundary() {
+        assert_eq!(shorten("short", 10), "short");
+        assert_eq!(shorten("abcdefghij", 6), "abc…");
+        let cut = shorten(&"é".repeat(10), 8);
+        assert!(cut.len() <= 8 && cut.ends_with('…'), "{cut}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tanjiren_shared::artifacts::{
 };
 use tanjiren_shared::codec::fit_page;
 use tanjiren_shared::ids::{OrgId, StepId, TaskId};
+use tanjiren_shared::logs::shorten;
 use tanjiren_shared::model::Mode;
 use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
@@ -418,28 +419,16 @@ fn answer(
         ))
     })?;
     let title = format!("Q{}: {}", index + 1, question);
-    let title = cut_to(&title, MAX_TITLE_BYTES);
+    let title = shorten(&title, MAX_TITLE_BYTES);
     let mut body = b.content.body.clone();
     if body.trim().is_empty() {
         body = "(the agent gave an empty answer)".into();
     }
-    let body = cut_to(&body, max.saturating_sub(title.len()));
+    let body = shorten(&body, max.saturating_sub(title.len()));
     Ok((
         Some((index, question.clone())),
         ArtifactContent { title, body, url: None },
     ))
-}
-
-/// `s` cut to at most `max` bytes on a character boundary, `…` ending a cut one.
-pub(crate) fn cut_to(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 pub(crate) async fn list(

@@ -7,7 +7,7 @@
 //! task's outcome is decided by the lifecycle function and stored by
 //! compare-and-swap in that same transaction.
 
-use crate::artifacts::{NewArtifact, cut_to, insert};
+use crate::artifacts::{NewArtifact, insert};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 use tanjiren_ops::metrics::Count;
@@ -18,7 +18,7 @@ use tanjiren_shared::lease::{LeaseWrite, StoredLease, check_write};
 use tanjiren_shared::lifecycle::step::{
     LeaseChange, StepEffect, StepEvent, StepState, StepTransition, transition as step_transition,
 };
-use tanjiren_shared::logs::{cap_marker, replace_nul, sanitise_line, signature};
+use tanjiren_shared::logs::{cap_marker, replace_nul, sanitise_line, shorten, signature};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::model::{StepStatus, TaskStatus, validate_workstation_name};
 use tanjiren_shared::protocol::{
@@ -567,12 +567,12 @@ async fn store_progress(
             u.agent = r.agent.clone();
             // An agent's answer is previewed from its start (the log has the rest).
             if let Some(answer) = r.agent.as_ref().filter(|a| !a.response.trim().is_empty()) {
-                u.stdout_tail = Some(replace_nul(cut_to(&answer.response, MAX_TAIL_BYTES)));
+                u.stdout_tail = Some(replace_nul(shorten(&answer.response, MAX_TAIL_BYTES)));
             }
             u.message = r
                 .message
                 .as_deref()
-                .map(|m| cut_to(&replace_nul(m.to_string()), MAX_MESSAGE_BYTES));
+                .map(|m| shorten(&replace_nul(m.to_string()), MAX_MESSAGE_BYTES));
         }
         results.push(Ok((fence.id, fence.task_id)));
     }
@@ -705,38 +705,38 @@ async fn store_agent_answers(
     if answered.is_empty() {
         return Ok(());
     }
-    let task_ids: Vec<Uuid> = answered.iter().map(|(id, _)| fences[id].task_id).collect();
-    let tasks: HashMap<Uuid, (sqlx::types::Json<Mode>, Uuid, Option<Uuid>, String)> =
-        sqlx::query_as::<_, (Uuid, sqlx::types::Json<Mode>, Uuid, Option<Uuid>, String)>(
-            "SELECT id, payload, root_task_id, investigation_id, intent FROM tasks WHERE id = ANY($1)",
-        )
-        .bind(&task_ids)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_error)?
-        .into_iter()
-        .map(|(id, mode, root, inv, intent)| (id, (mode, root, inv, intent)))
-        .collect();
-    let workstations: HashMap<Uuid, String> =
-        sqlx::query_as::<_, (Uuid, String)>("SELECT id, name FROM workstations WHERE id = ANY($1)")
-            .bind(
-                answered
-                    .iter()
-                    .map(|(id, _)| fences[id].workstation_id)
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .collect();
+    // What each answering step's artifact needs of its task and workstation, in one read.
+    let steps: Vec<Uuid> = answered.iter().map(|(id, _)| *id).collect();
+    #[allow(clippy::type_complexity)]
+    let about: HashMap<Uuid, (sqlx::types::Json<Mode>, Uuid, Option<Uuid>, String, Option<String>)> = sqlx::query_as::<
+        _,
+        (
+            Uuid,
+            sqlx::types::Json<Mode>,
+            Uuid,
+            Option<Uuid>,
+            String,
+            Option<String>,
+        ),
+    >(
+        "SELECT s.id, t.payload, t.root_task_id, t.investigation_id, t.intent, w.name
+             FROM steps s JOIN tasks t ON t.id = s.task_id LEFT JOIN workstations w ON w.id = s.workstation_id
+             WHERE s.id = ANY($1)",
+    )
+    .bind(&steps)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?
+    .into_iter()
+    .map(|(id, mode, root, inv, intent, ws)| (id, (mode, root, inv, intent, ws)))
+    .collect();
     let mut new = Vec::with_capacity(answered.len());
     for (step, report) in answered {
         let fence = &fences[&step];
-        let Some((mode, root, investigation, intent)) = tasks.get(&fence.task_id) else {
+        let Some((mode, root, investigation, intent, ws)) = about.get(&step) else {
             continue;
         };
-        let ws = workstations.get(&fence.workstation_id).map_or("?", String::as_str);
+        let ws = ws.as_deref().unwrap_or("?");
         let (kind, title) = match &mode.0 {
             Mode::Prompt { .. } => (ArtifactKind::Response, format!("Response from {ws}")),
             Mode::Investigate { .. } => (
@@ -745,8 +745,8 @@ async fn store_agent_answers(
             ),
             Mode::Command { .. } => continue,
         };
-        let title = cut_to(&title, MAX_TITLE_BYTES);
-        let body = cut_to(
+        let title = shorten(&title, MAX_TITLE_BYTES);
+        let body = shorten(
             &replace_nul(report.response.clone()),
             config.max_artifact_bytes.saturating_sub(title.len()),
         );

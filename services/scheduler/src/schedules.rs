@@ -166,16 +166,14 @@ pub async fn create(
     {
         let id = uuid::Uuid::now_v7();
         let title = format!("{} (schedule {})", template.intent.trim(), req.name);
-        let mut end = title
-            .len()
-            .min(tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES);
-        while !title.is_char_boundary(end) {
-            end -= 1;
-        }
+        let title = tanjiren_shared::logs::cut_at_boundary(
+            &title,
+            tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES,
+        );
         sqlx::query("INSERT INTO investigations (id, org_id, title, opened_by) VALUES ($1, $2, $3, $4)")
             .bind(id)
             .bind(caller.org_id.as_uuid())
-            .bind(&title[..end])
+            .bind(title)
             .bind(&caller.token_name)
             .execute(&mut *conn)
             .await

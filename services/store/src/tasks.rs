@@ -22,6 +22,7 @@ use tanjiren_shared::config::Config;
 use tanjiren_shared::error::{ErrorDetails, quote};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES;
+use tanjiren_shared::logs::cut_at_boundary;
 use tanjiren_shared::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
 use tanjiren_shared::{ErrorCode, WireError};
@@ -263,7 +264,7 @@ fn build_row(config: &Config, p: &Principal, spec: &TaskSpec, known: &Known<'_>)
         // An investigation run without one opens its own, titled by its intent.
         None if matches!(spec.mode, Mode::Investigate { .. }) => (
             Some(Uuid::now_v7()),
-            Some(cut_title(&spec.intent, MAX_INVESTIGATION_TITLE_BYTES)),
+            Some(cut_at_boundary(spec.intent.trim(), MAX_INVESTIGATION_TITLE_BYTES).to_string()),
         ),
         None => (None, None),
     };
@@ -317,16 +318,6 @@ fn build_row(config: &Config, p: &Principal, spec: &TaskSpec, known: &Known<'_>)
         investigation_id,
         opens_investigation,
     })
-}
-
-/// `s` cut to at most `max` bytes on a character boundary.
-fn cut_title(s: &str, max: usize) -> String {
-    let s = s.trim();
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
 }
 
 /// Inserts rows; returns one result per row (request index, reply): a row whose key

@@ -100,6 +100,10 @@ impl AiBackend for CliAgent {
         "command"
     }
 
+    fn empty_answer(&self) -> &'static str {
+        "the agent printed nothing on standard output (its standard error is in the step's log)"
+    }
+
     fn ask<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Answer, StepResult>> {
         Box::pin(self.run(ask))
     }

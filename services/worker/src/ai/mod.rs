@@ -45,6 +45,8 @@ pub(crate) struct Answer {
 pub(crate) trait AiBackend: Send + Sync + 'static {
     /// The adapter's name, for logs.
     fn name(&self) -> &'static str;
+    /// What an empty answer means with this adapter (the `agent_error` message).
+    fn empty_answer(&self) -> &'static str;
     fn ask<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Answer, StepResult>>;
 }
 
@@ -224,14 +226,7 @@ fn non_empty(ai: &dyn AiBackend, answer: Answer) -> Result<Answer, StepResult> {
     if !answer.text.trim().is_empty() {
         return Ok(answer);
     }
-    Err(agent_error(
-        None,
-        match ai.name() {
-            "command" => "the agent printed nothing on standard output (its standard error is in the step's log)",
-            _ => "the model returned an empty answer",
-        }
-        .into(),
-    ))
+    Err(agent_error(None, ai.empty_answer().into()))
 }
 
 /// A step whose agent answered.

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use tanjiren_shared::agents::{MAX_RESPONSE_BYTES, Role, TokenUsage, ToolAllowList, clean_model, usage_of};
 use tanjiren_shared::config::Config;
-use tanjiren_shared::logs::MAX_LINE_BYTES;
+use tanjiren_shared::logs::{MAX_LINE_BYTES, cut_at_boundary, shorten};
 use tanjiren_shared::model::{FailureReason, StepStatus};
 use tanjiren_shared::protocol::{LogStream, StepResult};
 
@@ -288,12 +288,15 @@ impl OpenAiAgent {
                     continue;
                 }
                 let chunk: Value =
-                    serde_json::from_str(data).map_err(|e| malformed(&format!("{e} in `{}`", cut(data, 120))))?;
+                    serde_json::from_str(data).map_err(|e| malformed(&format!("{e} in `{}`", shorten(data, 120))))?;
                 if let Some(err) = chunk.get("error") {
                     let message = err.get("message").and_then(Value::as_str).unwrap_or("no message");
                     return Err(Failure::Final(agent_error(
                         None,
-                        format!("the agent's server reported an error mid-stream: {}", cut(message, 300)),
+                        format!(
+                            "the agent's server reported an error mid-stream: {}",
+                            shorten(message, 300)
+                        ),
                     )));
                 }
                 if let Some(m) = chunk
@@ -311,7 +314,10 @@ impl OpenAiAgent {
                     if chunk.get("usage").is_some() {
                         continue;
                     }
-                    return Err(malformed(&format!("a chunk without `choices`: `{}`", cut(data, 120))));
+                    return Err(malformed(&format!(
+                        "a chunk without `choices`: `{}`",
+                        shorten(data, 120)
+                    )));
                 };
                 for choice in choices {
                     let delta = choice.get("delta").unwrap_or(&Value::Null);
@@ -350,7 +356,7 @@ impl OpenAiAgent {
         if !reply.refusal.is_empty() {
             return Err(Failure::Final(agent_error(
                 None,
-                format!("the model refused: {}", cut(&reply.refusal, 300)),
+                format!("the model refused: {}", shorten(&reply.refusal, 300)),
             )));
         }
         if !finished {
@@ -404,7 +410,7 @@ impl OpenAiAgent {
             Err(refusal) => {
                 let _ = ask
                     .output
-                    .send(LogStream::Stderr, format!("[tool] {} → {refusal}", cut(shown, 200)))
+                    .send(LogStream::Stderr, format!("[tool] {} → {refusal}", shorten(shown, 200)))
                     .await;
                 return Ok(refusal);
             }
@@ -453,6 +459,10 @@ impl OpenAiAgent {
 impl AiBackend for OpenAiAgent {
     fn name(&self) -> &'static str {
         "openai"
+    }
+
+    fn empty_answer(&self) -> &'static str {
+        "the model returned an empty answer"
     }
 
     fn ask<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Answer, StepResult>> {
@@ -527,20 +537,8 @@ async fn error_detail(response: reqwest::Response) -> String {
     if message.is_empty() {
         String::new()
     } else {
-        format!(": {}", cut(message, 300))
+        format!(": {}", shorten(message, 300))
     }
-}
-
-/// At most `max` bytes of `s`, on a character boundary, `…` when cut.
-fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// What one streamed completion produced.
@@ -576,7 +574,7 @@ impl Completion {
         }
         let call = &mut self.tool_calls[index];
         if let Some(id) = delta.get("id").and_then(Value::as_str) {
-            call.id = cut(id, 256);
+            call.id = shorten(id, 256);
         }
         if let Some(f) = delta.get("function") {
             if let Some(name) = f.get("name").and_then(Value::as_str) {
@@ -595,16 +593,7 @@ impl Completion {
 
 /// Appends `text` to `to` while `to` stays within `max` bytes (cut on a character boundary).
 fn push_bounded(to: &mut String, text: &str, max: usize) {
-    let room = max.saturating_sub(to.len());
-    if text.len() <= room {
-        to.push_str(text);
-    } else {
-        let mut end = room;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        to.push_str(&text[..end]);
-    }
+    to.push_str(cut_at_boundary(text, max.saturating_sub(to.len())));
 }
 
 /// Server-sent events decoded chunk by chunk, in memory bounded by
