@@ -16,7 +16,9 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::config::Config;
 use tanjiren_shared::ids::{OrgId, TaskId};
 use tanjiren_shared::model::{Mode, Role, TaskSpec};
-use tanjiren_shared::protocol::{CreateTaskReply, GetTaskRequest, Principal, TaskView};
+use tanjiren_shared::protocol::{
+    CancelTaskReply, CancelTaskRequest, CreateTaskReply, GetTaskRequest, Principal, TaskView,
+};
 use tanjiren_shared::secret::ApiToken;
 use tanjiren_store::{Connections, ServiceHandle, Shutdown};
 use uuid::Uuid;
@@ -295,6 +297,16 @@ impl TestEnv {
 
     pub async fn create(&self, spec: &TaskSpec) -> Result<CreateTaskReply, WireError> {
         self.call(&self.conns.subjects.tasks_create(), &self.owner_token, spec)
+            .await
+    }
+
+    /// `tasks.cancel` as a member.
+    pub async fn cancel(&self, task: TaskId, reason: Option<&str>) -> Result<CancelTaskReply, WireError> {
+        let req = CancelTaskRequest {
+            task_id: task,
+            reason: reason.map(str::to_string),
+        };
+        self.call(&self.conns.subjects.tasks_cancel(), &self.member_token, &req)
             .await
     }
 

@@ -94,20 +94,6 @@ async fn wait_log(env: &TestEnv, task: TaskId, what: &str) {
     }
 }
 
-async fn cancel(env: &TestEnv, task: TaskId) {
-    let _: CancelTaskReply = env
-        .call(
-            &env.conns.subjects.tasks_cancel(),
-            &env.member_token,
-            &CancelTaskRequest {
-                task_id: task,
-                reason: Some("enough".into()),
-            },
-        )
-        .await
-        .unwrap();
-}
-
 /// Waits until the worker confirmed that the task's (first) step stopped.
 async fn wait_stop_confirmed(env: &TestEnv, task: TaskId) {
     let deadline = Instant::now() + WAIT;
@@ -271,7 +257,7 @@ async fn cancelling_a_cli_agent_that_ignores_sigterm_stops_it() {
         .task_id;
     wait_log(&env, task, "ignoring SIGTERM").await;
     let asked = Instant::now();
-    cancel(&env, task).await;
+    env.cancel(task, Some("enough")).await.unwrap();
     let t = env.wait_terminal(task, WAIT).await;
     assert_eq!(t.status, TaskStatus::Cancelled);
     let deadline = Instant::now() + WAIT;
@@ -767,7 +753,7 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
     let slow = env.create(&prompt("think [slow]", &["ws-a"])).await.unwrap().task_id;
     wait_log(&env, slow, "Thinking slowly").await;
     let asked = Instant::now();
-    cancel(&env, slow).await;
+    env.cancel(slow, Some("enough")).await.unwrap();
     let t = env.wait_terminal(slow, WAIT).await;
     assert_eq!(t.status, TaskStatus::Cancelled);
     wait_stop_confirmed(&env, slow).await;
@@ -786,7 +772,7 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();
-    cancel(&env, stalled).await;
+    env.cancel(stalled, Some("enough")).await.unwrap();
     wait_stop_confirmed(&env, stalled).await;
     assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
 
@@ -797,7 +783,7 @@ async fn cancel_mid_stream_and_mid_question_stops_the_agent_and_keeps_earlier_an
         .unwrap()
         .task_id;
     wait_log(&env, task, "Thinking slowly").await;
-    cancel(&env, task).await;
+    env.cancel(task, Some("enough")).await.unwrap();
     let t = env.wait_terminal(task, WAIT).await;
     assert_eq!(t.status, TaskStatus::Cancelled);
     let evidence = of_task(&env, task, ArtifactKind::Evidence).await;

@@ -338,17 +338,7 @@ async fn every_ended_task_gets_exactly_one_summary() {
     for t in [ok, bad] {
         env.wait_released(t, WAIT).await;
     }
-    let _: CancelTaskReply = env
-        .call(
-            &env.conns.subjects.tasks_cancel(),
-            &env.member_token,
-            &CancelTaskRequest {
-                task_id: idle,
-                reason: Some("wrong target".into()),
-            },
-        )
-        .await
-        .unwrap();
+    env.cancel(idle, Some("wrong target")).await.unwrap();
     assert_eq!(env.wait_terminal(idle, WAIT).await.status, TaskStatus::Cancelled);
 
     let s_ok = summary_of(&env, ok).await;

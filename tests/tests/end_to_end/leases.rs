@@ -220,17 +220,7 @@ async fn cancel_stops_a_running_step_at_once_and_the_worker_confirms() {
     // Let the command start printing.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    let reply: CancelTaskReply = env
-        .call(
-            &env.conns.subjects.tasks_cancel(),
-            &env.member_token,
-            &CancelTaskRequest {
-                task_id: task,
-                reason: Some("wrong host".into()),
-            },
-        )
-        .await
-        .unwrap();
+    let reply = env.cancel(task, Some("wrong host")).await.unwrap();
     assert_eq!(
         (reply.status, reply.steps_signalled, reply.steps_cancelled),
         (TaskStatus::Cancelled, 1, 0)

@@ -402,17 +402,7 @@ async fn a_consumer_that_was_away_replays_every_lifecycle_event_in_order() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _: CancelTaskReply = env
-        .call(
-            &env.conns.subjects.tasks_cancel(),
-            &env.member_token,
-            &CancelTaskRequest {
-                task_id: idle,
-                reason: Some("not needed".into()),
-            },
-        )
-        .await
-        .unwrap();
+    env.cancel(idle, Some("not needed")).await.unwrap();
     env.wait_terminal(idle, WAIT).await;
     w.stop().await;
 
