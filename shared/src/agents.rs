@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AgentAdapter {
     /// An OpenAI-compatible Chat Completions server over HTTP (hosted, Ollama, vLLM, …).
     Openai,
@@ -43,6 +44,7 @@ pub fn clean_model(raw: &str) -> String {
 
 /// What a workstation advertises about its agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentInfo {
     pub adapter: AgentAdapter,
     /// The model, when the adapter names one (`llama3.1:8b`, `gpt-4.1-mini`, …).
@@ -82,6 +84,7 @@ pub const RESPONSE_CUT_MARK: &str = "\n[… response cut at 256 KiB; the step's 
 
 /// Tokens an agent reports having used for a step (summed over every request of it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenUsage {
     /// Prompt tokens (`prompt_tokens` in OpenAI's `usage`).
     pub input_tokens: u64,
@@ -105,6 +108,7 @@ impl TokenUsage {
 /// themselves were stored one by one as `evidence` while the step ran). Empty when the
 /// step ended before the agent answered.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentReport {
     /// At most [`MAX_RESPONSE_BYTES`] (cut with [`RESPONSE_CUT_MARK`]).
     #[serde(default)]

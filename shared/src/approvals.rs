@@ -76,6 +76,28 @@ impl From<ApprovalToken> for String {
     }
 }
 
+/// On the wire an approval token is a plain string: `tja_` and 64 hex digits
+/// (sent in lower case; surrounding whitespace and upper-case digits are accepted,
+/// as [`ApprovalToken::from_str`] does). Hand-written because serde goes through
+/// `try_from = "String"`, which the derive cannot see.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ApprovalToken {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(r"^\s*tja_[0-9A-Fa-f]{64}\s*$"))
+            .description(Some(
+                "An approval token in clear text: `tja_` and 64 hex digits (256 random bits), \
+                 minted by `approvals.mint` for one task and consumed by one decision.",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ApprovalToken {}
+
 impl fmt::Debug for ApprovalToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ApprovalToken(<redacted>)")
@@ -147,6 +169,7 @@ pub fn payload_digest(intent: &str, mode: &Mode, targets: &[WorkstationId]) -> S
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ApprovalDecision {
     Approved,
     Rejected,
@@ -347,12 +370,14 @@ pub fn token_expiry(now: DateTime<Utc>, ttl_secs: u64, deadline: Option<DateTime
 
 /// `approvals.mint` request: a token for one pending task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MintApprovalTokenRequest {
     pub task_id: TaskId,
 }
 
 /// `approvals.mint` reply: the only time the token's clear text is shown.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MintApprovalTokenReply {
     pub approval_token: ApprovalToken,
     /// The token's record id (shown in decisions; not a secret).
@@ -365,6 +390,7 @@ pub struct MintApprovalTokenReply {
 
 /// `tasks.approve` and `tasks.reject` request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DecideTaskRequest {
     pub task_id: TaskId,
     /// Minted by an admin or owner for this task; consumed by this request.
@@ -380,6 +406,7 @@ pub type RejectTaskRequest = DecideTaskRequest;
 
 /// `tasks.approve` and `tasks.reject` reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DecideTaskReply {
     pub task_id: TaskId,
     /// `queued` after an approval, `failed` after a rejection.
@@ -390,6 +417,7 @@ pub struct DecideTaskReply {
 
 /// One stored decision about a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApprovalRecord {
     pub approval_id: Uuid,
     pub task_id: TaskId,
@@ -416,6 +444,7 @@ pub struct ApprovalRecord {
 
 /// What doctrine decided for a task when it was planned: kept with the task, never re-evaluated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApprovalSnapshot {
     /// The doctrine version evaluated; none when the organisation had no doctrine.
     #[serde(default)]
@@ -433,6 +462,7 @@ pub struct ApprovalSnapshot {
 
 /// `approvals.pending` request: tasks waiting for a decision, oldest deadline first.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingApprovalsRequest {
     /// At most this many (default 50, clamped to 1–500).
     #[serde(default)]
@@ -440,6 +470,7 @@ pub struct PendingApprovalsRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingApprovalsReply {
     pub pending: Vec<PendingApproval>,
     /// True when more tasks are pending than fit this reply (`limit` or its byte
@@ -450,6 +481,7 @@ pub struct PendingApprovalsReply {
 
 /// A task waiting for a decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingApproval {
     pub task_id: TaskId,
     pub intent: String,
@@ -463,6 +495,7 @@ pub struct PendingApproval {
 
 /// `approvals.list` request: stored decisions, newest first.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListApprovalsRequest {
     #[serde(default)]
     pub task_id: Option<TaskId>,
@@ -477,6 +510,7 @@ pub struct ListApprovalsRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListApprovalsReply {
     pub approvals: Vec<ApprovalRecord>,
     /// Set when more decisions follow this page (which ends at `limit` or at its
@@ -487,6 +521,7 @@ pub struct ListApprovalsReply {
 
 /// `doctrine.get` request: the version in force, or an older one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetDoctrineRequest {
     #[serde(default)]
     pub version: Option<u32>,
@@ -494,6 +529,7 @@ pub struct GetDoctrineRequest {
 
 /// One stored doctrine version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctrineView {
     pub version: u32,
     /// The document as published.
@@ -507,11 +543,13 @@ pub struct DoctrineView {
 /// `doctrine.publish` request. The document is a JSON value so that every
 /// error, even a misspelt field, can name its rule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PublishDoctrineRequest {
     pub doctrine: serde_json::Value,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PublishDoctrineReply {
     pub version: u32,
     pub rules: u32,
@@ -519,6 +557,7 @@ pub struct PublishDoctrineReply {
 
 /// `doctrine.dry_run` request: the class a task would get, without creating it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctrineDryRunRequest {
     /// The task as it would be created (`intent`, `mode` + payload and `targets` matter).
     pub task: TaskSpec,
@@ -528,6 +567,7 @@ pub struct DoctrineDryRunRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctrineDryRunReply {
     /// The version evaluated; none for a candidate document or when there is no doctrine.
     #[serde(default)]
@@ -539,6 +579,7 @@ pub struct DoctrineDryRunReply {
 /// Published on `events.{org}.approval.requested` when a planned task starts waiting.
 /// Carries what a notifier needs; never a token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApprovalRequestedEvent {
     pub task_id: TaskId,
     pub org_id: OrgId,
@@ -556,6 +597,7 @@ pub struct ApprovalRequestedEvent {
 /// Published on `events.{org}.approval.decided` for every decision (approve,
 /// reject, expiry); the requester is notified through it. Never carries a token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApprovalDecidedEvent {
     pub org_id: OrgId,
     /// The task's status after the decision: `queued` or `failed`.

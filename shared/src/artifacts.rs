@@ -15,6 +15,7 @@ use uuid::Uuid;
 /// What an artifact is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ArtifactKind {
     /// Free text written by an operator or a worker.
     Note,
@@ -68,6 +69,7 @@ impl FromStr for ArtifactKind {
 
 /// The body of a new artifact, shared by operators and workers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactContent {
     #[serde(default)]
     pub title: String,
@@ -80,6 +82,7 @@ pub struct ArtifactContent {
 
 /// `artifacts.add` request (operators).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AddArtifactRequest {
     pub kind: ArtifactKind,
     /// Attach to this task (and so to every attempt of its chain).
@@ -95,11 +98,13 @@ pub struct AddArtifactRequest {
 /// `ingest.artifacts` request (workers): fenced by `(step_id, lease_generation)`;
 /// attached to the step's task (and its investigation, if it has one).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerArtifactRequest {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
     pub kind: ArtifactKind,
     /// An `investigate` step's answer: which question (0-based) of the task it
@@ -112,12 +117,14 @@ pub struct WorkerArtifactRequest {
 
 /// `artifacts.add` / `ingest.artifacts` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AddArtifactReply {
     pub artifact_id: Uuid,
 }
 
 /// `artifacts.list` request: exactly one of `task_id` and `investigation_id`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListArtifactsRequest {
     /// Artifacts of every attempt sharing this task's `root_task_id`.
     #[serde(default)]
@@ -135,6 +142,7 @@ pub struct ListArtifactsRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListArtifactsReply {
     pub artifacts: Vec<ArtifactView>,
     /// Set when more artifacts follow this page (which ends at `limit` or at its
@@ -145,12 +153,14 @@ pub struct ListArtifactsReply {
 
 /// `artifacts.get` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetArtifactRequest {
     pub artifact_id: Uuid,
 }
 
 /// An artifact as readers see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactView {
     pub artifact_id: Uuid,
     pub kind: ArtifactKind,

@@ -249,6 +249,7 @@ pub fn fit_page<T: Serialize>(items: &mut Vec<T>, budget: usize) -> (usize, bool
 /// Every reply: exactly one of `ok` or `error`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Reply<T> {
     Ok(T),
     Error(WireError),

@@ -42,6 +42,7 @@ pub const ANY_LABEL_VALUE: &str = "*";
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ApprovalClass {
     /// No approval needed: the task is queued at once.
     None,
@@ -61,6 +62,7 @@ impl ApprovalClass {
 /// A doctrine document as written and stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctrineDocument {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -70,6 +72,7 @@ pub struct DoctrineDocument {
 /// One rule as written: when every condition of `match` holds, the task needs `class`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuleSpec {
     /// Unique in the doctrine; 1–100 of `A-Z a-z 0-9 . _ -`. Shown to approvers.
     pub name: String,
@@ -91,6 +94,7 @@ pub struct RuleSpec {
 /// `workstations` and `labels` are about targets: one target must satisfy both.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuleConditions {
     /// The task's mode is one of these (`command`, `prompt`, `investigate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +164,7 @@ pub struct TaskFacts<'a> {
 
 /// A rule that matched a task, as kept in the task's snapshot and shown to approvers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MatchedRule {
     pub name: String,
     pub class: ApprovalClass,
@@ -171,6 +176,7 @@ pub struct MatchedRule {
 
 /// Doctrine's verdict on one task: the highest matching class and every rule that matched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Verdict {
     pub approval_class: ApprovalClass,
     #[serde(default)]

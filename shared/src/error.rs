@@ -8,6 +8,7 @@ use std::fmt;
 /// are documented in `docs/protocol.md`; adding one is a protocol change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorCode {
     /// The payload could not be decoded (malformed MessagePack/JSON, wrong types, missing fields).
     MalformedPayload,
@@ -85,6 +86,7 @@ pub const QUOTE_BYTES: usize = 64;
 /// [`WireError::new`] and its shorthands, which bound the message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
@@ -96,6 +98,7 @@ pub struct WireError {
 
 /// Structured facts attached to an error (documented in `docs/protocol.md` §3).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetails {
     /// The task the error is about: for `conflict` on `tasks.create` / `tasks.submit`,
     /// the task that already holds the idempotency key.

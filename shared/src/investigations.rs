@@ -15,6 +15,7 @@ use uuid::Uuid;
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum InvestigationStatus {
     /// Takes new tasks (directly, from retries and from schedule ticks).
     Open,
@@ -35,6 +36,7 @@ pub const MAX_LISTED_TASKS: usize = 100;
 
 /// `investigations.create` request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateInvestigationRequest {
     /// 1–512 bytes, not blank.
     pub title: String,
@@ -60,12 +62,14 @@ impl CreateInvestigationRequest {
 
 /// `investigations.get` request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetInvestigationRequest {
     pub investigation_id: Uuid,
 }
 
 /// `investigations.close` request: closing a closed one is a `conflict`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CloseInvestigationRequest {
     pub investigation_id: Uuid,
     /// At most [`MAX_CLOSE_REASON_BYTES`].
@@ -75,6 +79,7 @@ pub struct CloseInvestigationRequest {
 
 /// `investigations.list` request: newest first.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListInvestigationsRequest {
     #[serde(default)]
     pub status: Option<InvestigationStatus>,
@@ -87,6 +92,7 @@ pub struct ListInvestigationsRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListInvestigationsReply {
     pub investigations: Vec<InvestigationView>,
     /// Set when more follow: pass it as `before`.
@@ -96,6 +102,7 @@ pub struct ListInvestigationsReply {
 
 /// An investigation as readers see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InvestigationView {
     pub investigation_id: Uuid,
     pub title: String,

@@ -21,6 +21,8 @@ pub mod lease;
 pub mod lifecycle;
 pub mod logs;
 pub mod model;
+#[cfg(all(test, feature = "openapi"))]
+mod openapi_check;
 pub mod protocol;
 pub mod retry;
 pub mod schedules;

@@ -57,6 +57,7 @@ text_enum!(TaskStatus, ApprovalStatus, StepStatus, Role, FailureReason);
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TaskStatus {
     Planned,
     Queued,
@@ -77,6 +78,7 @@ impl TaskStatus {
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ApprovalStatus {
     /// Doctrine has not been evaluated yet (the task was just planned).
     Unevaluated,
@@ -92,6 +94,7 @@ pub enum ApprovalStatus {
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StepStatus {
     Queued,
     Executing,
@@ -111,6 +114,7 @@ impl StepStatus {
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// A workstation agent: may register, claim, heartbeat and report; nothing else.
     Worker,
@@ -124,6 +128,7 @@ pub enum Role {
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureReason {
     /// The command exited non-zero.
     NonZeroExit,
@@ -166,6 +171,7 @@ impl FailureReason {
 /// How a task is carried out, with its payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Mode {
     /// Run `command` through the workstation's shell; the exit code decides.
     Command { command: String },
@@ -193,13 +199,16 @@ impl Mode {
 
 /// When a failed task is tried again (the mechanism lands with schedules and retries).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetryPolicy {
     /// Total attempts including the first (1 = never retry).
     pub max_attempts: u32,
     /// First backoff, doubled each attempt up to `max_backoff_secs`.
     #[serde(default = "RetryPolicy::default_initial_backoff")]
+    #[cfg_attr(feature = "openapi", schema(default = 1))]
     pub initial_backoff_secs: u32,
     #[serde(default = "RetryPolicy::default_max_backoff")]
+    #[cfg_attr(feature = "openapi", schema(default = 100))]
     pub max_backoff_secs: u32,
     /// Exit codes that are never retried.
     #[serde(default)]
@@ -253,6 +262,7 @@ impl Default for TaskLimits {
 
 /// What an integration sends to create a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskSpec {
     /// What is wanted, in words.
     pub intent: String,

@@ -16,6 +16,7 @@ pub type CreateTaskRequest = TaskSpec;
 
 /// `tasks.create` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateTaskReply {
     pub task_id: TaskId,
     /// The task's organisation (the caller's): the `{org}` of its event subjects,
@@ -33,6 +34,7 @@ pub struct CreateTaskReply {
 
 /// Published on `events.{org}.submit.outcome` for each durable submission.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitOutcome {
     #[serde(default)]
     pub idempotency_key: Option<String>,
@@ -47,6 +49,7 @@ pub struct SubmitOutcome {
 
 /// `tasks.get` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetTaskRequest {
     pub task_id: TaskId,
     /// Only steps with an id greater than this one: the next page of a task whose
@@ -67,6 +70,7 @@ impl GetTaskRequest {
 
 /// A task as operators and integrations see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskView {
     pub task_id: TaskId,
     pub org_id: OrgId,
@@ -140,6 +144,7 @@ pub struct TaskView {
 
 /// One step: a workstation's share of the execution.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepView {
     pub step_id: StepId,
     pub workstation_id: WorkstationId,
@@ -203,6 +208,7 @@ pub struct StepView {
 
 /// `tasks.cancel` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelTaskRequest {
     pub task_id: TaskId,
     #[serde(default)]
@@ -211,6 +217,7 @@ pub struct CancelTaskRequest {
 
 /// `tasks.cancel` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelTaskReply {
     pub task_id: TaskId,
     pub status: TaskStatus,
@@ -222,6 +229,7 @@ pub struct CancelTaskReply {
 
 /// `tasks.list` request: every filter optional; newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListTasksRequest {
     #[serde(default)]
     pub status: Option<TaskStatus>,
@@ -255,6 +263,7 @@ pub struct ListTasksRequest {
 
 /// `tasks.list` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListTasksReply {
     pub tasks: Vec<TaskSummary>,
     /// Set when more tasks match: pass it as `before` for the next page. A page
@@ -264,6 +273,7 @@ pub struct ListTasksReply {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskSummary {
     pub task_id: TaskId,
     pub intent: String,
@@ -286,6 +296,7 @@ pub struct TaskSummary {
 /// Output stream of a log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LogStream {
     Stdout,
     Stderr,
@@ -302,6 +313,7 @@ impl LogStream {
 
 /// One line of output with its per-step sequence number.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     pub seq: i64,
     pub stream: LogStream,
@@ -311,6 +323,7 @@ pub struct LogLine {
 
 /// `tasks.logs` request: stored output, in order, page by page.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskLogsRequest {
     pub task_id: TaskId,
     #[serde(default)]
@@ -326,12 +339,14 @@ pub struct TaskLogsRequest {
     pub limit: Option<u32>,
     /// `raw` (default): every stored line in order; `dedup`: one entry per signature.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = "raw"))]
     pub view: LogView,
 }
 
 /// Which view of the stored output `tasks.logs` returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LogView {
     #[default]
     Raw,
@@ -339,6 +354,7 @@ pub enum LogView {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskLogsReply {
     /// The `raw` view (empty for `dedup`).
     pub lines: Vec<StepLogLine>,
@@ -357,6 +373,7 @@ pub struct TaskLogsReply {
 /// One deduplicated line: a signature with its count, first and last occurrence
 /// and the first line that produced it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogSignatureView {
     pub step_id: StepId,
     pub stream: LogStream,
@@ -373,6 +390,7 @@ pub struct LogSignatureView {
 
 /// A log line tagged with the step that produced it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepLogLine {
     pub step_id: StepId,
     #[serde(flatten)]
@@ -381,6 +399,7 @@ pub struct StepLogLine {
 
 /// Published on `logs.{org}.{task_id}` for each stored batch (live tail).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LiveLogBatch {
     pub task_id: TaskId,
     pub step_id: StepId,
@@ -389,6 +408,7 @@ pub struct LiveLogBatch {
 
 /// `workstations.register` request: the worker names its machine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterWorkstationRequest {
     pub name: String,
     /// Bounded at decoding by [`crate::model::validate_labels`].
@@ -408,6 +428,7 @@ fn registration_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMa
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterWorkstationReply {
     pub workstation_id: WorkstationId,
     pub org_id: OrgId,
@@ -425,6 +446,7 @@ pub struct RegisterWorkstationReply {
 
 /// Published on `dispatch.{org}.{workstation}`: a step ready to be claimed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     pub step_id: StepId,
     pub task_id: TaskId,
@@ -437,6 +459,7 @@ pub struct Assignment {
 
 /// `lease.claim` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimRequest {
     pub step_id: StepId,
     /// The generation seen in the assignment (compare-and-swap).
@@ -444,6 +467,7 @@ pub struct ClaimRequest {
     /// Who will hold the lease: unique per worker process
     /// ([`crate::model::validate_worker_id`], checked at decoding).
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
 }
 
@@ -453,6 +477,7 @@ pub struct ClaimRequest {
 /// monotonic clock from when it *sent* the claim, so a lease never depends on
 /// clocks agreeing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimGranted {
     pub step_id: StepId,
     pub task_id: TaskId,
@@ -466,6 +491,7 @@ pub struct ClaimGranted {
 
 /// A lease a worker holds and reports on heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeldLease {
     pub step_id: StepId,
     pub lease_generation: i64,
@@ -476,14 +502,17 @@ pub const MAX_HEARTBEAT_LEASES: usize = 1000;
 
 /// `lease.heartbeat` request: one per worker, covering every lease it holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
     /// Optional: the credential names the workstation; when given it must match it.
     #[serde(default)]
     pub workstation_id: Option<WorkstationId>,
     /// At most [`MAX_HEARTBEAT_LEASES`], checked at decoding.
     #[serde(default, deserialize_with = "heartbeat_leases")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub leases: Vec<HeldLease>,
     /// How many more steps the worker can take now (0 = send no offers).
     #[serde(default)]
@@ -503,6 +532,7 @@ fn heartbeat_leases<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeldLe
 
 /// The fate of one lease in a heartbeat reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseRenewal {
     pub step_id: StepId,
     pub renewed: bool,
@@ -518,6 +548,7 @@ pub struct LeaseRenewal {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatReply {
     pub leases: Vec<LeaseRenewal>,
     /// Queued steps for this workstation (piggyback assignment).
@@ -526,14 +557,17 @@ pub struct HeartbeatReply {
 
 /// `lease.release` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReleaseRequest {
     pub step_id: StepId,
     pub lease_generation: i64,
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReleaseReply {
     /// The generation after the release (+1).
     pub lease_generation: i64,
@@ -541,11 +575,13 @@ pub struct ReleaseReply {
 
 /// `ingest.logs` request: a batch of output lines under the lease.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogBatch {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
     /// Each line's `seq` must be ≥ 1 (checked at decoding: `tasks.logs` pages
     /// from `after_seq` 0, so a line at 0 or below would never be shown).
@@ -565,6 +601,7 @@ fn log_lines<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<LogLine>, D::
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogBatchReply {
     pub stored: u32,
     /// True once the step's output reached the per-step cap: later lines are dropped.
@@ -574,6 +611,7 @@ pub struct LogBatchReply {
 
 /// How a step ended, reported by its worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepResult {
     pub status: StepStatus,
     #[serde(default)]
@@ -595,11 +633,13 @@ pub struct StepResult {
 
 /// `ingest.progress` request: output preview, and the result when the step is done.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressReport {
     pub step_id: StepId,
     pub lease_generation: i64,
     /// The lease owner (the `worker_id` of the claim): checked with the generation.
     #[serde(deserialize_with = "crate::model::deserialize_worker_id")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = "^[!-~]+$"))]
     pub worker_id: String,
     #[serde(default)]
     pub stdout_tail: Option<String>,
@@ -610,6 +650,7 @@ pub struct ProgressReport {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressReply {
     /// The task's status after this report.
     pub task_status: TaskStatus,
@@ -622,6 +663,7 @@ pub struct ProgressReply {
 /// Published on `control.{org}.{workstation}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ControlMessage {
     /// Stop the step now (SIGTERM, then SIGKILL after the grace period).
     Cancel { task_id: TaskId, step_id: StepId },
@@ -629,6 +671,7 @@ pub enum ControlMessage {
 
 /// Published on `events.{org}.task.{status}` for every lifecycle change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskEventMessage {
     pub task_id: TaskId,
     pub org_id: OrgId,
@@ -641,6 +684,7 @@ pub struct TaskEventMessage {
 
 /// Who a request comes from, as resolved from its token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Principal {
     pub org_id: OrgId,
     pub token_id: uuid::Uuid,

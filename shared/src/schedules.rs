@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OverlapPolicy {
     /// No new task while an earlier one from this schedule is planned, queued,
     /// executing or waiting for its automatic retry; the tick is `skipped_overlap`.
@@ -31,6 +32,7 @@ pub enum OverlapPolicy {
 #[serde(rename_all = "snake_case")]
 #[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case", parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TickOutcome {
     /// A task was created for the tick (its id is in the row).
     Fired,
@@ -47,6 +49,7 @@ crate::model::text_enum!(OverlapPolicy, TickOutcome);
 /// The task a schedule creates on each tick: a `TaskSpec` without the fields the
 /// scheduler sets itself (`idempotency_key`, `retry_of_task_id`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskTemplate {
     pub intent: String,
     #[serde(flatten)]
@@ -90,6 +93,7 @@ impl TaskTemplate {
 
 /// `schedules.create` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateScheduleRequest {
     /// Unique among the organisation's schedules; 1–100 of `A–Z a–z 0–9 . _ -`.
     pub name: String,
@@ -97,16 +101,20 @@ pub struct CreateScheduleRequest {
     pub cron: String,
     /// An IANA time zone; default `UTC`.
     #[serde(default = "utc")]
+    #[cfg_attr(feature = "openapi", schema(default = "UTC"))]
     pub timezone: String,
     pub template: TaskTemplate,
     /// Default true; false creates the schedule paused.
     #[serde(default = "yes")]
+    #[cfg_attr(feature = "openapi", schema(default = true))]
     pub enabled: bool,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(default = "skip"))]
     pub overlap: OverlapPolicy,
     /// How many of the newest due ticks fire when a scheduler finds several due at
     /// once (after an outage); older ones are recorded `missed`. Default 1, at most 100.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(default = 1))]
     pub catch_up_ticks: u32,
 }
 
@@ -186,6 +194,7 @@ pub fn validate_schedule_name(name: &str) -> Result<(), WireError> {
 
 /// A schedule as operators see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleView {
     pub schedule_id: ScheduleId,
     pub org_id: OrgId,
@@ -214,12 +223,14 @@ pub struct ScheduleView {
 
 /// Names one schedule by id or name (`schedules.pause`, `resume`, `delete`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleRef {
     pub schedule: String,
 }
 
 /// `schedules.get` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetScheduleRequest {
     /// Id or name.
     pub schedule: String,
@@ -236,6 +247,7 @@ pub struct GetScheduleRequest {
 
 /// One ledger row: what happened to one tick.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleTick {
     pub tick_at: DateTime<Utc>,
     pub outcome: TickOutcome,
@@ -248,6 +260,7 @@ pub struct ScheduleTick {
 
 /// Ledger rows of a schedule by outcome.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TickCounts {
     pub fired: u64,
     pub skipped_overlap: u64,
@@ -257,6 +270,7 @@ pub struct TickCounts {
 
 /// `schedules.get` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleDetail {
     #[serde(flatten)]
     pub schedule: ScheduleView,
@@ -272,6 +286,7 @@ pub struct ScheduleDetail {
 
 /// `schedules.list` request: newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListSchedulesRequest {
     #[serde(default)]
     pub enabled: Option<bool>,
@@ -284,6 +299,7 @@ pub struct ListSchedulesRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListSchedulesReply {
     pub schedules: Vec<ScheduleView>,
     /// Set when more schedules follow this page (which ends at `limit` or at its
@@ -294,6 +310,7 @@ pub struct ListSchedulesReply {
 
 /// `schedules.delete` reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeleteScheduleReply {
     pub schedule_id: ScheduleId,
     pub deleted: bool,
@@ -301,12 +318,14 @@ pub struct DeleteScheduleReply {
 
 /// `tasks.retry` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetryTaskRequest {
     pub task_id: TaskId,
 }
 
 /// `tasks.retry` reply: the next attempt.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetryTaskReply {
     pub task_id: TaskId,
     pub retry_of_task_id: TaskId,

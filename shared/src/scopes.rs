@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
     strum::VariantArray,
 )]
 #[strum(parse_err_ty = UnknownVariant, parse_err_fn = unknown_variant::<Self>)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Scope {
     /// Read tasks, logs, artifacts, approvals, doctrine, schedules, investigations.
     #[serde(rename = "mcp:read")]
