@@ -139,6 +139,26 @@ pub struct Config {
     pub worker_agent_tools: String,
     /// Worker: time between SIGTERM and SIGKILL when stopping a step.
     pub kill_grace_ms: u64,
+    /// Gateway: the address its HTTP server (MCP at `/mcp`, the HTTP API at `/v1`)
+    /// listens on; empty disables it in `tanjiren up`.
+    pub gateway_addr: String,
+    /// Gateway: its address as clients reach it (`https://tanjiren.example.com`),
+    /// named in the protected-resource metadata and `WWW-Authenticate`; empty
+    /// means `http://` plus the request's `Host`.
+    pub gateway_public_url: String,
+    /// Gateway: the `Host` values it answers (DNS-rebinding protection), comma-separated
+    /// host names or `host:port`; `*` allows any (behind a proxy that checks it).
+    pub gateway_allowed_hosts: String,
+    /// Gateway: the browser origins allowed to call it (`https://console.example.com`,
+    /// `http://localhost:*`), comma-separated; a request with any other `Origin` is
+    /// refused with 403. Requests without `Origin` (CLI and server clients) pass.
+    pub gateway_allowed_origins: String,
+    /// Gateway: origins sent CORS headers for the HTTP API, comma-separated; empty
+    /// (the default) sends none, so browsers on other origins cannot read replies.
+    pub gateway_cors_origins: String,
+    /// Gateway: how long one call to a service may take before the client gets
+    /// `unavailable`, in milliseconds.
+    pub gateway_request_timeout_ms: u64,
     /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
     /// step's processes when the worker dies: `auto` (the `tanjiren` binary itself),
     /// `off`, or a path.
@@ -238,6 +258,12 @@ impl Default for Config {
             worker_agent_max_retries: 3,
             worker_agent_tools: String::new(),
             kill_grace_ms: 10_000,
+            gateway_addr: "127.0.0.1:8420".into(),
+            gateway_public_url: String::new(),
+            gateway_allowed_hosts: "localhost,127.0.0.1,::1".into(),
+            gateway_allowed_origins: "http://localhost:*,http://127.0.0.1:*".into(),
+            gateway_cors_origins: String::new(),
+            gateway_request_timeout_ms: 10_000,
             step_guard: "auto".into(),
             step_cgroup: "auto".into(),
             worker_state_dir: String::new(),
@@ -354,6 +380,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "subject_prefix must be letters, digits, '_', '-' or '.'".into(),
             ));
+        }
+        if self.gateway_request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid("gateway_request_timeout_ms must be ≥ 1".into()));
+        }
+        let url = &self.gateway_public_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "gateway_public_url must start with http:// or https://, not `{}`",
+                self.gateway_public_url
+            )));
         }
         if self.approval_token_ttl_secs == 0 || self.approval_deadline_secs == 0 {
             return Err(ConfigError::Invalid(

@@ -719,6 +719,8 @@ fn task_replies_and_requests_match_their_schemas() {
         ListTasksRequest {
             status: Some(TaskStatus::Failed),
             mode: Some("investigate".into()),
+            approval_status: Some(ApprovalStatus::Pending),
+            lease_owner: Some("build-01-3f2a".into()),
             workstation: Some("build-01".into()),
             before: Some(TaskId::new()),
             root_task_id: Some(TaskId::new()),

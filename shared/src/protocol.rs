@@ -235,6 +235,13 @@ pub struct ListTasksRequest {
     pub status: Option<TaskStatus>,
     #[serde(default)]
     pub mode: Option<String>,
+    /// Only tasks whose approval is in this state (`pending` lists what waits for a decision).
+    #[serde(default)]
+    pub approval_status: Option<ApprovalStatus>,
+    /// Only tasks with a step whose lease this worker holds now (the `lease_owner`
+    /// of an executing step, as the worker named itself when claiming).
+    #[serde(default)]
+    pub lease_owner: Option<String>,
     /// Only tasks targeting this workstation (id or name).
     #[serde(default)]
     pub workstation: Option<String>,
@@ -680,6 +687,77 @@ pub struct TaskEventMessage {
     #[serde(default)]
     pub failure_reason: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// `auth.whoami` request (empty): the reply is the caller's [`Principal`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WhoAmIRequest {}
+
+/// `tasks.overview` request.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeOverviewRequest {
+    /// How far back "recent" reaches, in seconds (finished tasks, durations,
+    /// stale-lease rejections): default 86,400 (a day), at most 604,800 (a week).
+    #[serde(default)]
+    pub window_secs: Option<u64>,
+}
+
+/// `tasks.overview` reply: the organisation's execution state at `generated_at`.
+/// Live counts are exact; finished tasks, durations and rejections cover the
+/// last `window_secs`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeOverview {
+    pub generated_at: DateTime<Utc>,
+    pub window_secs: u64,
+    /// Tasks by status: every live task (planned, queued, executing) and the tasks
+    /// that finished within the window. Every status is present (0 when none).
+    pub tasks_by_status: BTreeMap<String, u64>,
+    /// The same tasks by approval status (every approval status present).
+    pub tasks_by_approval_status: BTreeMap<String, u64>,
+    /// Steps running now.
+    pub steps_executing: u64,
+    /// Steps whose lease is live (held and not past its expiry).
+    pub live_leases: u64,
+    /// Steps whose lease expired and that the reconciler has not taken back yet.
+    pub expired_leases: u64,
+    /// Steps waiting for a worker.
+    pub queue_depth: u64,
+    /// How long the oldest queued step has waited, in milliseconds (absent when none waits).
+    #[serde(default)]
+    pub oldest_queued_age_ms: Option<u64>,
+    /// Worker requests refused with `stale_lease` within the window (claim,
+    /// heartbeat, release and the fenced ingest writes).
+    pub stale_lease_rejections: u64,
+    /// Durations (start to finish) of the most recent tasks that finished within the window.
+    pub durations: DurationStats,
+    /// Enabled schedules due within the next hour, soonest first (at most 20).
+    pub schedules_due_next_hour: Vec<DueSchedule>,
+    /// How many schedules are due within the next hour (may exceed the list).
+    pub schedules_due_next_hour_count: u64,
+}
+
+/// Percentiles of recent task durations, in milliseconds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DurationStats {
+    /// How many tasks the percentiles cover (the most recent, at most 1,000).
+    pub count: u64,
+    #[serde(default)]
+    pub p50_ms: Option<u64>,
+    #[serde(default)]
+    pub p99_ms: Option<u64>,
+}
+
+/// A schedule due soon.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DueSchedule {
+    pub schedule_id: crate::ids::ScheduleId,
+    pub name: String,
+    pub next_run_at: DateTime<Utc>,
 }
 
 /// Who a request comes from, as resolved from its token.

@@ -56,6 +56,14 @@ impl Subjects {
     pub fn tasks_cancel(&self) -> String {
         self.s("tasks.cancel")
     }
+    /// `tasks.overview`: the organisation's runtime overview ([`crate::protocol::RuntimeOverview`]).
+    pub fn tasks_overview(&self) -> String {
+        self.s("tasks.overview")
+    }
+    /// `auth.whoami`: the caller's own principal (how the gateway checks a bearer token).
+    pub fn auth_whoami(&self) -> String {
+        self.s("auth.whoami")
+    }
     pub fn tasks_list(&self) -> String {
         self.s("tasks.list")
     }
@@ -130,6 +138,11 @@ impl Subjects {
     /// Planned-task events of every organisation (what the approval service consumes).
     pub fn all_planned_events(&self) -> String {
         self.s("events.*.task.planned")
+    }
+    /// Every event of one organisation: task status changes, approval requests and
+    /// decisions, submission outcomes (what the gateway's subscriptions watch).
+    pub fn org_events(&self, org: OrgId) -> String {
+        self.s(&format!("events.{org}.>"))
     }
     /// Outcome events of durable submissions.
     pub fn submit_outcome(&self, org: OrgId) -> String {

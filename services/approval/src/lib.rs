@@ -79,7 +79,7 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         })
         .await?;
     router
-        .route(s.approvals_mint(), Access::Approvers, tokens::handle)
+        .route(s.approvals_mint(), Access::Minters, tokens::handle)
         .await?;
     router
         .route(s.approvals_pending(), Access::Readers, read::pending)

@@ -51,6 +51,11 @@ pub enum Access {
     /// Those who may decide approvals and publish doctrine: admin, owner (a scoped
     /// token needs `mcp:operate`).
     Approvers,
+    /// Minting approval tokens: admin, owner, and never a scoped token — an AI
+    /// agent's token may carry a person's approval token, but never mint one.
+    Minters,
+    /// Any valid token or credential, whatever its role and scopes (`auth.whoami`).
+    Anyone,
 }
 
 impl Access {
@@ -61,7 +66,8 @@ impl Access {
             Access::Readers | Access::Operators => matches!(role, Role::Member | Role::Admin | Role::Owner),
             Access::Enrol => matches!(role, Role::Worker | Role::Admin | Role::Owner),
             Access::Workstation => role == Role::Worker && principal.workstation_id.is_some(),
-            Access::Approvers => matches!(role, Role::Admin | Role::Owner),
+            Access::Approvers | Access::Minters => matches!(role, Role::Admin | Role::Owner),
+            Access::Anyone => return true,
         };
         let by_scope = match self.needs() {
             Some(needs) => needs.granted_by(&principal.scopes),
@@ -76,7 +82,7 @@ impl Access {
         match self {
             Access::Readers => Some(Needs::Read),
             Access::Operators | Access::Approvers => Some(Needs::Operate),
-            Access::Enrol | Access::Workstation => None,
+            Access::Enrol | Access::Workstation | Access::Minters | Access::Anyone => None,
         }
     }
 
@@ -88,6 +94,11 @@ impl Access {
                 Some(n) if !n.granted_by(&principal.scopes) => format!(
                     "insufficient_scope: this subject needs the scope `{}`; the token has {}",
                     n.scope(),
+                    scopes.join(", ")
+                ),
+                None if *self == Access::Minters => format!(
+                    "insufficient_scope: approval tokens are minted by people; a scoped token ({}) \
+                     can only carry one a person minted",
                     scopes.join(", ")
                 ),
                 None => format!(

@@ -315,7 +315,9 @@ async fn worker_add_batch(
                 s.fence
                     .admits(&req.principal, b.lease_generation, &b.worker_id)
                     .map(|_| s)
-                    .inspect_err(|e| crate::worker_writes::reject_stale(conns, "artifacts", s.fence.id, e))
+                    .inspect_err(|e| {
+                        crate::worker_writes::reject_stale(conns, "artifacts", req.principal.org_id, s.fence.id, e)
+                    })
             });
         let checked = fenced.and_then(|s| {
             let (question, content) = match b.question_index {

@@ -2,7 +2,7 @@
 //!
 //! It owns `tasks.create` (request/reply, idempotent), `tasks.submit` (a durable
 //! JetStream consumer: ack only after commit), the read side (`tasks.get`,
-//! `tasks.list`, `tasks.logs`), workstation registration, and the fenced worker
+//! `tasks.list`, `tasks.logs`, `tasks.overview`, `auth.whoami`), workstation registration, and the fenced worker
 //! writes `ingest.logs` and `ingest.progress`. Every handler takes a whole batch
 //! of requests and commits it in one transaction.
 
@@ -10,6 +10,7 @@ mod artifacts;
 mod cancel;
 mod create;
 mod investigations;
+mod overview;
 mod read;
 mod submit;
 mod summary;
@@ -49,6 +50,10 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
     router.route(s.tasks_get(), Access::Readers, read::get).await?;
     router.route(s.tasks_list(), Access::Readers, read::list).await?;
     router.route(s.tasks_logs(), Access::Readers, read::logs).await?;
+    router
+        .route(s.tasks_overview(), Access::Readers, overview::handle)
+        .await?;
+    router.route(s.auth_whoami(), Access::Anyone, overview::whoami).await?;
     router
         .route(s.workstations_register(), Access::Enrol, worker_writes::register)
         .await?;

@@ -311,6 +311,16 @@ pub(crate) async fn list_tasks(
     if let Some(m) = &req.mode {
         q.push(" AND mode = ").push_bind(m.clone());
     }
+    if let Some(a) = req.approval_status {
+        q.push(" AND approval_status = ").push_bind(a.as_str());
+    }
+    if let Some(owner) = &req.lease_owner {
+        // A lease is held only while a step executes (released with its result), so
+        // the running steps (a partial index) are the ones to look at.
+        q.push(" AND id IN (SELECT task_id FROM steps WHERE status = 'executing' AND lease_owner = ")
+            .push_bind(owner.clone())
+            .push(")");
+    }
     if let Some(w) = &req.workstation {
         let id: Option<(Uuid,)> =
             sqlx::query_as("SELECT id FROM workstations WHERE org_id = $1 AND (id::text = $2 OR name = $2)")

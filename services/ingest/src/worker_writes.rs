@@ -10,7 +10,6 @@
 use crate::artifacts::{NewArtifact, insert};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
-use tanjiren_ops::metrics::Count;
 use tanjiren_shared::agents::{AgentReport, clean_model};
 use tanjiren_shared::artifacts::{ArtifactContent, ArtifactKind, MAX_TITLE_BYTES};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
@@ -170,12 +169,12 @@ impl StepFence {
 }
 
 /// Logs and counts a write refused because its lease is no longer the writer's.
-pub(crate) fn reject_stale(conns: &Connections, kind: &'static str, step: Uuid, e: &WireError) {
+pub(crate) fn reject_stale(conns: &Connections, kind: &'static str, org: OrgId, step: Uuid, e: &WireError) {
     if matches!(e.code, ErrorCode::StaleLease | ErrorCode::Forbidden) {
         tracing::warn!(%step, kind, code = %e.code, message = %e.message, "rejected a worker write");
     }
     if e.code == ErrorCode::StaleLease {
-        conns.metrics.count(Count::StaleLease { kind }, 1);
+        conns.record_stale(kind, org, 1);
     }
 }
 
@@ -304,7 +303,7 @@ async fn store_logs(
         let step = match check {
             Ok(f) => f,
             Err(e) => {
-                reject_stale(conns, "logs", b.step_id.as_uuid(), &e);
+                reject_stale(conns, "logs", req.principal.org_id, b.step_id.as_uuid(), &e);
                 results.push(Err(e));
                 continue;
             }
@@ -501,7 +500,7 @@ async fn store_progress(
         let fence = match check {
             Ok(f) => f,
             Err(e) => {
-                reject_stale(conns, "progress", b.step_id.as_uuid(), &e);
+                reject_stale(conns, "progress", req.principal.org_id, b.step_id.as_uuid(), &e);
                 results.push(Err(e));
                 continue;
             }

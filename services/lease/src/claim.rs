@@ -219,11 +219,13 @@ async fn claim(
             }
         })
         .collect();
-    let stale = results
+    for (r, _) in batch
         .iter()
-        .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::StaleLease))
-        .count();
-    conns.metrics.count(Count::StaleLease { kind: "claim" }, stale as u64);
+        .zip(&results)
+        .filter(|(_, res)| matches!(res, Err(e) if e.code == ErrorCode::StaleLease))
+    {
+        conns.record_stale("claim", r.principal.org_id, 1);
+    }
     Ok(results)
 }
 

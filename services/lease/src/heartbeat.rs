@@ -15,7 +15,6 @@
 use crate::keys::{self, KeyOp};
 use sqlx::types::Json;
 use std::collections::HashMap;
-use tanjiren_ops::metrics::Count;
 use tanjiren_shared::codec::{fit_page, json_size};
 use tanjiren_shared::ids::{OrgId, StepId, WorkstationId};
 use tanjiren_shared::lease::{LeaseWrite, StoredLease, acting_workstation, check_write};
@@ -238,15 +237,14 @@ async fn heartbeat(
             Ok(HeartbeatReply { leases, offers })
         })
         .collect();
-    let stale = replies
-        .iter()
-        .flatten()
-        .flat_map(|r| &r.leases)
-        .filter(|l| matches!(&l.error, Some(e) if e.code == ErrorCode::StaleLease))
-        .count();
-    conns
-        .metrics
-        .count(Count::StaleLease { kind: "heartbeat" }, stale as u64);
+    for (r, reply) in batch.iter().zip(&replies) {
+        let stale = reply
+            .iter()
+            .flat_map(|r| &r.leases)
+            .filter(|l| matches!(&l.error, Some(e) if e.code == ErrorCode::StaleLease))
+            .count();
+        conns.record_stale("heartbeat", r.principal.org_id, stale as u64);
+    }
     Ok(replies)
 }
 

@@ -170,13 +170,13 @@ async fn release(
     let refused = results.len() - released.len();
     conns.metrics.count(Count::LeaseReleases, released.len() as u64);
     if refused > 0 {
-        conns.metrics.count(
-            Count::StaleLease { kind: "release" },
-            results
-                .iter()
-                .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::StaleLease))
-                .count() as u64,
-        );
+        for (r, _) in batch
+            .iter()
+            .zip(&results)
+            .filter(|(_, res)| matches!(res, Err(e) if e.code == ErrorCode::StaleLease))
+        {
+            conns.record_stale("release", r.principal.org_id, 1);
+        }
     }
     Ok(results)
 }

@@ -24,6 +24,8 @@ pub struct Connections {
     pub redis: Option<redis::aio::ConnectionManager>,
     pub metrics: Metrics,
     pub ready: Readiness,
+    /// Stale-lease refusals per organisation, for the runtime overview.
+    pub stale: crate::stale::StaleTally,
 }
 
 /// Which servers a service needs besides NATS and Postgres.
@@ -59,7 +61,15 @@ impl Connections {
             redis,
             metrics: Metrics::new(),
             ready: Readiness::default(),
+            stale: Default::default(),
         })
+    }
+
+    /// Counts refusals with `stale_lease` of one kind (`claim`, `logs`, …) for an
+    /// organisation: the process's metric and the organisation's runtime overview.
+    pub fn record_stale(&self, kind: &'static str, org: tanjiren_shared::ids::OrgId, n: u64) {
+        self.metrics.count(tanjiren_ops::metrics::Count::StaleLease { kind }, n);
+        self.stale.record(&self.db, org, n);
     }
 
     /// The Redis connection of a service connected with `Needs { redis: true }`.

@@ -15,6 +15,7 @@ pub mod db;
 pub mod lifecycle;
 pub mod rows;
 pub mod settle;
+pub mod stale;
 pub mod tasks;
 
 pub use connections::{Connections, Needs};

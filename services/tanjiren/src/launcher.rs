@@ -65,6 +65,7 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     for s in Service::ALL {
         handle.extend(s.start(&conns, services_stop.clone()).await?);
     }
+    let gateway = tanjiren_gateway::start(config, conns.nats.clone(), services_stop.clone()).await?;
     conns.ready.set(true);
 
     let worker = if with_worker {
@@ -105,6 +106,12 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
             _ => errln!("It has no AI agent for prompt and investigate tasks (set worker_agent: docs/operations.md)."),
         }
     }
+    if let Some(gw) = &gateway {
+        errln!(
+            "Gateway: http://{}  (MCP for AI agents at /mcp, docs/mcp.md; HTTP API at /v1, docs/http.md)",
+            gw.addr
+        );
+    }
     if let Some(addr) = ops_addr {
         errln!("Health and metrics: http://{addr}/healthz, /readyz, /metrics");
     }
@@ -116,6 +123,9 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
         w.join().await;
     }
     services_stop.cancel();
+    if let Some(gw) = gateway {
+        let _ = gw.handle.await;
+    }
     handle.join().await;
     errln!("Tanjiren stopped.");
     Ok(ExitCode::SUCCESS)

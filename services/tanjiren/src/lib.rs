@@ -15,6 +15,7 @@ mod admin;
 mod approvals;
 mod artifacts;
 mod client;
+mod gateway;
 mod investigations;
 mod launcher;
 mod schedules;
@@ -60,6 +61,10 @@ pub enum Command {
     Scheduler,
     /// Run the worker agent for this workstation.
     Worker,
+    /// Run the gateway alone: MCP at /mcp and the HTTP API, on gateway_addr (a NATS client of the services).
+    Gateway,
+    /// Serve MCP on standard input and output, for a local AI client that starts a process (uses TANJIREN_TOKEN or the saved token).
+    Mcp,
     /// Apply database migrations and exit.
     Migrate,
     /// Create the default organisation and an owner token if missing (idempotent).
@@ -122,6 +127,7 @@ impl Command {
                 | Command::Lease
                 | Command::Scheduler
                 | Command::Worker
+                | Command::Gateway
         )
     }
 }
@@ -157,6 +163,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lease => launcher::one(&config, launcher::Service::Lease).await,
         Command::Scheduler => launcher::one(&config, launcher::Service::Scheduler).await,
         Command::Worker => launcher::worker(&config).await,
+        Command::Gateway => gateway::serve(&config).await,
+        Command::Mcp => gateway::stdio(&config).await,
         Command::Migrate => admin::migrate(&config).await,
         Command::Bootstrap { worker_token_file } => admin::bootstrap_command(&config, worker_token_file).await,
         Command::Org { command } => admin::org(&config, command).await,

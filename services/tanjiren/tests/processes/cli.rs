@@ -27,6 +27,7 @@ impl Install {
             ("TANJIREN_SUBJECT_PREFIX".into(), format!("cli{id}")),
             ("TANJIREN_REDIS_KEY_PREFIX".into(), format!("cli{id}")),
             ("TANJIREN_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+            ("TANJIREN_GATEWAY_ADDR".into(), "127.0.0.1:0".into()),
             ("TANJIREN_WORKSTATION_NAME".into(), format!("cli-host-{id}")),
             ("XDG_CONFIG_HOME".into(), home.display().to_string()),
             ("XDG_STATE_HOME".into(), home.display().to_string()),

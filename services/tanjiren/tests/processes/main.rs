@@ -9,3 +9,4 @@ mod cli;
 mod containment;
 mod defaults;
 mod leases;
+mod mcp;

@@ -1,0 +1,168 @@
+//! `tasks.overview` and `auth.whoami`: the organisation's runtime overview (live
+//! counts, queue, leases, recent durations, schedules due soon), read in one
+//! snapshot, and the caller's own principal. Read-only; every statement is bounded
+//! by an index on live states or a time window, so the history's size does not matter.
+
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+use tanjiren_shared::WireError;
+use tanjiren_shared::ids::{OrgId, ScheduleId};
+use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
+use tanjiren_shared::protocol::{
+    DueSchedule, DurationStats, Principal, RuntimeOverview, RuntimeOverviewRequest, WhoAmIRequest,
+};
+use tanjiren_store::{Connections, Incoming, db_error, each};
+use uuid::Uuid;
+
+/// The default and the longest window of "recent".
+const DEFAULT_WINDOW_SECS: u64 = 86_400;
+const MAX_WINDOW_SECS: u64 = 7 * 86_400;
+/// Durations are taken over at most this many recent tasks.
+const DURATION_SAMPLE: i64 = 1_000;
+/// Schedules listed as due within the hour.
+const DUE_LISTED: i64 = 20;
+
+pub(crate) async fn whoami(
+    _conns: Connections,
+    batch: Vec<Incoming<WhoAmIRequest>>,
+) -> Vec<Result<Principal, WireError>> {
+    batch.into_iter().map(|r| Ok(r.principal)).collect()
+}
+
+pub(crate) async fn handle(
+    conns: Connections,
+    batch: Vec<Incoming<RuntimeOverviewRequest>>,
+) -> Vec<Result<RuntimeOverview, WireError>> {
+    each(&conns, batch, overview).await
+}
+
+/// The overview of `org`.
+///
+/// # Errors
+/// `invalid` for a window of 0 or over a week; `unavailable` when Postgres fails.
+pub(crate) async fn overview(
+    conns: &Connections,
+    org: OrgId,
+    req: &RuntimeOverviewRequest,
+) -> Result<RuntimeOverview, WireError> {
+    let window_secs = req.window_secs.unwrap_or(DEFAULT_WINDOW_SECS);
+    if window_secs == 0 || window_secs > MAX_WINDOW_SECS {
+        return Err(WireError::invalid(format!(
+            "window_secs: must be between 1 and {MAX_WINDOW_SECS} (a week)"
+        )));
+    }
+    let org_id = org.as_uuid();
+    let window = window_secs as f64;
+    // One repeatable-read snapshot: the figures agree with each other.
+    let mut tx = conns.db.begin().await.map_err(db_error)?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let generated_at: (DateTime<Utc>,) = sqlx::query_as("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let counts: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT status, approval_status, count(*) FROM (
+             SELECT status, approval_status FROM tasks
+              WHERE org_id = $1 AND status IN ('planned', 'queued', 'executing')
+             UNION ALL
+             SELECT status, approval_status FROM tasks
+              WHERE finished_at > now() - make_interval(secs => $2) AND org_id = $1
+                AND status IN ('completed', 'failed', 'cancelled')
+         ) t GROUP BY 1, 2",
+    )
+    .bind(org_id)
+    .bind(window)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let mut tasks_by_status: BTreeMap<String, u64> = TaskStatus::ALL.iter().map(|s| (s.to_string(), 0)).collect();
+    let mut tasks_by_approval_status: BTreeMap<String, u64> =
+        ApprovalStatus::ALL.iter().map(|s| (s.to_string(), 0)).collect();
+    for (status, approval, n) in counts {
+        *tasks_by_status.entry(status).or_default() += n as u64;
+        *tasks_by_approval_status.entry(approval).or_default() += n as u64;
+    }
+
+    let steps: (i64, i64, i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.status = 'executing'),
+                count(*) FILTER (WHERE s.status = 'executing' AND s.lease_expires_at > now()),
+                count(*) FILTER (WHERE s.status = 'executing' AND s.lease_expires_at <= now()),
+                count(*) FILTER (WHERE s.status = 'queued'),
+                (extract(epoch FROM now() - min(t.queued_at) FILTER (WHERE s.status = 'queued')) * 1000)::int8
+           FROM steps s JOIN tasks t ON t.id = s.task_id
+          WHERE s.org_id = $1 AND s.status IN ('queued', 'executing')",
+    )
+    .bind(org_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+
+    let stale: (Option<i64>,) = sqlx::query_as(
+        "SELECT sum(count)::int8 FROM stale_lease_rejections
+          WHERE org_id = $1 AND hour > date_trunc('hour', now() - make_interval(secs => $2))",
+    )
+    .bind(org_id)
+    .bind(window)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+
+    let durations: (i64, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT count(*),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+           FROM (SELECT extract(epoch FROM finished_at - started_at) * 1000 AS ms FROM tasks
+                  WHERE finished_at > now() - make_interval(secs => $2) AND org_id = $1
+                    AND status IN ('completed', 'failed', 'cancelled') AND started_at IS NOT NULL
+                  ORDER BY finished_at DESC LIMIT $3) recent",
+    )
+    .bind(org_id)
+    .bind(window)
+    .bind(DURATION_SAMPLE)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+
+    let due: Vec<(Uuid, String, DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT id, name, next_run_at, count(*) OVER () FROM task_schedules
+          WHERE next_run_at < now() + interval '1 hour' AND enabled AND deleted_at IS NULL AND org_id = $1
+          ORDER BY next_run_at LIMIT $2",
+    )
+    .bind(org_id)
+    .bind(DUE_LISTED)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+
+    let ms = |v: Option<f64>| v.map(|v| v.max(0.0).round() as u64);
+    Ok(RuntimeOverview {
+        generated_at: generated_at.0,
+        window_secs,
+        tasks_by_status,
+        tasks_by_approval_status,
+        steps_executing: steps.0 as u64,
+        live_leases: steps.1 as u64,
+        expired_leases: steps.2 as u64,
+        queue_depth: steps.3 as u64,
+        oldest_queued_age_ms: steps.4.map(|v| v.max(0) as u64),
+        stale_lease_rejections: stale.0.unwrap_or(0).max(0) as u64,
+        durations: DurationStats {
+            count: durations.0 as u64,
+            p50_ms: ms(durations.1),
+            p99_ms: ms(durations.2),
+        },
+        schedules_due_next_hour_count: due.first().map(|d| d.3 as u64).unwrap_or(0),
+        schedules_due_next_hour: due
+            .into_iter()
+            .map(|(id, name, next_run_at, _)| DueSchedule {
+                schedule_id: ScheduleId::from(id),
+                name,
+                next_run_at,
+            })
+            .collect(),
+    })
+}
