@@ -689,6 +689,51 @@ pub struct TaskEventMessage {
     pub at: DateTime<Utc>,
 }
 
+/// `workstations.list` request: the organisation's workstations by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListWorkstationsRequest {
+    /// Only workstations whose name sorts after this one (the previous page's `next_after`).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Default 100, clamped to 1–500.
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// `workstations.list` reply.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListWorkstationsReply {
+    pub workstations: Vec<WorkstationView>,
+    /// Set when more follow: pass it as `after`.
+    #[serde(default)]
+    pub next_after: Option<String>,
+}
+
+/// A workstation as operators see it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkstationView {
+    pub workstation_id: WorkstationId,
+    pub name: String,
+    /// Labels it registered with (doctrine matches them).
+    pub labels: BTreeMap<String, String>,
+    /// Its AI agent adapter (`openai`, `command`), when it has one.
+    #[serde(default)]
+    pub agent_adapter: Option<String>,
+    #[serde(default)]
+    pub agent_model: Option<String>,
+    pub registered_at: DateTime<Utc>,
+    /// When it last registered or renewed a lease.
+    #[serde(default)]
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// Live (unrevoked) workstation credentials.
+    pub credentials: u64,
+    /// Its steps executing now.
+    pub steps_executing: u64,
+}
+
 /// `auth.whoami` request (empty): the reply is the caller's [`Principal`].
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

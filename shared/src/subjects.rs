@@ -73,6 +73,10 @@ impl Subjects {
     pub fn workstations_register(&self) -> String {
         self.s("workstations.register")
     }
+    /// `workstations.list`: the organisation's workstations (operators).
+    pub fn workstations_list(&self) -> String {
+        self.s("workstations.list")
+    }
     pub fn dispatch(&self, org: OrgId, workstation: WorkstationId) -> String {
         self.s(&format!("dispatch.{org}.{workstation}"))
     }

@@ -40,10 +40,17 @@ impl LogFollower<'_> {
 
     /// Delivers every line of `task` once, in order per step, to `sink`: the stored
     /// ones, then (with `follow`) live ones until the task is terminal.
-    pub async fn run(
+    pub async fn run(&self, task: TaskId, follow: bool, sink: impl FnMut(StepId, &LogLine)) -> Result<(), WireError> {
+        self.run_after(task, follow, HashMap::new(), sink).await
+    }
+
+    /// [`Self::run`], resuming after the lines already delivered: `last` is each
+    /// step's last delivered `seq` (a step not in it starts from its first line).
+    pub async fn run_after(
         &self,
         task: TaskId,
         follow: bool,
+        mut last: HashMap<StepId, i64>,
         mut sink: impl FnMut(StepId, &LogLine),
     ) -> Result<(), WireError> {
         let view = self.get(task).await?;
@@ -61,7 +68,6 @@ impl LogFollower<'_> {
         } else {
             None
         };
-        let mut last: HashMap<StepId, i64> = HashMap::new();
         self.stored(task, &mut last, &mut sink).await?;
         let Some(sub) = live.as_mut() else { return Ok(()) };
         let mut check = tokio::time::interval(self.poll);

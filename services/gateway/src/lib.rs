@@ -5,6 +5,7 @@
 //! roles, scopes and organisations exactly as for any other client. Run any
 //! number of replicas behind a load balancer.
 
+pub mod api;
 pub mod auth;
 pub mod events;
 pub mod guard;
@@ -90,7 +91,9 @@ pub async fn start(
 /// A malformed `gateway_allowed_origins` entry.
 pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Result<Router, String> {
     let upstream = upstream(config, nats);
-    let guard = guard::Guard::new(&config.gateway_allowed_hosts, &config.gateway_allowed_origins)?;
+    // An origin given CORS is an origin allowed to call.
+    let origins = format!("{},{}", config.gateway_allowed_origins, config.gateway_cors_origins);
+    let guard = guard::Guard::new(&config.gateway_allowed_hosts, &origins)?;
     let auth = Authenticator::new(upstream.clone(), &config.gateway_public_url);
 
     let mut mcp_config = StreamableHttpServerConfig::default()
@@ -111,6 +114,9 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
         .layer(from_fn_with_state(auth.clone(), operate_scope))
         .layer(from_fn_with_state(auth.clone(), auth::require_bearer));
 
+    let api_routes = api::router(upstream.clone()).layer(from_fn_with_state(auth.clone(), auth::require_bearer));
+    let openapi = std::sync::Arc::new(api::openapi::document());
+
     let metadata_auth = auth.clone();
     let api_metadata_auth = auth.clone();
     let open = Router::new()
@@ -129,15 +135,52 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
                 axum::Json(auth::resource_metadata(&api_metadata_auth.base_url(&headers)))
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        );
 
-    Ok(Router::new()
+    let mut app = Router::new()
         .merge(open)
         .merge(mcp_routes)
+        .merge(api_routes)
         .fallback(|| async {
             problem::Problem::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route").into_response()
         })
-        .layer(from_fn_with_state(guard, guard::check)))
+        .layer(from_fn_with_state(guard, guard::check));
+    if let Some(cors) = cors(&config.gateway_cors_origins)? {
+        app = app.layer(cors);
+    }
+    Ok(app)
+}
+
+/// CORS for the listed origins (none: no CORS headers, so browsers on other
+/// origins cannot read replies).
+fn cors(origins: &str) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+    let list: Vec<HeaderValue> = origins
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|o| HeaderValue::from_str(o).map_err(|_| format!("gateway_cors_origins: `{o}` is not a valid origin")))
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(list)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                "last-event-id".parse().expect("a header name"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    ))
 }
 
 /// Middleware on `/mcp`: a `tools/call` of a tool that changes something, by a

@@ -11,11 +11,12 @@ use tanjiren_shared::error::ErrorCode;
 /// The media type of an error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// An error reply: `{"type", "title", "status", "detail", "code"}`.
-#[derive(Clone, Debug, Serialize)]
+/// An error reply (RFC 9457): `{"type", "title", "status", "detail", "code"}`.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// `about:blank`: the `code` says what happened.
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
     /// The HTTP status' reason phrase.
     pub title: String,
@@ -23,6 +24,7 @@ pub struct Problem {
     /// What went wrong, for a person.
     pub detail: String,
     /// The wire error code (`not_found`, `stale_lease`, …).
+    #[schema(value_type = tanjiren_shared::error::ErrorCode)]
     pub code: &'static str,
 }
 

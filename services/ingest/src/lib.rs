@@ -55,6 +55,9 @@ pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHan
         .await?;
     router.route(s.auth_whoami(), Access::Anyone, overview::whoami).await?;
     router
+        .route(s.workstations_list(), Access::Readers, overview::workstations)
+        .await?;
+    router
         .route(s.workstations_register(), Access::Enrol, worker_writes::register)
         .await?;
     // Worker output is whatever a command printed: NUL in it is cleaned, never refused.

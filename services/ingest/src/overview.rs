@@ -1,15 +1,16 @@
-//! `tasks.overview` and `auth.whoami`: the organisation's runtime overview (live
-//! counts, queue, leases, recent durations, schedules due soon), read in one
-//! snapshot, and the caller's own principal. Read-only; every statement is bounded
+//! `tasks.overview`, `workstations.list` and `auth.whoami`: the organisation's
+//! runtime overview (live counts, queue, leases, recent durations, schedules due
+//! soon), read in one snapshot; its workstations; and the caller's own principal. Read-only; every statement is bounded
 //! by an index on live states or a time window, so the history's size does not matter.
 
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use tanjiren_shared::WireError;
-use tanjiren_shared::ids::{OrgId, ScheduleId};
+use tanjiren_shared::ids::{OrgId, ScheduleId, WorkstationId};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_shared::protocol::{
-    DueSchedule, DurationStats, Principal, RuntimeOverview, RuntimeOverviewRequest, WhoAmIRequest,
+    DueSchedule, DurationStats, ListWorkstationsReply, ListWorkstationsRequest, Principal, RuntimeOverview,
+    RuntimeOverviewRequest, WhoAmIRequest, WorkstationView,
 };
 use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
@@ -164,5 +165,75 @@ pub(crate) async fn overview(
                 next_run_at,
             })
             .collect(),
+    })
+}
+
+pub(crate) async fn workstations(
+    conns: Connections,
+    batch: Vec<Incoming<ListWorkstationsRequest>>,
+) -> Vec<Result<ListWorkstationsReply, WireError>> {
+    each(&conns, batch, list_workstations).await
+}
+
+/// One page of the organisation's workstations, by name.
+async fn list_workstations(
+    conns: &Connections,
+    org: OrgId,
+    req: &ListWorkstationsRequest,
+) -> Result<ListWorkstationsReply, WireError> {
+    let limit = req.limit.unwrap_or(100).clamp(1, 500) as i64;
+    type Row = (
+        Uuid,
+        String,
+        sqlx::types::Json<BTreeMap<String, String>>,
+        Option<String>,
+        Option<String>,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        i64,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT w.id, w.name, w.labels, w.agent_adapter, w.agent_model, w.registered_at, w.last_seen_at,
+                (SELECT count(*) FROM api_tokens t WHERE t.workstation_id = w.id AND t.revoked_at IS NULL),
+                (SELECT count(*) FROM steps s WHERE s.workstation_id = w.id AND s.status = 'executing')
+           FROM workstations w
+          WHERE w.org_id = $1 AND ($2::text IS NULL OR w.name > $2)
+          ORDER BY w.name LIMIT $3",
+    )
+    .bind(org.as_uuid())
+    .bind(req.after.as_deref())
+    .bind(limit + 1)
+    .fetch_all(&conns.db)
+    .await
+    .map_err(db_error)?;
+    let more = rows.len() as i64 > limit;
+    let workstations: Vec<WorkstationView> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(
+            |(id, name, labels, agent_adapter, agent_model, registered_at, last_seen_at, credentials, running)| {
+                WorkstationView {
+                    workstation_id: WorkstationId::from(id),
+                    name,
+                    labels: labels.0,
+                    agent_adapter,
+                    agent_model,
+                    registered_at,
+                    last_seen_at,
+                    credentials: credentials.max(0) as u64,
+                    steps_executing: running.max(0) as u64,
+                }
+            },
+        )
+        .collect();
+    let next_after = if more {
+        workstations.last().map(|w| w.name.clone())
+    } else {
+        None
+    };
+    Ok(ListWorkstationsReply {
+        workstations,
+        next_after,
     })
 }

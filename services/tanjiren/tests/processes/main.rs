@@ -8,5 +8,6 @@
 mod cli;
 mod containment;
 mod defaults;
+mod http_api;
 mod leases;
 mod mcp;

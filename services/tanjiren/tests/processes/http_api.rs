@@ -1,0 +1,387 @@
+//! The gateway's HTTP API from outside: schemathesis (PyPI) fuzzes every route of
+//! the served OpenAPI document (no 5xx; every status, content type, header and
+//! body as documented), and the server-sent event streams are followed and
+//! resumed with `Last-Event-ID`, as a browser's `EventSource` would.
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tanjiren_shared::model::Role;
+use tanjiren_tests::{Running, TestEnv, TestWorker};
+
+struct Api {
+    env: TestEnv,
+    running: Vec<Running>,
+    worker: TestWorker,
+    stop: tanjiren_bus::Shutdown,
+    gateway: tanjiren_gateway::Gateway,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn start(tweak: impl FnOnce(&mut tanjiren_shared::config::Config)) -> Self {
+        let env = TestEnv::with(|c| {
+            c.gateway_addr = "127.0.0.1:0".into();
+            tweak(c);
+        })
+        .await;
+        let running = env.start_all().await;
+        let worker = env.worker("http-ws").await;
+        let stop = tanjiren_bus::Shutdown::new();
+        let gateway = tanjiren_gateway::start(&env.config, env.conns.nats.clone(), stop.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        Self {
+            env,
+            running,
+            worker,
+            stop,
+            gateway,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.addr)
+    }
+
+    async fn post(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.gateway.handle.await;
+        self.worker.stop().await;
+        self.env.finish(self.running).await;
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Default, Clone)]
+struct Sse {
+    event: String,
+    id: String,
+    data: String,
+}
+
+/// Reads events from `response` until `stop` says so or `within` passes.
+async fn read_events(response: reqwest::Response, within: Duration, stop: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+    let mut body = response.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let chunk = match tokio::time::timeout(deadline - Instant::now(), body.next()).await {
+            Ok(Some(Ok(c))) => c,
+            _ => break,
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut e = Sse::default();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    e.event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    e.id = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    e.data.push_str(v.trim_start());
+                }
+            }
+            if e.event.is_empty() && e.data.is_empty() {
+                continue; // a keep-alive comment
+            }
+            let done = stop(&e);
+            events.push(e);
+            if done {
+                return events;
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
+    let python = std::env::var("TANJIREN_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let st = std::path::Path::new(&python).with_file_name("schemathesis");
+    assert!(
+        st.exists(),
+        "schemathesis is not installed beside {python}: run `bash .ci/run` (it installs it), or \
+         `pip install schemathesis` into the venv TANJIREN_TEST_PYTHON names"
+    );
+    let api = Api::start(|_| {}).await;
+    let token = api.env.owner_token.clone();
+    // Something to find: a task, an investigation and a schedule.
+    let (status, _) = api
+        .post(
+            &token,
+            "/v1/tasks",
+            json!({"intent": "seed", "mode": "command", "command": "true", "targets": ["http-ws"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let spec = api.url("/v1/openapi.json");
+    // schemathesis keeps a cache in its working directory: not in the checkout.
+    let workdir = api.env.credential_dir().join("schemathesis");
+    std::fs::create_dir_all(&workdir).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(st)
+            .current_dir(workdir)
+            .args(["run", &spec, "--header"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .args([
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance",
+                // The event streams never end by themselves: tests below follow them.
+                "--exclude-path-regex",
+                "(/logs/stream|/events)$",
+                "--max-examples",
+                "25",
+                "--seed",
+                "20261129",
+                "--no-color",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found failures:\n{stdout}");
+    assert!(
+        stdout.contains("Tested: 30"),
+        "every non-streaming operation was tested:\n{stdout}"
+    );
+    api.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_output_streams_live_and_resumes_after_the_last_event_id() {
+    let api = Api::start(|_| {}).await;
+    let token = api.env.member_token.clone();
+    let (_, created) = api
+        .post(
+            &token,
+            "/v1/tasks",
+            json!({"intent": "count", "mode": "command", "targets": ["http-ws"],
+                   "command": "for i in 1 2 3; do echo line$i; sleep 0.3; done; echo oops >&2"}),
+        )
+        .await;
+    let task = created["task_id"].as_str().unwrap().to_string();
+    let stream = |last: Option<String>| {
+        let mut r = api
+            .http
+            .get(api.url(&format!("/v1/tasks/{task}/logs/stream")))
+            .bearer_auth(&token);
+        if let Some(id) = last {
+            r = r.header("Last-Event-ID", id);
+        }
+        r.send()
+    };
+    let r = stream(None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = read_events(r, Duration::from_secs(30), |e| e.event == "end").await;
+    let lines: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.event != "end")
+        .map(|e| {
+            let d: Value = serde_json::from_str(&e.data).unwrap();
+            (e.event.clone(), d["text"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            ("stdout", "line1"),
+            ("stdout", "line2"),
+            ("stdout", "line3"),
+            ("stderr", "oops")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(events.last().unwrap().event, "end", "the stream ends with the task");
+
+    // Reconnecting after the first line gives the rest, once.
+    let r = stream(Some(events[0].id.clone())).await.unwrap();
+    let again = read_events(r, Duration::from_secs(30), |e| e.event == "end").await;
+    let texts: Vec<String> = again
+        .iter()
+        .filter(|e| e.event != "end")
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(texts, ["line2", "line3", "oops"]);
+
+    // A malformed Last-Event-ID and another organisation's task are refused before streaming.
+    let r = stream(Some("garbage".into())).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let (_, other) = api.env.other_org().await;
+    let r = api
+        .http
+        .get(api.url(&format!("/v1/tasks/{task}/logs/stream")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    api.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_organisations_events_stream_and_resume_and_never_show_another_organisation() {
+    let api = Api::start(|_| {}).await;
+    let token = api.env.member_token.clone();
+    let (_, other) = api.env.other_org().await;
+    let subscribe = |token: String, last: Option<String>| {
+        let mut r = api.http.get(api.url("/v1/events")).bearer_auth(token);
+        if let Some(id) = last {
+            r = r.header("Last-Event-ID", id);
+        }
+        r.send()
+    };
+    let ours = subscribe(token.clone(), None).await.unwrap();
+    assert_eq!(ours.status(), 200);
+    let theirs = subscribe(other.clone(), None).await.unwrap();
+    let (_, created) = api
+        .post(
+            &token,
+            "/v1/tasks",
+            json!({"intent": "e", "mode": "command", "command": "true", "targets": ["http-ws"]}),
+        )
+        .await;
+    let task = created["task_id"].as_str().unwrap().to_string();
+    let of_task = |e: &Sse| serde_json::from_str::<Value>(&e.data).unwrap()["task_id"] == task.as_str();
+    let events = read_events(ours, Duration::from_secs(30), |e| {
+        e.event == "task.completed" && of_task(e)
+    })
+    .await;
+    let kinds: Vec<&str> = events.iter().filter(|e| of_task(e)).map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["task.planned", "task.queued", "task.executing", "task.completed"]
+    );
+
+    // Resuming after `planned` replays the rest from the stream.
+    let planned = events.iter().find(|e| e.event == "task.planned").unwrap();
+    let resumed = subscribe(token.clone(), Some(planned.id.clone())).await.unwrap();
+    let replay = read_events(resumed, Duration::from_secs(30), |e| {
+        e.event == "task.completed" && of_task(e)
+    })
+    .await;
+    let kinds: Vec<&str> = replay.iter().filter(|e| of_task(e)).map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["task.queued", "task.executing", "task.completed"]);
+
+    // Another organisation heard nothing of it.
+    let foreign = read_events(theirs, Duration::from_secs(2), |_| false).await;
+    assert!(foreign.is_empty(), "another organisation saw {foreign:?}");
+    api.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_problem_json_and_cors_is_off_unless_configured() {
+    let api = Api::start(|c| c.gateway_cors_origins = "https://console.example.com".into()).await;
+    let token = api.env.member_token.clone();
+    let r = api.http.get(api.url("/v1/tasks")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("oauth-protected-resource")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+
+    let (status, body) = api.get(&token, &format!("/v1/tasks/{}", uuid::Uuid::now_v7())).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = api.get(&token, "/v1/tasks/not-a-uuid").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("malformed_payload")),
+        "{body}"
+    );
+    let (status, body) = api.post(&token, "/v1/tasks", json!({"intent": "x"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api.get(&token, "/v1/tasks?mode=nope").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_request")));
+    let (status, _) = api.get(&token, "/v1/tasks?workstation=a%00b").await;
+    assert_eq!(
+        status, 400,
+        "NUL in a query parameter is refused, not stored or sent to Postgres"
+    );
+
+    // A read-scoped token reads but does not create.
+    let reader = api.env.scoped_token(Role::Member, "reader", &["mcp:read"]).await;
+    assert_eq!(api.get(&reader, "/v1/tasks").await.0, 200);
+    let (status, body) = api
+        .post(
+            &reader,
+            "/v1/tasks",
+            json!({"intent": "x", "mode": "command", "command": "true", "targets": ["http-ws"]}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("insufficient_scope"),
+        "{body}"
+    );
+
+    // CORS: the configured origin gets its headers, a pre-flight is answered.
+    let r = api
+        .http
+        .request(reqwest::Method::OPTIONS, api.url("/v1/tasks"))
+        .header("Origin", "https://console.example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://console.example.com"
+    );
+    api.finish().await;
+
+    // Off by default: no CORS headers even for an allowed origin.
+    let api = Api::start(|_| {}).await;
+    let r = api
+        .http
+        .get(api.url("/v1/tasks"))
+        .bearer_auth(&api.env.member_token)
+        .header("Origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    api.finish().await;
+}
