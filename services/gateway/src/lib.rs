@@ -12,6 +12,7 @@ pub mod guard;
 pub mod mcp;
 pub mod problem;
 pub mod schema;
+pub mod sessions;
 pub mod upstream;
 
 use axum::Router;
@@ -112,6 +113,7 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
     let mcp_routes = Router::new()
         .nest_service("/mcp", mcp_service)
         .layer(from_fn_with_state(auth.clone(), operate_scope))
+        .layer(from_fn_with_state(sessions::SessionOwners::default(), sessions::bind))
         .layer(from_fn_with_state(auth.clone(), auth::require_bearer));
 
     let api_routes = api::router(upstream.clone()).layer(from_fn_with_state(auth.clone(), auth::require_bearer));

@@ -385,3 +385,52 @@ async fn errors_are_problem_json_and_cors_is_off_unless_configured() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
     api.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_belongs_to_the_token_that_opened_it() {
+    let api = Api::start(|_| {}).await;
+    let mine = api.env.scoped_token(Role::Member, "agent-a", &["mcp:operate"]).await;
+    let (_, theirs) = api.env.other_org().await;
+    let post = |token: &str, session: Option<&str>, body: Value| {
+        let mut r = api
+            .http
+            .post(api.url("/mcp"))
+            .bearer_auth(token)
+            .header("Accept", "application/json, text/event-stream")
+            .header("MCP-Protocol-Version", "2025-11-25")
+            .json(&body);
+        if let Some(s) = session {
+            r = r.header("Mcp-Session-Id", s);
+        }
+        r.send()
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let r = post(&mine, None, init).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert!(
+        post(&mine, Some(&session), initialized)
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let r = post(&theirs, Some(&session), list.clone()).await.unwrap();
+    assert_eq!(r.status(), 404, "another token may not use the session");
+    let r = post(&mine, Some(&session), list).await.unwrap();
+    assert_eq!(r.status(), 200, "its own token may");
+    let stream = api
+        .http
+        .get(api.url("/mcp"))
+        .bearer_auth(&theirs)
+        .header("Accept", "text/event-stream")
+        .header("Mcp-Session-Id", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 404, "nor read its notification stream");
+    api.finish().await;
+}
