@@ -234,6 +234,27 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
         })
         .sum();
     assert_eq!(counted, 5.0, "two log batches, a report, a release and a claim");
+    // …and for the organisation's runtime overview (written about once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o: RuntimeOverview = env
+            .call(
+                &s.tasks_overview(),
+                &env.member_token,
+                &RuntimeOverviewRequest::default(),
+            )
+            .await
+            .unwrap();
+        if o.stale_lease_rejections == 5 {
+            break;
+        }
+        assert!(
+            o.stale_lease_rejections < 5 && std::time::Instant::now() < deadline,
+            "the overview counted {} stale-lease refusals",
+            o.stale_lease_rejections
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // An owner's token may not write for a worker at all…
     let e = env

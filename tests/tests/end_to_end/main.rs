@@ -21,6 +21,7 @@ mod lifecycle_store;
 mod limits;
 mod logs;
 mod output_bytes;
+mod overview;
 mod query_plans;
 mod reconnect;
 mod replicas;
