@@ -272,7 +272,8 @@ pub fn require_presented_token(role: Role, token: Option<&ApprovalToken>) -> Res
         (Some(t), _) => Ok(t),
         (None, Role::Member) => Err(WireError::new(
             ErrorCode::Forbidden,
-            "a member may approve or reject only by presenting an approval token minted by an admin or owner",
+            "a member may approve or reject only with an approval token an admin or owner minted for this task \
+             (`tanjiren approval mint TASK_ID`, or POST /v1/tasks/{task_id}/approval-token); pass it as approval_token",
         )),
         (None, _) => Err(WireError::invalid(
             "approval_token: required; mint one for the task with approvals.mint (`tanjiren approval approve` does both)",

@@ -159,6 +159,9 @@ pub struct Config {
     /// Gateway: how long one call to a service may take before the client gets
     /// `unavailable`, in milliseconds.
     pub gateway_request_timeout_ms: u64,
+    /// Gateway: the most event streams and MCP subscriptions one token may hold
+    /// open at once; one more is refused with `too_many` (HTTP 429).
+    pub gateway_max_streams_per_token: u64,
     /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
     /// step's processes when the worker dies: `auto` (the `tanjiren` binary itself),
     /// `off`, or a path.
@@ -264,6 +267,7 @@ impl Default for Config {
             gateway_allowed_origins: "http://localhost:*,http://127.0.0.1:*".into(),
             gateway_cors_origins: String::new(),
             gateway_request_timeout_ms: 10_000,
+            gateway_max_streams_per_token: 16,
             step_guard: "auto".into(),
             step_cgroup: "auto".into(),
             worker_state_dir: String::new(),

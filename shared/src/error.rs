@@ -34,6 +34,9 @@ pub enum ErrorCode {
     TokenExpired,
     /// The approval token was minted for another task, another class, or a payload that no longer matches.
     TokenMismatch,
+    /// The caller holds too many of something at once (the gateway's open streams
+    /// and subscriptions per token); close some, or retry later.
+    TooMany,
     /// A dependency (Postgres, Redis) is unavailable; the request may be retried.
     Unavailable,
     /// An unexpected internal error; the request may be retried.
@@ -55,6 +58,7 @@ impl ErrorCode {
             ErrorCode::TokenUsed => "token_used",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::TokenMismatch => "token_mismatch",
+            ErrorCode::TooMany => "too_many",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -62,7 +66,7 @@ impl ErrorCode {
 
     /// Whether a caller may usefully retry the same request later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ErrorCode::Unavailable | ErrorCode::Internal)
+        matches!(self, ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::TooMany)
     }
 }
 

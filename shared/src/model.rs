@@ -197,7 +197,8 @@ impl Mode {
     }
 }
 
-/// When a failed task is tried again (the mechanism lands with schedules and retries).
+/// When a failed task is tried again: the scheduler creates each next attempt
+/// (linked by `retry_of_task_id`) after the backoff.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetryPolicy {

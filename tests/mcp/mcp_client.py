@@ -41,7 +41,7 @@ EIGHT = [
     "list_tasks", "get_task", "create_task", "approve_task",
     "reject_task", "cancel_task", "retry_task", "add_task_artifact",
 ]
-EXTRAS = ["get_task_logs", "list_artifacts", "get_artifact", "list_investigations", "get_investigation",
+EXTRAS = ["list_workstations", "get_task_logs", "list_artifacts", "get_artifact", "list_investigations", "get_investigation",
           "create_investigation", "close_investigation", "list_pending_approvals", "get_runtime_overview"]
 
 
@@ -175,6 +175,9 @@ async def operate_flow() -> None:
 
     async with client(os.environ["MCP_OPERATE_TOKEN"], on_message) as c:
         await surface(c)
+
+        stations = await call(c, "list_workstations", {})
+        check(WS in [w["name"] for w in stations["workstations"]], f"list_workstations names {WS}: {stations}")
 
         # A command task, waited for through its resource's subscription.
         created = await call(c, "create_task", {

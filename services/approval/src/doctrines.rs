@@ -273,7 +273,12 @@ async fn resolve_targets(conns: &Connections, org: OrgId, targets: &[String]) ->
             rows.iter()
                 .find(|(id, name)| id.to_string() == canonical || *name == canonical)
                 .and_then(|(id, _)| facts.get(id).cloned())
-                .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))
+                .ok_or_else(|| {
+                    WireError::invalid(format!(
+                        "targets: unknown workstation `{t}` in this organisation \
+                 (workstations.list, GET /v1/workstations or the list_workstations tool name them)"
+                    ))
+                })
         })
         .collect()
 }

@@ -28,8 +28,10 @@ pub enum StartupError {
     Migrate(String),
     #[error("cannot set up JetStream: {0}")]
     JetStream(String),
-    #[error("cannot bind the operations endpoint {addr}: {reason}")]
+    #[error("cannot bind the operations endpoint {addr} (http_addr, TANJIREN_HTTP_ADDR): {reason}")]
     Http { addr: String, reason: String },
+    #[error("cannot start the gateway on {addr} (gateway_addr, TANJIREN_GATEWAY_ADDR): {reason}")]
+    Gateway { addr: String, reason: String },
 }
 
 /// Connects to NATS as `name`; reconnects forever once connected. Each

@@ -92,7 +92,7 @@ impl Access {
             let scopes: Vec<&str> = principal.scopes.iter().map(|s| s.as_str()).collect();
             let message = match self.needs() {
                 Some(n) if !n.granted_by(&principal.scopes) => format!(
-                    "insufficient_scope: this subject needs the scope `{}`; the token has {}",
+                    "insufficient_scope: this operation needs the scope `{}`; the token has {}",
                     n.scope(),
                     scopes.join(", ")
                 ),
@@ -102,7 +102,7 @@ impl Access {
                     scopes.join(", ")
                 ),
                 None => format!(
-                    "insufficient_scope: a scoped token ({}) may not use this subject",
+                    "insufficient_scope: a scoped token ({}) may not do this",
                     scopes.join(", ")
                 ),
                 Some(_) => format!("a {} token may not use this subject", principal.role),

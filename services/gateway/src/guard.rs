@@ -92,13 +92,27 @@ impl Guard {
             return true;
         }
         let host = host.trim().to_ascii_lowercase();
-        let name = match host.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-            None => host
-                .rsplit_once(':')
-                .map(|(h, _)| h.to_string())
-                .unwrap_or(host.clone()),
+        // An authority only: a host name or address and an optional numeric port.
+        let (name, port) = match host.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((h, rest)) if rest.is_empty() || rest.starts_with(':') => {
+                    (h.to_string(), rest.strip_prefix(':').map(str::to_string))
+                }
+                _ => return false,
+            },
+            None => match host.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p.to_string())),
+                None => (host.clone(), None),
+            },
         };
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+        let valid_port = port.as_deref().is_none_or(|p| p.parse::<u16>().is_ok());
+        if !(valid_name && valid_port) {
+            return false;
+        }
         self.hosts.iter().any(|h| *h == host || *h == name)
     }
 

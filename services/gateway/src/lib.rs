@@ -13,6 +13,7 @@ pub mod mcp;
 pub mod problem;
 pub mod schema;
 pub mod sessions;
+pub mod streams;
 pub mod upstream;
 
 use axum::Router;
@@ -50,6 +51,8 @@ pub fn upstream(config: &Config, nats: async_nats::Client) -> Upstream {
         nats,
         subjects: config.subjects(),
         timeout: Duration::from_millis(config.gateway_request_timeout_ms),
+        streams: streams::StreamSlots::new(config.gateway_max_streams_per_token),
+        stop: Default::default(),
     }
 }
 
@@ -57,7 +60,7 @@ pub fn upstream(config: &Config, nats: async_nats::Client) -> Upstream {
 /// until `shutdown`.
 ///
 /// # Errors
-/// [`StartupError::Http`] when the address cannot be bound or a gateway knob is malformed.
+/// [`StartupError::Gateway`] when the address cannot be bound or a gateway knob is malformed.
 pub async fn start(
     config: &Config,
     nats: async_nats::Client,
@@ -66,7 +69,7 @@ pub async fn start(
     if config.gateway_addr.is_empty() {
         return Ok(None);
     }
-    let http_error = |reason: String| StartupError::Http {
+    let http_error = |reason: String| StartupError::Gateway {
         addr: config.gateway_addr.clone(),
         reason,
     };
@@ -91,7 +94,8 @@ pub async fn start(
 /// # Errors
 /// A malformed `gateway_allowed_origins` entry.
 pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Result<Router, String> {
-    let upstream = upstream(config, nats);
+    let mut upstream = upstream(config, nats);
+    upstream.stop = shutdown.clone();
     // An origin given CORS is an origin allowed to call.
     let origins = format!("{},{}", config.gateway_allowed_origins, config.gateway_cors_origins);
     let guard = guard::Guard::new(&config.gateway_allowed_hosts, &origins)?;
@@ -106,9 +110,20 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
     if config.gateway_allowed_hosts.split(',').any(|h| h.trim() == "*") {
         mcp_config = mcp_config.disable_allowed_hosts();
     }
-    let handler = mcp::TanjirenMcp::new(upstream.clone(), mcp::Identity::PerRequest, shutdown.clone());
-    let mcp_service: StreamableHttpService<mcp::TanjirenMcp, LocalSessionManager> =
-        StreamableHttpService::new(move || Ok(handler.clone()), Default::default(), mcp_config);
+    // One handler per session (and per stateless request): a session's
+    // subscriptions are its own.
+    let (mcp_upstream, mcp_stop) = (upstream.clone(), shutdown.clone());
+    let mcp_service: StreamableHttpService<mcp::TanjirenMcp, LocalSessionManager> = StreamableHttpService::new(
+        move || {
+            Ok(mcp::TanjirenMcp::new(
+                mcp_upstream.clone(),
+                mcp::Identity::PerRequest,
+                mcp_stop.clone(),
+            ))
+        },
+        Default::default(),
+        mcp_config,
+    );
 
     let mcp_routes = Router::new()
         .nest_service("/mcp", mcp_service)
@@ -116,7 +131,9 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
         .layer(from_fn_with_state(sessions::SessionOwners::default(), sessions::bind))
         .layer(from_fn_with_state(auth.clone(), auth::require_bearer));
 
-    let api_routes = api::router(upstream.clone()).layer(from_fn_with_state(auth.clone(), auth::require_bearer));
+    let api_routes = api::router(upstream.clone())
+        .layer(from_fn_with_state(auth.clone(), auth::require_bearer))
+        .layer(axum::middleware::from_fn(problem::everywhere));
     let openapi = std::sync::Arc::new(api::openapi::document());
 
     let metadata_auth = auth.clone();
@@ -139,6 +156,18 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
+            "/",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "name": "tanjiren",
+                    "mcp": "/mcp",
+                    "http_api": "/v1",
+                    "openapi": "/v1/openapi.json",
+                    "docs": ["docs/mcp.md", "docs/http.md"]
+                }))
+            }),
+        )
+        .route(
             "/v1/openapi.json",
             get(move || {
                 let doc = openapi.clone();
@@ -151,7 +180,12 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
         .merge(mcp_routes)
         .merge(api_routes)
         .fallback(|| async {
-            problem::Problem::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route").into_response()
+            problem::Problem::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "no such route: MCP is at /mcp, the HTTP API under /v1 (/v1/openapi.json)",
+            )
+            .into_response()
         })
         .layer(from_fn_with_state(guard, guard::check));
     if let Some(cors) = cors(&config.gateway_cors_origins)? {

@@ -42,6 +42,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::TokenExpired
         | ErrorCode::TokenMismatch => StatusCode::CONFLICT,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::TooMany => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -74,6 +75,44 @@ impl IntoResponse for Problem {
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         r
     }
+}
+
+/// Middleware: an error reply made by the HTTP stack itself rather than by a
+/// handler (a body over the limit, a URI too long, a path that is not UTF-8, a
+/// method not allowed) becomes problem+json too. Not used on `/mcp`, where the
+/// MCP transport answers in JSON-RPC.
+pub async fn everywhere(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let r = next.run(req).await;
+    let status = r.status();
+    let typed = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with(PROBLEM_JSON) || t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || typed {
+        return r;
+    }
+    let code = match status {
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::InvalidRequest,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => ErrorCode::TooLarge,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::TooMany,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => ErrorCode::Unavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::MalformedPayload,
+    };
+    let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut p = Problem::new(status, code, detail);
+    p.status = status.as_u16();
+    p.into_response()
 }
 
 #[cfg(test)]

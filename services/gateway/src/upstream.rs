@@ -16,6 +16,11 @@ pub struct Upstream {
     pub nats: async_nats::Client,
     pub subjects: Subjects,
     pub timeout: Duration,
+    /// Open streams and subscriptions per token.
+    pub streams: crate::streams::StreamSlots,
+    /// The gateway's shutdown: ends every open stream, so a graceful stop does not
+    /// wait for clients that never hang up.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Who is calling: the bearer token as received and what `auth.whoami` said of it.

@@ -271,9 +271,12 @@ fn build_row(config: &Config, p: &Principal, spec: &TaskSpec, known: &Known<'_>)
     let mut targets = Vec::with_capacity(spec.targets.len());
     for t in &spec.targets {
         let canonical = t.parse::<Uuid>().map(|u| u.to_string()).unwrap_or_else(|_| t.clone());
-        let id = by_ref
-            .get(&(org, canonical))
-            .ok_or_else(|| WireError::invalid(format!("targets: unknown workstation `{t}` in this organisation")))?;
+        let id = by_ref.get(&(org, canonical)).ok_or_else(|| {
+            WireError::invalid(format!(
+                "targets: unknown workstation `{t}` in this organisation \
+                 (workstations.list, GET /v1/workstations or the list_workstations tool name them)"
+            ))
+        })?;
         // A prompt or investigation runs on the workstation's AI agent: refuse it now
         // for a workstation that advertises none, rather than fail after a lease.
         if spec.mode.needs_agent() && !with_agent.contains(id) {

@@ -275,9 +275,10 @@ pub async fn doctrine(config: &Config, cmd: DoctrineCommand) -> anyhow::Result<E
                 .call(client.subjects.doctrine_publish(), &PublishDoctrineRequest { doctrine })
                 .await?;
             outln!(
-                "published doctrine version {} ({} rules); new tasks are evaluated against it",
+                "published doctrine version {} ({} rule{}); new tasks are evaluated against it",
                 reply.version,
-                reply.rules
+                reply.rules,
+                if reply.rules == 1 { "" } else { "s" }
             )?;
         }
         DoctrineCommand::DryRun { task, doctrine, json } => {

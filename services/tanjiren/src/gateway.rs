@@ -9,6 +9,8 @@ use tanjiren_bus::connect_nats;
 use tanjiren_bus::shutdown::on_signals;
 use tanjiren_gateway::mcp::{Identity, TanjirenMcp};
 use tanjiren_shared::config::Config;
+use tanjiren_shared::error::ErrorCode;
+use tanjiren_shared::model::Role;
 
 /// Runs the gateway until stopped.
 pub async fn serve(config: &Config) -> anyhow::Result<ExitCode> {
@@ -38,10 +40,28 @@ pub async fn stdio(config: &Config) -> anyhow::Result<ExitCode> {
     let nats = connect_nats(config, "tanjiren-mcp").await?;
     let upstream = tanjiren_gateway::upstream(config, nats);
     let auth = tanjiren_gateway::Authenticator::new(upstream.clone(), "");
-    let caller = auth
-        .caller(&token)
-        .await
-        .map_err(|e| anyhow::anyhow!("the token was refused: {}: {}", e.code, e.message))?;
+    let caller = auth.caller(&token).await.map_err(|e| match e.code {
+        ErrorCode::Unauthorized | ErrorCode::Forbidden => {
+            anyhow::anyhow!("the token was refused: {}: {}", e.code, e.message)
+        }
+        _ => anyhow::anyhow!(
+            "cannot reach Tanjiren's services over NATS ({}, subject prefix `{}`): {}\n  \
+             is `tanjiren up` running, and does this process get the same TANJIREN_* settings \
+             (the MCP client passes only the env its config lists)?",
+            Config::redact_url(&config.nats_url),
+            config.subject_prefix,
+            e.message
+        ),
+    })?;
+    if caller.principal.scopes.is_empty() && matches!(caller.principal.role, Role::Admin | Role::Owner) {
+        tracing::warn!(
+            role = %caller.principal.role,
+            token = %caller.principal.token_name,
+            "serving MCP with an unscoped {} token: the agent may do all it may; give it its own \
+             (tanjiren token create --role member --scope mcp:operate) in TANJIREN_TOKEN",
+            caller.principal.role
+        );
+    }
     let stop = on_signals();
     let server = TanjirenMcp::new(upstream, Identity::Fixed(caller), stop.clone())
         .serve(rmcp::transport::stdio())

@@ -27,7 +27,7 @@ async fn read_scoped_tokens_read_and_operate_scoped_tokens_also_operate() {
     assert_eq!(e.code, ErrorCode::Forbidden);
     assert!(
         e.message
-            .starts_with("insufficient_scope: this subject needs the scope `mcp:operate`; the token has mcp:read"),
+            .starts_with("insufficient_scope: this operation needs the scope `mcp:operate`; the token has mcp:read"),
         "{e:?}"
     );
     let cancel: Result<CancelTaskReply, _> = env
@@ -83,10 +83,7 @@ async fn read_scoped_tokens_read_and_operate_scoped_tokens_also_operate() {
         )
         .await;
     let e = enrol.unwrap_err();
-    assert!(
-        e.message.contains("a scoped token (mcp:read) may not use this subject"),
-        "{e:?}"
-    );
+    assert!(e.message.contains("a scoped token (mcp:read) may not do this"), "{e:?}");
 
     // An unscoped member token keeps its whole role.
     let _: CreateTaskReply = env

@@ -106,7 +106,17 @@ where
         Err(e) => return Problem::from(e).into_response(),
     };
     match upstream.call::<Req, Resp>(caller, subject, &req).await {
-        Ok(reply) => (status, Json(reply)).into_response(),
+        Ok(reply) => {
+            let value = serde_json::to_value(&reply).unwrap_or_default();
+            // A repeat (the same idempotency key, a retry already made) made nothing new.
+            let status =
+                if status == StatusCode::CREATED && value.get("created") == Some(&serde_json::Value::Bool(false)) {
+                    StatusCode::OK
+                } else {
+                    status
+                };
+            (status, Json(value)).into_response()
+        }
         Err(e) => Problem::from(e).into_response(),
     }
 }

@@ -133,7 +133,7 @@ pub fn document() -> OpenApi {
             .operation_id(Some(route.operation_id))
             .summary(Some(route.summary))
             .description(Some(format!(
-                "Calls the NATS subject `{}` (docs/protocol.md).",
+                "Request and reply are those of `{}` in docs/protocol.md (the same operation over NATS).",
                 route.subject_name
             )))
             .tag(route.tag)
@@ -149,16 +149,40 @@ pub fn document() -> OpenApi {
                     .build(),
             );
         if route.input == Input::Body {
-            components = components.schema(request.name.clone(), request.schema);
+            let path = route.path_params();
+            let (schema, required) = match request.schema {
+                // The path's parameters are not repeated in the body.
+                RefOr::T(Schema::Object(mut object)) if !path.is_empty() => {
+                    for p in &path {
+                        object.properties.remove(*p);
+                    }
+                    object.required.retain(|r| !path.contains(&r.as_str()));
+                    let required = !object.required.is_empty();
+                    (RefOr::T(Schema::Object(object)), required)
+                }
+                schema => {
+                    components = components.schema(request.name.clone(), schema);
+                    (component(&request.name), true)
+                }
+            };
             op = op.request_body(Some(
                 RequestBodyBuilder::new()
-                    .required(Some(Required::True))
-                    .content(
-                        "application/json",
-                        ContentBuilder::new().schema(Some(component(&request.name))).build(),
-                    )
+                    .required(Some(if required { Required::True } else { Required::False }))
+                    .content("application/json", ContentBuilder::new().schema(Some(schema)).build())
                     .build(),
             ));
+        }
+        if route.status == axum::http::StatusCode::CREATED {
+            op = op.response(
+                "200",
+                ResponseBuilder::new()
+                    .description("Nothing new: the same request (idempotency key, retry) was made before; its result.")
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(component(&response.name))).build(),
+                    )
+                    .build(),
+            );
         }
         for (status, when) in ERRORS {
             op = op.response(
@@ -174,9 +198,10 @@ pub fn document() -> OpenApi {
         }
         paths = paths.path(route.path, PathItem::new(http_method(&route.method), op.build()));
     }
-    for (path, summary, description) in [
+    for (path, operation_id, summary, description) in [
         (
             "/v1/tasks/{task_id}/logs/stream",
+            "stream_task_logs",
             "Follow a task's output live (server-sent events)",
             "Each event is one line: `event: stdout|stderr`, `id: <step_id>:<seq>,…` (every step's last \
              line so far), `data: {step_id, seq, stream, text, at}`. Stored lines come first, then live ones \
@@ -184,6 +209,7 @@ pub fn document() -> OpenApi {
         ),
         (
             "/v1/events",
+            "stream_events",
             "The organisation's events (server-sent events)",
             "Every event of the caller's organisation as it happens: `event: task.<status>`, \
              `approval.requested`, `approval.decided`, `submit.outcome`; `data` is the event's JSON; `id` its \
@@ -191,6 +217,7 @@ pub fn document() -> OpenApi {
         ),
     ] {
         let mut op = OperationBuilder::new()
+            .operation_id(Some(operation_id))
             .summary(Some(summary))
             .description(Some(description))
             .tag(if path == "/v1/events" { "events" } else { "tasks" })
@@ -239,6 +266,7 @@ pub fn document() -> OpenApi {
                 ))
                 .build(),
         )
+        .servers(Some([utoipa::openapi::server::Server::new("/")]))
         .paths(paths.build())
         .components(Some(components.build()))
         .security(Some([SecurityRequirement::new("bearer", Vec::<String>::new())]))

@@ -4,6 +4,7 @@
 //! there). Both check the caller's right to read before the stream starts.
 
 use crate::problem::Problem;
+use crate::streams::revoked;
 use crate::upstream::{Caller, Upstream};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -82,8 +83,13 @@ pub async fn task_log(
     {
         return Problem::from(e).into_response();
     }
+    let slot = match up.streams.acquire(&caller) {
+        Ok(s) => s,
+        Err(e) => return Problem::from(e).into_response(),
+    };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
+        let _slot = slot;
         let follower = LogFollower {
             nats: &up.nats,
             subjects: &up.subjects,
@@ -92,24 +98,30 @@ pub async fn task_log(
         };
         let mut position = last.clone();
         let sink_tx = tx.clone();
-        let result = follower
-            .run_after(task_id, true, last, |step, line| {
-                position.insert(step, line.seq);
-                let data = serde_json::json!({
-                    "step_id": step, "seq": line.seq, "stream": line.stream, "text": line.text, "at": line.at
-                });
-                let event = Event::default()
-                    .event(line.stream.as_str())
-                    .id(encode_position(&position))
-                    .data(data.to_string());
-                let _ = sink_tx.send(event);
-            })
-            .await;
-        let end = match result {
-            Ok(()) => Event::default().event("end").data("{}"),
-            Err(e) => Event::default()
+        let follow = follower.run_after(task_id, true, last, |step, line| {
+            position.insert(step, line.seq);
+            let data = serde_json::json!({
+                "step_id": step, "seq": line.seq, "stream": line.stream, "text": line.text, "at": line.at
+            });
+            let event = Event::default()
+                .event(line.stream.as_str())
+                .id(encode_position(&position))
+                .data(data.to_string());
+            let _ = sink_tx.send(event);
+        });
+        // The follower stops with the client, and with the token.
+        let end = tokio::select! {
+            result = follow => match result {
+                Ok(()) => Event::default().event("end").data("{}"),
+                Err(e) => Event::default()
+                    .event("error")
+                    .data(serde_json::json!({"code": e.code.as_str(), "message": e.message}).to_string()),
+            },
+            _ = tx.closed() => return,
+            _ = up.stop.cancelled() => return,
+            _ = revoked(&up, &caller) => Event::default()
                 .event("error")
-                .data(serde_json::json!({"code": e.code.as_str(), "message": e.message}).to_string()),
+                .data(serde_json::json!({"code": "unauthorized", "message": "the token was revoked"}).to_string()),
         };
         let _ = tx.send(end);
     });
@@ -120,12 +132,12 @@ pub async fn task_log(
 
 /// `GET /v1/events`.
 pub async fn events(State(up): State<Upstream>, Extension(caller): Extension<Caller>, headers: HeaderMap) -> Response {
-    let deliver = match last_event_id(&headers) {
-        None | Some("") => DeliverPolicy::New,
+    // The sequence after the last event received; past the stream's end it means
+    // "what comes next" (never a replay from the start).
+    let after = match last_event_id(&headers) {
+        None | Some("") => None,
         Some(id) => match id.parse::<u64>() {
-            Ok(seq) => DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
+            Ok(seq) => Some(seq),
             Err(_) => {
                 return Problem::from(WireError::invalid(
                     "Last-Event-ID: expected the event's sequence number",
@@ -147,13 +159,25 @@ pub async fn events(State(up): State<Upstream>, Extension(caller): Extension<Cal
         return Problem::from(e).into_response();
     }
     let org = caller.principal.org_id;
-    let prefix = format!("{}.", up.subjects.org_events(org).trim_end_matches('>'));
+    // `…events.{org}.`: what is left of a subject is the event's kind.
+    let prefix = up.subjects.org_events(org).trim_end_matches('>').to_string();
+    let slot = match up.streams.acquire(&caller) {
+        Ok(s) => s,
+        Err(e) => return Problem::from(e).into_response(),
+    };
     let js = jetstream::new(up.nats.clone());
     let consumer = async {
-        let stream = js
+        let mut stream = js
             .get_stream(up.subjects.stream_name("events"))
             .await
             .map_err(|e| e.to_string())?;
+        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+        let deliver = match after {
+            None => DeliverPolicy::New,
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq.min(last).saturating_add(1),
+            },
+        };
         stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: up.subjects.org_events(org),
@@ -176,7 +200,6 @@ pub async fn events(State(up): State<Upstream>, Extension(caller): Extension<Cal
             .into_response();
         }
     };
-    let prefix = prefix.trim_end_matches('.').to_string() + ".";
     let events = messages.filter_map(move |m| {
         let prefix = prefix.clone();
         async move {
@@ -189,6 +212,19 @@ pub async fn events(State(up): State<Upstream>, Extension(caller): Extension<Cal
             ))
         }
     });
+    // Ends with the token; holds its slot while open.
+    let (end_up, end_caller) = (up.clone(), caller.clone());
+    let events = events
+        .take_until(async move {
+            tokio::select! {
+                _ = revoked(&end_up, &end_caller) => {}
+                _ = end_up.stop.cancelled() => {}
+            }
+        })
+        .map(move |e| {
+            let _held = &slot;
+            e
+        });
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()

@@ -161,10 +161,13 @@ async fn follow<F, Fut>(
     let overview = resources.contains(&ResourceRef::Overview);
     let mut last_overview: Option<Instant> = None;
     let mut events = std::pin::pin!(events);
+    let revoked = crate::streams::revoked(upstream, caller);
+    let mut revoked = std::pin::pin!(revoked);
     loop {
         let task = tokio::select! {
             _ = stop.cancelled() => return,
             _ = shutdown.cancelled() => return,
+            _ = &mut revoked => return,
             e = events.next() => match e { Some(t) => t, None => return },
         };
         if tasks.contains(&task) && !send(ResourceRef::Task(task).uri()).await {
@@ -308,6 +311,11 @@ impl ServerHandler for TanjirenMcp {
         self.read(&caller, resource)
             .await
             .map_err(|e| resource_error(&req.uri, e))?;
+        let slot = self
+            .upstream
+            .streams
+            .acquire(&caller)
+            .map_err(|e| McpError::invalid_request(format!("{}: {}", e.code, e.message), None))?;
         let stop = CancellationToken::new();
         if let Some(old) = self
             .subscriptions
@@ -319,6 +327,7 @@ impl ServerHandler for TanjirenMcp {
         }
         let (upstream, shutdown, peer) = (self.upstream.clone(), self.stop.clone(), ctx.peer.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             follow(&upstream, &shutdown, &caller, vec![resource], stop, |uri| {
                 let peer = peer.clone();
                 async move {
@@ -358,6 +367,11 @@ impl ServerHandler for TanjirenMcp {
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
         let caller = self.caller(context.request_context())?;
+        let _slot = self
+            .upstream
+            .streams
+            .acquire(&caller)
+            .map_err(|e| McpError::invalid_request(format!("{}: {}", e.code, e.message), None))?;
         let mut resources = Vec::new();
         for uri in context.accepted().resource_subscriptions.iter().flatten() {
             let Some(r) = ResourceRef::parse(uri) else { continue };

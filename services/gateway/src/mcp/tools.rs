@@ -25,7 +25,8 @@ use tanjiren_shared::investigations::{
 use tanjiren_shared::model::TaskSpec;
 use tanjiren_shared::protocol::{
     CancelTaskReply, CancelTaskRequest, CreateTaskReply, GetTaskRequest, ListTasksReply, ListTasksRequest,
-    RuntimeOverview, RuntimeOverviewRequest, TaskLogsReply, TaskLogsRequest, TaskView,
+    ListWorkstationsReply, ListWorkstationsRequest, RuntimeOverview, RuntimeOverviewRequest, TaskLogsReply,
+    TaskLogsRequest, TaskView,
 };
 use tanjiren_shared::schedules::{RetryTaskReply, RetryTaskRequest};
 use tanjiren_shared::scopes::Needs;
@@ -173,15 +174,17 @@ pub static TOOLS: std::sync::LazyLock<Vec<ToolSpec>> = std::sync::LazyLock::new(
              the attempts of its retry chain, and its artifacts."),
         tool!("create_task", "Create a task", Operate, Adds, tasks_create, TaskSpec => CreateTaskReply,
             "Create a task: intent, mode (`command` with `command`, `prompt` with `prompt`, or \
-             `investigate` with `questions`) and targets (workstation ids or names; one step each). \
+             `investigate` with `questions`) and targets (workstation ids or names, as list_workstations \
+             gives them; one step each). \
              Optional: timeout_secs, queue_timeout_secs, retry_policy, investigation_id, and an \
              idempotency_key that makes a repeat return the same task. Doctrine may hold the task for \
              approval (approval_status `pending`): a person then approves it."),
         tool!("approve_task", "Approve a task", Operate, Changes, tasks_approve, DecideTaskRequest => DecideTaskReply,
             "Approve a task that doctrine holds (approval_status `pending`) with the approval token a \
-             person (admin or owner) minted for it; the token is single-use, scoped to this task and its \
-             payload, and expires after 15 minutes. An agent cannot mint one. `reason` is required when \
-             a matched rule says so."),
+             person (admin or owner) minted for it: ask them to run `tanjiren approval mint TASK_ID` (or \
+             POST /v1/tasks/{task_id}/approval-token) and give you the `tja_…` token. It is single-use, \
+             scoped to this task and its payload, and expires after 15 minutes; an agent cannot mint one. \
+             `reason` is required when get_task shows approval.reason_required."),
         tool!("reject_task", "Reject a task", Operate, Ends, tasks_reject, DecideTaskRequest => DecideTaskReply,
             "Reject a task that doctrine holds, with a person's approval token (as for approve_task) and \
              a reason; the task fails with `approval_rejected`."),
@@ -195,6 +198,11 @@ pub static TOOLS: std::sync::LazyLock<Vec<ToolSpec>> = std::sync::LazyLock::new(
             "Attach a note (markdown body), link (url) or evidence to a task (task_id; it is kept with \
              every attempt of the task) or to an investigation (investigation_id). Artifacts outlive \
              the task."),
+        tool!("list_workstations", "List workstations", Read, Reads, workstations_list,
+            ListWorkstationsRequest => ListWorkstationsReply,
+            "The organisation's workstations by name — the names create_task takes as targets — with \
+             their labels, AI agent (prompt and investigate tasks need one), when each was last seen and \
+             how many steps it runs now. Page with `after` = next_after."),
         tool!("get_task_logs", "Get a task's output", Read, Reads, tasks_logs, TaskLogsRequest => TaskLogsReply,
             "A task's stored output. view `raw` (default): every line in order, with step, stream \
              (stdout/stderr) and seq; view `dedup`: one entry per line signature with its count and \

@@ -434,3 +434,110 @@ async fn an_mcp_session_belongs_to_the_token_that_opened_it() {
     assert_eq!(stream.status(), 404, "nor read its notification stream");
     api.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_capped_per_token_end_with_their_token_and_odd_input_is_problem_json() {
+    let api = Api::start(|c| c.gateway_max_streams_per_token = 2).await;
+    let token = api.env.token(Role::Member, "streamer").await;
+    let open = || api.http.get(api.url("/v1/events")).bearer_auth(&token).send();
+    let (a, b) = (open().await.unwrap(), open().await.unwrap());
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 429);
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["code"], "too_many");
+    drop(b);
+    // A closed stream frees its slot (the server notices the client went away).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = open().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed stream's slot was never freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Revoking the token ends its open stream (within the recheck plus the token cache).
+    sqlx::query("UPDATE api_tokens SET revoked_at = now() WHERE name = 'streamer'")
+        .execute(&api.env.conns.db)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut body = a.bytes_stream();
+    let ended = tokio::time::timeout(Duration::from_secs(40), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token by 40 s");
+    println!("stream ended {:?} after the revocation", started.elapsed());
+
+    // Client input the HTTP stack itself refuses is problem+json too, and no
+    // Last-Event-ID overflows.
+    let member = api.env.member_token.clone();
+    let r = api
+        .http
+        .get(api.url("/v1/events"))
+        .bearer_auth(&member)
+        .header("Last-Event-ID", u64::MAX.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a sequence past the end means what comes next");
+    // A body over the limit (2 MiB) is refused once the limit is passed, and the reply
+    // is readable while the client is still sending (a raw connection: reading and
+    // writing at once, as a careful HTTP client does).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let conn = tokio::net::TcpStream::connect(api.gateway.addr).await.unwrap();
+        let (mut rd, mut conn) = conn.into_split();
+        let head = format!(
+            "POST /v1/tasks HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {member}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            3 << 20
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b' '; 64 << 10];
+            for _ in 0..48 {
+                if conn.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut reply = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut reply))
+            .await
+            .expect("a reply while the body was still being sent")
+            .unwrap();
+        reply.truncate(n);
+        writer.abort();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{reply}"
+        );
+    }
+    let r = api
+        .http
+        .patch(api.url("/v1/tasks"))
+        .bearer_auth(&member)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = api
+        .http
+        .get(api.url("/v1/schedules/%FF"))
+        .bearer_auth(&member)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    api.finish().await;
+}

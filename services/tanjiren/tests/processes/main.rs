@@ -11,3 +11,4 @@ mod defaults;
 mod http_api;
 mod leases;
 mod mcp;
+mod mcp_conformance;
