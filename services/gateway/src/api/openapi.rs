@@ -103,6 +103,23 @@ fn parameters(route: &Route) -> Vec<utoipa::openapi::path::Parameter> {
     params
 }
 
+/// `op` with every error response: problem+json.
+fn with_errors(mut op: OperationBuilder) -> OperationBuilder {
+    for (status, when) in ERRORS {
+        op = op.response(
+            *status,
+            ResponseBuilder::new()
+                .description(*when)
+                .content(
+                    crate::problem::PROBLEM_JSON,
+                    ContentBuilder::new().schema(Some(component(&Problem::name()))).build(),
+                )
+                .build(),
+        );
+    }
+    op
+}
+
 /// The document.
 pub fn document() -> OpenApi {
     let mut components = ComponentsBuilder::new()
@@ -184,18 +201,7 @@ pub fn document() -> OpenApi {
                     .build(),
             );
         }
-        for (status, when) in ERRORS {
-            op = op.response(
-                *status,
-                ResponseBuilder::new()
-                    .description(*when)
-                    .content(
-                        crate::problem::PROBLEM_JSON,
-                        ContentBuilder::new().schema(Some(component(&Problem::name()))).build(),
-                    )
-                    .build(),
-            );
-        }
+        op = with_errors(op);
         paths = paths.path(route.path, PathItem::new(http_method(&route.method), op.build()));
     }
     for (path, operation_id, summary, description) in [
@@ -241,18 +247,7 @@ pub fn document() -> OpenApi {
                     .build(),
             );
         }
-        for (status, when) in ERRORS {
-            op = op.response(
-                *status,
-                ResponseBuilder::new()
-                    .description(*when)
-                    .content(
-                        crate::problem::PROBLEM_JSON,
-                        ContentBuilder::new().schema(Some(component(&Problem::name()))).build(),
-                    )
-                    .build(),
-            );
-        }
+        op = with_errors(op);
         paths = paths.path(path, PathItem::new(HttpMethod::Get, op.build()));
     }
     OpenApiBuilder::new()
