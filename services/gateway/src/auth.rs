@@ -117,14 +117,8 @@ pub async fn require_bearer(State(auth): State<Authenticator>, mut req: Request,
     } else {
         API_METADATA_PATH
     };
-    let base = auth.base_url(req.headers());
-    let challenge = |error: Option<(&str, &str)>| {
-        let mut value = format!("Bearer resource_metadata=\"{base}{metadata}\", scope=\"mcp:read mcp:operate\"");
-        if let Some((code, description)) = error {
-            value.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
-        }
-        value
-    };
+    let metadata = format!("{}{metadata}", auth.base_url(req.headers()));
+    let challenge = |error| challenge(&metadata, "mcp:read mcp:operate", error);
     let Some(token) = bearer(req.headers()).map(str::to_string) else {
         return refuse(
             Problem::new(
@@ -152,7 +146,18 @@ pub async fn require_bearer(State(auth): State<Authenticator>, mut req: Request,
     }
 }
 
-fn refuse(problem: Problem, challenge: &str) -> Response {
+/// A `WWW-Authenticate` value (RFC 6750, RFC 9728): the metadata document's URL,
+/// the scope wanted, and the error code and description when a token was refused.
+pub fn challenge(resource_metadata: &str, scope: &str, error: Option<(&str, &str)>) -> String {
+    let mut value = format!("Bearer resource_metadata=\"{resource_metadata}\", scope=\"{scope}\"");
+    if let Some((code, description)) = error {
+        value.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
+    }
+    value
+}
+
+/// `problem` with `challenge` as its `WWW-Authenticate` header.
+pub fn refuse(problem: Problem, challenge: &str) -> Response {
     let mut r = problem.into_response();
     if let Ok(v) = HeaderValue::from_str(challenge) {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);

@@ -1,7 +1,7 @@
 //! Watching an organisation's events for the gateway's subscriptions: a core NATS
 //! subscription to `events.{org}.>` (task status changes, approval requests and
-//! decisions), narrowed to one task when asked. Events say that something
-//! changed; readers fetch the current state from the services.
+//! decisions). Events say that something changed; readers fetch the current
+//! state from the services.
 
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -24,8 +24,8 @@ pub fn task_of(payload: &[u8]) -> Option<TaskId> {
         .and_then(|e| e.task_id)
 }
 
-/// A stream that yields the task id of each event of `org` (only `task`'s
-/// when given) until the subscription ends.
+/// A stream that yields the task id of each event of `org` until the
+/// subscription ends.
 ///
 /// # Errors
 /// When NATS refuses the subscription.
@@ -33,17 +33,7 @@ pub async fn watch(
     nats: &async_nats::Client,
     subjects: &Subjects,
     org: OrgId,
-    task: Option<TaskId>,
 ) -> Result<impl Stream<Item = TaskId> + Send + 'static, async_nats::SubscribeError> {
     let sub = nats.subscribe(subjects.org_events(org)).await?;
-    Ok(sub.filter_map(move |msg| {
-        let about = task_of(&msg.payload);
-        async move {
-            match (about, task) {
-                (Some(a), Some(t)) if a == t => Some(a),
-                (Some(a), None) => Some(a),
-                _ => None,
-            }
-        }
-    }))
+    Ok(sub.filter_map(|msg| std::future::ready(task_of(&msg.payload))))
 }

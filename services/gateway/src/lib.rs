@@ -245,22 +245,16 @@ async fn operate_scope(State(auth): State<Authenticator>, req: Request, next: Ne
         }
     };
     if let Some(tool) = operate_tool_called(&bytes) {
-        let mut r = problem::Problem::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            format!("insufficient_scope: {tool} needs the scope `mcp:operate`"),
-        )
-        .into_response();
-        let challenge = format!(
-            "Bearer error=\"insufficient_scope\", scope=\"mcp:operate\", resource_metadata=\"{}{}\", \
-             error_description=\"{tool} needs the scope mcp:operate\"",
-            auth.base_url(&parts.headers),
-            auth::MCP_METADATA_PATH
+        let metadata = format!("{}{}", auth.base_url(&parts.headers), auth::MCP_METADATA_PATH);
+        let description = format!("{tool} needs the scope mcp:operate");
+        return auth::refuse(
+            problem::Problem::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!("insufficient_scope: {tool} needs the scope `mcp:operate`"),
+            ),
+            &auth::challenge(&metadata, "mcp:operate", Some(("insufficient_scope", &description))),
         );
-        if let Ok(v) = HeaderValue::from_str(&challenge) {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-        return r;
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await

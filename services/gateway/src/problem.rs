@@ -110,9 +110,7 @@ pub async fn everywhere(req: axum::extract::Request, next: axum::middleware::Nex
     } else {
         text
     };
-    let mut p = Problem::new(status, code, detail);
-    p.status = status.as_u16();
-    p.into_response()
+    Problem::new(status, code, detail).into_response()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tanjiren_shared::WireError;
+use tanjiren_shared::codec::{Encoding, TextPolicy};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::subjects::Subjects;
 
@@ -28,6 +29,17 @@ pub struct Upstream {
 pub struct Caller {
     pub token: String,
     pub principal: Principal,
+}
+
+/// Builds a wire request from a JSON object (a tool's arguments, a route's
+/// parameters and body) with the services' own decoding rule: field paths in
+/// errors, no NUL in text.
+///
+/// # Errors
+/// `malformed_payload` or `invalid_request` naming the field.
+pub fn decode<Req: DeserializeOwned>(object: &serde_json::Map<String, serde_json::Value>) -> Result<Req, WireError> {
+    let bytes = serde_json::to_vec(object).unwrap_or_default();
+    Encoding::Json.decode_request(&bytes, TextPolicy::Refuse)
 }
 
 impl Upstream {

@@ -23,7 +23,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use tanjiren_shared::WireError;
-use tanjiren_shared::codec::{Encoding, TextPolicy};
 use tanjiren_shared::error::ErrorCode;
 
 /// Where a route's request comes from.
@@ -84,8 +83,7 @@ pub fn decode<Req: DeserializeOwned + Serialize>(input: Input, r: &Received) -> 
     for (k, v) in &r.path {
         object.insert(k.clone(), serde_json::Value::String(v.clone()));
     }
-    let bytes = serde_json::to_vec(&object).unwrap_or_default();
-    Encoding::Json.decode_request(&bytes, TextPolicy::Refuse)
+    crate::upstream::decode(&object)
 }
 
 /// One route's handler: decode, call, answer.

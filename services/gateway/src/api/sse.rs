@@ -22,7 +22,8 @@ use tanjiren_shared::WireError;
 use tanjiren_shared::codec::Encoding;
 use tanjiren_shared::error::ErrorCode;
 use tanjiren_shared::ids::{StepId, TaskId};
-use tanjiren_shared::protocol::{GetTaskRequest, RuntimeOverviewRequest, TaskView};
+use tanjiren_shared::protocol::{GetTaskRequest, TaskView};
+use tanjiren_shared::scopes::Needs;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// How often an idle stream sends a comment so proxies keep it open.
@@ -146,17 +147,14 @@ pub async fn events(State(up): State<Upstream>, Extension(caller): Extension<Cal
             }
         },
     };
-    // The same right as reading tasks (a reading subject, so the caller's role and
-    // scopes are checked by the service).
-    if let Err(e) = up
-        .call::<_, serde_json::Value>(
-            &caller,
-            up.subjects.tasks_overview(),
-            &RuntimeOverviewRequest { window_secs: Some(1) },
-        )
-        .await
-    {
-        return Problem::from(e).into_response();
+    // The right to read tasks: the role was checked at authentication (no worker
+    // reaches here), the scopes here — no service round trip needed.
+    if !Needs::Read.granted_by(&caller.principal.scopes) {
+        return Problem::from(WireError::new(
+            ErrorCode::Forbidden,
+            "insufficient_scope: events need mcp:read",
+        ))
+        .into_response();
     }
     let org = caller.principal.org_id;
     // `…events.{org}.`: what is left of a subject is the event's kind.

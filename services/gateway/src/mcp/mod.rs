@@ -144,7 +144,7 @@ async fn follow<F, Fut>(
     F: Fn(String) -> Fut,
     Fut: Future<Output = bool>,
 {
-    let events = match events::watch(&upstream.nats, &upstream.subjects, caller.principal.org_id, None).await {
+    let events = match events::watch(&upstream.nats, &upstream.subjects, caller.principal.org_id).await {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch events for a subscription");

@@ -16,7 +16,6 @@ use tanjiren_shared::approvals::{DecideTaskReply, DecideTaskRequest, PendingAppr
 use tanjiren_shared::artifacts::{
     AddArtifactReply, AddArtifactRequest, ArtifactView, GetArtifactRequest, ListArtifactsReply, ListArtifactsRequest,
 };
-use tanjiren_shared::codec::{Encoding, TextPolicy};
 use tanjiren_shared::error::ErrorCode;
 use tanjiren_shared::investigations::{
     CloseInvestigationRequest, CreateInvestigationRequest, GetInvestigationRequest, InvestigationView,
@@ -132,9 +131,7 @@ where
     Req: DeserializeOwned + Serialize,
     Resp: DeserializeOwned + Serialize,
 {
-    // The services' own decoding rule (field paths in errors, no NUL in text).
-    let bytes = serde_json::to_vec(&arguments).unwrap_or_default();
-    let req: Req = match Encoding::Json.decode_request(&bytes, TextPolicy::Refuse) {
+    let req: Req = match crate::upstream::decode(&arguments) {
         Ok(r) => r,
         Err(e) => return failure(e),
     };
