@@ -162,6 +162,11 @@ pub struct Config {
     /// Gateway: the most event streams and MCP subscriptions one token may hold
     /// open at once; one more is refused with `too_many` (HTTP 429).
     pub gateway_max_streams_per_token: u64,
+    /// Gateway: the secret that encrypts and signs the console's session cookies
+    /// (any string of 32 or more characters; every replica behind one address
+    /// needs the same). Empty (the default): a random one per process, so
+    /// console sessions end when the gateway restarts.
+    pub gateway_console_secret: String,
     /// Worker: the program serving the hidden `step-guard` subcommand, which stops a
     /// step's processes when the worker dies: `auto` (the `tanjiren` binary itself),
     /// `off`, or a path.
@@ -268,6 +273,7 @@ impl Default for Config {
             gateway_cors_origins: String::new(),
             gateway_request_timeout_ms: 10_000,
             gateway_max_streams_per_token: 16,
+            gateway_console_secret: String::new(),
             step_guard: "auto".into(),
             step_cgroup: "auto".into(),
             worker_state_dir: String::new(),
@@ -387,6 +393,12 @@ impl Config {
         }
         if self.gateway_request_timeout_ms == 0 {
             return Err(ConfigError::Invalid("gateway_request_timeout_ms must be ≥ 1".into()));
+        }
+        let secret = self.gateway_console_secret.chars().count();
+        if secret > 0 && secret < 32 {
+            return Err(ConfigError::Invalid(
+                "gateway_console_secret must be empty or at least 32 characters".into(),
+            ));
         }
         let url = &self.gateway_public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {

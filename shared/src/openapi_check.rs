@@ -726,6 +726,7 @@ fn task_replies_and_requests_match_their_schemas() {
             root_task_id: Some(TaskId::new()),
             schedule_id: Some(ScheduleId::new()),
             investigation_id: Some(Uuid::now_v7()),
+            text: Some("disk".into()),
             created_after: Some(at(-60)),
             created_before: Some(at(0)),
             limit: Some(50),

@@ -257,6 +257,10 @@ pub struct ListTasksRequest {
     /// Only tasks of this investigation.
     #[serde(default)]
     pub investigation_id: Option<uuid::Uuid>,
+    /// Only tasks whose intent contains this text, ignoring case (1–200 characters;
+    /// `%` and `_` are matched literally).
+    #[serde(default)]
+    pub text: Option<String>,
     /// Only tasks created at or after this instant.
     #[serde(default)]
     pub created_after: Option<DateTime<Utc>>,
@@ -782,6 +786,28 @@ pub struct RuntimeOverview {
     pub schedules_due_next_hour: Vec<DueSchedule>,
     /// How many schedules are due within the next hour (may exceed the list).
     pub schedules_due_next_hour_count: u64,
+    /// The window in [`TIMELINE_BUCKETS`] equal buckets, oldest first: tasks
+    /// finished in each, by outcome, and their median duration (throughput and
+    /// duration over time, for charts).
+    #[serde(default)]
+    pub timeline: Vec<TimelineBucket>,
+}
+
+/// How many buckets [`RuntimeOverview::timeline`] divides its window into.
+pub const TIMELINE_BUCKETS: u32 = 24;
+
+/// Tasks that finished within one bucket of the overview's window.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimelineBucket {
+    /// The bucket's start (it lasts `window_secs / 24` seconds).
+    pub start: DateTime<Utc>,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// The median duration (start to finish) of the tasks that ran, in milliseconds.
+    #[serde(default)]
+    pub p50_ms: Option<u64>,
 }
 
 /// Percentiles of recent task durations, in milliseconds.

@@ -139,6 +139,28 @@ impl Guard {
     }
 }
 
+/// Whether `origin` names the same host and port as the request's (allowed) `Host`:
+/// a page served by this gateway calling it back.
+pub fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, o_host, o_port)) = split_origin(origin) else {
+        return false;
+    };
+    let o_port = o_port.unwrap_or_else(|| default_port(&scheme).to_string());
+    let host = host.trim().to_ascii_lowercase();
+    let (h_host, h_port) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, rest)) => (format!("[{h}]"), rest.strip_prefix(':').map(str::to_string)),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.to_string())),
+            None => (host.clone(), None),
+        },
+    };
+    let h_port = h_port.unwrap_or_else(|| default_port(&scheme).to_string());
+    o_host == h_host && o_port == h_port
+}
+
 /// Middleware: refuses a foreign `Host` or `Origin` with 403.
 pub async fn check(State(guard): State<Guard>, req: Request, next: Next) -> Response {
     let host = req
@@ -157,7 +179,8 @@ pub async fn check(State(guard): State<Guard>, req: Request, next: Next) -> Resp
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
-        if !guard.origin_allowed(origin) {
+        // A page the gateway served itself (the console) calls back to its own origin.
+        if !(guard.origin_allowed(origin) || same_origin(origin, host)) {
             return Problem::new(
                 StatusCode::FORBIDDEN,
                 ErrorCode::Forbidden,
@@ -214,5 +237,23 @@ mod tests {
             assert!(!g.origin_allowed(bad), "{bad}");
         }
         assert!(Guard::new("", "localhost").is_err());
+    }
+
+    #[test]
+    fn a_page_of_the_gateway_itself_is_same_origin() {
+        assert!(same_origin("https://tanjiren.example.com", "tanjiren.example.com"));
+        assert!(same_origin(
+            "http://tanjiren.example.com:8420",
+            "Tanjiren.example.com:8420"
+        ));
+        assert!(same_origin("http://[::1]:8420", "[::1]:8420"));
+        for (origin, host) in [
+            ("https://evil.example", "tanjiren.example.com"),
+            ("http://tanjiren.example.com:8421", "tanjiren.example.com:8420"),
+            ("https://tanjiren.example.com", "tanjiren.example.com:8443"),
+            ("null", "tanjiren.example.com"),
+        ] {
+            assert!(!same_origin(origin, host), "{origin} {host}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod events;
 pub mod guard;
 pub mod mcp;
@@ -42,7 +43,20 @@ pub const MAX_MCP_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub struct Gateway {
     /// Where it listens (the port is the real one when the config asked for 0).
     pub addr: SocketAddr,
+    /// Its address for people: `gateway_public_url`, else `http://` and `addr`
+    /// (loopback when it listens on every interface).
+    pub url: String,
     pub handle: tokio::task::JoinHandle<()>,
+    /// The console's one-time sign-in links (`tanjiren up` issues one).
+    pub links: console::SignInLinks,
+}
+
+impl Gateway {
+    /// A one-time link that signs a browser into the console with `token`
+    /// (good once, for 15 minutes).
+    pub fn sign_in_link(&self, token: &str) -> String {
+        format!("{}/sign-in/{}", self.url, self.links.issue(token))
+    }
 }
 
 /// The services as the gateway calls them.
@@ -73,7 +87,8 @@ pub async fn start(
         addr: config.gateway_addr.clone(),
         reason,
     };
-    let app = app(config, nats, shutdown.clone()).map_err(http_error)?;
+    let links = console::SignInLinks::default();
+    let app = app(config, nats, shutdown.clone(), links.clone()).map_err(http_error)?;
     let listener = tokio::net::TcpListener::bind(&config.gateway_addr)
         .await
         .map_err(|e| http_error(e.to_string()))?;
@@ -86,14 +101,33 @@ pub async fn start(
             tracing::error!(error = %e, "the gateway stopped");
         }
     });
-    Ok(Some(Gateway { addr, handle }))
+    let url = if config.gateway_public_url.is_empty() {
+        let mut shown = addr;
+        if shown.ip().is_unspecified() {
+            shown.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{shown}")
+    } else {
+        config.gateway_public_url.trim_end_matches('/').to_string()
+    };
+    Ok(Some(Gateway {
+        addr,
+        url,
+        handle,
+        links,
+    }))
 }
 
-/// The gateway's routes.
+/// The gateway's routes; `links` are the console's one-time sign-in links.
 ///
 /// # Errors
 /// A malformed `gateway_allowed_origins` entry.
-pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Result<Router, String> {
+pub fn app(
+    config: &Config,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+    links: console::SignInLinks,
+) -> Result<Router, String> {
     let mut upstream = upstream(config, nats);
     upstream.stop = shutdown.clone();
     // An origin given CORS is an origin allowed to call.
@@ -155,18 +189,7 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/",
-            get(|| async {
-                axum::Json(serde_json::json!({
-                    "name": "tanjiren",
-                    "mcp": "/mcp",
-                    "http_api": "/v1",
-                    "openapi": "/v1/openapi.json",
-                    "docs": ["docs/mcp.md", "docs/http.md"]
-                }))
-            }),
-        )
+        .route("/", get(console::tasks::home))
         .route(
             "/v1/openapi.json",
             get(move || {
@@ -175,15 +198,24 @@ pub fn app(config: &Config, nats: async_nats::Client, shutdown: Shutdown) -> Res
             }),
         );
 
+    let console = console::Console {
+        up: upstream.clone(),
+        auth: auth.clone(),
+        key: console::key_from_secret(&config.gateway_console_secret),
+        links,
+        secure: config.gateway_public_url.starts_with("https://"),
+    };
+
     let mut app = Router::new()
         .merge(open)
+        .merge(console::router(console))
         .merge(mcp_routes)
         .merge(api_routes)
         .fallback(|| async {
             problem::Problem::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,
-                "no such route: MCP is at /mcp, the HTTP API under /v1 (/v1/openapi.json)",
+                "no such route: the console is at /tasks, MCP at /mcp, the HTTP API under /v1 (/v1/openapi.json)",
             )
             .into_response()
         })

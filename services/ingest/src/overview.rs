@@ -10,7 +10,7 @@ use tanjiren_shared::ids::{OrgId, ScheduleId, WorkstationId};
 use tanjiren_shared::model::{ApprovalStatus, TaskStatus};
 use tanjiren_shared::protocol::{
     DueSchedule, DurationStats, ListWorkstationsReply, ListWorkstationsRequest, Principal, RuntimeOverview,
-    RuntimeOverviewRequest, WhoAmIRequest, WorkstationView,
+    RuntimeOverviewRequest, TIMELINE_BUCKETS, TimelineBucket, WhoAmIRequest, WorkstationView,
 };
 use tanjiren_store::{Connections, Incoming, db_error, each};
 use uuid::Uuid;
@@ -127,6 +127,27 @@ pub(crate) async fn overview(
     .await
     .map_err(db_error)?;
 
+    // Bucket 1..=24 of the window by finish time (the last bucket ends now).
+    let buckets: Vec<(i32, i64, i64, i64, Option<f64>)> = sqlx::query_as(
+        "SELECT least(width_bucket(extract(epoch FROM finished_at - (now() - make_interval(secs => $2))),
+                                   0, $2, $3), $3) AS b,
+                count(*) FILTER (WHERE status = 'completed'),
+                count(*) FILTER (WHERE status = 'failed'),
+                count(*) FILTER (WHERE status = 'cancelled'),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at) * 1000)
+                    FILTER (WHERE started_at IS NOT NULL)
+           FROM tasks
+          WHERE finished_at > now() - make_interval(secs => $2) AND org_id = $1
+            AND status IN ('completed', 'failed', 'cancelled')
+          GROUP BY 1",
+    )
+    .bind(org_id)
+    .bind(window)
+    .bind(TIMELINE_BUCKETS as i32)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_error)?;
+
     let due: Vec<(Uuid, String, DateTime<Utc>, i64)> = sqlx::query_as(
         "SELECT id, name, next_run_at, count(*) OVER () FROM task_schedules
           WHERE next_run_at < now() + interval '1 hour' AND enabled AND deleted_at IS NULL AND org_id = $1
@@ -140,6 +161,22 @@ pub(crate) async fn overview(
     tx.commit().await.map_err(db_error)?;
 
     let ms = |v: Option<f64>| v.map(|v| v.max(0.0).round() as u64);
+    let width = chrono::Duration::milliseconds((window * 1000.0 / f64::from(TIMELINE_BUCKETS)) as i64);
+    let start = generated_at.0 - chrono::Duration::seconds(window_secs as i64);
+    let mut timeline: Vec<TimelineBucket> = (0..TIMELINE_BUCKETS)
+        .map(|i| TimelineBucket {
+            start: start + width * i as i32,
+            ..Default::default()
+        })
+        .collect();
+    for (b, completed, failed, cancelled, p50) in buckets {
+        if let Some(slot) = usize::try_from(b - 1).ok().and_then(|i| timeline.get_mut(i)) {
+            slot.completed = completed as u64;
+            slot.failed = failed as u64;
+            slot.cancelled = cancelled as u64;
+            slot.p50_ms = ms(p50);
+        }
+    }
     Ok(RuntimeOverview {
         generated_at: generated_at.0,
         window_secs,
@@ -165,6 +202,7 @@ pub(crate) async fn overview(
                 next_run_at,
             })
             .collect(),
+        timeline,
     })
 }
 

@@ -276,6 +276,20 @@ fn v7_floor(at: DateTime<Utc>) -> Uuid {
     Uuid::from_bytes(b)
 }
 
+/// `%text%` for `ILIKE`, with the pattern characters of `text` escaped.
+fn like_pattern(text: &str) -> String {
+    let mut p = String::with_capacity(text.len() + 2);
+    p.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 /// Whether every step that was running when the task was cancelled confirmed its stop.
 fn stop_confirmed(steps: &[StepView]) -> Option<bool> {
     let signalled: Vec<&StepView> = steps.iter().filter(|s| s.cancel_requested_at.is_some()).collect();
@@ -301,6 +315,11 @@ pub(crate) async fn list_tasks(
         return Err(WireError::invalid(format!(
             "mode: `{m}` is not one of command, prompt, investigate"
         )));
+    }
+    if let Some(t) = &req.text
+        && !(1..=200).contains(&t.chars().count())
+    {
+        return Err(WireError::invalid("text: 1 to 200 characters"));
     }
     let limit = req.limit.unwrap_or(50).clamp(1, 500) as i64;
     let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = "));
@@ -347,6 +366,12 @@ pub(crate) async fn list_tasks(
     }
     if let Some(inv) = req.investigation_id {
         q.push(" AND investigation_id = ").push_bind(inv);
+    }
+    if let Some(text) = &req.text {
+        // A filter on top of the org's id-ordered scan (bounded by the page).
+        q.push(" AND intent ILIKE ")
+            .push_bind(like_pattern(text))
+            .push(r" ESCAPE '\'");
     }
     // Ids are UUIDv7 (creation-ordered), so a time range is also an id range: the
     // id bound (a minute of slack for clock skew between id and `created_at`) keeps

@@ -108,8 +108,13 @@ pub async fn up(config: &Config, with_worker: bool) -> anyhow::Result<ExitCode> 
     }
     if let Some(gw) = &gateway {
         errln!(
-            "Gateway: http://{}  (MCP for AI agents at /mcp, docs/mcp.md; HTTP API at /v1, docs/http.md)",
-            gw.addr
+            "Console: {}/  (sign in as the owner with this one-time link, good for 15 minutes: {})",
+            gw.url,
+            gw.sign_in_link(&boot.token)
+        );
+        errln!(
+            "Gateway: {}  (MCP for AI agents at /mcp, docs/mcp.md; HTTP API at /v1, docs/http.md)",
+            gw.url
         );
     }
     if let Some(addr) = ops_addr {

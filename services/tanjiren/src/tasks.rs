@@ -59,6 +59,9 @@ pub enum TaskCommand {
         /// Only the tasks of this investigation.
         #[arg(long)]
         investigation: Option<uuid::Uuid>,
+        /// Only tasks whose intent contains this text (ignoring case).
+        #[arg(long)]
+        text: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
         #[arg(long)]
@@ -141,6 +144,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
             mode,
             workstation,
             investigation,
+            text,
             limit,
             json,
         } => {
@@ -149,6 +153,7 @@ pub async fn run(config: &Config, cmd: TaskCommand) -> anyhow::Result<ExitCode> 
                 mode,
                 workstation,
                 investigation_id: investigation,
+                text,
                 before: None,
                 limit: Some(limit),
                 ..Default::default()

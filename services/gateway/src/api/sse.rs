@@ -37,7 +37,7 @@ fn last_event_id(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `step:seq,step:seq`: each step's last delivered line.
-fn encode_position(last: &HashMap<StepId, i64>) -> String {
+pub fn encode_position(last: &HashMap<StepId, i64>) -> String {
     let mut parts: Vec<String> = last.iter().map(|(s, q)| format!("{s}:{q}")).collect();
     parts.sort();
     parts.join(",")

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod console;
 mod containment;
 mod defaults;
 mod http_api;
