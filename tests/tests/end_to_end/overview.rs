@@ -6,7 +6,8 @@
 use std::time::Duration;
 use tanjiren_shared::ErrorCode;
 use tanjiren_shared::protocol::{
-    ListWorkstationsReply, ListWorkstationsRequest, RuntimeOverview, RuntimeOverviewRequest,
+    ListTasksReply, ListTasksRequest, ListWorkstationsReply, ListWorkstationsRequest, RuntimeOverview,
+    RuntimeOverviewRequest,
 };
 use tanjiren_shared::schedules::{CreateScheduleRequest, ScheduleView};
 use tanjiren_tests::{TestEnv, command};
@@ -69,12 +70,39 @@ async fn the_overview_counts_live_work_recent_history_and_schedules_due() {
     assert_eq!(o.schedules_due_next_hour_count, 1);
     assert_eq!(o.schedules_due_next_hour[0].name, "every-minute");
     assert_eq!(o.stale_lease_rejections, 0);
+    // The timeline: 24 buckets covering the window, the two finished tasks in the last one.
+    assert_eq!(o.timeline.len(), 24);
+    let span = o.timeline[23].start - o.timeline[0].start;
+    assert_eq!(span.num_seconds(), 86_400 / 24 * 23);
+    assert_eq!(
+        o.timeline[23].start,
+        o.generated_at - chrono::Duration::hours(1),
+        "the last bucket ends now"
+    );
+    let last = &o.timeline[23];
+    assert_eq!(
+        (last.completed, last.failed, last.cancelled),
+        (1, 1, 0),
+        "{:?}",
+        o.timeline
+    );
+    assert!(last.p50_ms.is_some());
+    assert!(
+        o.timeline[..23]
+            .iter()
+            .all(|b| b.completed + b.failed + b.cancelled == 0 && b.p50_ms.is_none())
+    );
 
     // A one-second window still counts live work, and no finished task of long ago.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let narrow = overview(&env, &env.member_token, Some(1)).await.unwrap();
     assert_eq!(narrow.tasks_by_status["queued"], 1);
     assert_eq!(narrow.tasks_by_status["completed"], 0);
+    assert!(
+        narrow.timeline.iter().all(|b| b.completed + b.failed == 0),
+        "{:?}",
+        narrow.timeline
+    );
     let e = overview(&env, &env.member_token, Some(0)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidRequest);
 
@@ -82,6 +110,12 @@ async fn the_overview_counts_live_work_recent_history_and_schedules_due() {
     let (_, other) = env.other_org().await;
     let theirs = overview(&env, &other, None).await.unwrap();
     assert!(theirs.tasks_by_status.values().all(|n| *n == 0), "{theirs:?}");
+    assert!(
+        theirs
+            .timeline
+            .iter()
+            .all(|b| b.completed + b.failed + b.cancelled == 0)
+    );
     assert_eq!((theirs.queue_depth, theirs.schedules_due_next_hour_count), (0, 0));
 
     // The workstations, by name, with what they run and their credentials.
@@ -118,5 +152,54 @@ async fn the_overview_counts_live_work_recent_history_and_schedules_due() {
         .unwrap();
     assert!(theirs.workstations.is_empty());
     worker.stop().await;
+    env.finish(services).await;
+}
+
+/// `tasks.list`'s `text`: the console's search box.
+#[tokio::test]
+async fn tasks_list_finds_text_in_the_intent_ignoring_case_with_wildcards_literal() {
+    let env = TestEnv::new().await;
+    let services = vec![env.start(tanjiren_catalog::Service::Ingest).await];
+    env.enrolled("txt-ws").await;
+    for intent in ["Disk 100% full on /var", "disk_check nightly", "rotate logs"] {
+        let mut spec = command("true", &["txt-ws"]);
+        spec.intent = intent.into();
+        env.create(&spec).await.unwrap();
+    }
+    let list = |token: String, text: String| {
+        let env = &env;
+        async move {
+            env.call::<_, ListTasksReply>(
+                &env.conns.subjects.tasks_list(),
+                &token,
+                &ListTasksRequest {
+                    text: Some(text),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(|r| r.tasks.into_iter().map(|t| t.intent).collect::<Vec<_>>())
+        }
+    };
+    let owner = env.owner_token.clone();
+    assert_eq!(
+        list(owner.clone(), "DISK".into()).await.unwrap(),
+        ["disk_check nightly", "Disk 100% full on /var"]
+    );
+    assert_eq!(
+        list(owner.clone(), "100%".into()).await.unwrap(),
+        ["Disk 100% full on /var"]
+    );
+    assert_eq!(list(owner.clone(), "k_c".into()).await.unwrap(), ["disk_check nightly"]);
+    assert!(
+        list(owner.clone(), "k%c".into()).await.unwrap().is_empty(),
+        "% is literal"
+    );
+    for bad in [String::new(), "x".repeat(201)] {
+        let e = list(owner.clone(), bad).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
+    let (_, other) = env.other_org().await;
+    assert!(list(other, "disk".into()).await.unwrap().is_empty());
     env.finish(services).await;
 }
