@@ -23,7 +23,10 @@ pub async fn serve(config: &Config) -> anyhow::Result<ExitCode> {
         .await?
         .context("the gateway did not start")?;
     tracing::info!(addr = %gw.addr, "gateway ready");
-    errln!("Gateway on http://{} (MCP at /mcp).", gw.addr);
+    errln!(
+        "Gateway on {} (the console at /, MCP at /mcp, the HTTP API at /v1).",
+        gw.url
+    );
     shutdown.cancelled().await;
     let _ = gw.handle.await;
     Ok(ExitCode::SUCCESS)

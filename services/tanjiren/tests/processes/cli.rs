@@ -361,3 +361,64 @@ fn up_without_nats_says_which_server_and_how_to_start_it() {
         text(&out)
     );
 }
+
+/// `up` prints the console's address and a one-time link; the link signs a browser
+/// in as the owner once (here with plain HTTP; the browser test drives the rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_prints_the_console_and_a_one_time_link_that_signs_in_once() {
+    use crate::console::{cookie_pair, field, set_cookies};
+    let install = Install::new();
+    let (mut up, banner) = install.up_with_banner();
+    let line = banner
+        .iter()
+        .find(|l| l.starts_with("Console: http://"))
+        .unwrap_or_else(|| panic!("no console line in {banner:#?}"));
+    let link = line
+        .split_whitespace()
+        .find(|w| w.contains("/sign-in/"))
+        .expect("a sign-in link")
+        .trim_end_matches(')')
+        .to_string();
+    let base = link[..link.find("/sign-in/").unwrap()].to_string();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http.get(&link).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let pre = cookie_pair(&set_cookies(&page), "tanjiren_sign_in");
+    let html = page.text().await.unwrap();
+    let form = [("csrf", field(&html, "csrf")), ("code", field(&html, "code"))];
+    let signed = http
+        .post(format!("{base}/sign-in"))
+        .header("cookie", &pre)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    let session = cookie_pair(&set_cookies(&signed), "tanjiren_session");
+    let tasks = http
+        .get(format!("{base}/tasks"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tasks.status(), 200);
+    assert!(
+        tasks
+            .text()
+            .await
+            .unwrap()
+            .contains("<span class=\"role\">owner</span>")
+    );
+    let again = http
+        .post(format!("{base}/sign-in"))
+        .header("cookie", &pre)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 401, "the link works once");
+    stop(&mut up);
+}

@@ -272,7 +272,7 @@ async fn a_person_runs_the_console_in_a_real_browser() {
 }
 
 /// What `Set-Cookie` headers a response carries.
-fn set_cookies(r: &reqwest::Response) -> Vec<String> {
+pub(crate) fn set_cookies(r: &reqwest::Response) -> Vec<String> {
     r.headers()
         .get_all(reqwest::header::SET_COOKIE)
         .iter()
@@ -281,7 +281,7 @@ fn set_cookies(r: &reqwest::Response) -> Vec<String> {
 }
 
 /// The `name=value` of a cookie among `set_cookies`.
-fn cookie_pair(cookies: &[String], name: &str) -> String {
+pub(crate) fn cookie_pair(cookies: &[String], name: &str) -> String {
     cookies
         .iter()
         .find(|c| c.starts_with(&format!("{name}=")))
@@ -290,7 +290,7 @@ fn cookie_pair(cookies: &[String], name: &str) -> String {
 }
 
 /// The value of `name="…"` in a page.
-fn field(html: &str, name: &str) -> String {
+pub(crate) fn field(html: &str, name: &str) -> String {
     let at = html
         .find(&format!("name=\"{name}\" value=\""))
         .unwrap_or_else(|| panic!("no field {name}"));
