@@ -211,7 +211,13 @@ pub fn app(
         .merge(console::router(console))
         .merge(mcp_routes)
         .merge(api_routes)
-        .fallback(|| async {
+        .fallback(|headers: HeaderMap| async move {
+            if console::wants_html(&headers) {
+                return console::view::refusal(
+                    StatusCode::NOT_FOUND,
+                    "There is no such page: the console starts at /tasks.",
+                );
+            }
             problem::Problem::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,

@@ -19,7 +19,7 @@ use tanjiren_shared::approvals::{
     DecideTaskReply, DecideTaskRequest, MintApprovalTokenReply, MintApprovalTokenRequest, PendingApproval,
     PendingApprovalsReply, PendingApprovalsRequest,
 };
-use tanjiren_shared::ids::TaskId;
+use tanjiren_shared::ids::{TaskId, WorkstationId};
 
 /// `GET /approvals`.
 pub async fn page(State(c): State<Console>, ctx: Ctx) -> Response {
@@ -54,19 +54,20 @@ async fn queue_markup(c: &Console, ctx: &Ctx) -> Markup {
             &PendingApprovalsRequest { limit: Some(100) },
         )
         .await;
+    let names = super::create::workstation_names_by_id(c, ctx).await;
     html! {
         @match reply {
             Err(e) => (view::error_box(&e)),
             Ok(r) => {
                 @if r.pending.is_empty() { p.empty { "Nothing waits for a decision." } }
-                @for p in &r.pending { (held(ctx, p)) }
+                @for p in &r.pending { (held(ctx, p, &names)) }
                 @if r.truncated { p.hint { "More are waiting than shown (the most urgent 100)." } }
             }
         }
     }
 }
 
-fn held(ctx: &Ctx, p: &PendingApproval) -> Markup {
+fn held(ctx: &Ctx, p: &PendingApproval, names: &std::collections::HashMap<WorkstationId, String>) -> Markup {
     let rules = &p.snapshot.verdict.matched_rules;
     let owner_only = rules.iter().any(|r| r.require_owner);
     let reason_required = rules.iter().any(|r| r.require_reason);
@@ -75,7 +76,11 @@ fn held(ctx: &Ctx, p: &PendingApproval) -> Markup {
         article.held data-task-id=(p.task_id) {
             h2 { a href=(format!("/tasks/{}", p.task_id)) { (p.intent) } }
             p.meta {
-                "Asked by " strong { (p.requested_by) } " for " (p.targets.len()) " workstation(s)"
+                "Asked by " strong { (p.requested_by) } " to run on "
+                @for (i, w) in p.targets.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    strong.target { (names.get(w).cloned().unwrap_or_else(|| w.to_string())) }
+                }
                 @if let Some(d) = p.snapshot.deadline { " · decide before " (time(d)) }
             }
             div.payload-box { (payload(&p.mode)) }

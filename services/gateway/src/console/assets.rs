@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 
 /// The stylesheet's path.
 pub const CSS: &str = "/assets/console.css";
+/// The console's icon.
+pub const ICON: &str = "/assets/favicon.svg";
 /// The console's own script's path.
 pub const JS: &str = "/assets/console.js";
 /// htmx's path.
@@ -17,7 +19,8 @@ pub const HTMX: &str = "/assets/htmx-2.0.11.min.js";
 pub const HTMX_SSE: &str = "/assets/htmx-ext-sse-2.2.4.min.js";
 
 /// `(file name, content type, body, immutable)`.
-const FILES: [(&str, &str, &[u8], bool); 4] = [
+const FILES: [(&str, &str, &[u8], bool); 5] = [
+    ("favicon.svg", "image/svg+xml", include_bytes!("favicon.svg"), false),
     (
         "console.css",
         "text/css; charset=utf-8",
@@ -69,7 +72,7 @@ mod tests {
 
     #[test]
     fn every_path_the_pages_name_is_served() {
-        for path in [CSS, JS, HTMX, HTMX_SSE] {
+        for path in [CSS, JS, HTMX, HTMX_SSE, ICON] {
             let name = path.strip_prefix("/assets/").unwrap();
             assert!(FILES.iter().any(|(n, ..)| *n == name), "{path}");
         }

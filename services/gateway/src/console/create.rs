@@ -12,10 +12,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
+use std::collections::HashMap;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{DoctrineDryRunReply, DoctrineDryRunRequest};
+use tanjiren_shared::ids::WorkstationId;
 use tanjiren_shared::model::{Mode, TaskSpec};
-use tanjiren_shared::protocol::{CreateTaskReply, ListWorkstationsReply, ListWorkstationsRequest};
+use tanjiren_shared::protocol::{CreateTaskReply, ListWorkstationsReply, ListWorkstationsRequest, WorkstationView};
 
 /// What the task form sends (shared with the schedule form's template).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,8 +106,9 @@ impl TaskForm {
     }
 }
 
-/// The fleet's names for the targets field's suggestions (the first 500).
-pub async fn workstation_names(c: &Console, ctx: &Ctx) -> Vec<String> {
+/// The fleet's first 500 workstations by name (none when the list fails: they
+/// only help the form and name targets).
+async fn workstations(c: &Console, ctx: &Ctx) -> Vec<WorkstationView> {
     c.up.call::<_, ListWorkstationsReply>(
         &ctx.caller,
         c.up.subjects.workstations_list(),
@@ -115,8 +118,22 @@ pub async fn workstation_names(c: &Console, ctx: &Ctx) -> Vec<String> {
         },
     )
     .await
-    .map(|r| r.workstations.into_iter().map(|w| w.name).collect())
+    .map(|r| r.workstations)
     .unwrap_or_default()
+}
+
+/// The fleet's names for the targets field's suggestions.
+pub async fn workstation_names(c: &Console, ctx: &Ctx) -> Vec<String> {
+    workstations(c, ctx).await.into_iter().map(|w| w.name).collect()
+}
+
+/// Workstation names by id, to name targets.
+pub async fn workstation_names_by_id(c: &Console, ctx: &Ctx) -> HashMap<WorkstationId, String> {
+    workstations(c, ctx)
+        .await
+        .into_iter()
+        .map(|w| (w.workstation_id, w.name))
+        .collect()
 }
 
 /// The task fields of a form (the task form and the schedule form's template).
@@ -162,6 +179,13 @@ fn form_page(ctx: &Ctx, f: &TaskForm, names: &[String], error: Option<&WireError
 
 /// `GET /tasks/new`.
 pub async fn form(State(c): State<Console>, ctx: Ctx) -> Markup {
+    if !ctx.may_operate() {
+        let body = html! {
+            h1 { "New task" }
+            p.hint.role-note { "This token may only read (scope mcp:read): creating tasks needs a token without scopes or with mcp:operate." }
+        };
+        return view::page(&ctx, "New task", Nav::New, body);
+    }
     let names = workstation_names(&c, &ctx).await;
     form_page(&ctx, &TaskForm::default(), &names, None)
 }

@@ -25,8 +25,6 @@ use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::protocol::{GetTaskRequest, LogLine, LogStream, TaskView};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-/// Lines of one step the live view shows; the rest is in the raw log.
-pub const LIVE_LINES_PER_STEP: usize = 5_000;
 /// Lines gathered into one event at most.
 const BATCH: usize = 500;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -118,9 +116,10 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
         tokio::pin!(follow);
         tokio::pin!(changes);
         let mut position: HashMap<StepId, i64> = last;
-        let mut shown: HashMap<StepId, usize> = HashMap::new();
         let mut outcome = None;
         let mut batch = Vec::with_capacity(BATCH);
+        // Whatever changed between the page being made and this stream opening.
+        let _ = tx.send(Event::default().event("task").data(task_id.to_string()));
         loop {
             tokio::select! {
                 r = &mut follow, if outcome.is_none() => outcome = Some(r),
@@ -131,13 +130,16 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
                             Some(Err(e)) => Event::default().event("end").data(
                                 html! { span.ln-err { "[" (e.code.as_str()) ": " (e.message) "]\n" } }.into_string(),
                             ),
-                            _ => Event::default().event("end").data(""),
+                            // Browsers drop events without data: say something.
+                            _ => Event::default().event("end").data(
+                                html! { span.ln-note { "[the task has ended]" } }.into_string(),
+                            ),
                         };
                         let _ = tx.send(Event::default().event("task").data(task_id.to_string()));
                         let _ = tx.send(end);
                         return;
                     }
-                    for event in to_events(batch.drain(..), &mut position, &mut shown) {
+                    for event in to_events(batch.drain(..), &mut position) {
                         if tx.send(event).is_err() {
                             return;
                         }
@@ -149,7 +151,7 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
                 _ = tx.closed() => return,
                 _ = up.stop.cancelled() => return,
                 _ = revoked(&up, &caller) => {
-                    let _ = tx.send(Event::default().event("end").data("[the token was revoked]"));
+                    let _ = tx.send(Event::default().event("end").data("<span class=\"ln-note\">[the token was revoked]</span>"));
                     return;
                 }
             }
@@ -161,19 +163,13 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
 }
 
 /// Lines in arrival order as one event per run of the same step, each with the
-/// position after it as its id; past [`LIVE_LINES_PER_STEP`] a step's lines are
-/// replaced by one notice.
-fn to_events(
-    lines: impl Iterator<Item = (StepId, LogLine)>,
-    position: &mut HashMap<StepId, i64>,
-    shown: &mut HashMap<StepId, usize>,
-) -> Vec<Event> {
+/// position after it as its id. (The page keeps the last 5,000 lines of a step,
+/// `console.js`; the raw log has them all.)
+fn to_events(lines: impl Iterator<Item = (StepId, LogLine)>, position: &mut HashMap<StepId, i64>) -> Vec<Event> {
     let mut events = Vec::new();
     let mut current: Option<(StepId, String)> = None;
     let flush = |current: &mut Option<(StepId, String)>, position: &HashMap<StepId, i64>, events: &mut Vec<Event>| {
-        if let Some((step, html)) = current.take()
-            && !html.is_empty()
-        {
+        if let Some((step, html)) = current.take() {
             events.push(
                 Event::default()
                     .event(format!("line-{step}"))
@@ -186,17 +182,10 @@ fn to_events(
         if current.as_ref().is_some_and(|(s, _)| *s != step) {
             flush(&mut current, position, &mut events);
         }
-        let html = &mut current.get_or_insert_with(|| (step, String::new())).1;
-        let count = shown.entry(step).or_default();
-        *count += 1;
-        if *count <= LIVE_LINES_PER_STEP {
-            html.push_str(&line_html(&line));
-        } else if *count == LIVE_LINES_PER_STEP + 1 {
-            html.push_str(
-                &html! { span.ln-note { "[more output than the live view shows: download the raw log]\n" } }
-                    .into_string(),
-            );
-        }
+        current
+            .get_or_insert_with(|| (step, String::new()))
+            .1
+            .push_str(&line_html(&line));
         position.insert(step, line.seq);
     }
     flush(&mut current, position, &mut events);
@@ -227,30 +216,17 @@ mod tests {
     }
 
     #[test]
-    fn runs_of_a_step_become_one_event_and_the_cap_holds() {
+    fn runs_of_a_step_become_one_event_with_the_position_after_it() {
         let (a, b) = (StepId::from(uuid::Uuid::now_v7()), StepId::from(uuid::Uuid::now_v7()));
         let mut position = HashMap::new();
-        let mut shown = HashMap::new();
         let lines = vec![
             (a, line(1, LogStream::Stdout, "a1")),
             (a, line(2, LogStream::Stderr, "a2")),
             (b, line(1, LogStream::Stdout, "b1")),
+            (a, line(3, LogStream::Stdout, "a3")),
         ];
-        let events = to_events(lines.into_iter(), &mut position, &mut shown);
-        assert_eq!(events.len(), 2);
-        assert_eq!(position[&a], 2);
-        assert_eq!(position[&b], 1);
-        shown.insert(a, LIVE_LINES_PER_STEP);
-        let more = to_events(
-            vec![
-                (a, line(3, LogStream::Stdout, "x")),
-                (a, line(4, LogStream::Stdout, "y")),
-            ]
-            .into_iter(),
-            &mut position,
-            &mut shown,
-        );
-        assert_eq!(more.len(), 1, "one notice, then nothing");
-        assert_eq!(position[&a], 4);
+        let events = to_events(lines.into_iter(), &mut position);
+        assert_eq!(events.len(), 3);
+        assert_eq!((position[&a], position[&b]), (3, 1));
     }
 }

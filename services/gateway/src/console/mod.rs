@@ -108,6 +108,14 @@ pub fn router(console: Console) -> Router {
         .with_state(console)
 }
 
+/// Whether a request comes from a browser navigating (it accepts HTML).
+pub fn wants_html(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
 /// The Content-Security-Policy of every console response: scripts, styles and
 /// connections from the gateway itself only, no inline script or style, no
 /// framing, forms posting only back here.

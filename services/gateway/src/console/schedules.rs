@@ -188,7 +188,15 @@ pub async fn page(State(c): State<Console>, ctx: Ctx, Path(schedule): Path<Strin
         p { a href=(format!("/tasks?schedule_id={}", s.schedule_id)) { "Its tasks" } }
         h2 { "Next runs" }
         @if d.next_runs.is_empty() { p.empty { "None (paused)." } }
-        ol.next-runs { @for at in &d.next_runs { li { (time(*at)) } } }
+        @let tz = s.timezone.parse::<chrono_tz::Tz>().ok().filter(|tz| *tz != chrono_tz::UTC);
+        ol.next-runs {
+            @for at in &d.next_runs {
+                li {
+                    (time(*at))
+                    @if let Some(tz) = tz { " — " (at.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z")) " in " (s.timezone) }
+                }
+            }
+        }
         h2 { "Tick ledger" }
         p.counts {
             "fired " strong { (d.tick_counts.fired) } " · skipped " strong { (d.tick_counts.skipped_overlap) }

@@ -62,8 +62,47 @@ impl Filters {
         ]
     }
 
-    /// The `tasks.list` request, checked by the services' own decoding rule.
+    /// The `tasks.list` request, checked by the services' own decoding rule (ids
+    /// first, with messages for people).
     fn request(&self) -> Result<ListTasksRequest, WireError> {
+        for (field, what, hint) in [
+            (
+                "investigation_id",
+                &self.investigation_id,
+                "an investigation's id (its page links to its tasks)",
+            ),
+            (
+                "schedule_id",
+                &self.schedule_id,
+                "a schedule's id (its page links to its tasks)",
+            ),
+            ("before", &self.before, "a task id (the pager's link)"),
+        ] {
+            let v = what.trim();
+            if !v.is_empty() && v.parse::<uuid::Uuid>().is_err() {
+                return Err(WireError::invalid(format!("{field}: `{v}` is not {hint}")));
+            }
+        }
+        for (field, v, allowed) in [
+            (
+                "status",
+                self.status.trim(),
+                TaskStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ),
+            (
+                "approval_status",
+                self.approval_status.trim(),
+                ApprovalStatus::ALL.iter().map(|s| s.as_str()).collect(),
+            ),
+            ("mode", self.mode.trim(), vec!["command", "prompt", "investigate"]),
+        ] {
+            if !v.is_empty() && !allowed.contains(&v) {
+                return Err(WireError::invalid(format!(
+                    "{field}: `{v}` is not one of {}",
+                    allowed.join(", ")
+                )));
+            }
+        }
         let mut object = serde_json::Map::new();
         for (k, v) in self.pairs() {
             let v = v.trim();
@@ -89,11 +128,7 @@ impl Filters {
 
 /// `GET /`: the console for browsers, a JSON index of the gateway for others.
 pub async fn home(headers: HeaderMap) -> Response {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if accept.contains("text/html") {
+    if super::wants_html(&headers) {
         return Redirect::to("/tasks").into_response();
     }
     axum::Json(serde_json::json!({
@@ -283,6 +318,19 @@ fn summary(ctx: &Ctx, t: &TaskView, oob: bool) -> Markup {
             }
             dl.facts {
                 dt { "Task" } dd { code { (t.task_id) } }
+                dt { "Targets" } dd.targets {
+                    @if t.steps.is_empty() {
+                        (t.targets.len()) " workstation(s)"
+                    } @else {
+                        @for (i, s) in t.steps.iter().enumerate() {
+                            @if i > 0 { ", " }
+                            a href=(format!("/tasks?workstation={}", s.workstation_id)) {
+                                (s.workstation_name.clone().unwrap_or_else(|| s.workstation_id.to_string()))
+                            }
+                        }
+                        @if t.next_steps_after.is_some() { " …" }
+                    }
+                }
                 dt { "Created" } dd { (time(t.created_at)) " by " (t.created_by) }
                 dt { "Queued" } dd { (time_or_dash(t.queued_at)) }
                 dt { "Started" } dd { (time_or_dash(t.started_at)) }
@@ -341,7 +389,11 @@ fn step_meta(s: &StepView, oob: bool) -> Markup {
             @if let Some(m) = &s.agent_model { dt { "Agent" } dd { (m) @if let Some(u) = &s.usage { " · " (u.input_tokens) " in / " (u.output_tokens) " out tokens" } } }
         }
         @if let Some(m) = &s.message {
-            div.response { h4 { "Response" } div.markdown { (markdown::render(m)) } }
+            @if s.agent_model.is_some() || s.usage.is_some() {
+                div.response { h4 { "Response" } div.markdown { (markdown::render(m)) } }
+            } @else {
+                p.step-message { (m) }
+            }
         }
         }
     }
@@ -396,6 +448,42 @@ fn artifact_list(t: &TaskView, oob: bool) -> Markup {
     }
 }
 
+/// The approval (verdict, decisions) and the attempts chain; `oob` as for [`summary`].
+fn approval_and_attempts(t: &TaskView, oob: bool) -> Markup {
+    html! {
+        div #approval-and-attempts hx-swap-oob=[oob.then_some("true")] {
+            @if let Some(s) = &t.approval {
+                section.approval-box {
+                    h2 { "Approval" }
+                    (approval_snapshot(s))
+                    @if !t.approvals.is_empty() {
+                        h3 { "Decisions" }
+                        ul.decisions {
+                            @for a in &t.approvals {
+                                li {
+                                    (badge(a.decision.as_str())) " by " (a.decided_by)
+                                    @if let Some(p) = a.presented_by.as_ref().filter(|p| **p != a.decided_by) { " (presented by " (p) ")" }
+                                    " at " (time(a.decided_at))
+                                    @if let Some(r) = &a.reason { ": " q { (r) } }
+                                }
+                            }
+                        }
+                    }
+                    @if t.approval_status == ApprovalStatus::Pending { p { a href="/approvals" { "Decide on the approvals page" } } }
+                }
+            }
+            @if t.attempts.len() > 1 || t.retry_of_task_id.is_some() {
+                section.attempts {
+                    h2 { "Attempts" }
+                    @if let Some(prev) = t.retry_of_task_id { p { "Retry of " a href=(format!("/tasks/{prev}")) { (prev) } } }
+                    @if t.root_task_id != t.task_id { p { "First attempt: " a href=(format!("/tasks/{}", t.root_task_id)) { (t.root_task_id) } } }
+                    (task_table(&t.attempts))
+                }
+            }
+        }
+    }
+}
+
 /// The invisible element that refreshes a task page's summary and step facts: on
 /// every change of the task, and every 5 s while it lives (lease time left, heartbeats).
 fn refresher(t: &TaskView) -> Markup {
@@ -417,6 +505,7 @@ fn refreshed(ctx: &Ctx, t: &TaskView) -> Markup {
         (summary(ctx, t, true))
         @for s in &t.steps { (step_meta(s, true)) }
         (artifact_list(t, true))
+        (approval_and_attempts(t, true))
     }
 }
 
@@ -432,34 +521,7 @@ pub async fn page(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>) ->
             h1.intent { (t.intent) }
             (summary(&ctx, &t, false))
             section.payload-box { h2 { "What it runs" } (payload(&t.mode)) }
-            @if let Some(s) = &t.approval {
-                section.approval-box {
-                    h2 { "Approval" }
-                    (approval_snapshot(s))
-                    @if !t.approvals.is_empty() {
-                        h3 { "Decisions" }
-                        ul.decisions {
-                            @for a in &t.approvals {
-                                li {
-                                    (badge(a.decision.as_str())) " by " (a.decided_by)
-                                    @if let Some(p) = &a.presented_by { " (presented by " (p) ")" }
-                                    " at " (time(a.decided_at))
-                                    @if let Some(r) = &a.reason { ": " q { (r) } }
-                                }
-                            }
-                        }
-                    }
-                    @if t.approval_status == ApprovalStatus::Pending { p { a href="/approvals" { "Decide on the approvals page" } } }
-                }
-            }
-            @if t.attempts.len() > 1 || t.retry_of_task_id.is_some() {
-                section.attempts {
-                    h2 { "Attempts" }
-                    @if let Some(prev) = t.retry_of_task_id { p { "Retry of " a href=(format!("/tasks/{prev}")) { (prev) } } }
-                    @if t.root_task_id != t.task_id { p { "First attempt: " a href=(format!("/tasks/{}", t.root_task_id)) { (t.root_task_id) } } }
-                    (task_table(&t.attempts))
-                }
-            }
+            (approval_and_attempts(&t, false))
             section.steps {
                 h2 { "Steps (" (t.steps.len()) ")" }
                 @for s in &t.steps { (step_panel(&t, s)) }

@@ -86,6 +86,7 @@ fn head(title: &str) -> Markup {
             title { (title) " · Tanjiren" }
             // htmx without eval, inline styles or script tags in swapped content (CSP).
             meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false,"historyCacheSize":0,"selfRequestsOnly":true}"#;
+            link rel="icon" href=(super::assets::ICON) type="image/svg+xml";
             link rel="stylesheet" href=(super::assets::CSS);
             script src=(super::assets::HTMX) defer {}
             script src=(super::assets::HTMX_SSE) defer {}
@@ -112,7 +113,9 @@ pub fn page(ctx: &Ctx, title: &str, nav: Nav, body: Markup) -> Markup {
                     }
                     div.who {
                         span.identity title=(format!("organisation {}", p.org_id)) {
-                            (p.token_name) " · " span.role { (p.role.to_string()) }
+                            @if p.token_name != p.role.to_string() { (p.token_name) " · " }
+                            span.role { (p.role.to_string()) }
+                            @if !p.scopes.is_empty() { " · " (p.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ")) }
                         }
                         form method="post" action="/sign-out" {
                             input type="hidden" name="csrf" value=(ctx.csrf);
