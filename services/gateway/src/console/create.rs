@@ -106,10 +106,12 @@ impl TaskForm {
     }
 }
 
-/// The fleet's first 500 workstations by name (none when the list fails: they
-/// only help the form and name targets).
-async fn workstations(c: &Console, ctx: &Ctx) -> Vec<WorkstationView> {
-    c.up.call::<_, ListWorkstationsReply>(
+/// The fleet's first 500 workstations by name.
+///
+/// # Errors
+/// The service's error.
+pub async fn list_workstations(c: &Console, ctx: &Ctx) -> Result<ListWorkstationsReply, WireError> {
+    c.up.call(
         &ctx.caller,
         c.up.subjects.workstations_list(),
         &ListWorkstationsRequest {
@@ -118,8 +120,14 @@ async fn workstations(c: &Console, ctx: &Ctx) -> Vec<WorkstationView> {
         },
     )
     .await
-    .map(|r| r.workstations)
-    .unwrap_or_default()
+}
+
+/// [`list_workstations`], or none when it fails (they only help the form and name targets).
+async fn workstations(c: &Console, ctx: &Ctx) -> Vec<WorkstationView> {
+    list_workstations(c, ctx)
+        .await
+        .map(|r| r.workstations)
+        .unwrap_or_default()
 }
 
 /// The fleet's names for the targets field's suggestions.

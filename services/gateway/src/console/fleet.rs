@@ -8,22 +8,11 @@ use super::view::{self, Ctx, Nav, badge, duration_ms, time, time_or_dash};
 use axum::extract::State;
 use maud::{Markup, html};
 use tanjiren_shared::model::TaskStatus;
-use tanjiren_shared::protocol::{
-    ListWorkstationsReply, ListWorkstationsRequest, RuntimeOverview, RuntimeOverviewRequest, TimelineBucket,
-};
+use tanjiren_shared::protocol::{RuntimeOverview, RuntimeOverviewRequest, TimelineBucket};
 
 /// `GET /fleet`.
 pub async fn page(State(c): State<Console>, ctx: Ctx) -> Markup {
-    let listed =
-        c.up.call::<_, ListWorkstationsReply>(
-            &ctx.caller,
-            c.up.subjects.workstations_list(),
-            &ListWorkstationsRequest {
-                after: None,
-                limit: Some(500),
-            },
-        )
-        .await;
+    let listed = super::create::list_workstations(&c, &ctx).await;
     let body = html! {
         h1 { "Fleet" }
         div #overview hx-get="/fleet/overview" hx-trigger="every 10s" hx-swap="innerHTML" {

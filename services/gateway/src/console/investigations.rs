@@ -58,21 +58,6 @@ pub async fn list(State(c): State<Console>, ctx: Ctx) -> Markup {
     view::page(&ctx, "Investigations", Nav::Investigations, body)
 }
 
-fn card(a: &ArtifactView) -> Markup {
-    html! {
-        article.artifact data-kind=(a.kind.as_str()) {
-            header {
-                span class=(format!("kind k-{}", a.kind.as_str())) { (a.kind.as_str()) }
-                " " strong { (a.title) }
-                @if let Some(w) = &a.workstation { " · " (w) }
-                @if let Some(t) = a.task_id { " · " a href=(format!("/tasks/{t}")) { "task" } }
-            }
-            @if let Some(url) = &a.url { p { a href=(url) rel="noopener noreferrer nofollow" { (url) } } }
-            div.markdown { (markdown::render(&a.body)) }
-        }
-    }
-}
-
 /// `GET /investigations/{investigation_id}`.
 pub async fn page(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>) -> Response {
     let loaded = async {
@@ -131,18 +116,18 @@ pub async fn page(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>) ->
         }
         h2 { "Summary" }
         @if summaries.is_empty() { p.empty { "No summary yet." } }
-        @for a in &summaries { (card(a)) }
+        @for a in &summaries { (markdown::artifact(a, true)) }
         h2 { "Evidence by question" }
         @if by_question.is_empty() { p.empty { "No evidence yet." } }
         @for ((index, question), items) in &by_question {
             section.question {
                 h3 { (index + 1) ". " (question) }
-                @for a in items { (card(a)) }
+                @for a in items { (markdown::artifact(a, true)) }
             }
         }
         @if !others.is_empty() {
             h2 { "Notes, links and responses" }
-            @for a in &others { (card(a)) }
+            @for a in &others { (markdown::artifact(a, true)) }
         }
         h2 { "Tasks" }
         (task_table(&inv.tasks))

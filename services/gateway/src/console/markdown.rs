@@ -4,8 +4,9 @@
 //! attributes, `http`/`https`/`mailto` links with `rel="noopener noreferrer"`),
 //! so a note cannot run script, style the page or load from other sites.
 
-use maud::{Markup, PreEscaped};
+use maud::{Markup, PreEscaped, html};
 use pulldown_cmark::{Event, Options, Parser, html};
+use tanjiren_shared::artifacts::ArtifactView;
 
 /// `source` as sanitised HTML.
 pub fn render(source: &str) -> Markup {
@@ -22,6 +23,25 @@ pub fn render(source: &str) -> Markup {
         .clean(&out)
         .to_string();
     PreEscaped(clean)
+}
+
+/// An artifact as a card: kind, title, question, workstation, its task (when
+/// `link_task`), its link and its body as Markdown.
+pub fn artifact(a: &ArtifactView, link_task: bool) -> Markup {
+    html! {
+        article.artifact data-kind=(a.kind.as_str()) {
+            header {
+                span class=(format!("kind k-{}", a.kind.as_str())) { (a.kind.as_str()) }
+                " " strong { (a.title) }
+                @if let Some(q) = &a.question { " — " em { (q) } }
+                @if let Some(w) = &a.workstation { " · " (w) }
+                @if let Some(t) = a.task_id.filter(|_| link_task) { " · " a href=(format!("/tasks/{t}")) { "task" } }
+            }
+            // The artifacts service accepts only http and https link URLs.
+            @if let Some(url) = &a.url { p { a href=(url) rel="noopener noreferrer nofollow" { (url) } } }
+            div.markdown { (render(&a.body)) }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -255,6 +255,27 @@ fn sign_in_page(csrf: &str, next: &str, code: Option<&str>, error: Option<&str>)
     view::bare("Sign in", body)
 }
 
+/// The sign-in page with a new double-submit token (its cookie and its field),
+/// and `error` when there is one.
+fn fresh_form(
+    console: &Console,
+    jar: PrivateCookieJar,
+    headers: &HeaderMap,
+    status: StatusCode,
+    next: &str,
+    code: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    let csrf = random_hex();
+    let jar = jar.add(cookie(
+        SIGN_IN_COOKIE,
+        csrf.clone(),
+        LINK_TTL,
+        over_tls(console, headers),
+    ));
+    (status, jar, sign_in_page(&csrf, next, code, error)).into_response()
+}
+
 /// `GET /sign-in`: the form.
 pub async fn form(
     State(console): State<Console>,
@@ -262,14 +283,8 @@ pub async fn form(
     headers: HeaderMap,
     Query(q): Query<SignInQuery>,
 ) -> Response {
-    let csrf = random_hex();
-    let jar = jar.add(cookie(
-        SIGN_IN_COOKIE,
-        csrf.clone(),
-        LINK_TTL,
-        over_tls(&console, &headers),
-    ));
-    (jar, sign_in_page(&csrf, &safe_next(q.next.as_deref()), None, None)).into_response()
+    let next = safe_next(q.next.as_deref());
+    fresh_form(&console, jar, &headers, StatusCode::OK, &next, None, None)
 }
 
 /// `GET /sign-in/{code}`: a one-time link asks before it is spent (link
@@ -280,15 +295,8 @@ pub async fn link(
     headers: HeaderMap,
     Path(code): Path<String>,
 ) -> Response {
-    let csrf = random_hex();
-    let jar = jar.add(cookie(
-        SIGN_IN_COOKIE,
-        csrf.clone(),
-        LINK_TTL,
-        over_tls(&console, &headers),
-    ));
     let code: String = code.chars().filter(char::is_ascii_hexdigit).take(64).collect();
-    (jar, sign_in_page(&csrf, "/", Some(&code), None)).into_response()
+    fresh_form(&console, jar, &headers, StatusCode::OK, "/", Some(&code), None)
 }
 
 #[derive(Deserialize)]
@@ -313,14 +321,7 @@ pub async fn sign_in(
     let next = safe_next(f.next.as_deref());
     let expected = jar.get(SIGN_IN_COOKIE).map(|c| c.value().to_string());
     let again = |jar: PrivateCookieJar, status: StatusCode, error: &str| {
-        let csrf = random_hex();
-        let jar = jar.add(cookie(
-            SIGN_IN_COOKIE,
-            csrf.clone(),
-            LINK_TTL,
-            over_tls(&console, &headers),
-        ));
-        (status, jar, sign_in_page(&csrf, &next, None, Some(error))).into_response()
+        fresh_form(&console, jar, &headers, status, &next, None, Some(error))
     };
     if !expected.is_some_and(|e| same_secret(&e, &f.csrf)) {
         return again(jar, StatusCode::FORBIDDEN, "The sign-in form expired: try again.");

@@ -15,7 +15,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::ApprovalSnapshot;
-use tanjiren_shared::artifacts::{AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind, ArtifactView};
+use tanjiren_shared::artifacts::{AddArtifactReply, AddArtifactRequest, ArtifactContent, ArtifactKind};
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::model::{ApprovalStatus, Mode, TaskStatus};
 use tanjiren_shared::protocol::{
@@ -419,30 +419,13 @@ fn step_panel(t: &TaskView, s: &StepView) -> Markup {
     }
 }
 
-fn artifact(a: &ArtifactView) -> Markup {
-    html! {
-        article.artifact data-kind=(a.kind.as_str()) {
-            header {
-                span class=(format!("kind k-{}", a.kind.as_str())) { (a.kind.as_str()) }
-                " " strong { (a.title) }
-                @if let Some(q) = &a.question { " — " em { (q) } }
-                @if let Some(w) = &a.workstation { " · " (w) }
-            }
-            @if let Some(url) = &a.url {
-                p { a href=(url) rel="noopener noreferrer nofollow" { (url) } }
-            }
-            div.markdown { (markdown::render(&a.body)) }
-        }
-    }
-}
-
 /// The task's artifacts (refreshed as the task runs: the agent's response and the
 /// summary arrive when it ends); `oob` as for [`summary`].
 fn artifact_list(t: &TaskView, oob: bool) -> Markup {
     html! {
         div #artifact-list hx-swap-oob=[oob.then_some("true")] {
             @if t.artifacts.is_empty() { p.empty { "None yet." } }
-            @for a in &t.artifacts { (artifact(a)) }
+            @for a in &t.artifacts { (markdown::artifact(a, false)) }
             @if t.artifacts_truncated { p.hint { "More artifacts than shown here; " code { "tanjiren artifact list" } " lists them all." } }
         }
     }
