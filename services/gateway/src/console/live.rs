@@ -23,10 +23,12 @@ use std::time::Duration;
 use tanjiren_bus::log_follow::LogFollower;
 use tanjiren_shared::ids::{StepId, TaskId};
 use tanjiren_shared::protocol::{GetTaskRequest, LogLine, LogStream, TaskView};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Lines gathered into one event at most.
-const BATCH: usize = 500;
+const BATCH: usize = 200;
+/// Events waiting for a slow client at most.
+const OUTBOX: usize = 8;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 fn refused(status: StatusCode, message: String) -> Response {
@@ -99,7 +101,9 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
         Ok(w) => w.filter(move |t| std::future::ready(*t == task_id)),
         Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    // Bounded: a client that does not read stops the follower (it is only polled
+    // between sends), so a slow reader holds at most this many events.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(OUTBOX);
     tokio::spawn(async move {
         let _slot = slot;
         let (up, caller) = (c.up, ctx.caller);
@@ -119,7 +123,7 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
         let mut outcome = None;
         let mut batch = Vec::with_capacity(BATCH);
         // Whatever changed between the page being made and this stream opening.
-        let _ = tx.send(Event::default().event("task").data(task_id.to_string()));
+        let _ = tx.send(Event::default().event("task").data(task_id.to_string())).await;
         loop {
             tokio::select! {
                 r = &mut follow, if outcome.is_none() => outcome = Some(r),
@@ -135,29 +139,31 @@ pub async fn task(State(c): State<Console>, ctx: Ctx, Path(id): Path<String>, he
                                 html! { span.ln-note { "[the task has ended]" } }.into_string(),
                             ),
                         };
-                        let _ = tx.send(Event::default().event("task").data(task_id.to_string()));
-                        let _ = tx.send(end);
+                        let _ = tx.send(Event::default().event("task").data(task_id.to_string())).await;
+                        let _ = tx.send(end).await;
                         return;
                     }
                     for event in to_events(batch.drain(..), &mut position) {
-                        if tx.send(event).is_err() {
-                            return;
+                        // A client that stopped reading still lets the gateway stop.
+                        tokio::select! {
+                            sent = tx.send(event) => if sent.is_err() { return },
+                            _ = up.stop.cancelled() => return,
                         }
                     }
                 }
                 Some(_) = changes.next() => {
-                    let _ = tx.send(Event::default().event("task").data(task_id.to_string()));
+                    let _ = tx.try_send(Event::default().event("task").data(task_id.to_string()));
                 }
                 _ = tx.closed() => return,
                 _ = up.stop.cancelled() => return,
                 _ = revoked(&up, &caller) => {
-                    let _ = tx.send(Event::default().event("end").data("<span class=\"ln-note\">[the token was revoked]</span>"));
+                    let _ = tx.try_send(Event::default().event("end").data("<span class=\"ln-note\">[the token was revoked]</span>"));
                     return;
                 }
             }
         }
     });
-    Sse::new(UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>))
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
 }

@@ -59,9 +59,10 @@ pub struct Session {
 }
 
 /// One-time sign-in links: a random code standing for a token, good once and for
-/// [`LINK_TTL`], kept in this process only.
+/// [`LINK_TTL`] (checked on use: the cache's own expiry only evicts lazily), kept
+/// in this process only.
 #[derive(Clone)]
-pub struct SignInLinks(moka::sync::Cache<String, String>);
+pub struct SignInLinks(moka::sync::Cache<String, (String, std::time::Instant)>);
 
 impl std::fmt::Debug for SignInLinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,13 +85,21 @@ impl SignInLinks {
     /// A new code for `token` (the path is `/sign-in/{code}`).
     pub fn issue(&self, token: &str) -> String {
         let code = random_hex();
-        self.0.insert(code.clone(), token.to_string());
+        self.0
+            .insert(code.clone(), (token.to_string(), std::time::Instant::now()));
         code
     }
 
-    /// The token of `code`, once.
+    /// The token of `code`, once, within [`LINK_TTL`] of its issue.
     fn take(&self, code: &str) -> Option<String> {
-        self.0.remove(code)
+        self.take_within(code, LINK_TTL)
+    }
+
+    fn take_within(&self, code: &str, ttl: Duration) -> Option<String> {
+        self.0
+            .remove(code)
+            .filter(|(_, issued)| issued.elapsed() < ttl)
+            .map(|(token, _)| token)
     }
 }
 
@@ -134,7 +143,13 @@ fn removal(name: &'static str) -> Cookie<'static> {
 /// A local path to go back to after signing in (never another site).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') && !n.starts_with("/sign-") => {
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(char::is_control)
+                && !n.starts_with("/sign-") =>
+        {
             n.to_string()
         }
         _ => "/".to_string(),
@@ -406,6 +421,12 @@ mod tests {
         assert_eq!(code.len(), 64);
         assert_eq!(links.take(&code).as_deref(), Some("tjr_x"));
         assert_eq!(links.take(&code), None);
+        let stale = links.issue("tjr_y");
+        assert_eq!(
+            links.take_within(&stale, Duration::ZERO),
+            None,
+            "an expired link is refused"
+        );
     }
 
     #[test]
