@@ -13,7 +13,7 @@
 
 import { chromium } from "playwright-core";
 import { strict as assert } from "node:assert";
-import { mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const env = (name) => {
@@ -26,7 +26,7 @@ const shots = env("SHOTS");
 const workstation = env("WORKSTATION");
 mkdirSync(shots, { recursive: true });
 
-const WAIT = 20_000;
+const WAIT = 45_000;
 const tasks = {};
 let current = null;
 
@@ -141,7 +141,13 @@ await scenario("sign in with the one-time link from tanjiren up", async () => {
 await scenario("create a command task and watch its output arrive live", async () => {
   await page.goto(`${base}/tasks/new`);
   await page.fill("input[name=intent]", "console live output");
-  await page.fill("textarea[name=payload]", "echo first-line; sleep 3; echo second-line; echo to-stderr >&2; sleep 1");
+  // The second line waits for a file this script makes once it has seen the first
+  // live (the worker runs on this machine), so "live" holds however loaded it is.
+  const gate = join(shots, `gate-${Date.now()}`);
+  await page.fill(
+    "textarea[name=payload]",
+    `echo first-line; while [ ! -e '${gate}' ]; do sleep 0.2; done; echo second-line; echo to-stderr >&2`,
+  );
   await page.fill("input[name=targets]", workstation);
   await page.click("text=Check doctrine");
   await waitText(page, "#dry-run", "No rule matches");
@@ -151,6 +157,7 @@ await scenario("create a command task and watch its output arrive live", async (
   await waitText(page, "pre.output", "first-line");
   const early = await page.textContent("pre.output");
   assert.ok(!early.includes("second-line"), "the first line arrived while the task was still running");
+  writeFileSync(gate, "");
   await waitText(page, summaryStatus, "executing");
   await waitText(page, "pre.output", "second-line");
   await waitText(page, "pre.output .ln-err", "to-stderr");
