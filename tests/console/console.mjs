@@ -157,8 +157,8 @@ await scenario("create a command task and watch its output arrive live", async (
   await waitText(page, "pre.output", "first-line");
   const early = await page.textContent("pre.output");
   assert.ok(!early.includes("second-line"), "the first line arrived while the task was still running");
-  writeFileSync(gate, "");
   await waitText(page, summaryStatus, "executing");
+  writeFileSync(gate, "");
   await waitText(page, "pre.output", "second-line");
   await waitText(page, "pre.output .ln-err", "to-stderr");
   await waitText(page, summaryStatus, "completed");
