@@ -12,7 +12,6 @@
 //! the steps are dispatched and the lifecycle and approval events published.
 
 use crate::notify;
-use crate::queue::{QueuedTask, materialise};
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
 use std::collections::HashMap;
@@ -30,6 +29,7 @@ use tanjiren_shared::model::{ApprovalStatus, Mode, Role, TaskStatus};
 use tanjiren_shared::protocol::Principal;
 use tanjiren_shared::{ErrorCode, WireError};
 use tanjiren_store::lifecycle::{TaskChange, store_task_changes};
+use tanjiren_store::queue::{QueuedTask, materialise};
 use tanjiren_store::rows::Text;
 use tanjiren_store::{Connections, Incoming, db_error};
 use uuid::Uuid;

@@ -7,9 +7,7 @@
 //! `FOR UPDATE SKIP LOCKED`, so replicas, the event path and the sweep never
 //! evaluate one task twice.
 
-use crate::doctrines::{DoctrineCache, target_facts};
 use crate::notify;
-use crate::queue::{QueuedTask, materialise};
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::types::Json;
 use std::collections::HashSet;
@@ -19,11 +17,13 @@ use tanjiren_bus::events::publish_task_event;
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::approvals::{ApprovalRequestedEvent, ApprovalSnapshot, payload_digest};
-use tanjiren_shared::doctrine::{TargetFacts, TaskFacts, Verdict};
+use tanjiren_shared::doctrine::Verdict;
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::lifecycle::{Effect, TaskEvent, TaskState, Transition, transition};
 use tanjiren_shared::model::{Mode, TaskStatus};
+use tanjiren_store::doctrines::{DoctrineCache, target_facts};
 use tanjiren_store::lifecycle::{CHANGE_ARRAYS, CHANGES_GUARD, CHANGES_SET, ChangeArrays, TaskChange, changes_from};
+use tanjiren_store::queue::{QueuedTask, materialise};
 use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
@@ -199,26 +199,16 @@ async fn assess<'a>(
 
     let mut assessed = Vec::with_capacity(rows.len());
     for task in rows {
-        let (doctrine_version, verdict) = match in_force.get(&task.org_id) {
-            None => (None, Verdict::no_doctrine()),
-            Some(Ok(f)) => {
-                let targets: Vec<TargetFacts> = task
-                    .targets
-                    .iter()
-                    .map(|t| facts.get(t).cloned().unwrap_or_default())
-                    .collect();
-                let verdict = f.doctrine.evaluate(&TaskFacts {
-                    intent: &task.intent,
-                    mode: &task.payload.0,
-                    targets: &targets,
-                });
-                (Some(f.version), verdict)
-            }
-            Some(Err(e)) => {
-                // Fail closed: the task stays planned and unevaluated (never runs) until the doctrine is fixed.
-                tracing::error!(org = %task.org_id, task_id = %task.id, error = %e, "the doctrine in force does not load; task left unevaluated");
-                continue;
-            }
+        // A doctrine that does not load fails closed: the task stays planned and unevaluated.
+        let Some((doctrine_version, verdict)) = tanjiren_store::doctrines::verdict(
+            &in_force,
+            &facts,
+            task.org_id,
+            &task.intent,
+            &task.payload.0,
+            &task.targets,
+        ) else {
+            continue;
         };
         let t = transition(
             TaskState::initial(),

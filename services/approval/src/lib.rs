@@ -18,7 +18,6 @@ mod doctrines;
 mod evaluate;
 mod expiry;
 mod notify;
-mod queue;
 mod read;
 mod tokens;
 
@@ -32,7 +31,7 @@ use tanjiren_shared::ids::TaskId;
 use tanjiren_shared::protocol::TaskEventMessage;
 use tanjiren_store::{Access, Connections, ServiceHandle, Shutdown, StartupError};
 
-use doctrines::DoctrineCache;
+use tanjiren_store::doctrines::DoctrineCache;
 
 pub use decide::{DecisionKind, decide};
 pub use evaluate::{Evaluated, Sweep};

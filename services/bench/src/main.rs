@@ -10,6 +10,7 @@
 
 mod cluster;
 mod env;
+mod goals;
 mod load;
 mod report;
 mod run;

@@ -1,9 +1,11 @@
 //! The results of a run — the settings used, both phases with their commit and
-//! batching figures, peak memory per process, and any problems seen — printed
+//! batching figures, peak memory per process, each goal's figure beside its
+//! target, and any problems seen — printed
 //! for people, or as one JSON object with `--json`.
 
 use crate::cluster::{ComponentCpu, Counters, Rss};
 use crate::env::DbStats;
+use crate::goals::Goal;
 use crate::load::{Latency, Percentiles, Throughput};
 use serde::Serialize;
 use std::fmt::Write;
@@ -158,6 +160,8 @@ pub struct Report {
     pub problems: Vec<String>,
     /// Where the children's logs are (empty when they logged nothing and were removed).
     pub log_dir: String,
+    /// Each performance goal with this run's figure beside its target.
+    pub goals: Vec<Goal>,
 }
 
 impl Report {
@@ -242,6 +246,23 @@ impl Report {
         let _ = writeln!(o, "\nPeak RSS (VmHWM)");
         for r in self.processes.iter().chain(std::iter::once(&self.bench_process)) {
             let _ = writeln!(o, "  {:<22} {}", r.name, mib(r.peak_mib));
+        }
+        let _ = writeln!(o, "\nGoals (docs/design.md §10)");
+        for g in &self.goals {
+            let (figure, mark) = match (g.measured, g.met) {
+                (Some(m), Some(true)) => (format!("{m:.3} {}", g.unit), "met"),
+                (Some(m), _) => (format!("{m:.3} {}", g.unit), "NOT MET"),
+                (None, _) => ("—".to_string(), "not measured"),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<46} {:<24} {:<18} {:<12} {}",
+                g.goal,
+                format!("{} {}", g.target, g.unit),
+                figure,
+                mark,
+                g.note
+            );
         }
         if !self.problems.is_empty() {
             let _ = writeln!(o, "\nProblems");

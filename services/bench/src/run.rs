@@ -283,7 +283,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         load_average_after,
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
-    Ok(Report {
+    let mut report = Report {
         settings,
         throughput,
         latency,
@@ -291,7 +291,10 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         bench_process,
         problems,
         log_dir,
-    })
+        goals: Vec::new(),
+    };
+    report.goals = crate::goals::goals(&report, opts.real_workers);
+    Ok(report)
 }
 
 /// Stops the agents, then the worker processes, then the services; notes anything that did

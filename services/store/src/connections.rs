@@ -26,6 +26,8 @@ pub struct Connections {
     pub ready: Readiness,
     /// Stale-lease refusals per organisation, for the runtime overview.
     pub stale: crate::stale::StaleTally,
+    /// Compiled doctrine versions, for evaluating doctrine at creation and approval.
+    pub doctrines: crate::doctrines::DoctrineCache,
 }
 
 /// Which servers a service needs besides NATS and Postgres.
@@ -62,6 +64,7 @@ impl Connections {
             metrics: Metrics::new(),
             ready: Readiness::default(),
             stale: Default::default(),
+            doctrines: Default::default(),
         })
     }
 

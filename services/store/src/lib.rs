@@ -4,7 +4,8 @@
 //! path that inserts tasks, used by ingest and the scheduler), settling tasks
 //! whose steps ended ([`settle`]), the one interpreter of lifecycle decisions
 //! ([`lifecycle`]), typed columns ([`rows`]) and approval read models
-//! ([`approval_records`]).
+//! ([`approval_records`]), the doctrine in force ([`doctrines`]) and materialising
+//! queued tasks' steps ([`queue`]).
 //! Each table's writes live in the service that owns it or here; decisions come
 //! from `tanjiren-shared`.
 
@@ -12,7 +13,9 @@ pub mod approval_records;
 pub mod auth;
 pub mod connections;
 pub mod db;
+pub mod doctrines;
 pub mod lifecycle;
+pub mod queue;
 pub mod rows;
 pub mod settle;
 pub mod stale;

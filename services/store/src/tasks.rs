@@ -1,5 +1,7 @@
 //! Task creation: validate, resolve targets (by id or name) within the caller's
-//! organisation, and insert a whole batch of tasks `planned` in one statement.
+//! organisation, evaluate doctrine, and insert a whole batch of tasks in one
+//! statement — `queued` with their execution and steps when no approval is
+//! needed, else `planned` for the approval service — in one transaction.
 //! An idempotency key already used in the organisation returns the existing
 //! task (`created: false`) instead of making a second one — if the request is
 //! the same (its [`request_digest`] matches the stored task's); a different
@@ -10,6 +12,8 @@
 //! runs the same two halves, [`prepare_tasks`] and [`insert_tasks`], inside its
 //! own transaction and then [`publish_planned`] after its commit.
 
+use crate::doctrines::{DoctrineCache, target_facts, verdict};
+use crate::queue::{Materialised, QueuedTask, materialise};
 use crate::rows::Text;
 use crate::{Connections, db_error};
 use sqlx::PgConnection;
@@ -17,11 +21,13 @@ use sqlx::types::Json;
 use std::collections::HashMap;
 use std::sync::LazyLock;
 use tanjiren_bus::events::publish_task_event;
-use tanjiren_shared::approvals::{RequestFacts, request_digest};
+use tanjiren_shared::approvals::{RequestFacts, payload_digest, request_digest};
 use tanjiren_shared::config::Config;
+use tanjiren_shared::doctrine::{MatchedRule, Verdict};
 use tanjiren_shared::error::{ErrorDetails, quote};
 use tanjiren_shared::ids::{OrgId, TaskId, WorkstationId};
 use tanjiren_shared::investigations::MAX_INVESTIGATION_TITLE_BYTES;
+use tanjiren_shared::lifecycle::{TaskEvent, TaskState, transition};
 use tanjiren_shared::logs::cut_at_boundary;
 use tanjiren_shared::model::{ApprovalStatus, Mode, RetryPolicy, TaskLimits, TaskSpec, TaskStatus};
 use tanjiren_shared::protocol::{CreateTaskReply, Principal};
@@ -89,8 +95,10 @@ pub async fn create_tasks(
             .collect();
     }
 
+    let mut materialised = Vec::new();
     match insert(conns, &rows).await {
-        Ok(replies) => {
+        Ok((replies, m)) => {
+            materialised.push(m);
             for (index, reply) in replies {
                 results[index] = Some(reply);
             }
@@ -98,7 +106,10 @@ pub async fn create_tasks(
         Err(e) if rows.len() > 1 && !e.code.is_retryable() => {
             // One bad row must not fail its neighbours: insert them one by one.
             for (index, row) in rows {
-                let r = insert(conns, &[(index, row)]).await.and_then(|mut v| v.remove(0).1);
+                let r = insert(conns, &[(index, row)]).await.and_then(|(mut v, m)| {
+                    materialised.push(m);
+                    v.remove(0).1
+                });
                 results[index] = Some(r);
             }
         }
@@ -108,15 +119,24 @@ pub async fn create_tasks(
             }
         }
     }
-    let created: Vec<(OrgId, TaskId)> = results
-        .iter()
-        .zip(&requests)
-        .filter_map(|(r, (p, _))| match r {
-            Some(Ok(reply)) if reply.created => Some((p.org_id, reply.task_id)),
-            _ => None,
-        })
-        .collect();
-    publish_planned(conns, &created).await;
+    // After the commit: announce each new task in the state it was stored in (the
+    // approval service evaluates the planned ones), then hand the queued ones' steps
+    // to their workers.
+    for reply in results.iter().flatten().flatten().filter(|r| r.created) {
+        publish_task_event(
+            &conns.nats,
+            &conns.subjects,
+            reply.org_id,
+            reply.task_id,
+            reply.status,
+            reply.approval_status,
+            None,
+        )
+        .await;
+    }
+    for m in materialised {
+        m.dispatch(conns).await;
+    }
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(WireError::internal("request was not processed"))))
@@ -323,18 +343,38 @@ fn build_row(config: &Config, p: &Principal, spec: &TaskSpec, known: &Known<'_>)
     })
 }
 
-/// Inserts rows; returns one result per row (request index, reply): a row whose key
-/// is held by a task made from another request is a `conflict`. The insert is one
-/// statement and commits on its own (no BEGIN/COMMIT round trips); the look-up of
-/// keys held by other tasks reads only committed rows, so it needs no transaction either.
+/// Inserts rows in one transaction; returns one result per row (request index,
+/// reply) — a row whose key is held by a task made from another request is a
+/// `conflict` — and the steps to dispatch once committed. Doctrine is evaluated
+/// here, at creation ([`evaluate_at_creation`]): a task that needs no approval is
+/// stored `queued` with its snapshot, execution and steps in the same transaction,
+/// saving the approval service's round trip and a second version of the row; the
+/// others are stored `planned`/`unevaluated` for the approval service.
 async fn insert(
     conns: &Connections,
     rows: &[(usize, NewTask)],
-) -> Result<Vec<(usize, Result<CreateTaskReply, WireError>)>, WireError> {
-    let mut conn = conns.hot.acquire().await.map_err(db_error)?;
+) -> Result<(Vec<(usize, Result<CreateTaskReply, WireError>)>, Materialised), WireError> {
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
-    let outcomes = insert_rows(&mut conn, &tasks).await?;
-    Ok(rows
+    let evaluations = evaluate_at_creation(&mut tx, &conns.doctrines, &tasks).await?;
+    let outcomes = insert_rows(&mut tx, &tasks, &evaluations).await?;
+    let queued: Vec<QueuedTask> = tasks
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(t, o)| match o {
+            Inserted::Created(reply) if reply.status == TaskStatus::Queued => Some(QueuedTask {
+                id: t.id.as_uuid(),
+                org_id: t.org_id.as_uuid(),
+                mode: t.spec.mode.clone(),
+                targets: t.targets.iter().map(|w| w.as_uuid()).collect(),
+                timeout_secs: t.timeout_secs,
+            }),
+            _ => None,
+        })
+        .collect();
+    let materialised = materialise(&mut tx, &queued).await?;
+    tx.commit().await.map_err(db_error)?;
+    let replies = rows
         .iter()
         .zip(outcomes)
         .map(|((i, row), o)| {
@@ -347,6 +387,72 @@ async fn insert(
                 Inserted::Refused(e) => Err(e),
             };
             (*i, r)
+        })
+        .collect();
+    Ok((replies, materialised))
+}
+
+/// Doctrine's verdict on a task that needs no approval, stored with it at creation.
+#[derive(Clone, Debug)]
+struct Evaluation {
+    doctrine_version: Option<u32>,
+    verdict: Verdict,
+    digest: String,
+    /// The lifecycle's state after `Evaluated { approval_required: false }`.
+    next: TaskState,
+}
+
+/// Evaluates doctrine for each row inside `tx`, as the approval service would (the
+/// doctrine in force and the targets' facts read in the same transaction as the
+/// insert). `Some` for a task that needs no approval (it is stored `queued`);
+/// `None` for one that needs approval or whose doctrine does not load: it is
+/// stored `planned`/`unevaluated`, and the approval service evaluates it and asks
+/// for the approval, so that path exists once.
+async fn evaluate_at_creation(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    doctrines: &DoctrineCache,
+    rows: &[&NewTask],
+) -> Result<Vec<Option<Evaluation>>, WireError> {
+    let mut orgs: Vec<Uuid> = rows.iter().map(|r| r.org_id.as_uuid()).collect();
+    orgs.sort_unstable();
+    orgs.dedup();
+    let in_force = doctrines.in_force(&mut **tx, &orgs).await?;
+    let facts = if in_force.is_empty() {
+        // No organisation here has a doctrine: nothing matches on targets.
+        HashMap::new()
+    } else {
+        let all: Vec<Uuid> = rows
+            .iter()
+            .flat_map(|r| r.targets.iter().map(|t| t.as_uuid()))
+            .collect();
+        target_facts(&mut **tx, &all).await?
+    };
+    let queued = transition(
+        TaskState::initial(),
+        TaskEvent::Evaluated {
+            approval_required: false,
+        },
+    )
+    .map_err(|e| WireError::internal(e.to_string()))?
+    .next;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let targets: Vec<Uuid> = r.targets.iter().map(|t| t.as_uuid()).collect();
+            let (doctrine_version, verdict) = verdict(
+                &in_force,
+                &facts,
+                r.org_id.as_uuid(),
+                &r.spec.intent,
+                &r.spec.mode,
+                &targets,
+            )?;
+            (!verdict.approval_class.requires_approval()).then(|| Evaluation {
+                doctrine_version,
+                digest: payload_digest(&r.spec.intent, &r.spec.mode, &r.targets),
+                verdict,
+                next: queued,
+            })
         })
         .collect())
 }
@@ -397,7 +503,7 @@ enum Inserted {
 /// A row refused (its investigation was closed while the batch was prepared) fails
 /// the whole call, so the caller's transaction is rolled back and tried again.
 pub async fn insert_tasks(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<CreateTaskReply>, WireError> {
-    insert_rows(conn, rows)
+    insert_rows(conn, rows, &vec![None; rows.len()])
         .await?
         .into_iter()
         .map(|o| match o {
@@ -443,26 +549,31 @@ impl KeyHolder {
     }
 }
 
-/// The rows of a batch as a table: `$1`–`$17` column by column, then what
-/// `extra_columns` adds (`, $20::uuid[]` …) under `extra_names`.
+/// The rows of a batch as a table: `$1`–`$25` column by column (`$18`–`$25`: the
+/// state and doctrine snapshot of [`Evaluation`]s), then what `extra_columns` adds
+/// (`, $28::uuid[]` …) under `extra_names`.
 fn task_rows(extra_columns: &str, extra_names: &str) -> String {
     format!(
-        "SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], 'planned', 'unevaluated', timeout_secs,
+        "SELECT id, org_id, intent, mode, payload, string_to_array(targets, ',')::uuid[], status, approval_status, timeout_secs,
                 retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                queue_timeout_secs, created_by_token_id, schedule_id
+                queue_timeout_secs, created_by_token_id, schedule_id, doctrine_version, approval_class, approval_rules,
+                approval_reason_required, payload_digest, CASE WHEN queues THEN now() END
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::int8[], $8::jsonb[],
                      $9::uuid[], $10::text[], $11::uuid[], $12::uuid[], $13::int4[], $14::text[], $15::int8[], $16::uuid[],
-                     $17::uuid[]{extra_columns})
+                     $17::uuid[], $18::text[], $19::text[], $20::int4[], $21::text[], $22::jsonb[], $23::bool[],
+                     $24::text[], $25::bool[]{extra_columns})
               AS t(id, org_id, intent, mode, payload, targets, timeout_secs, retry_policy,
                    investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-                   queue_timeout_secs, created_by_token_id, schedule_id{extra_names})"
+                   queue_timeout_secs, created_by_token_id, schedule_id, status, approval_status, doctrine_version,
+                   approval_class, approval_rules, approval_reason_required, payload_digest, queues{extra_names})"
     )
 }
 
 const INSERT_INTO_TASKS: &str =
     "INSERT INTO tasks (id, org_id, intent, mode, payload, targets, status, approval_status,
     timeout_secs, retry_policy, investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by,
-    queue_timeout_secs, created_by_token_id, schedule_id)";
+    queue_timeout_secs, created_by_token_id, schedule_id, doctrine_version, approval_class, approval_rules,
+    approval_reason_required, payload_digest, queued_at)";
 
 /// Inserts a batch in which no task belongs to an investigation (the common case).
 static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -482,7 +593,7 @@ static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
 static INSERT_WITH_INVESTIGATIONS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH open_inv AS (
-            SELECT id FROM investigations WHERE id = ANY($20::uuid[]) AND status = 'open' FOR SHARE
+            SELECT id FROM investigations WHERE id = ANY($28::uuid[]) AND status = 'open' FOR SHARE
          ), ins AS (
             {INSERT_INTO_TASKS} {rows}
             WHERE t.joins IS NULL OR t.joins IN (SELECT id FROM open_inv)
@@ -491,17 +602,50 @@ static INSERT_WITH_INVESTIGATIONS_SQL: LazyLock<String> = LazyLock::new(|| {
          ), opened AS (
             INSERT INTO investigations (id, org_id, title, opened_by, opened_by_task_id)
             SELECT n.investigation_id, ins.org_id, n.title, ins.created_by, ins.id
-            FROM unnest($1::uuid[], $18::uuid[], $19::text[]) AS n(task_id, investigation_id, title)
+            FROM unnest($1::uuid[], $26::uuid[], $27::text[]) AS n(task_id, investigation_id, title)
             JOIN ins ON ins.id = n.task_id
             WHERE n.investigation_id IS NOT NULL
          )
          SELECT id FROM ins",
-        rows = task_rows(", $20::uuid[]", ", joins")
+        rows = task_rows(", $28::uuid[]", ", joins")
     )
 });
 
-async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<Inserted>, WireError> {
+/// Inserts `rows`, each with its [`Evaluation`] (`None`: stored `planned`/`unevaluated`).
+async fn insert_rows(
+    conn: &mut PgConnection,
+    rows: &[&NewTask],
+    evaluations: &[Option<Evaluation>],
+) -> Result<Vec<Inserted>, WireError> {
     let n = rows.len();
+    let initial = TaskState::initial();
+    let state = |e: &Option<Evaluation>| e.as_ref().map_or(initial, |e| e.next);
+    let statuses: Vec<&str> = evaluations.iter().map(|e| state(e).status.as_str()).collect();
+    let approvals: Vec<&str> = evaluations.iter().map(|e| state(e).approval.as_str()).collect();
+    let queues: Vec<bool> = evaluations
+        .iter()
+        .map(|e| state(e).status == TaskStatus::Queued)
+        .collect();
+    let versions: Vec<Option<i32>> = evaluations
+        .iter()
+        .map(|e| e.as_ref().and_then(|e| e.doctrine_version).map(|v| v as i32))
+        .collect();
+    let classes: Vec<Option<&str>> = evaluations
+        .iter()
+        .map(|e| e.as_ref().map(|e| e.verdict.approval_class.as_str()))
+        .collect();
+    let rules: Vec<Option<Json<&[MatchedRule]>>> = evaluations
+        .iter()
+        .map(|e| e.as_ref().map(|e| Json(e.verdict.matched_rules.as_slice())))
+        .collect();
+    let reasons: Vec<bool> = evaluations
+        .iter()
+        .map(|e| e.as_ref().is_some_and(|e| e.verdict.reason_required))
+        .collect();
+    let digests: Vec<Option<&str>> = evaluations
+        .iter()
+        .map(|e| e.as_ref().map(|e| e.digest.as_str()))
+        .collect();
     let mut ids = Vec::with_capacity(n);
     let mut orgs = Vec::with_capacity(n);
     let mut intents = Vec::with_capacity(n);
@@ -572,7 +716,15 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
         .bind(&creators)
         .bind(&queue_timeouts)
         .bind(&creator_ids)
-        .bind(&schedules);
+        .bind(&schedules)
+        .bind(&statuses)
+        .bind(&approvals)
+        .bind(&versions)
+        .bind(&classes)
+        .bind(&rules)
+        .bind(&reasons)
+        .bind(&digests)
+        .bind(&queues);
     let query = if with_investigations {
         query.bind(&new_investigations).bind(&new_titles).bind(&joins)
     } else {
@@ -621,13 +773,13 @@ async fn insert_rows(conn: &mut PgConnection, rows: &[&NewTask]) -> Result<Vec<I
     };
 
     let mut replies = Vec::with_capacity(n);
-    for r in rows {
+    for (r, e) in rows.iter().zip(evaluations) {
         let reply = if inserted.contains(&r.id.as_uuid()) {
             Inserted::Created(CreateTaskReply {
                 task_id: r.id,
                 org_id: r.org_id,
-                status: TaskStatus::Planned,
-                approval_status: ApprovalStatus::Unevaluated,
+                status: state(e).status,
+                approval_status: state(e).approval,
                 created: true,
                 investigation_id: r.investigation_id,
             })

@@ -2,7 +2,7 @@
 //! on one and on three workstations, with exit codes, output and timeouts.
 
 use std::time::Duration;
-use tanjiren_shared::model::{StepStatus, TaskStatus};
+use tanjiren_shared::model::{ApprovalStatus, StepStatus, TaskStatus};
 use tanjiren_shared::protocol::{TaskLogsReply, TaskLogsRequest};
 use tanjiren_tests::{TestEnv, command};
 
@@ -19,7 +19,11 @@ async fn one_target_completes_with_its_output() {
         .await
         .unwrap();
     assert!(reply.created);
-    assert_eq!(reply.status, TaskStatus::Planned);
+    // No doctrine: evaluated at creation, the task is queued with its step already.
+    assert_eq!(
+        (reply.status, reply.approval_status),
+        (TaskStatus::Queued, ApprovalStatus::NotRequired)
+    );
     let t = env.wait_released(reply.task_id, WAIT).await;
     assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
     assert_eq!(t.steps.len(), 1);

@@ -1,21 +1,22 @@
 //! Materialising queued tasks: one execution and one step per target for each
 //! task, written inside the caller's transaction (the same one that moved the task
 //! to `queued` by compare-and-swap), then dispatched to the workers once the
-//! caller has committed. Used by both ways into `queued` — doctrine said no
-//! approval is needed, or an approver said yes — so the rule exists once.
+//! caller has committed. Used by every way into `queued` — doctrine said no
+//! approval is needed (at creation, `crate::tasks`, or by the approval service), or
+//! an approver said yes — so the rule exists once.
 
+use crate::{Connections, db_error};
 use sqlx::{Postgres, Transaction};
 use tanjiren_ops::metrics::Count;
 use tanjiren_shared::WireError;
 use tanjiren_shared::ids::{ExecutionId, OrgId, StepId, WorkstationId};
 use tanjiren_shared::model::Mode;
 use tanjiren_shared::protocol::Assignment;
-use tanjiren_store::{Connections, db_error};
 use uuid::Uuid;
 
 /// A task that has just moved to `queued` in the caller's transaction.
 #[derive(Clone, Debug)]
-pub(crate) struct QueuedTask {
+pub struct QueuedTask {
     pub id: Uuid,
     pub org_id: Uuid,
     pub mode: Mode,
@@ -26,16 +27,13 @@ pub(crate) struct QueuedTask {
 /// The steps created by [`materialise`], to be dispatched after the commit.
 #[must_use = "dispatch the steps after the transaction commits"]
 #[derive(Debug, Default)]
-pub(crate) struct Materialised {
+pub struct Materialised {
     tasks: usize,
     dispatches: Vec<(OrgId, WorkstationId, Assignment)>,
 }
 
 /// Creates one execution per task and one queued step per target, in `tx`.
-pub(crate) async fn materialise(
-    tx: &mut Transaction<'_, Postgres>,
-    tasks: &[QueuedTask],
-) -> Result<Materialised, WireError> {
+pub async fn materialise(tx: &mut Transaction<'_, Postgres>, tasks: &[QueuedTask]) -> Result<Materialised, WireError> {
     if tasks.is_empty() {
         return Ok(Materialised::default());
     }
@@ -98,7 +96,7 @@ impl Materialised {
     /// Publishes every step on its workstation's dispatch subject. Call only after
     /// the commit: a worker must never see a step that might still roll back.
     /// Best-effort: the scheduler re-sends, and heartbeats offer queued steps.
-    pub(crate) async fn dispatch(self, conns: &Connections) {
+    pub async fn dispatch(self, conns: &Connections) {
         for (org, ws, assignment) in self.dispatches {
             let subject = conns.subjects.dispatch(org, ws);
             if let Err(e) = tanjiren_bus::publish(&conns.nats, subject, &assignment).await {
