@@ -359,6 +359,15 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Executions materialised: distinct `execution_id`s among the steps (an
+    /// execution is its set of steps; it has no row of its own).
+    pub async fn executions(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(DISTINCT execution_id) FROM steps")
+            .fetch_one(&self.conns.db)
+            .await
+            .unwrap()
+    }
+
     /// Stops `running`, then drops the database, the JetStream streams, the Redis
     /// keys and the credential directory of this environment.
     pub async fn finish(mut self, running: Vec<Running>) {

@@ -98,6 +98,11 @@ struct StepRow {
     output_tokens: Option<i64>,
 }
 
+/// The tasks of the attempt chain whose first attempt is `$1`: the first attempt is
+/// its own root, and only retries (`attempt > 1`) are in the partial index
+/// `tasks_root_retries` (migration `20261208000002`).
+const ATTEMPTS_OF_ROOT: &str = "(id = $1 OR (root_task_id = $1 AND attempt > 1))";
+
 const TASK_COLUMNS: &str = "id, org_id, intent, mode, payload, targets, status, approval_status, failure_reason, timeout_secs,
     investigation_id, idempotency_key, retry_of_task_id, root_task_id, attempt, created_by, created_at, queued_at, started_at, finished_at,
     queue_timeout_secs, cancel_reason, cancelled_by, schedule_id, retry_at";
@@ -183,7 +188,7 @@ pub async fn get_task(
     let (approval, approvals) = task_approvals(&conns.db, org, task_id).await?;
     // The whole chain of attempts, so it is visible from any one of them.
     let sql = format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE root_task_id = $1 AND org_id = $2 ORDER BY attempt, id LIMIT 1000"
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE {ATTEMPTS_OF_ROOT} AND org_id = $2 ORDER BY attempt, id LIMIT 1000"
     );
     let attempts = sqlx::query_as::<_, TaskRow>(sqlx::AssertSqlSafe(sql))
         .bind(row.root_task_id)
@@ -359,7 +364,11 @@ pub(crate) async fn list_tasks(
         q.push(" AND id < ").push_bind(b.as_uuid());
     }
     if let Some(root) = req.root_task_id {
-        q.push(" AND root_task_id = ").push_bind(root.as_uuid());
+        q.push(" AND (id = ")
+            .push_bind(root.as_uuid())
+            .push(" OR (root_task_id = ")
+            .push_bind(root.as_uuid())
+            .push(" AND attempt > 1))");
     }
     if let Some(schedule) = req.schedule_id {
         q.push(" AND schedule_id = ").push_bind(schedule.as_uuid());

@@ -1,5 +1,6 @@
-//! Materialising queued tasks: one execution and one step per target for each
-//! task, written inside the caller's transaction (the same one that moved the task
+//! Materialising queued tasks: one step per target for each task, all sharing
+//! the task's new execution id (an execution is that set of steps; it has no row
+//! of its own since issue 14), written inside the caller's transaction (the same one that moved the task
 //! to `queued` by compare-and-swap), then dispatched to the workers once the
 //! caller has committed. Used by every way into `queued` — doctrine said no
 //! approval is needed (at creation, `crate::tasks`, or by the approval service), or
@@ -32,19 +33,16 @@ pub struct Materialised {
     dispatches: Vec<(OrgId, WorkstationId, Assignment)>,
 }
 
-/// Creates one execution per task and one queued step per target, in `tx`.
+/// Creates one queued step per target of each task (one execution id per task), in `tx`.
 pub async fn materialise(tx: &mut Transaction<'_, Postgres>, tasks: &[QueuedTask]) -> Result<Materialised, WireError> {
     if tasks.is_empty() {
         return Ok(Materialised::default());
     }
-    let (mut exec_ids, mut exec_tasks) = (vec![], vec![]);
     let (mut step_ids, mut step_execs, mut step_tasks, mut step_orgs, mut step_ws) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut dispatches = Vec::new();
     for task in tasks {
         let execution = ExecutionId::new();
-        exec_ids.push(execution.as_uuid());
-        exec_tasks.push(task.id);
         for ws in &task.targets {
             let step = StepId::new();
             step_ids.push(step.as_uuid());
@@ -65,12 +63,6 @@ pub async fn materialise(tx: &mut Transaction<'_, Postgres>, tasks: &[QueuedTask
             ));
         }
     }
-    sqlx::query("INSERT INTO executions (id, task_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])")
-        .bind(&exec_ids)
-        .bind(&exec_tasks)
-        .execute(&mut **tx)
-        .await
-        .map_err(db_error)?;
     sqlx::query(
         "INSERT INTO steps (id, execution_id, task_id, org_id, workstation_id, status, dispatched_at, queue_deadline)
          SELECT s.id, s.execution_id, s.task_id, s.org_id, s.workstation_id, 'queued', now(),

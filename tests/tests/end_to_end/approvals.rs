@@ -415,7 +415,7 @@ async fn a_rejection_fails_the_task_with_the_reason() {
     assert!(t.finished_at.is_some() && t.steps.is_empty());
     assert_eq!(t.approvals[0].decision, ApprovalDecision::Rejected);
     assert_eq!(t.approvals[0].reason.as_deref(), Some("not during the sale"));
-    assert_eq!(env.count("executions").await, 0);
+    assert_eq!(env.executions().await, 0);
     env.finish(services).await;
 }
 
@@ -741,7 +741,7 @@ async fn token_reuse_expiry_and_mismatch_fail_with_their_codes_and_change_nothin
         assert_eq!(code(again), ErrorCode::TokenUsed);
     }
     assert_eq!(env.count("approvals").await, 1);
-    assert_eq!(env.count("executions").await, 1);
+    assert_eq!(env.executions().await, 1);
 
     // Expiry: presented 16 minutes after minting (controlled clock).
     let tb = mint(&env, &env.admin_token, b.task_id).await.unwrap();
@@ -823,7 +823,7 @@ async fn token_reuse_expiry_and_mismatch_fail_with_their_codes_and_change_nothin
     }
     assert!(!token_consumed(&env, tb.token_id).await && !token_consumed(&env, tc.token_id).await);
     assert_eq!(env.count("approvals").await, 1);
-    assert_eq!(env.count("executions").await, 1);
+    assert_eq!(env.executions().await, 1);
     // b's token still works in time.
     decide(
         &env,
@@ -903,7 +903,7 @@ async fn two_approvers_at_once_make_exactly_one_transition() {
     assert_eq!(results[0].as_ref().unwrap().approval.decided_by, "owner");
     assert_eq!(results[1].as_ref().unwrap_err().code, ErrorCode::Conflict);
 
-    assert_eq!(env.count("executions").await, 6);
+    assert_eq!(env.executions().await, 6);
     assert_eq!(env.count("approvals").await, 6);
     let consumed: i64 = sqlx::query_scalar("SELECT count(*) FROM approval_tokens WHERE consumed_at IS NOT NULL")
         .fetch_one(&env.conns.db)

@@ -126,6 +126,15 @@ async fn live_path_queries_use_indexes_with_a_long_history() {
             "tasks",
         ),
         (
+            "a task's attempts (retries only in the index)",
+            format!(
+                "SELECT id FROM tasks WHERE (id = {id} OR (root_task_id = {id} AND attempt > 1)) AND org_id = {o} ORDER BY attempt, id LIMIT 1000",
+                id = "'0190a5f0-0000-7000-8000-000000000001'::uuid"
+            ),
+            "tasks_root_retries",
+            "tasks",
+        ),
+        (
             "approval sweep",
             "SELECT id FROM tasks WHERE status = 'planned' AND approval_status = 'unevaluated' AND created_at < now() ORDER BY created_at LIMIT 256".into(),
             "tasks_unevaluated",
