@@ -219,6 +219,11 @@ impl BenchEnv {
     }
 
     /// Where this run lives, for `--keep` and error messages.
+    /// The bench database (set-up and checks; the history preload).
+    pub fn db(&self) -> &PgPool {
+        &self.db
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "database {}/{}, subject prefix {}, redis key prefix {}",

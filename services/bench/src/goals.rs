@@ -4,7 +4,9 @@
 //! figure, so the table always shows every goal and which are unproved.
 
 use crate::report::Report;
+use anyhow::Context;
 use serde::Serialize;
+use std::path::Path;
 
 /// Postgres backend CPU per task at saturation, in ms.
 pub const PG_CPU_MS_PER_TASK: f64 = 0.1;
@@ -20,6 +22,12 @@ pub const COMPLETE_P99_MS: f64 = 12.0;
 pub const COMMITS_PER_TASK: f64 = 4.0;
 /// Peak resident memory of each service under the throughput phase, in MiB.
 pub const SERVICE_RSS_MIB: f64 = 30.0;
+/// With 5 million finished tasks in history: throughput at least this share of
+/// the empty run's, p99 (create → start) at most this multiple of it.
+pub const GROWTH_THROUGHPUT_RATIO: f64 = 0.8;
+pub const GROWTH_P99_RATIO: f64 = 1.25;
+/// The history the growth goals are about.
+pub const GROWTH_HISTORY: u64 = 5_000_000;
 /// The service processes whose memory the footprint goal bounds.
 const SERVICES: [&str; 4] = ["ingest", "approval", "lease", "scheduler"];
 
@@ -35,6 +43,43 @@ pub struct Goal {
     pub met: Option<bool>,
     /// Where the figure comes from, or which mode measures it.
     pub note: String,
+}
+
+/// The figures of a run without history that the growth goals compare with
+/// (read from its `--json` report).
+#[derive(Clone, Copy, Debug)]
+pub struct EmptyRun {
+    pub throughput: f64,
+    pub start_p99_ms: f64,
+}
+
+impl EmptyRun {
+    /// Reads a `--json` report of a run without history.
+    ///
+    /// # Errors
+    /// The file is unreadable, not a report, lacks either phase, or had history itself.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--empty-run {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--empty-run {}: not a JSON report", path.display()))?;
+        anyhow::ensure!(
+            v["settings"]["history"].as_u64().unwrap_or(0) == 0,
+            "--empty-run {}: that run had a history itself",
+            path.display()
+        );
+        let throughput = v["throughput"]["completed_per_sec"].as_f64();
+        let start_p99_ms = v["latency"]["create_to_start_ms"]["p99"].as_f64();
+        match (throughput, start_p99_ms) {
+            (Some(throughput), Some(start_p99_ms)) => Ok(Self {
+                throughput,
+                start_p99_ms,
+            }),
+            _ => anyhow::bail!(
+                "--empty-run {}: the report has no throughput or latency phase",
+                path.display()
+            ),
+        }
+    }
 }
 
 fn at_least(goal: &str, target: f64, unit: &'static str, measured: Option<f64>, note: &str) -> Goal {
@@ -60,8 +105,9 @@ fn at_most(goal: &str, target: f64, unit: &'static str, measured: Option<f64>, n
 }
 
 /// Every goal with this run's figure for it. `real_workers`: the run used worker
-/// processes (the throughput target is then that of real processes).
-pub fn goals(r: &Report, real_workers: bool) -> Vec<Goal> {
+/// processes (the throughput target is then that of real processes). `empty`: a
+/// run without history, for the growth goals of a run with `--history`.
+pub fn goals(r: &Report, real_workers: bool, empty: Option<&EmptyRun>) -> Vec<Goal> {
     let t = r.throughput.as_ref();
     let l = r.latency.as_ref();
     let rate = r.settings.rate;
@@ -140,17 +186,41 @@ pub fn goals(r: &Report, real_workers: bool) -> Vec<Goal> {
             "ingest, approval, lease, scheduler (VmHWM)",
         ),
     ];
+    let history = r.settings.history;
+    let growth = |ratio: Option<f64>| match (history, empty) {
+        (0, _) => (
+            None,
+            "run with --history 5000000 --empty-run <a --json report without history>".to_string(),
+        ),
+        (h, None) => (None, format!("{h} tasks of history; give --empty-run to compare")),
+        (h, Some(_)) if h < GROWTH_HISTORY => (ratio, format!("only {h} tasks of history, not {GROWTH_HISTORY}")),
+        (h, Some(_)) => (ratio, format!("{h} tasks of history against the empty run")),
+    };
+    let (measured, note) =
+        growth(empty.and_then(|e| t.map(|t| t.figures.completed_per_sec / e.throughput.max(f64::MIN_POSITIVE))));
+    out.push(at_least(
+        "throughput with history ÷ empty run",
+        GROWTH_THROUGHPUT_RATIO,
+        "×",
+        measured,
+        &note,
+    ));
+    let (measured, note) =
+        growth(empty.and_then(|e| l.map(|l| l.figures.create_to_start_ms.p99 / e.start_p99_ms.max(f64::MIN_POSITIVE))));
+    out.push(at_most(
+        "create → start p99 with history ÷ empty run",
+        GROWTH_P99_RATIO,
+        "×",
+        measured,
+        &note,
+    ));
+    if history > 0 && history < GROWTH_HISTORY {
+        // A smaller history proves nothing about the goal: show the figure, never "met".
+        for g in out.iter_mut().rev().take(2) {
+            g.met = None;
+        }
+    }
     for (goal, target, note) in [
-        (
-            "throughput with 5 million finished tasks in history",
-            "≥ 0.8 × the empty run",
-            "not measured yet (planned: a history preload mode)",
-        ),
-        (
-            "p99 with 5 million finished tasks in history",
-            "≤ 1.25 × the empty run",
-            "not measured yet (planned: a history preload mode)",
-        ),
         (
             "log lines ingested",
             "≥ 200000 lines/s",

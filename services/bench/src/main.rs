@@ -11,6 +11,7 @@
 mod cluster;
 mod env;
 mod goals;
+mod history;
 mod load;
 mod report;
 mod run;

@@ -36,6 +36,9 @@ pub struct Settings {
     /// anything else running on the machine shows here.
     pub load_average_before: String,
     pub load_average_after: String,
+    /// Finished tasks preloaded as history before the phases.
+    #[serde(default)]
+    pub history: u64,
 }
 
 /// Requests and handler calls (one transaction at most each) of one subject in one phase.
@@ -200,6 +203,9 @@ impl Report {
             "  idle background: {:.1} Postgres commits/s with no tasks running",
             s.idle_commits_per_sec
         );
+        if s.history > 0 {
+            let _ = writeln!(o, "  history: {} finished tasks preloaded", s.history);
+        }
 
         if let Some(t) = &self.throughput {
             let f = &t.figures;

@@ -73,6 +73,14 @@ pub struct Options {
     /// Give up waiting for tasks to finish after this many seconds without progress.
     #[arg(long, default_value_t = 45.0)]
     pub stall_secs: f64,
+    /// Finished tasks (with their steps, logs and summaries) preloaded as history before
+    /// the phases, to show that the live path stays flat as history grows (the goal is 5,000,000).
+    #[arg(long, default_value_t = 0)]
+    pub history: u64,
+    /// A `--json` report of a run without history on this machine: the growth goals compare
+    /// this run's throughput and p99 with it.
+    #[arg(long)]
+    pub empty_run: Option<PathBuf>,
 }
 
 impl Options {
@@ -176,6 +184,9 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
             .await?,
         )
     };
+    if opts.history > 0 {
+        crate::history::preload(env.db(), env.org, opts.history).await?;
+    }
     let events = connect_nats(&env.config, "tanjiren-bench-events").await?;
     let tracker = Tracker::subscribe(&events, &env.subjects(), env.org).await?;
     let creator = Creator::new(&env.config, &env.owner_token, targets, opts.connections).await?;
@@ -281,6 +292,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         idle_commits_per_sec: background,
         load_average_before,
         load_average_after,
+        history: opts.history,
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
     let mut report = Report {
@@ -293,7 +305,11 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         log_dir,
         goals: Vec::new(),
     };
-    report.goals = crate::goals::goals(&report, opts.real_workers);
+    let empty_run = match &opts.empty_run {
+        Some(path) => Some(crate::goals::EmptyRun::read(path)?),
+        None => None,
+    };
+    report.goals = crate::goals::goals(&report, opts.real_workers, empty_run.as_ref());
     Ok(report)
 }
 
