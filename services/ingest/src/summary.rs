@@ -206,7 +206,9 @@ struct StepLine {
 
 /// Writes the summary of each ended task that has none yet (one insert; a
 /// summary another replica wrote first is kept). Returns how many were written.
+/// The reads and the insert share one transaction: one commit per batch.
 pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<usize, WireError> {
+    let mut tx = conns.hot.begin().await.map_err(db_error)?;
     let tasks: Vec<EndedTask> = sqlx::query_as(
         "SELECT t.id, t.org_id, t.intent, t.status, t.failure_reason, t.cancel_reason, t.attempt, t.root_task_id,
                 t.investigation_id, t.mode
@@ -218,11 +220,11 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
          WHERE t.id = ANY($1) AND t.status NOT IN ('planned', 'queued', 'executing') AND s.found IS NULL",
     )
     .bind(task_ids)
-    .fetch_all(&conns.hot)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
     if tasks.is_empty() {
-        return Ok(0);
+        return Ok(0); // the read-only transaction ends with `tx`
     }
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     let steps: Vec<StepLine> = sqlx::query_as(
@@ -232,7 +234,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
          WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.id",
     )
     .bind(&ids)
-    .fetch_all(&conns.hot)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
     // The answers of agent steps (prompt responses, investigations' closing
@@ -253,7 +255,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
         )
         .bind(&agent_steps)
         .bind(SUMMARY_RESPONSE_BYTES as i32 + 1)
-        .fetch_all(&conns.hot)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?
         .into_iter()
@@ -270,7 +272,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
     )
     .bind(&ids)
     .bind(SUMMARY_TOP_ERRORS as i64)
-    .fetch_all(&conns.hot)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
 
@@ -333,5 +335,7 @@ pub async fn write_summaries(conns: &Connections, task_ids: &[Uuid]) -> Result<u
             created_by: AUTHOR.into(),
         });
     }
-    Ok(insert(&conns.hot, new).await?.into_iter().flatten().count())
+    let written = insert(&mut *tx, new).await?.into_iter().flatten().count();
+    tx.commit().await.map_err(db_error)?;
+    Ok(written)
 }

@@ -35,6 +35,15 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
     Ok(pool)
 }
 
+/// The advisory lock (session level) that lets one process at a time run the
+/// migrations; the others poll it with `pg_try_advisory_lock` every 100 ms. sqlx
+/// takes its own lock, but its waiters *block* in `pg_advisory_lock`, holding a
+/// snapshot: a migration that builds an index `CONCURRENTLY` waits for every such
+/// snapshot, and they wait for its lock — a deadlock as soon as two services
+/// start at once (seen in `migrations_are_safe_when_several_services_start_at_once`).
+/// A poller holds no snapshot between its brief statements.
+pub const MIGRATION_GATE: i64 = 0x7461_6e6a_6972_656e; // "tanjiren"
+
 /// Applies the pending migrations, then `ANALYZE` if any was applied.
 ///
 /// # Errors
@@ -48,10 +57,20 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StartupError> {
             .unwrap_or(0)
     };
     let before = applied().await;
-    MIGRATOR
-        .run(pool)
+    // One migrator at a time, waiting by polling rather than blocking (see MIGRATION_GATE).
+    let mut gate = pool.acquire().await.map_err(err)?.detach();
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATION_GATE)
+        .fetch_one(&mut gate)
         .await
-        .map_err(|e| StartupError::Migrate(e.to_string()))?;
+        .map_err(err)?
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ran = MIGRATOR.run(pool).await;
+    // Closing the session releases the gate, whatever happened.
+    let _ = sqlx::Connection::close(gate).await;
+    ran.map_err(|e| StartupError::Migrate(e.to_string()))?;
     if applied().await != before {
         analyze(pool).await.map_err(err)?;
     }

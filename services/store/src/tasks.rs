@@ -64,16 +64,20 @@ pub fn task_limits(config: &Config) -> TaskLimits {
     }
 }
 
-/// Creates every task it can; one result per request, in order.
+/// Creates every task it can; one result per request, in order. The batch is
+/// prepared (targets resolved) and inserted in one transaction: one commit.
 pub async fn create_tasks(
     conns: &Connections,
     requests: Vec<(Principal, TaskSpec)>,
 ) -> Vec<Result<CreateTaskReply, WireError>> {
-    let prepared = match conns.hot.acquire().await {
-        Ok(mut conn) => prepare_tasks(&mut conn, &conns.config, &requests).await,
-        Err(e) => Err(db_error(e)),
+    let mut tx = match conns.hot.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = db_error(e);
+            return requests.iter().map(|_| Err(e.clone())).collect();
+        }
     };
-    let prepared = match prepared {
+    let prepared = match prepare_tasks(&mut tx, &conns.config, &requests).await {
         Ok(p) => p,
         Err(e) => return requests.iter().map(|_| Err(e.clone())).collect(),
     };
@@ -96,7 +100,11 @@ pub async fn create_tasks(
     }
 
     let mut materialised = Vec::new();
-    match insert(conns, &rows).await {
+    let first = match insert_in(&mut tx, conns, &rows).await {
+        Ok(done) => tx.commit().await.map_err(db_error).map(|()| done),
+        Err(e) => Err(e),
+    };
+    match first {
         Ok((replies, m)) => {
             materialised.push(m);
             for (index, reply) in replies {
@@ -355,9 +363,20 @@ async fn insert(
     rows: &[(usize, NewTask)],
 ) -> Result<(Vec<(usize, Result<CreateTaskReply, WireError>)>, Materialised), WireError> {
     let mut tx = conns.hot.begin().await.map_err(db_error)?;
+    let done = insert_in(&mut tx, conns, rows).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(done)
+}
+
+/// What [`insert`] does, inside the caller's transaction (not committed).
+async fn insert_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    conns: &Connections,
+    rows: &[(usize, NewTask)],
+) -> Result<(Vec<(usize, Result<CreateTaskReply, WireError>)>, Materialised), WireError> {
     let tasks: Vec<&NewTask> = rows.iter().map(|(_, r)| r).collect();
-    let evaluations = evaluate_at_creation(&mut tx, &conns.doctrines, &tasks).await?;
-    let outcomes = insert_rows(&mut tx, &tasks, &evaluations).await?;
+    let evaluations = evaluate_at_creation(tx, &conns.doctrines, &tasks).await?;
+    let outcomes = insert_rows(tx, &tasks, &evaluations).await?;
     let queued: Vec<QueuedTask> = tasks
         .iter()
         .zip(&outcomes)
@@ -372,8 +391,7 @@ async fn insert(
             _ => None,
         })
         .collect();
-    let materialised = materialise(&mut tx, &queued).await?;
-    tx.commit().await.map_err(db_error)?;
+    let materialised = materialise(tx, &queued).await?;
     let replies = rows
         .iter()
         .zip(outcomes)
