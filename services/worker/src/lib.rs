@@ -1,7 +1,7 @@
 //! The Tanjiren worker agent: one per workstation. It registers the machine,
 //! listens for assignments on its dispatch subject (and in heartbeat replies),
 //! claims steps under a lease, runs them with an [`Executor`], streams their
-//! output, reports the result and releases the lease. It fences itself — stops
+//! output and reports the result, which ends the lease. It fences itself — stops
 //! the step and writes nothing more for it — as soon as it may have lost the
 //! lease. This crate is a library; a launcher binary calls [`start`].
 
