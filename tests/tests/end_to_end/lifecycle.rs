@@ -32,7 +32,7 @@ async fn one_target_completes_with_its_output() {
     assert_eq!(s.exit_code, Some(0));
     assert_eq!(s.stdout_tail.trim(), "hello");
     assert_eq!(s.stderr_tail.trim(), "oops");
-    // Claimed once (+1) and released once (+1).
+    // Claimed once (+1); the stored result ended the lease (+1).
     assert_eq!(s.lease_generation, 2);
     assert!(t.queued_at.is_some() && t.started_at.is_some() && t.finished_at.is_some());
     assert!(s.duration_ms.is_some());
