@@ -219,7 +219,10 @@ async fn a_nats_restart_mid_step_is_ridden_out_and_heartbeats_resume() {
     assert_eq!(s.status, StepStatus::Succeeded, "{s:?}");
     assert_eq!(s.exit_code, Some(0));
     assert_eq!(s.failure_reason, None, "no reconciliation: {s:?}");
-    assert_eq!(s.lease_generation, 2, "claimed once (+1), and the result ended the lease (+1): {s:?}");
+    assert_eq!(
+        s.lease_generation, 2,
+        "claimed once (+1), and the result ended the lease (+1): {s:?}"
+    );
     assert!(
         s.stdout_tail.contains("before") && s.stdout_tail.contains("after"),
         "{:?}",

@@ -39,7 +39,10 @@ async fn with_two_replicas_of_everything_200_tasks_each_run_exactly_once_per_ste
         assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
         for s in &t.steps {
             assert_eq!(s.status, StepStatus::Succeeded);
-            assert_eq!(s.lease_generation, 2, "claimed once (+1), and the result ended the lease (+1): {s:?}");
+            assert_eq!(
+                s.lease_generation, 2,
+                "claimed once (+1), and the result ended the lease (+1): {s:?}"
+            );
         }
         steps += t.steps.len();
     }

@@ -70,7 +70,14 @@ fn within(d: Duration, nominal_secs: i64) -> bool {
 
 #[tokio::test]
 async fn a_failing_task_is_retried_to_exhaustion_and_no_attempt_comes_before_its_backoff() {
-    let env = TestEnv::with(|c| c.default_max_attempts = 3).await;
+    // The test ticks the scheduler itself, at chosen instants; the running one's own
+    // ticks (every 200 ms in tests) would race it to each attempt once real time
+    // passes `retry_at`, so they are put a day apart.
+    let env = TestEnv::with(|c| {
+        c.default_max_attempts = 3;
+        c.scheduler_interval_ms = 86_400_000;
+    })
+    .await;
     let (running, scheduler) = services(&env).await;
     let w = env.worker("rt-1").await;
     let mut spec = command("echo attempt; exit 1", &["rt-1"]);
