@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 struct Install {
     env: Vec<(String, String)>,
     db: String,
+    /// The subject prefix, whose JetStream streams are deleted with the install.
+    prefix: String,
     home: std::path::PathBuf,
 }
 
@@ -36,7 +38,12 @@ impl Install {
                 home.join("state").display().to_string(),
             ),
         ];
-        Self { env, db, home }
+        Self {
+            env,
+            db,
+            prefix: format!("cli{id}"),
+            home,
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -104,6 +111,19 @@ impl Drop for Install {
                 &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db),
             ])
             .output();
+        // The streams `tanjiren up` made (on its own thread: drop may run inside a runtime).
+        let prefix = self.prefix.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                if let Ok(nats) = async_nats::connect("nats://127.0.0.1:4222").await {
+                    let subjects = tanjiren_shared::subjects::Subjects::new(&prefix);
+                    tanjiren_bus::streams::delete_streams(&nats, &subjects).await;
+                }
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .join();
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }
