@@ -82,26 +82,24 @@ impl EmptyRun {
     }
 }
 
-fn at_least(goal: &str, target: f64, unit: &'static str, measured: Option<f64>, note: &str) -> Goal {
+/// A goal that the figure must reach (`floor`: at least `target`) or stay under.
+fn bound(floor: bool, goal: &str, target: f64, unit: &'static str, measured: Option<f64>, note: &str) -> Goal {
     Goal {
         goal: goal.into(),
-        target: format!("≥ {target}"),
+        target: format!("{} {target}", if floor { "≥" } else { "≤" }),
         unit,
         measured,
-        met: measured.map(|m| m >= target),
+        met: measured.map(|m| if floor { m >= target } else { m <= target }),
         note: note.into(),
     }
 }
 
+fn at_least(goal: &str, target: f64, unit: &'static str, measured: Option<f64>, note: &str) -> Goal {
+    bound(true, goal, target, unit, measured, note)
+}
+
 fn at_most(goal: &str, target: f64, unit: &'static str, measured: Option<f64>, note: &str) -> Goal {
-    Goal {
-        goal: goal.into(),
-        target: format!("≤ {target}"),
-        unit,
-        measured,
-        met: measured.map(|m| m <= target),
-        note: note.into(),
-    }
+    bound(false, goal, target, unit, measured, note)
 }
 
 /// Every goal with this run's figure for it. `real_workers`: the run used worker
