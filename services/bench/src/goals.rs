@@ -242,3 +242,58 @@ pub fn goals(r: &Report, real_workers: bool, empty: Option<&EmptyRun>) -> Vec<Go
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bound_is_met_only_on_its_side_and_unmeasured_is_neither() {
+        assert_eq!(at_least("t", 7000.0, "tasks/s", Some(7000.0), "").met, Some(true));
+        assert_eq!(at_least("t", 7000.0, "tasks/s", Some(6999.9), "").met, Some(false));
+        assert_eq!(at_most("p99", 8.0, "ms", Some(8.0), "").met, Some(true));
+        assert_eq!(at_most("p99", 8.0, "ms", Some(8.1), "").met, Some(false));
+        let none = at_most("p99", 8.0, "ms", None, "");
+        assert_eq!((none.met, none.target.as_str()), (None, "≤ 8"));
+    }
+
+    #[test]
+    fn the_empty_run_must_be_a_report_without_history() {
+        let dir = std::env::temp_dir().join(format!("tanjiren-goals-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, v: serde_json::Value| {
+            let p = dir.join(name);
+            std::fs::write(&p, v.to_string()).unwrap();
+            p
+        };
+        let ok = write(
+            "empty.json",
+            serde_json::json!({"settings": {"history": 0}, "throughput": {"completed_per_sec": 3000.0},
+                               "latency": {"create_to_start_ms": {"p99": 6.5}}}),
+        );
+        let e = EmptyRun::read(&ok).unwrap();
+        assert_eq!((e.throughput, e.start_p99_ms), (3000.0, 6.5));
+        let with_history = write(
+            "history.json",
+            serde_json::json!({"settings": {"history": 5}, "throughput": {"completed_per_sec": 1.0},
+                               "latency": {"create_to_start_ms": {"p99": 1.0}}}),
+        );
+        assert!(
+            EmptyRun::read(&with_history)
+                .unwrap_err()
+                .to_string()
+                .contains("had a history")
+        );
+        let no_latency = write(
+            "partial.json",
+            serde_json::json!({"throughput": {"completed_per_sec": 1.0}}),
+        );
+        assert!(
+            EmptyRun::read(&no_latency)
+                .unwrap_err()
+                .to_string()
+                .contains("no throughput or latency")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
