@@ -335,8 +335,8 @@ impl TestEnv {
         }
     }
 
-    /// Waits until the task is terminal and every step's lease has been released
-    /// (the worker releases just after its result is stored).
+    /// Waits until the task is terminal and every step's lease has ended (the stored
+    /// result ends it in its own transaction).
     pub async fn wait_released(&self, task: TaskId, timeout: Duration) -> TaskView {
         let start = Instant::now();
         loop {

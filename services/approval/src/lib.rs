@@ -1,6 +1,8 @@
 //! The approval service: the gate between `planned` and `queued` (DESIGN §4).
 //!
-//! It hears about new tasks from the `events.*.task.planned` events (queue group
+//! Ingest evaluates doctrine at creation and queues the tasks that need no
+//! approval itself (`tanjiren_store::tasks`); this service evaluates the rest. It
+//! hears about them from the `events.*.task.planned` events (queue group
 //! `approval`), and a periodic sweep finds any planned task whose event was lost,
 //! so a task is never stranded. Each task is evaluated against its organisation's
 //! doctrine in force; the verdict is kept with the task as its snapshot, and the

@@ -218,12 +218,12 @@ impl BenchEnv {
         Ok(())
     }
 
-    /// Where this run lives, for `--keep` and error messages.
     /// The bench database (set-up and checks; the history preload).
     pub fn db(&self) -> &PgPool {
         &self.db
     }
 
+    /// Where this run lives, for `--keep` and error messages.
     pub fn describe(&self) -> String {
         format!(
             "database {}/{}, subject prefix {}, redis key prefix {}",

@@ -150,6 +150,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 }
 
 async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Result<Report> {
+    // Read before anything runs: a wrong file must not cost a run (or its history preload).
+    let empty_run = match &opts.empty_run {
+        Some(path) => Some(crate::goals::EmptyRun::read(path)?),
+        None => None,
+    };
     let (tasks, workstations) = (opts.tasks(), opts.workstations());
     let settle = Duration::from_secs_f64(opts.settle_secs.max(0.0));
     let stall = Duration::from_secs_f64(opts.stall_secs.max(1.0));
@@ -304,10 +309,6 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         problems,
         log_dir,
         goals: Vec::new(),
-    };
-    let empty_run = match &opts.empty_run {
-        Some(path) => Some(crate::goals::EmptyRun::read(path)?),
-        None => None,
     };
     report.goals = crate::goals::goals(&report, opts.real_workers, empty_run.as_ref());
     Ok(report)

@@ -1,7 +1,8 @@
 //! The lease service: who may run a step, and for how long (DESIGN §3).
 //!
 //! Postgres holds the fencing generation and moves it only by compare-and-swap:
-//! +1 on claim, +1 on release. Redis holds the liveness key with its TTL, set on
+//! +1 on claim, +1 when the lease ends (a release, the stored result — written by
+//! ingest — or the reconciler). Redis holds the liveness key with its TTL, set on
 //! claim, extended by heartbeats only for the matching owner and generation,
 //! deleted on release, each by one atomic script. Claims, heartbeats and releases
 //! are served in batches (one transaction per batch) in queue group `lease`, and

@@ -5,8 +5,9 @@
 //! `queued` for another worker — unless its task was cancelled meanwhile: then it
 //! ends `cancelled` and its task is settled, so a cancelled task's step never runs
 //! again. A stored result already ended the lease (ingest does that in the result's
-//! own transaction), so the release that follows it finds the step finished at the
-//! next generation with no owner and is answered as done: a lost release can never
+//! own transaction; the Tanjiren worker sends no release after it), so a release
+//! that still follows one finds the step finished at the next generation with no
+//! owner and is answered as done: a lost release can never
 //! leave a finished step holding a lease. A lease the reconciler took back is not
 //! "done" for its old holder: that release is `stale_lease`. The Redis mirror is
 //! deleted whenever a release is accepted.

@@ -2,7 +2,8 @@
 //! evaluation wrote on the task) and its decisions (the `approvals` table). Shared
 //! by every read side that shows them — ingest's `tasks.get`, the approval
 //! service's lists — so the mapping from rows to wire types exists once.
-//! Read-only: the approval service alone writes these tables and columns.
+//! Read-only: the approval service writes these tables and columns, and task
+//! creation writes the snapshot of a task it queues (`crate::tasks`).
 
 use crate::db_error;
 use chrono::{DateTime, Utc};

@@ -1,8 +1,8 @@
 //! Postgres: the pools (connections and prepared statements are reused), creating
 //! the database when it does not exist yet, and applying the migrations in
 //! `migrations/` (then `ANALYZE`, so the planner starts from true statistics).
-//! sqlx serialises concurrent migrators with an advisory lock, so several services
-//! may start at once.
+//! Concurrent migrators take turns through a polled advisory lock
+//! ([`MIGRATION_GATE`]), so several services may start at once.
 //!
 //! A service has two pools: the default one, with Postgres' own planner settings,
 //! for migrations, reads, sweeps and reporting; and the hot one ([`connect_hot`]),
@@ -44,6 +44,35 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<PgPo
 /// A poller holds no snapshot between its brief statements.
 pub const MIGRATION_GATE: i64 = 0x7461_6e6a_6972_656e; // "tanjiren"
 
+/// The indexes migrations build `CONCURRENTLY` (each alone in a `-- no-transaction` file).
+pub const CONCURRENT_INDEXES: [&str; 1] = ["tasks_root_retries"];
+
+/// Drops those of [`CONCURRENT_INDEXES`] that are invalid: what an interrupted
+/// `CREATE INDEX CONCURRENTLY` leaves behind. Such an index serves no query and
+/// costs every write, and the migration's `IF NOT EXISTS` would take it for done;
+/// dropped, the migration (recorded only once it succeeds) builds it again. Runs
+/// under [`MIGRATION_GATE`], so no migrator is building one at the time; indexes
+/// an operator builds by hand are left alone.
+async fn drop_invalid_indexes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(c.relname) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE NOT i.indisvalid AND n.nspname = current_schema() AND c.relname = ANY($1)",
+    )
+    .bind(&CONCURRENT_INDEXES[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    for index in invalid {
+        tracing::warn!(%index, "dropping an invalid index left by an interrupted concurrent build");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {index}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Applies the pending migrations, then `ANALYZE` if any was applied.
 ///
 /// # Errors
@@ -59,14 +88,23 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StartupError> {
     let before = applied().await;
     // One migrator at a time, waiting by polling rather than blocking (see MIGRATION_GATE).
     let mut gate = pool.acquire().await.map_err(err)?.detach();
+    let mut polls = 0u32;
     while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(MIGRATION_GATE)
         .fetch_one(&mut gate)
         .await
         .map_err(err)?
     {
+        polls += 1;
+        if polls.is_multiple_of(50) {
+            tracing::warn!(
+                waited_secs = polls / 10,
+                "waiting for another process's migrations (an index built CONCURRENTLY waits for every older transaction)"
+            );
+        }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    drop_invalid_indexes(&mut gate).await.map_err(err)?;
     let ran = MIGRATOR.run(pool).await;
     // Closing the session releases the gate, whatever happened.
     let _ = sqlx::Connection::close(gate).await;

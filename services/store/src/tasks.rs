@@ -102,7 +102,11 @@ pub async fn create_tasks(
     let mut materialised = Vec::new();
     let first = match insert_in(&mut tx, conns, &rows).await {
         Ok(done) => tx.commit().await.map_err(db_error).map(|()| done),
-        Err(e) => Err(e),
+        Err(e) => {
+            // End the failed transaction before the row-by-row retry takes other connections.
+            let _ = tx.rollback().await;
+            Err(e)
+        }
     };
     match first {
         Ok((replies, m)) => {

@@ -305,6 +305,40 @@ async fn writes_with_a_stale_generation_are_rejected_and_not_stored() {
 }
 
 #[tokio::test]
+async fn an_interrupted_concurrent_index_build_is_built_again() {
+    let env = TestEnv::new().await;
+    let db = &env.conns.db;
+    // What a build killed half-way leaves: the index exists but is invalid, and
+    // its migration (recorded only once it succeeds) is not recorded.
+    sqlx::query(
+        "UPDATE pg_index SET indisvalid = false
+         WHERE indexrelid = (SELECT oid FROM pg_class WHERE relname = 'tasks_root_retries')",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE description = 'tasks root retries'")
+        .execute(db)
+        .await
+        .unwrap();
+    tanjiren_store::db::migrate(db).await.unwrap();
+    let valid: bool = sqlx::query_scalar(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = (SELECT oid FROM pg_class WHERE relname = 'tasks_root_retries')",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert!(valid, "the index was built again");
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE description = 'tasks root retries'")
+            .fetch_one(db)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 1);
+    env.finish(Vec::new()).await;
+}
+
+#[tokio::test]
 async fn migrations_are_safe_when_several_services_start_at_once() {
     let env = TestEnv::new().await;
     let url = env
