@@ -63,7 +63,7 @@ pub struct SweepOutcome {
 /// Subscribes to planned events and the approval subjects, and starts the sweep;
 /// returns once everything is subscribed.
 pub async fn start(conns: &Connections, shutdown: Shutdown) -> Result<ServiceHandle, StartupError> {
-    let doctrines = DoctrineCache::default();
+    let doctrines = conns.doctrines.clone();
     let mut handle = ServiceHandle::new();
     handle.push(listen_for_planned(conns, doctrines.clone(), shutdown.clone()).await?);
 
@@ -193,10 +193,10 @@ async fn sweep_with(
 /// missed, and fail pending tasks past their approval deadline. Tests drive it with
 /// a controlled clock.
 pub async fn sweep(conns: &Connections, now: DateTime<Utc>) -> Result<SweepOutcome, WireError> {
-    sweep_with(conns, &DoctrineCache::default(), now).await
+    sweep_with(conns, &conns.doctrines, now).await
 }
 
 /// For tests and tools: evaluate these planned tasks now.
 pub async fn evaluate_now(conns: &Connections, ids: &[TaskId]) -> Result<Evaluated, WireError> {
-    evaluate::evaluate_planned(conns, &DoctrineCache::default(), Sweep::Tasks(ids), None).await
+    evaluate::evaluate_planned(conns, &conns.doctrines, Sweep::Tasks(ids), None).await
 }
