@@ -42,12 +42,16 @@ async fn the_overview_counts_live_work_recent_history_and_schedules_due() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Due within the hour but not during this test: a tick that fired here would add a task
+    // (an every-minute schedule made this test fail whenever a minute turned mid-test).
+    use chrono::Timelike;
+    let minute = (chrono::Utc::now() + chrono::Duration::minutes(30)).minute();
     let _: ScheduleView = env
         .call(
             &env.conns.subjects.schedules_create(),
             &env.member_token,
             &serde_json::from_value::<CreateScheduleRequest>(serde_json::json!({
-                "name": "every-minute", "cron": "* * * * *",
+                "name": "half-hour-on", "cron": format!("{minute} * * * *"),
                 "template": {"intent": "tick", "mode": "command", "command": "true", "targets": ["ov-busy"]}
             }))
             .unwrap(),
@@ -68,7 +72,7 @@ async fn the_overview_counts_live_work_recent_history_and_schedules_due() {
     assert_eq!(o.durations.count, 2);
     assert!(o.durations.p50_ms.is_some() && o.durations.p99_ms >= o.durations.p50_ms);
     assert_eq!(o.schedules_due_next_hour_count, 1);
-    assert_eq!(o.schedules_due_next_hour[0].name, "every-minute");
+    assert_eq!(o.schedules_due_next_hour[0].name, "half-hour-on");
     assert_eq!(o.stale_lease_rejections, 0);
     // The timeline: 24 buckets covering the window, the two finished tasks in the last one.
     assert_eq!(o.timeline.len(), 24);
