@@ -4,6 +4,7 @@
 //! figure, so the table always shows every goal and which are unproved.
 
 use crate::report::Report;
+use crate::soak::{MAX_DRIFT, Soak};
 use anyhow::Context;
 use serde::Serialize;
 use std::path::Path;
@@ -28,6 +29,10 @@ pub const GROWTH_THROUGHPUT_RATIO: f64 = 0.8;
 pub const GROWTH_P99_RATIO: f64 = 1.25;
 /// The history the growth goals are about.
 pub const GROWTH_HISTORY: u64 = 5_000_000;
+/// The length of the soak the memory goal is about, in seconds.
+pub const SOAK_SECS: f64 = 1800.0;
+/// Resident memory of an idle worker process, in MiB.
+pub const WORKER_IDLE_RSS_MIB: f64 = 15.0;
 /// The service processes whose memory the footprint goal bounds.
 const SERVICES: [&str; 4] = ["ingest", "approval", "lease", "scheduler"];
 
@@ -39,7 +44,8 @@ pub struct Goal {
     pub target: String,
     pub unit: &'static str,
     pub measured: Option<f64>,
-    /// Whether the figure meets the target; `None` when not measured.
+    /// Whether the figure meets the target; `None` when not measured, or measured but not
+    /// judged (a soak shorter than the goal's, a history smaller than the goal's).
     pub met: Option<bool>,
     /// Where the figure comes from, or which mode measures it.
     pub note: String,
@@ -218,29 +224,69 @@ pub fn goals(r: &Report, real_workers: bool, empty: Option<&EmptyRun>) -> Vec<Go
             g.met = None;
         }
     }
-    for (goal, target, note) in [
-        (
-            "log lines ingested",
-            "≥ 200000 lines/s",
-            "`cargo run --release -p tanjiren-ingest --example log_ingest`",
-        ),
-        (
-            "resident memory over a 30-minute soak",
-            "flat within 10 %",
-            "not measured yet (planned: a soak mode)",
-        ),
-        ("worker RSS when idle", "≤ 15 MiB", "not measured yet"),
-    ] {
-        out.push(Goal {
-            goal: goal.into(),
-            target: target.into(),
-            unit: "",
-            measured: None,
-            met: None,
-            note: note.into(),
-        });
-    }
+    out.extend(soak_goals(r.soak.as_ref()));
+    // Read after the last phase and the statistics' settle time, with nothing running.
+    let idle_worker = r
+        .processes
+        .iter()
+        .filter(|p| p.name.starts_with("worker-"))
+        .filter_map(|p| p.current_mib)
+        .reduce(f64::max);
+    out.push(at_most(
+        "worker RSS when idle (largest worker)",
+        WORKER_IDLE_RSS_MIB,
+        "MiB",
+        idle_worker,
+        if real_workers {
+            "VmRSS after the phases and the settle time"
+        } else {
+            "run with --real-workers"
+        },
+    ));
+    out.push(Goal {
+        goal: "log lines ingested".into(),
+        target: "≥ 200000".into(),
+        unit: "lines/s",
+        measured: None,
+        met: None,
+        note: "`cargo run --release -p tanjiren-ingest --example log_ingest`".into(),
+    });
     out
+}
+
+/// The soak's goals: memory flat after warm-up, nothing lost or failed. Shown but never
+/// "met" for a soak shorter than [`SOAK_SECS`].
+fn soak_goals(soak: Option<&Soak>) -> [Goal; 2] {
+    let how = "run with --soak-secs 1800 (add --real-workers to include worker processes)";
+    let note = |s: &Soak| {
+        if s.plan.secs < SOAK_SECS {
+            format!("only a {:.0} s soak, not {SOAK_SECS:.0} s", s.plan.secs)
+        } else {
+            format!("{:.0} s soak at {:.0} tasks/s", s.plan.secs, s.plan.rate)
+        }
+    };
+    let mut goals = [
+        at_most(
+            "soak: memory drift after warm-up (worst process)",
+            MAX_DRIFT * 100.0,
+            "%",
+            soak.and_then(|s| s.worst_drift()).map(|d| d * 100.0),
+            &soak.map(note).unwrap_or_else(|| how.into()),
+        ),
+        at_most(
+            "soak: errors and unfinished tasks",
+            0.0,
+            "tasks",
+            soak.map(|s| s.errors() as f64),
+            &soak.map(note).unwrap_or_else(|| how.into()),
+        ),
+    ];
+    if soak.is_some_and(|s| s.plan.secs < SOAK_SECS) {
+        for g in &mut goals {
+            g.met = None;
+        }
+    }
+    goals
 }
 
 #[cfg(test)]
@@ -255,6 +301,47 @@ mod tests {
         assert_eq!(at_most("p99", 8.0, "ms", Some(8.1), "").met, Some(false));
         let none = at_most("p99", 8.0, "ms", None, "");
         assert_eq!((none.met, none.target.as_str()), (None, "≤ 8"));
+    }
+
+    fn soak(secs: f64, drifts: &[f64], failed: usize) -> Soak {
+        use crate::soak::{MemoryTrend, SoakPlan};
+        Soak {
+            plan: SoakPlan {
+                rate: 200.0,
+                secs,
+                warmup_secs: 300.0,
+                sample_secs: 10.0,
+            },
+            requested: 10,
+            created: 10,
+            create_errors: Vec::new(),
+            outcome: crate::load::Outcome {
+                completed: 10 - failed,
+                failed,
+                ..Default::default()
+            },
+            create_to_start_ms: Default::default(),
+            windows: Vec::new(),
+            memory: drifts
+                .iter()
+                .map(|d| MemoryTrend::of("ingest", &[Some(20.0), Some(20.0 * (1.0 + d))], 0, true))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_soak_is_judged_only_at_full_length() {
+        let [memory, errors] = soak_goals(Some(&soak(1800.0, &[0.02, 0.04], 0)));
+        assert_eq!(memory.met, Some(true));
+        assert!((memory.measured.unwrap() - 4.0).abs() < 1e-9);
+        assert_eq!((errors.measured, errors.met), (Some(0.0), Some(true)));
+        let [memory, errors] = soak_goals(Some(&soak(1800.0, &[0.02, 0.15], 1)));
+        assert_eq!((memory.met, errors.met), (Some(false), Some(false)));
+        let [memory, errors] = soak_goals(Some(&soak(120.0, &[0.0], 0)));
+        assert_eq!((memory.met, errors.met), (None, None), "a short soak proves nothing");
+        assert!(memory.measured.is_some() && memory.note.contains("only a 120 s soak"));
+        let [memory, _] = soak_goals(None);
+        assert_eq!((memory.measured, memory.met), (None, None));
     }
 
     #[test]

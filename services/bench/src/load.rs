@@ -164,7 +164,7 @@ impl Tracker {
         let _ = tokio::time::timeout(timeout, rx).await;
     }
 
-    fn started(&self, id: &TaskId) -> Option<Instant> {
+    pub(crate) fn started(&self, id: &TaskId) -> Option<Instant> {
         self.state.lock().expect("tracker lock").started.get(id).copied()
     }
 
@@ -174,7 +174,13 @@ impl Tracker {
 
     /// Waits until every task in `ids` has an event in `seen`, or nothing new arrived for
     /// `stall`, or `deadline` passed. Returns how many are still missing.
-    async fn wait_for(&self, ids: &[TaskId], stall: Duration, deadline: Option<Instant>, seen: Seen) -> usize {
+    pub(crate) async fn wait_for(
+        &self,
+        ids: &[TaskId],
+        stall: Duration,
+        deadline: Option<Instant>,
+        seen: Seen,
+    ) -> usize {
         let mut missing: Vec<TaskId> = ids.to_vec();
         let mut progress_at = Instant::now();
         loop {
@@ -202,7 +208,7 @@ impl Tracker {
 }
 
 #[derive(Clone, Copy)]
-enum Seen {
+pub(crate) enum Seen {
     Started,
     Finished,
 }
@@ -248,7 +254,7 @@ impl Creator {
     }
 
     /// One create request for the next workstation.
-    async fn create(&self) -> Result<TaskId, String> {
+    pub(crate) async fn create(&self) -> Result<TaskId, String> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let spec = NoopTask {
             intent: "benchmark no-op",
@@ -277,7 +283,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn of(tracker: &Tracker, ids: &[TaskId]) -> Self {
+    pub(crate) fn of(tracker: &Tracker, ids: &[TaskId]) -> Self {
         let mut o = Outcome::default();
         let mut reasons: HashMap<String, usize> = HashMap::new();
         for id in ids {
@@ -302,7 +308,7 @@ impl Outcome {
 }
 
 /// Create errors, grouped by message.
-fn group_errors(errors: Vec<String>) -> Vec<(String, usize)> {
+pub(crate) fn group_errors(errors: Vec<String>) -> Vec<(String, usize)> {
     let mut by: HashMap<String, usize> = HashMap::new();
     for e in errors {
         *by.entry(e).or_default() += 1;

@@ -3,7 +3,8 @@
 //! simulated workstations (worker agents that speak the real protocol but run
 //! nothing) and reports completed tasks per second, create → start latency at a
 //! fixed rate, Postgres commits per task and the peak memory of each service;
-//! `--real-workers` uses worker processes running `true` instead.
+//! `--real-workers` uses worker processes running `true` instead; `--soak-secs`
+//! runs a long steady load that watches every process's memory instead of the phases.
 //!
 //! The services run as child processes of this same binary (hidden subcommands
 //! `serve <service>` and `worker`), so each one's memory can be read.
@@ -15,6 +16,7 @@ mod history;
 mod load;
 mod report;
 mod run;
+mod soak;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -7,6 +7,7 @@ use crate::cluster::{ComponentCpu, Counters, Rss};
 use crate::env::DbStats;
 use crate::goals::Goal;
 use crate::load::{Latency, Percentiles, Throughput};
+use crate::soak::Soak;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -156,6 +157,8 @@ pub struct Report {
     pub settings: Settings,
     pub throughput: Option<ThroughputPhase>,
     pub latency: Option<LatencyPhase>,
+    /// The soak (`--soak-secs`), which replaces both phases.
+    pub soak: Option<Soak>,
     /// Peak memory of each service and worker process.
     pub processes: Vec<Rss>,
     /// The bench process itself (creator, event tracker and, unless real workers, the agents).
@@ -249,6 +252,10 @@ impl Report {
             cost_lines(&mut o, &l.cost);
         }
 
+        if let Some(soak) = &self.soak {
+            soak_lines(&mut o, soak);
+        }
+
         let _ = writeln!(o, "\nPeak RSS (VmHWM)");
         for r in self.processes.iter().chain(std::iter::once(&self.bench_process)) {
             let _ = writeln!(o, "  {:<22} {}", r.name, mib(r.peak_mib));
@@ -257,7 +264,8 @@ impl Report {
         for g in &self.goals {
             let (figure, mark) = match (g.measured, g.met) {
                 (Some(m), Some(true)) => (format!("{m:.3} {}", g.unit), "met"),
-                (Some(m), _) => (format!("{m:.3} {}", g.unit), "NOT MET"),
+                (Some(m), Some(false)) => (format!("{m:.3} {}", g.unit), "NOT MET"),
+                (Some(m), None) => (format!("{m:.3} {}", g.unit), "not judged"),
                 (None, _) => ("—".to_string(), "not measured"),
             };
             let _ = writeln!(
@@ -381,4 +389,68 @@ fn percentile_line(o: &mut String, what: &str, p: &Percentiles) {
 
 fn mib(v: Option<f64>) -> String {
     v.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "?".into())
+}
+
+fn soak_lines(o: &mut String, s: &Soak) {
+    let p = &s.plan;
+    let _ = writeln!(
+        o,
+        "\nSoak: {:.0} tasks/s for {:.0} s ({} tasks created of {}), memory every {:.0} s, the first {:.0} s warm-up",
+        p.rate,
+        p.secs,
+        s.created,
+        s.requested,
+        p.sample_secs,
+        p.effective_warmup()
+    );
+    percentile_line(o, "create → start", &s.create_to_start_ms);
+    outcome_lines(o, &s.outcome, &s.create_errors);
+    let _ = writeln!(
+        o,
+        "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "resident memory, MiB", "reference", "min", "max", "last", "drift"
+    );
+    for m in &s.memory {
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>8}{}",
+            m.name,
+            mib_figure(m.reference_mib),
+            mib_figure(m.min_mib),
+            mib_figure(m.max_mib),
+            mib_figure(m.last_mib),
+            m.drift
+                .map(|d| format!("{:.1} %", d * 100.0))
+                .unwrap_or_else(|| "—".into()),
+            if m.judged { "" } else { "  (not judged)" }
+        );
+    }
+    // Every minute or so: the rate achieved, p99 and the memory of the judged processes.
+    let every = (60.0 / p.sample_secs.max(1.0)).round().max(1.0) as usize;
+    let _ = writeln!(
+        o,
+        "  {:>7} {:>8} {:>10}  VmRSS MiB of each process above",
+        "t, s", "created", "p99 start"
+    );
+    let shown = s
+        .windows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i + 1) % every == 0 || i + 1 == s.windows.len());
+    for (_, w) in shown {
+        let rss: Vec<String> = w.rss_mib.iter().map(|m| mib_figure(*m)).collect();
+        let _ = writeln!(
+            o,
+            "  {:>7.0} {:>8} {:>10.1}  {}",
+            w.end_secs,
+            w.created,
+            w.create_to_start_ms.p99,
+            rss.join(" ")
+        );
+    }
+}
+
+/// A memory figure without its unit, for tables headed in MiB.
+fn mib_figure(v: Option<f64>) -> String {
+    v.map(|m| format!("{m:.1}")).unwrap_or_else(|| "?".into())
 }

@@ -7,6 +7,7 @@ use crate::cluster::{Cluster, ComponentCpu, Counters, CpuSnapshot, Service, rss_
 use crate::env::{BenchEnv, DbStats};
 use crate::load::{self, Agents, Creator, Tracker, workstation_name};
 use crate::report::{LatencyPhase, PhaseCost, Report, Settings, ThroughputPhase};
+use crate::soak::SoakPlan;
 use anyhow::bail;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,11 +82,30 @@ pub struct Options {
     /// this run's throughput and p99 with it.
     #[arg(long)]
     pub empty_run: Option<PathBuf>,
+    /// Soak mode: instead of the two phases, create `--rate` tasks/s for this many seconds
+    /// while sampling every process's memory (the goal is 1800 s at 200/s).
+    #[arg(long, default_value_t = 0.0)]
+    pub soak_secs: f64,
+    /// Soak samples taken this many seconds in or earlier are warm-up, not judged (at most half the soak).
+    #[arg(long, default_value_t = 300.0)]
+    pub soak_warmup_secs: f64,
+    /// Seconds between the soak's memory samples.
+    #[arg(long, default_value_t = 10.0)]
+    pub soak_sample_secs: f64,
 }
 
 impl Options {
     fn tasks(&self) -> usize {
+        if self.soak() {
+            return 0;
+        }
         self.tasks.unwrap_or(if self.real_workers { 1000 } else { 5000 })
+    }
+    fn soak(&self) -> bool {
+        self.soak_secs > 0.0
+    }
+    fn latency_secs(&self) -> f64 {
+        if self.soak() { 0.0 } else { self.latency_secs }
     }
     fn workstations(&self) -> usize {
         self.workstations
@@ -110,7 +130,10 @@ impl Options {
         let default = if self.real_workers {
             16
         } else {
-            self.tasks().div_ceil(self.workstations()).max(64)
+            self.tasks
+                .unwrap_or(if self.real_workers { 1000 } else { 5000 })
+                .div_ceil(self.workstations())
+                .max(64)
         };
         self.worker_concurrency.unwrap_or(default).max(1)
     }
@@ -236,7 +259,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         throughput = Some(ThroughputPhase { figures, cost });
     }
     let mut latency = None;
-    if opts.latency_secs > 0.0 && opts.rate > 0.0 {
+    if opts.latency_secs() > 0.0 && opts.rate > 0.0 {
         eprintln!("bench: phase 2, {} tasks/s for {} s", opts.rate, opts.latency_secs);
         let cpu = CpuSnapshot::take(&cluster, &env.backend_pids().await?);
         let figures = load::latency(&creator, &tracker, opts.rate, opts.latency_secs, START_GRACE, stall).await;
@@ -246,6 +269,33 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
                 .await?
                 .cost_since(&checkpoint, figures.created, cpu, background);
         latency = Some(LatencyPhase { figures, cost });
+    }
+
+    let mut soak = None;
+    if opts.soak() && opts.rate > 0.0 {
+        let plan = SoakPlan {
+            rate: opts.rate,
+            secs: opts.soak_secs,
+            warmup_secs: opts.soak_warmup_secs,
+            sample_secs: opts.soak_sample_secs,
+        };
+        eprintln!(
+            "bench: soak, {} tasks/s for {} s, memory read every {} s (the first {} s are warm-up)",
+            plan.rate,
+            plan.secs,
+            plan.sample_secs,
+            plan.effective_warmup()
+        );
+        let s = crate::soak::run(&cluster, &creator, &tracker, plan, stall).await;
+        if s.errors() > 0 {
+            problems.push(format!(
+                "soak: {} create errors {:?}; tasks {:?}",
+                s.create_errors.iter().map(|e| e.1).sum::<usize>(),
+                s.create_errors,
+                s.outcome
+            ));
+        }
+        soak = Some(s);
     }
 
     let load_average_after = load_average();
@@ -285,7 +335,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         .into(),
         worker_concurrency: opts.worker_concurrency(),
         rate: opts.rate,
-        latency_secs: opts.latency_secs,
+        latency_secs: opts.latency_secs(),
         in_flight: opts.in_flight,
         max_outstanding: opts.max_outstanding(),
         connections: opts.connections,
@@ -304,6 +354,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         settings,
         throughput,
         latency,
+        soak,
         processes,
         bench_process,
         problems,

@@ -24,7 +24,7 @@
 use crate::cgroup::{self, Cgroup};
 use crate::guard::{self, GuardArgs, GuardMessage};
 use crate::procfs::{self, Identity};
-use crate::record::{self, Owner, Records, StepRecord};
+use crate::record::{self, Entry, Owner, Records, Slot, StepRecord};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -93,18 +93,33 @@ impl Scope {
             .collect()
     }
 
-    /// [`Scope::members`] on a blocking thread: without a cgroup, finding a step's
-    /// processes reads `/proc/<pid>/stat` (and `environ`) of every process on the
-    /// machine, which must not stall the worker's async threads.
+    /// Whether finding the members is a few small reads (the cgroup's `cgroup.procs`
+    /// and its members' `stat`), cheap enough to do on an async thread.
+    fn is_cheap(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(Cgroup::exists)
+    }
+
+    /// [`Scope::members`], on a blocking thread unless the step has a cgroup: without
+    /// one, finding a step's processes reads `/proc/<pid>/stat` (and `environ`) of every
+    /// process on the machine, which must not stall the worker's async threads. With
+    /// one, the hand-off to another thread would cost more than the read (two context
+    /// switches per call, several calls per step).
     pub async fn members_off_thread(&self) -> Vec<Identity> {
+        if self.is_cheap() {
+            return self.members();
+        }
         let scope = self.clone();
         tokio::task::spawn_blocking(move || scope.members())
             .await
             .unwrap_or_default()
     }
 
-    /// [`Scope::signal`] on a blocking thread (it scans `/proc` like [`Scope::members`]).
+    /// [`Scope::signal`], on a blocking thread unless the step has a cgroup (as
+    /// [`Scope::members_off_thread`]).
     pub async fn signal_off_thread(&self, signal: i32) {
+        if self.is_cheap() {
+            return self.signal(signal);
+        }
         let scope = self.clone();
         let _ = tokio::task::spawn_blocking(move || scope.signal(signal)).await;
     }
@@ -298,7 +313,8 @@ impl Containment {
             guard: None,
             shell: None,
         });
-        let record_path = record.as_ref().and_then(|r| self.write_record(r));
+        let slot = record.as_ref().and_then(|r| self.write_record(r));
+        let record_path = slot.as_ref().map(|s| s.path().to_path_buf());
         let cgroup = planned.and_then(|dir| {
             Cgroup::create_at(dir.clone())
                 .inspect_err(|e| tracing::warn!(cgroup = %dir.display(), error = %e, "cannot create the step's cgroup; running it without one"))
@@ -322,32 +338,39 @@ impl Containment {
                 if let Some(c) = &cgroup {
                     let _ = c.remove();
                 }
-                if let Some(p) = &record_path {
-                    record::remove(p);
+                if let Some(s) = slot {
+                    s.free();
                 }
                 return Err(e);
             }
         };
         if let Some(r) = &mut record
-            && record_path.is_some()
+            && let Some(slot) = &slot
+            && let Some(records) = &self.records
         {
             r.cgroup = cgroup.as_ref().map(|c| c.dir().to_path_buf());
             r.guard = process.guard;
             r.shell = Some(process.shell);
-            self.write_record(r);
+            if let Err(e) = records.write(slot, r) {
+                tracing::warn!(dir = %records.dir().display(), error = %e, "cannot complete the step's record");
+            }
         }
-        process.record = record_path;
+        process.record = slot;
         Ok((process, stdout, stderr))
     }
 
-    fn write_record(&self, record: &StepRecord) -> Option<PathBuf> {
+    /// Takes a slot and writes `record` into it; `None` (and a warning) when it cannot.
+    fn write_record(&self, record: &StepRecord) -> Option<Slot> {
         let records = self.records.as_ref()?;
-        records
-            .write(record)
-            .inspect_err(
-                |e| tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the step's record"),
-            )
-            .ok()
+        let slot = records.take();
+        match records.write(&slot, record) {
+            Ok(()) => Some(slot),
+            Err(e) => {
+                tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the step's record");
+                slot.free();
+                None
+            }
+        }
     }
 
     /// The shell as the worker's own child; pdeathsig is the only reaction to the
@@ -465,6 +488,16 @@ impl Containment {
         let stops = records
             .all()
             .into_iter()
+            .filter_map(|entry| match entry {
+                Entry::Record(path, r) => Some((path, r)),
+                Entry::Free(path, owner) => {
+                    // A dead worker's free slot: nothing to stop, the file goes.
+                    if owner.is_some_and(|o| !o.is_alive()) {
+                        record::remove(&path);
+                    }
+                    None
+                }
+            })
             .filter_map(|(path, r)| match r.owner(&boot, Identity::is_alive) {
                 Owner::Alive => None,
                 Owner::EarlierBoot => {
@@ -790,7 +823,7 @@ pub(crate) struct StepProcess {
     guard: Option<Identity>,
     shell: Identity,
     scope: Scope,
-    record: Option<PathBuf>,
+    record: Option<Slot>,
     /// The shell's end, once known; `Err` text when it cannot be known.
     ended: Option<Result<ExitStatus, String>>,
     released: bool,
@@ -896,8 +929,8 @@ impl StepProcess {
                     tokio::time::sleep(POLL).await;
                 }
             }
-            if let Some(p) = &self.record {
-                record::remove(p);
+            if let Some(slot) = self.record.take() {
+                slot.free();
             }
         } else {
             let listed: Vec<String> = left.iter().map(|m| procfs::describe(m.pid)).collect();
@@ -1000,19 +1033,31 @@ mod tests {
             pid: innocent_stat.pid,
             start_ticks: innocent_stat.start_ticks + 1,
         });
-        let dead_path = records.write(&r).unwrap();
+        let dead_path = records.write_whole(&r).unwrap();
         let mut stale = record_for(&uuid::Uuid::new_v4().to_string(), dead, since);
         stale.guard = Some(innocent_stat.identity());
         stale.guard.as_mut().unwrap().start_ticks += 5;
-        let stale_path = records.write(&stale).unwrap();
-        let live_path = records
-            .write(&record_for(&live_step, Identity::current().unwrap(), since))
+        let stale_path = records.write_whole(&stale).unwrap();
+        // The live worker's record is in one of its slots; a free slot of the dead
+        // worker is removed, a free slot of the live one is kept.
+        let live_slot = records.take();
+        records
+            .write(&live_slot, &record_for(&live_step, Identity::current().unwrap(), since))
             .unwrap();
+        let live_path = live_slot.path().to_path_buf();
+        let free_live = records.take();
+        records
+            .write(&free_live, &record_for("x", Identity::current().unwrap(), since))
+            .unwrap();
+        let free_live_path = free_live.path().to_path_buf();
+        free_live.free();
+        let free_dead = records.dir().join(format!("{}-{}-0.json", dead.start_ticks, dead.pid));
+        std::fs::write(&free_dead, [b' '; record::SLOT_BYTES]).unwrap();
         let old_boot = StepRecord {
             boot_id: "another-boot".into(),
             ..record_for("old", dead, 0)
         };
-        let old_path = records.write(&old_boot).unwrap();
+        let old_path = records.write_whole(&old_boot).unwrap();
 
         c.stop_leftovers().await;
 
@@ -1024,7 +1069,8 @@ mod tests {
             live.try_wait().unwrap().is_none(),
             "a live worker's step is not touched"
         );
-        assert!(live_path.exists());
+        assert!(live_path.exists() && free_live_path.exists());
+        assert!(!free_dead.exists(), "a dead worker's free slot is removed");
         for mut p in [innocent, live] {
             p.kill().unwrap();
             p.wait().unwrap();

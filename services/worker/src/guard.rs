@@ -97,7 +97,7 @@ pub(crate) struct GuardArgs {
     /// SIGTERM to SIGKILL when the guard stops the step itself.
     pub grace_ms: u64,
     pub cgroup: Option<PathBuf>,
-    /// The step's record, removed once nothing of the step is left.
+    /// The step's record (its slot file), blanked once nothing of the step is left.
     pub record: Option<PathBuf>,
     /// The program and its arguments (`$worker_shell -c <command>`).
     pub program: Vec<OsString>,
@@ -305,7 +305,7 @@ fn guard(args: &GuardArgs) -> io::Result<u8> {
         }
     }
     if let Some(r) = &args.record {
-        let _ = std::fs::remove_file(r);
+        crate::record::clear(r);
     }
     Ok(0)
 }

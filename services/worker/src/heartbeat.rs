@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tanjiren_shared::StepId;
+use tanjiren_shared::WireError;
 use tanjiren_shared::protocol::{HeartbeatReply, HeartbeatRequest, LeaseRenewal};
 use tokio::time::Instant;
 
@@ -95,16 +96,54 @@ fn apply_renewal(agent: &Agent, renewal: LeaseRenewal, sent: &HashMap<StepId, i6
             tracing::info!(step_id = %step.step_id, "the heartbeat says the step was cancelled; stopping it");
             step.request_cancel();
         }
-    } else if step.is_releasing() {
-        tracing::debug!(step_id = %step.step_id, "lease not renewed while releasing");
-    } else if let Some(e) = renewal.error.as_ref().filter(|e| e.code.is_retryable()) {
-        // The lease store had trouble: not lost, try again before the deadline.
-        tracing::warn!(step_id = %step.step_id, error = %e, "lease not renewed this time; the watchdog keeps the deadline");
     } else {
-        let why = renewal
-            .error
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "no reason given".into());
-        step.fence(&format!("heartbeat did not renew the lease: {why}"));
+        match refusal(step.is_releasing() || step.is_reporting(), renewal.error) {
+            Refusal::Expected => {
+                tracing::debug!(step_id = %step.step_id, "lease not renewed while the result is stored or released")
+            }
+            Refusal::Retry(e) => {
+                tracing::warn!(step_id = %step.step_id, error = %e, "lease not renewed this time; the watchdog keeps the deadline")
+            }
+            Refusal::Fence(why) => step.fence(&format!("heartbeat did not renew the lease: {why}")),
+        }
+    }
+}
+
+/// What a refused renewal means for the step.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// The result crossed this beat (once stored it ends the lease) or the release is
+    /// under way: nothing is wrong. If the lease was really lost, the report is refused
+    /// too and fences the step.
+    Expected,
+    /// The lease store had trouble: not lost; try again before the deadline.
+    Retry(WireError),
+    /// The lease is gone: stop the step and write nothing more for it.
+    Fence(String),
+}
+
+fn refusal(result_sent: bool, error: Option<WireError>) -> Refusal {
+    match error {
+        _ if result_sent => Refusal::Expected,
+        Some(e) if e.code.is_retryable() => Refusal::Retry(e),
+        Some(e) => Refusal::Fence(e.to_string()),
+        None => Refusal::Fence("no reason given".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tanjiren_shared::ErrorCode;
+
+    #[test]
+    fn a_refusal_fences_unless_the_result_was_sent_or_the_store_had_trouble() {
+        let stale = WireError::new(ErrorCode::StaleLease, "step is succeeded");
+        assert_eq!(refusal(true, Some(stale.clone())), Refusal::Expected);
+        assert!(matches!(refusal(false, Some(stale)), Refusal::Fence(why) if why.contains("succeeded")));
+        let busy = WireError::new(ErrorCode::Unavailable, "redis down");
+        assert!(ErrorCode::Unavailable.is_retryable());
+        assert!(matches!(refusal(false, Some(busy)), Refusal::Retry(_)));
+        assert_eq!(refusal(false, None), Refusal::Fence("no reason given".into()));
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct HeldStep {
     cancel: CancellationToken,
     fenced: CancellationToken,
     releasing: AtomicBool,
+    /// The result has been sent (and may already be stored, which ends the lease).
+    reporting: AtomicBool,
     deadline: Mutex<Instant>,
 }
 
@@ -48,6 +50,7 @@ impl HeldStep {
             cancel: CancellationToken::new(),
             fenced: CancellationToken::new(),
             releasing: AtomicBool::new(false),
+            reporting: AtomicBool::new(false),
             deadline: Mutex::new(local_deadline(sent_at, Some(granted.renew_within_ms), ttl)),
         }
     }
@@ -99,6 +102,18 @@ impl HeldStep {
 
     pub fn is_releasing(&self) -> bool {
         self.releasing.load(Ordering::Relaxed)
+    }
+
+    /// The result is about to be sent: a stored result ends the lease, so a heartbeat
+    /// that crosses it is refused (`stale_lease`) though nothing is wrong. Heartbeats
+    /// still renew meanwhile (the report may fail and be retried); the report's own
+    /// reply decides whether the step was fenced.
+    pub fn begin_report(&self) {
+        self.reporting.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_reporting(&self) -> bool {
+        self.reporting.load(Ordering::Relaxed)
     }
 
     /// A heartbeat sent at `sent_at` renewed the lease for `renew_within_ms`.

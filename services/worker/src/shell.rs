@@ -813,7 +813,7 @@ mod tests {
         assert_eq!(r, succeeded());
         let out = texts(&lines, LogStream::Stdout).join("\n");
         let cgroup_name = format!("tanjiren-step-{}-1", a.step_id);
-        assert!(out.contains(&format!("\"step_id\": \"{}\"", a.step_id)), "{out}");
+        assert!(out.contains(&format!("\"step_id\":\"{}\"", a.step_id)), "{out}");
         assert!(
             out.contains(&cgroup_name),
             "the record and /proc/self/cgroup name the step's cgroup: {out}"
@@ -821,10 +821,11 @@ mod tests {
         assert_eq!(processes_with(&m), Vec::<i32>::new(), "the cgroup was emptied");
         let parent = crate::cgroup::own_cgroup_dir().unwrap();
         assert!(!parent.join(&cgroup_name).exists(), "the empty cgroup was removed");
-        assert_eq!(
-            std::fs::read_dir(state.join("steps")).unwrap().count(),
-            0,
-            "the record is removed once nothing is left"
+        let slots: Vec<_> = std::fs::read_dir(state.join("steps")).unwrap().flatten().collect();
+        assert_eq!(slots.len(), 1, "one slot for the one step");
+        assert!(
+            std::fs::read(slots[0].path()).unwrap().iter().all(|b| *b == b' '),
+            "the record is blanked once nothing is left"
         );
         std::fs::remove_dir_all(&state).unwrap();
     }

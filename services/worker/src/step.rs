@@ -47,6 +47,7 @@ async fn run_and_report(agent: &Agent, assignment: &Assignment, step: &HeldStep)
         worker_id: &agent.id.worker_id,
         step,
     };
+    step.begin_report();
     let Some(stored) = writer.report(result, tails).await else {
         // Releasing without a stored result would queue the step to run again; let the
         // lease expire instead, so the reconciler fails it and the retry policy decides.

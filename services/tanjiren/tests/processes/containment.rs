@@ -222,8 +222,9 @@ impl Drop for Cleanup {
         }
         for d in &self.dirs {
             // Steps of workers killed without a guard keep their (now empty) cgroups.
-            for name in records(d) {
-                let cgroup = std::fs::read(d.join("steps").join(&name))
+            let files = std::fs::read_dir(d.join("steps")).into_iter().flatten().flatten();
+            for file in files {
+                let cgroup = std::fs::read(file.path())
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                     .and_then(|r| r["cgroup"].as_str().map(PathBuf::from));
@@ -261,13 +262,16 @@ async fn wait_task(env: &TestEnv, task: TaskId, what: &str, ok: impl Fn(&TaskVie
     }
 }
 
-/// The step's records in `state_dir` (file names).
+/// The steps recorded in `state_dir`: the `step_id` of every record file that is not a
+/// blank (free) slot.
 fn records(state_dir: &Path) -> Vec<String> {
     std::fs::read_dir(state_dir.join("steps"))
         .map(|d| {
             d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".json"))
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter_map(|r| r["step_id"].as_str().map(str::to_string))
                 .collect()
         })
         .unwrap_or_default()
@@ -507,11 +511,7 @@ async fn restart_stops_leftovers_before_taking_work(cgroup: bool) {
     );
     let t = env.get(task).await.unwrap();
     let step = t.steps[0].step_id.to_string();
-    assert!(
-        !records(&state).iter().any(|r| r.starts_with(&step)),
-        "{:?}",
-        records(&state)
-    );
+    assert!(!records(&state).contains(&step), "{:?}", records(&state));
     assert_eq!(records(&state).len(), 1, "only the live worker's record is left");
     assert!(!cgroup_dir.exists(), "the leftover cgroup {cgroup_dir:?} was removed");
     assert_eq!(sleeps(&other_m).len(), 1, "the live worker's step was left alone");
