@@ -12,6 +12,9 @@
 //! kills it; and since the pipe also closes when the parent dies in any way
 //! (panic, Ctrl-C, SIGKILL), no child outlives a benchmark run. Dropping a
 //! [`Cluster`] kills what is still running.
+//!
+//! [`idle_worker_rss`] runs the shipped `tanjiren-worker` binary once, idle, for
+//! the worker's footprint goal.
 
 use anyhow::{Context, bail};
 
@@ -264,6 +267,81 @@ impl Cluster {
     pub async fn stop(mut self, grace: Duration) -> Vec<(String, String)> {
         self.stop_where(grace, |_| true).await
     }
+}
+
+/// The `tanjiren-worker` binary next to this one (cargo puts every binary of a build in
+/// the same directory), if it was built.
+pub fn worker_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.with_file_name("tanjiren-worker")).filter(|p| p.is_file())
+}
+
+/// How long an idle worker gets to enrol and settle before its memory is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(3);
+
+/// Starts the shipped worker binary `program` for workstation `name` (with `token`) and
+/// nothing to do, waits until it has enrolled (its credential file appears) and
+/// [`IDLE_SETTLE`] more, reads its memory, and stops it with SIGTERM. The worker ships
+/// alone to workstations, so this measures it, not the bench binary the phases' worker
+/// processes run as.
+pub async fn idle_worker_rss(
+    program: &Path,
+    config: &Config,
+    name: &str,
+    token: &str,
+    dir: &Path,
+) -> anyhow::Result<Rss> {
+    let mut config = config.clone();
+    config.workstation_name = name.to_string();
+    config.token = token.to_string();
+    config.http_addr = String::new();
+    // Its state and credential in a directory of their own: only logs lie loose in `dir`.
+    let own = dir.join(name);
+    config.worker_state_dir = own.join("state").display().to_string();
+    let credential = own.join("credential");
+    config.worker_credential_file = credential.display().to_string();
+    let log = dir.join(format!("{name}.log"));
+    let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = tokio::process::Command::new(program)
+        .env_remove("TANJIREN_CONFIG")
+        .env("NO_COLOR", "1")
+        .envs(config_env(&config))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let enrolled = tokio::time::timeout(READY_TIMEOUT, async {
+        while !credential.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(anyhow::anyhow!("it exited ({status})"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    })
+    .await;
+    match enrolled {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!(
+            "the idle worker did not enrol: {e}; its log ends with:\n{}",
+            tail(&log, 10)
+        ),
+        Err(_) => bail!("the idle worker did not enrol within {READY_TIMEOUT:?}"),
+    }
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let rss = rss_of(&format!("tanjiren-worker (idle, {name})"), child.id());
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    Ok(rss)
 }
 
 /// Every `TANJIREN_*` variable for `config`, so a child sees exactly this configuration.

@@ -161,6 +161,8 @@ pub struct Report {
     pub soak: Option<Soak>,
     /// Peak memory of each service and worker process.
     pub processes: Vec<Rss>,
+    /// The shipped `tanjiren-worker` binary with nothing to do, when it was built next to the bench.
+    pub idle_worker: Option<Rss>,
     /// The bench process itself (creator, event tracker and, unless real workers, the agents).
     pub bench_process: Rss,
     pub problems: Vec<String>,
@@ -259,6 +261,15 @@ impl Report {
         let _ = writeln!(o, "\nPeak RSS (VmHWM)");
         for r in self.processes.iter().chain(std::iter::once(&self.bench_process)) {
             let _ = writeln!(o, "  {:<22} {}", r.name, mib(r.peak_mib));
+        }
+        if let Some(w) = &self.idle_worker {
+            let _ = writeln!(
+                o,
+                "  {:<22} {} (resident now: {})",
+                w.name,
+                mib(w.peak_mib),
+                mib(w.current_mib)
+            );
         }
         let _ = writeln!(o, "\nGoals (docs/design.md §10)");
         for g in &self.goals {

@@ -300,6 +300,27 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
 
     let load_average_after = load_average();
     let processes = cluster.rss();
+    // The shipped worker binary, idle (the phases' worker processes run as this binary).
+    let idle_worker = match crate::cluster::worker_binary() {
+        Some(program) => {
+            match crate::cluster::idle_worker_rss(
+                &program,
+                &env.config,
+                "bench-idle",
+                &env.worker_token,
+                cluster.log_dir(),
+            )
+            .await
+            {
+                Ok(rss) => Some(rss),
+                Err(e) => {
+                    problems.push(format!("idle worker: {e:#}"));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let bench_process = rss_of("bench (creator+agents)", None);
 
     // Postgres' own view of every measured task, and what stuck ones were doing.
@@ -356,6 +377,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         latency,
         soak,
         processes,
+        idle_worker,
         bench_process,
         problems,
         log_dir,
