@@ -31,6 +31,8 @@ pub const GROWTH_P99_RATIO: f64 = 1.25;
 pub const GROWTH_HISTORY: u64 = 5_000_000;
 /// The length of the soak the memory goal is about, in seconds.
 pub const SOAK_SECS: f64 = 1800.0;
+/// The rate of that soak, in tasks per second.
+pub const SOAK_RATE: f64 = 200.0;
 /// Resident memory of an idle worker process, in MiB.
 pub const WORKER_IDLE_RSS_MIB: f64 = 15.0;
 /// The service processes whose memory the footprint goal bounds.
@@ -187,7 +189,7 @@ pub fn goals(r: &Report, real_workers: bool, empty: Option<&EmptyRun>) -> Vec<Go
             SERVICE_RSS_MIB,
             "MiB",
             service_rss,
-            "ingest, approval, lease, scheduler (VmHWM)",
+            "ingest, approval, lease, scheduler (VmHWM over the whole run)",
         ),
     ];
     let history = r.settings.history;
@@ -251,9 +253,12 @@ pub fn goals(r: &Report, real_workers: bool, empty: Option<&EmptyRun>) -> Vec<Go
 /// "met" for a soak shorter than [`SOAK_SECS`].
 fn soak_goals(soak: Option<&Soak>) -> [Goal; 2] {
     let how = "run with --soak-secs 1800 (add --real-workers to include worker processes)";
+    let short = |s: &Soak| s.plan.secs < SOAK_SECS || s.plan.rate < SOAK_RATE;
     let note = |s: &Soak| {
         if s.plan.secs < SOAK_SECS {
             format!("only a {:.0} s soak, not {SOAK_SECS:.0} s", s.plan.secs)
+        } else if s.plan.rate < SOAK_RATE {
+            format!("only {} tasks/s, not {SOAK_RATE:.0}", s.plan.rate)
         } else {
             format!("{:.0} s soak at {:.0} tasks/s", s.plan.secs, s.plan.rate)
         }
@@ -274,7 +279,7 @@ fn soak_goals(soak: Option<&Soak>) -> [Goal; 2] {
             &soak.map(note).unwrap_or_else(|| how.into()),
         ),
     ];
-    if soak.is_some_and(|s| s.plan.secs < SOAK_SECS) {
+    if soak.is_some_and(short) {
         for g in &mut goals {
             g.met = None;
         }
@@ -333,6 +338,10 @@ mod tests {
         let [memory, errors] = soak_goals(Some(&soak(120.0, &[0.0], 0)));
         assert_eq!((memory.met, errors.met), (None, None), "a short soak proves nothing");
         assert!(memory.measured.is_some() && memory.note.contains("only a 120 s soak"));
+        let mut slow = soak(1800.0, &[0.0], 0);
+        slow.plan.rate = 1.0;
+        let [memory, _] = soak_goals(Some(&slow));
+        assert_eq!(memory.met, None, "a soak below 200 tasks/s proves nothing");
         let [memory, _] = soak_goals(None);
         assert_eq!((memory.measured, memory.met), (None, None));
     }

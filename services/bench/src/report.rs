@@ -260,12 +260,12 @@ impl Report {
 
         let _ = writeln!(o, "\nPeak RSS (VmHWM)");
         for r in self.processes.iter().chain(std::iter::once(&self.bench_process)) {
-            let _ = writeln!(o, "  {:<22} {}", r.name, mib(r.peak_mib));
+            let _ = writeln!(o, "  {:<36} {}", r.name, mib(r.peak_mib));
         }
         if let Some(w) = &self.idle_worker {
             let _ = writeln!(
                 o,
-                "  {:<22} {} (resident now: {})",
+                "  {:<36} {} (resident now: {})",
                 w.name,
                 mib(w.peak_mib),
                 mib(w.current_mib)
@@ -281,7 +281,7 @@ impl Report {
             };
             let _ = writeln!(
                 o,
-                "  {:<46} {:<24} {:<18} {:<12} {}",
+                "  {:<50} {:<24} {:<18} {:<12} {}",
                 g.goal,
                 format!("{} {}", g.target, g.unit),
                 figure,
@@ -436,26 +436,23 @@ fn soak_lines(o: &mut String, s: &Soak) {
             if m.judged { "" } else { "  (not judged)" }
         );
     }
-    // Every minute or so: the rate achieved, p99 and the memory of the judged processes.
+    // About once a minute: tasks created since the previous row, the worst sampling
+    // window's create → start p99 among them, and the memory of each process then.
     let every = (60.0 / p.sample_secs.max(1.0)).round().max(1.0) as usize;
     let _ = writeln!(
         o,
-        "  {:>7} {:>8} {:>10}  VmRSS MiB of each process above",
-        "t, s", "created", "p99 start"
+        "  {:>7} {:>8} {:>14}  VmRSS MiB of each process above",
+        "t, s", "created", "max p99, ms"
     );
-    let shown = s
-        .windows
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| (i + 1) % every == 0 || i + 1 == s.windows.len());
-    for (_, w) in shown {
-        let rss: Vec<String> = w.rss_mib.iter().map(|m| mib_figure(*m)).collect();
+    for rows in s.windows.chunks(every) {
+        let last = rows.last().expect("chunks are not empty");
+        let rss: Vec<String> = last.rss_mib.iter().map(|m| mib_figure(*m)).collect();
         let _ = writeln!(
             o,
-            "  {:>7.0} {:>8} {:>10.1}  {}",
-            w.end_secs,
-            w.created,
-            w.create_to_start_ms.p99,
+            "  {:>7.0} {:>8} {:>14.1}  {}",
+            last.end_secs,
+            rows.iter().map(|w| w.created).sum::<usize>(),
+            rows.iter().map(|w| w.create_to_start_ms.p99).fold(0.0, f64::max),
             rss.join(" ")
         );
     }

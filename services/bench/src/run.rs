@@ -19,6 +19,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long after the latency phase a task may still start and count as started.
 const START_GRACE: Duration = Duration::from_secs(10);
 
+/// The most tasks a latency phase or a soak may plan (`--rate` × seconds).
+const MAX_PLANNED_TASKS: f64 = 50_000_000.0;
+
 /// The command line of a benchmark run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -28,7 +31,7 @@ pub struct Options {
     /// Simulated workstations (default 50; 4 worker processes with --real-workers).
     #[arg(long)]
     pub workstations: Option<usize>,
-    /// Tasks per second in the latency phase.
+    /// Tasks per second in the latency phase, and in the soak.
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
     /// Length of the latency phase in seconds (0 skips it).
@@ -86,7 +89,7 @@ pub struct Options {
     /// while sampling every process's memory (the goal is 1800 s at 200/s).
     #[arg(long, default_value_t = 0.0)]
     pub soak_secs: f64,
-    /// Soak samples taken this many seconds in or earlier are warm-up, not judged (at most half the soak).
+    /// Soak samples taken earlier than this many seconds in are warm-up, not judged (at most half the soak).
     #[arg(long, default_value_t = 300.0)]
     pub soak_warmup_secs: f64,
     /// Seconds between the soak's memory samples.
@@ -100,6 +103,39 @@ impl Options {
             return 0;
         }
         self.tasks.unwrap_or(if self.real_workers { 1000 } else { 5000 })
+    }
+    /// Refuses values that would measure nothing or loop without end, before anything starts.
+    fn validate(&self) -> anyhow::Result<()> {
+        let finite_non_negative = |name: &str, v: f64| {
+            anyhow::ensure!(v.is_finite() && v >= 0.0, "{name} must be a number ≥ 0, not {v}");
+            Ok(())
+        };
+        finite_non_negative("--rate", self.rate)?;
+        finite_non_negative("--latency-secs", self.latency_secs)?;
+        finite_non_negative("--soak-secs", self.soak_secs)?;
+        finite_non_negative("--soak-warmup-secs", self.soak_warmup_secs)?;
+        for (what, secs) in [("--latency-secs", self.latency_secs), ("--soak-secs", self.soak_secs)] {
+            anyhow::ensure!(
+                self.rate * secs <= MAX_PLANNED_TASKS,
+                "--rate {} × {what} {secs} plans more than {MAX_PLANNED_TASKS} tasks",
+                self.rate
+            );
+        }
+        if self.soak() {
+            anyhow::ensure!(self.rate >= 1.0, "--soak-secs needs a --rate of at least 1 task/s");
+            anyhow::ensure!(
+                self.soak_sample_secs.is_finite() && self.soak_sample_secs >= 1.0,
+                "--soak-sample-secs must be at least 1, not {}",
+                self.soak_sample_secs
+            );
+            anyhow::ensure!(
+                self.soak_sample_secs * 2.0 <= self.soak_secs,
+                "--soak-secs {} is too short for two memory samples {} s apart",
+                self.soak_secs,
+                self.soak_sample_secs
+            );
+        }
+        Ok(())
     }
     fn soak(&self) -> bool {
         self.soak_secs > 0.0
@@ -141,6 +177,7 @@ impl Options {
 
 /// Runs the benchmark and cleans up after it, whatever happened.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    opts.validate()?;
     let mut config = tanjiren_bus::config::load(None)?;
     if std::env::var_os("TANJIREN_LOG_LEVEL").is_none() {
         config.log_level = "warn".into();
@@ -500,4 +537,43 @@ fn indent(text: &str) -> String {
 fn load_average() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn options(args: &[&str]) -> Options {
+        Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).options
+    }
+
+    #[test]
+    fn bad_soak_and_rate_values_are_refused_before_anything_starts() {
+        assert!(options(&[]).validate().is_ok());
+        assert!(options(&["--soak-secs", "60"]).validate().is_ok());
+        for (args, says) in [
+            (&["--soak-secs=-5"][..], "--soak-secs must be"),
+            (&["--soak-secs", "10", "--rate", "0"], "at least 1 task/s"),
+            (&["--soak-secs", "60", "--soak-sample-secs", "0"], "at least 1"),
+            (&["--soak-secs", "15", "--soak-sample-secs", "10"], "too short"),
+            (&["--rate", "NaN"], "--rate must be"),
+            (&["--latency-secs=-1"], "--latency-secs must be"),
+            (&["--soak-secs", "10", "--rate", "0.05"], "at least 1 task/s"),
+            (&["--soak-secs", "1e12"], "plans more than"),
+            (&["--soak-secs", "inf"], "--soak-secs must be"),
+        ] {
+            let e = options(args).validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        // A soak replaces both phases.
+        let soak = options(&["--soak-secs", "60", "--tasks", "100"]);
+        assert_eq!((soak.tasks(), soak.latency_secs()), (0, 0.0));
+    }
 }

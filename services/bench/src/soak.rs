@@ -60,8 +60,9 @@ pub struct MemoryTrend {
     pub min_mib: Option<f64>,
     pub max_mib: Option<f64>,
     pub last_mib: Option<f64>,
-    /// The largest `|sample / reference − 1|` after warm-up (0.04 = 4 %); `None` with
-    /// fewer than two samples after warm-up or a sample missing (the process was gone).
+    /// The largest `|sample / reference − 1|` after warm-up (0.04 = 4 %); infinite when a
+    /// sample is missing (the process was gone: that fails the goal); `None` with fewer
+    /// than two samples after warm-up.
     pub drift: Option<f64>,
     /// Whether this process is judged (Tanjiren's own processes are; the bench is not).
     pub judged: bool,
@@ -75,10 +76,11 @@ impl MemoryTrend {
         let reference = after.first().copied().flatten();
         let read: Vec<f64> = after.iter().flatten().copied().collect();
         let drift = match reference {
-            Some(r) if after.len() >= 2 && read.len() == after.len() && r > 0.0 => {
+            _ if after.len() < 2 => None,
+            Some(r) if read.len() == after.len() && r > 0.0 => {
                 Some(read.iter().map(|s| (s / r - 1.0).abs()).fold(0.0, f64::max))
             }
-            _ => None,
+            _ => Some(f64::INFINITY),
         };
         Self {
             name: name.into(),
@@ -258,11 +260,9 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_sample_or_too_few_samples_cannot_be_judged() {
-        assert_eq!(
-            MemoryTrend::of("x", &[Some(20.0), None, Some(20.0)], 0, true).drift,
-            None
-        );
+    fn a_missing_sample_fails_and_too_few_samples_cannot_be_judged() {
+        let gone = MemoryTrend::of("x", &[Some(20.0), None, Some(20.0)], 0, true);
+        assert_eq!(gone.drift, Some(f64::INFINITY), "a process that vanished is not flat");
         assert_eq!(MemoryTrend::of("x", &[Some(10.0), Some(20.0)], 1, true).drift, None);
         assert_eq!(MemoryTrend::of("x", &[Some(10.0)], 5, true).drift, None);
     }
