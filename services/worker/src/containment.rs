@@ -346,13 +346,12 @@ impl Containment {
         };
         if let Some(r) = &mut record
             && let Some(slot) = &slot
-            && let Some(records) = &self.records
         {
             r.cgroup = cgroup.as_ref().map(|c| c.dir().to_path_buf());
             r.guard = process.guard;
             r.shell = Some(process.shell);
-            if let Err(e) = records.write(slot, r) {
-                tracing::warn!(dir = %records.dir().display(), error = %e, "cannot complete the step's record");
+            if let Err(e) = slot.write(r) {
+                tracing::warn!(path = %slot.path().display(), error = %e, "cannot complete the step's record");
             }
         }
         process.record = slot;
@@ -363,7 +362,7 @@ impl Containment {
     fn write_record(&self, record: &StepRecord) -> Option<Slot> {
         let records = self.records.as_ref()?;
         let slot = records.take();
-        match records.write(&slot, record) {
+        match slot.write(record) {
             Ok(()) => Some(slot),
             Err(e) => {
                 tracing::warn!(dir = %records.dir().display(), error = %e, "cannot write the step's record");
@@ -1041,13 +1040,13 @@ mod tests {
         // The live worker's record is in one of its slots; a free slot of the dead
         // worker is removed, a free slot of the live one is kept.
         let live_slot = records.take();
-        records
-            .write(&live_slot, &record_for(&live_step, Identity::current().unwrap(), since))
+        live_slot
+            .write(&record_for(&live_step, Identity::current().unwrap(), since))
             .unwrap();
         let live_path = live_slot.path().to_path_buf();
         let free_live = records.take();
-        records
-            .write(&free_live, &record_for("x", Identity::current().unwrap(), since))
+        free_live
+            .write(&record_for("x", Identity::current().unwrap(), since))
             .unwrap();
         let free_live_path = free_live.path().to_path_buf();
         free_live.free();

@@ -104,6 +104,26 @@ impl Slot {
         &self.path
     }
 
+    /// Writes `record` into this slot's file in one `pwrite` of [`SLOT_BYTES`] (created on
+    /// first use, mode 0600).
+    pub fn write(&self, record: &StepRecord) -> io::Result<()> {
+        let mut body = serde_json::to_vec(record).map_err(io::Error::other)?;
+        if body.len() > SLOT_BYTES {
+            return Err(io::Error::other(format!(
+                "the record takes {} bytes, more than a slot's {SLOT_BYTES}",
+                body.len()
+            )));
+        }
+        body.resize(SLOT_BYTES, b' ');
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)?
+            .write_all_at(&body, 0)
+    }
+
     /// Blanks the record and lets the slot be taken again.
     pub fn free(self) {
         clear(&self.path);
@@ -150,26 +170,6 @@ impl Records {
             index,
             taken: self.taken.clone(),
         }
-    }
-
-    /// Writes `record` into `slot`'s file in one `pwrite` of [`SLOT_BYTES`] (created on
-    /// first use, mode 0600).
-    pub fn write(&self, slot: &Slot, record: &StepRecord) -> io::Result<()> {
-        let mut body = serde_json::to_vec(record).map_err(io::Error::other)?;
-        if body.len() > SLOT_BYTES {
-            return Err(io::Error::other(format!(
-                "the record takes {} bytes, more than a slot's {SLOT_BYTES}",
-                body.len()
-            )));
-        }
-        body.resize(SLOT_BYTES, b' ');
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&slot.path)?
-            .write_all_at(&body, 0)
     }
 
     /// Writes a record in a file of its own, the earlier format (`{step}-{generation}.json`,
@@ -340,12 +340,12 @@ mod tests {
         );
         assert!(b.path().to_str().unwrap().ends_with("-1.json"));
         let mut r = record("b1", Identity { pid: 7, start_ticks: 9 });
-        records.write(&a, &r).unwrap();
+        a.write(&r).unwrap();
         // Rewritten shorter in place: the padding hides what the longer one left.
         r.cgroup = None;
-        records.write(&a, &r).unwrap();
+        a.write(&r).unwrap();
         assert_eq!(std::fs::metadata(a.path()).unwrap().len(), SLOT_BYTES as u64);
-        records.write(&b, &r).unwrap();
+        b.write(&r).unwrap();
         let path_a = a.path().to_path_buf();
         a.free();
         std::fs::write(records.dir().join("junk.json"), "{not json").unwrap();
@@ -372,7 +372,7 @@ mod tests {
             cgroup: Some(PathBuf::from("x".repeat(SLOT_BYTES))),
             ..r
         };
-        assert!(records.write(&again, &too_big).is_err());
+        assert!(again.write(&too_big).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
