@@ -166,25 +166,16 @@ impl Cluster {
 
     /// Starts one worker process (shell executor) for workstation `name`, with `token`.
     pub async fn start_worker(&mut self, config: &Config, name: &str, token: &str) -> anyhow::Result<()> {
-        let mut config = config.clone();
-        config.workstation_name = name.to_string();
-        config.token = token.to_string();
-        config.http_addr = String::new();
+        let config = worker_config(config, name, token);
         self.spawn(&format!("worker-{name}"), &["worker"], &config).await
     }
 
     async fn spawn(&mut self, name: &str, args: &[&str], config: &Config) -> anyhow::Result<()> {
         let log = self.log_dir.join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = tokio::process::Command::new(&self.exe)
+        let mut child = child_command(&self.exe, config, &log)?
             .args(args)
-            .env_remove("TANJIREN_CONFIG")
-            .env("NO_COLOR", "1")
-            .envs(config_env(config))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         let stdin = child.stdin.take();
@@ -291,25 +282,16 @@ pub async fn idle_worker_rss(
     token: &str,
     dir: &Path,
 ) -> anyhow::Result<Rss> {
-    let mut config = config.clone();
-    config.workstation_name = name.to_string();
-    config.token = token.to_string();
-    config.http_addr = String::new();
+    let mut config = worker_config(config, name, token);
     // Its state and credential in a directory of their own: only logs lie loose in `dir`.
     let own = dir.join(name);
     config.worker_state_dir = own.join("state").display().to_string();
     let credential = own.join("credential");
     config.worker_credential_file = credential.display().to_string();
     let log = dir.join(format!("{name}.log"));
-    let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = tokio::process::Command::new(program)
-        .env_remove("TANJIREN_CONFIG")
-        .env("NO_COLOR", "1")
-        .envs(config_env(&config))
+    let mut child = child_command(program, &config, &log)?
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(stderr)
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     let enrolled = tokio::time::timeout(READY_TIMEOUT, async {
@@ -344,6 +326,29 @@ pub async fn idle_worker_rss(
     Ok(rss)
 }
 
+/// `config` for a worker of workstation `name` enrolling with `token` (no ops endpoint).
+fn worker_config(config: &Config, name: &str, token: &str) -> Config {
+    let mut config = config.clone();
+    config.workstation_name = name.to_string();
+    config.token = token.to_string();
+    config.http_addr = String::new();
+    config
+}
+
+/// `program` configured by exactly `config` (through `TANJIREN_*` variables, no config
+/// file), its standard error going to a new file `log`, killed if dropped.
+fn child_command(program: &Path, config: &Config, log: &Path) -> anyhow::Result<tokio::process::Command> {
+    let stderr = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .env_remove("TANJIREN_CONFIG")
+        .env("NO_COLOR", "1")
+        .envs(config_env(config))
+        .stderr(stderr)
+        .kill_on_drop(true);
+    Ok(command)
+}
+
 /// Every `TANJIREN_*` variable for `config`, so a child sees exactly this configuration.
 fn config_env(config: &Config) -> Vec<(String, String)> {
     let serde_json::Value::Object(map) = serde_json::to_value(config).expect("config serialises") else {
@@ -366,6 +371,9 @@ pub fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// How the bench process itself (creator, event tracker, simulated agents) is named in reports.
+pub const BENCH_PROCESS: &str = "bench (creator+agents)";
 
 /// Peak and current RSS of a process (`None` for this process).
 pub fn rss_of(name: &str, pid: Option<u32>) -> Rss {

@@ -3,7 +3,7 @@
 //! measure both phases with the commit counter read before and after each, read
 //! peak memory, stop everything and clean up.
 
-use crate::cluster::{Cluster, ComponentCpu, Counters, CpuSnapshot, Service, rss_of, tail};
+use crate::cluster::{BENCH_PROCESS, Cluster, ComponentCpu, Counters, CpuSnapshot, Service, rss_of, tail};
 use crate::env::{BenchEnv, DbStats};
 use crate::load::{self, Agents, Creator, Tracker, workstation_name};
 use crate::report::{LatencyPhase, PhaseCost, Report, Settings, ThroughputPhase};
@@ -98,10 +98,12 @@ pub struct Options {
 }
 
 impl Options {
+    /// Tasks of the throughput phase: none in a soak, which replaces it.
     fn tasks(&self) -> usize {
-        if self.soak() {
-            return 0;
-        }
+        if self.soak() { 0 } else { self.requested_tasks() }
+    }
+    /// `--tasks`, or its default.
+    fn requested_tasks(&self) -> usize {
         self.tasks.unwrap_or(if self.real_workers { 1000 } else { 5000 })
     }
     /// Refuses values that would measure nothing or loop without end, before anything starts.
@@ -166,10 +168,7 @@ impl Options {
         let default = if self.real_workers {
             16
         } else {
-            self.tasks
-                .unwrap_or(if self.real_workers { 1000 } else { 5000 })
-                .div_ceil(self.workstations())
-                .max(64)
+            self.requested_tasks().div_ceil(self.workstations()).max(64)
         };
         self.worker_concurrency.unwrap_or(default).max(1)
     }
@@ -309,7 +308,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
     }
 
     let mut soak = None;
-    if opts.soak() && opts.rate > 0.0 {
+    if opts.soak() {
         let plan = SoakPlan {
             rate: opts.rate,
             secs: opts.soak_secs,
@@ -358,7 +357,7 @@ async fn measure(env: &BenchEnv, opts: &Options, log_dir: PathBuf) -> anyhow::Re
         }
         None => None,
     };
-    let bench_process = rss_of("bench (creator+agents)", None);
+    let bench_process = rss_of(BENCH_PROCESS, None);
 
     // Postgres' own view of every measured task, and what stuck ones were doing.
     if let Some(t) = &mut throughput {

@@ -5,7 +5,7 @@
 //! and that every task finishes: issue 14's soak goal (30 minutes at 200
 //! tasks/s, each process within 10 % after warm-up).
 
-use crate::cluster::{Cluster, rss_of};
+use crate::cluster::{BENCH_PROCESS, Cluster, rss_of};
 use crate::load::{Creator, Outcome, Percentiles, Seen, Tracker, group_errors};
 use serde::Serialize;
 use std::sync::Arc;
@@ -151,27 +151,25 @@ pub async fn run(
     let mut sent = tokio::task::JoinSet::new();
     let mut created: Vec<Created> = Vec::with_capacity(requested);
     let mut errors = Vec::new();
-    let mut names: Vec<String> = Vec::new();
+    // Every child in start order (a child that has exited reads as `None`), then the bench.
+    let read = || {
+        cluster
+            .rss()
+            .into_iter()
+            .chain(std::iter::once(rss_of(BENCH_PROCESS, None)))
+    };
+    let names: Vec<String> = read().map(|r| r.name).collect();
     let mut samples: Vec<(f64, Vec<Option<f64>>)> = Vec::new();
     let t0 = Instant::now();
     let mut next_sample = t0 + sample_every;
     let mut window = 0;
-    let sample = |names: &mut Vec<String>, samples: &mut Vec<(f64, Vec<Option<f64>>)>| {
-        let rss: Vec<_> = cluster
-            .rss()
-            .into_iter()
-            .chain(std::iter::once(rss_of("bench (creator+agents)", None)))
-            .collect();
-        if names.is_empty() {
-            *names = rss.iter().map(|r| r.name.clone()).collect();
-        }
-        let by_name = |n: &String| rss.iter().find(|r| &r.name == n).and_then(|r| r.current_mib);
-        samples.push((t0.elapsed().as_secs_f64(), names.iter().map(by_name).collect()));
+    let sample = |samples: &mut Vec<(f64, Vec<Option<f64>>)>| {
+        samples.push((t0.elapsed().as_secs_f64(), read().map(|r| r.current_mib).collect()));
     };
     for _ in 0..requested {
         tick.tick().await;
         if Instant::now() >= next_sample {
-            sample(&mut names, &mut samples);
+            sample(&mut samples);
             window += 1;
             next_sample += sample_every;
         }
@@ -187,7 +185,7 @@ pub async fn run(
     while let Some(joined) = sent.join_next().await {
         collect(joined, window, &mut created, &mut errors);
     }
-    sample(&mut names, &mut samples);
+    sample(&mut samples);
     let ids: Vec<TaskId> = created.iter().map(|c| c.id).collect();
     tracker.wait_for(&ids, stall, None, Seen::Finished).await;
 
@@ -215,7 +213,7 @@ pub async fn run(
         .enumerate()
         .map(|(i, name)| {
             let series: Vec<Option<f64>> = samples.iter().map(|s| s.1[i]).collect();
-            MemoryTrend::of(name, &series, warmup, !name.starts_with("bench"))
+            MemoryTrend::of(name, &series, warmup, name != BENCH_PROCESS)
         })
         .collect();
     Soak {
